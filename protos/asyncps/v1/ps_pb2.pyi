@@ -1,0 +1,283 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    INT16: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    BOOL: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT64: DType
+FLOAT16: DType
+BFLOAT16: DType
+INT64: DType
+INT32: DType
+INT16: DType
+INT8: DType
+UINT8: DType
+BOOL: DType
+
+class OptimizerConfig(_message.Message):
+    __slots__ = ("name", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "staleness_aware_lr", "average_gradients")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    DAMPENING_FIELD_NUMBER: _ClassVar[int]
+    NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_AWARE_LR_FIELD_NUMBER: _ClassVar[int]
+    AVERAGE_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lr: float
+    momentum: float
+    dampening: float
+    nesterov: bool
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    staleness_aware_lr: bool
+    average_gradients: bool
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., staleness_aware_lr: _Optional[bool] = ..., average_gradients: _Optional[bool] = ...) -> None: ...
+
+class TensorHeader(_message.Message):
+    __slots__ = ("offset", "dtype", "shape")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class InitHeader(_message.Message):
+    __slots__ = ("plan_hash", "shard_index", "num_shards", "numel", "optimizer", "worker_id", "staleness")
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    plan_hash: str
+    shard_index: int
+    num_shards: int
+    numel: int
+    optimizer: OptimizerConfig
+    worker_id: str
+    staleness: float
+    def __init__(self, plan_hash: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., numel: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., worker_id: _Optional[str] = ..., staleness: _Optional[float] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("worker_id", "session", "plan_hash", "clock", "read_version")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    READ_VERSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session: int
+    plan_hash: str
+    clock: int
+    read_version: int
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[int] = ..., plan_hash: _Optional[str] = ..., clock: _Optional[int] = ..., read_version: _Optional[int] = ...) -> None: ...
+
+class PullHeader(_message.Message):
+    __slots__ = ("version", "numel", "min_clock", "waited_seconds")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    WAITED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    numel: int
+    min_clock: int
+    waited_seconds: float
+    def __init__(self, version: _Optional[int] = ..., numel: _Optional[int] = ..., min_clock: _Optional[int] = ..., waited_seconds: _Optional[float] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("init", "push", "pull", "tensor", "data")
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    init: InitHeader
+    push: PushHeader
+    pull: PullHeader
+    tensor: TensorHeader
+    data: bytes
+    def __init__(self, init: _Optional[_Union[InitHeader, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("worker_id", "plan_hash", "start_clock")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
+    START_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    plan_hash: str
+    start_clock: int
+    def __init__(self, worker_id: _Optional[str] = ..., plan_hash: _Optional[str] = ..., start_clock: _Optional[int] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("session", "clock", "staleness", "heartbeat_timeout_seconds")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session: int
+    clock: int
+    staleness: float
+    heartbeat_timeout_seconds: float
+    def __init__(self, session: _Optional[int] = ..., clock: _Optional[int] = ..., staleness: _Optional[float] = ..., heartbeat_timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("worker_id", "session")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session: int
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("min_clock", "live_workers")
+    MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    min_clock: int
+    live_workers: int
+    def __init__(self, min_clock: _Optional[int] = ..., live_workers: _Optional[int] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("worker_id", "session")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session: int
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[int] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InitResponse(_message.Message):
+    __slots__ = ("accepted", "plan_hash", "version", "optimizer", "staleness")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    plan_hash: str
+    version: int
+    optimizer: OptimizerConfig
+    staleness: float
+    def __init__(self, accepted: _Optional[bool] = ..., plan_hash: _Optional[str] = ..., version: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., staleness: _Optional[float] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("version", "staleness")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    staleness: int
+    def __init__(self, version: _Optional[int] = ..., staleness: _Optional[int] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("worker_id", "session", "plan_hash", "clock", "own_lag", "chunk_bytes")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    OWN_LAG_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session: int
+    plan_hash: str
+    clock: int
+    own_lag: int
+    chunk_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[int] = ..., plan_hash: _Optional[str] = ..., clock: _Optional[int] = ..., own_lag: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class WorkerClock(_message.Message):
+    __slots__ = ("worker_id", "clock", "seconds_since_seen")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    clock: int
+    seconds_since_seen: float
+    def __init__(self, worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("shard_index", "num_shards", "initialized", "plan_hash", "version", "numel", "clocks", "min_clock", "live_workers", "staleness", "max_read_gap", "pulls_waited", "wait_seconds", "pushes_applied", "pushes_rejected", "evictions", "weights_checksum", "optimizer", "checkpoint_version")
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZED_FIELD_NUMBER: _ClassVar[int]
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    MAX_READ_GAP_FIELD_NUMBER: _ClassVar[int]
+    PULLS_WAITED_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    num_shards: int
+    initialized: bool
+    plan_hash: str
+    version: int
+    numel: int
+    clocks: _containers.RepeatedCompositeFieldContainer[WorkerClock]
+    min_clock: int
+    live_workers: int
+    staleness: float
+    max_read_gap: int
+    pulls_waited: int
+    wait_seconds: float
+    pushes_applied: int
+    pushes_rejected: int
+    evictions: int
+    weights_checksum: float
+    optimizer: OptimizerConfig
+    checkpoint_version: int
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., initialized: _Optional[bool] = ..., plan_hash: _Optional[str] = ..., version: _Optional[int] = ..., numel: _Optional[int] = ..., clocks: _Optional[_Iterable[_Union[WorkerClock, _Mapping]]] = ..., min_clock: _Optional[int] = ..., live_workers: _Optional[int] = ..., staleness: _Optional[float] = ..., max_read_gap: _Optional[int] = ..., pulls_waited: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., weights_checksum: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., checkpoint_version: _Optional[int] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("path", "version")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    version: int
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,82 @@
+"""`ps-server`: run one parameter-server shard.
+
+Every flag can also be set through its environment variable (shown in --help), so a
+compose file configures servers without a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvloop
+
+from protos import wire
+from ps_server.clock import parse_staleness
+from ps_server.flags import FlagParser, non_negative, positive
+from ps_server.server import serve
+from ps_server.servicer import ServerConfig, Servicer
+
+
+def staleness_flag(text: str) -> float:
+    try:
+        return parse_staleness(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="ps-server", description="Run one asyncps parameter-server shard.")
+    p.env_flag("host", default="127.0.0.1", help="address to listen on")
+    p.env_flag("port", type=non_negative(int), default=50051, help="port to listen on (0: a free one)")
+    p.env_flag("port-file", help="write the bound port to this file once serving")
+    p.env_flag("shard-index", type=non_negative(int), default=0, help="which shard this server holds")
+    p.env_flag("num-shards", type=positive(int), default=1, help="how many shards the model is cut into")
+    p.env_flag("staleness", type=staleness_flag, help="staleness bound s (a number or inf); unset: the first worker's")
+    p.env_flag("heartbeat-timeout", type=positive(float), default=10.0,
+               help="seconds of silence after which a worker is evicted")
+    p.env_flag("checkpoint-dir", help="where to write checkpoints and restore from on start")
+    p.env_flag("checkpoint-interval", type=positive(float), default=60.0, help="seconds between checkpoints")
+    p.env_flag("chunk-bytes", type=positive(int), default=wire.DEFAULT_CHUNK_BYTES, help="bytes per streamed chunk")
+    p.env_flag("max-message-bytes", type=positive(int), default=8 << 20, help="largest gRPC message accepted")
+    p.env_flag("max-shard-bytes", type=positive(int), default=8 << 30, help="largest shard accepted at Init")
+    p.env_flag("grace", type=non_negative(float), default=5.0, help="seconds given to calls in flight on stop")
+    p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        shard_index=args.shard_index, num_shards=args.num_shards, staleness=args.staleness,
+        heartbeat_timeout=args.heartbeat_timeout, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_interval=args.checkpoint_interval, chunk_bytes=args.chunk_bytes,
+        max_message_bytes=args.max_message_bytes, max_shard_bytes=args.max_shard_bytes,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.shard_index >= args.num_shards:
+        parser.error(f"--shard-index {args.shard_index} must be below --num-shards {args.num_shards}")
+    if args.chunk_bytes + 1024 > args.max_message_bytes:
+        parser.error("--chunk-bytes must be at least 1 KiB below --max-message-bytes")
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s ps-server[{args.shard_index}] %(levelname)s %(message)s")
+    servicer = Servicer(config_from_args(args))
+    try:
+        servicer.restore()
+    except (ValueError, OSError) as exc:
+        sys.stderr.write(f"ps-server: error: {exc}\n")
+        return 2
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    try:
+        uvloop.run(serve(servicer, f"{host}:{args.port}", grace=args.grace, port_file=args.port_file))
+    except OSError as exc:
+        sys.stderr.write(f"ps-server: error: {exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The clock table: live membership and the stale-synchronous-parallel (SSP) rule.
+
+`ClockTable.can_read` is the one place the consistency rule lives. A worker's entry
+holds its clock: the number of iterations whose pushes this shard has applied (so a
+worker computing iteration c, having pushed c - 1, stands at c). A pull for clock c
+is answered once every live worker stands at c - s or later, and the reader's own
+pushes up to c - 1 - own_lag are applied (own_lag 0 is read-my-writes; 1 lets a
+pipelined worker prefetch while its latest push is still in flight, allowed only
+when s >= 1).
+
+A live worker is one that registered and has not been silent longer than the
+heartbeat timeout; silent ones are evicted by `evict_silent` (run periodically) and no
+longer hold anyone back. A worker that registers again gets a new session and starts
+at the slowest live clock.
+
+Not thread-safe: use it from the server's event loop only. `wait_readable` blocks
+(asynchronously) until the rule allows the read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class UnknownWorker(Exception):
+    """Not registered, evicted, or an older session (answered FAILED_PRECONDITION)."""
+
+
+class DuplicatePush(Exception):
+    """A push for a clock this shard has already applied (answered ALREADY_EXISTS)."""
+
+
+@dataclass
+class Entry:
+    session: int
+    clock: int
+    last_seen: float
+
+
+class ClockTable:
+    def __init__(self, staleness: float, heartbeat_timeout: float, now: Callable[[], float] = time.monotonic):
+        if staleness < 0:
+            raise ValueError("staleness must be >= 0 (use math.inf for fully asynchronous)")
+        self.staleness = staleness
+        self.heartbeat_timeout = heartbeat_timeout
+        self._now = now
+        self._entries: dict[str, Entry] = {}
+        self._sessions = itertools.count(int(time.time() * 1000) << 8)
+        self._floor = 0
+        self._changed = asyncio.Condition()
+        self.max_read_gap = 0
+        self.pulls_waited = 0
+        self.wait_seconds = 0.0
+        self.evictions = 0
+
+    # -- membership -------------------------------------------------------------------
+    def register(self, worker_id: str, start_clock: int = 0) -> tuple[int, int]:
+        """(session, start clock) for a worker joining or rejoining: the slowest live clock
+        (or `start_clock` if that is later)."""
+        others = [e.clock for w, e in self._entries.items() if w != worker_id]
+        start = max(start_clock, min(others) if others else self._floor)
+        session = next(self._sessions)
+        self._entries[worker_id] = Entry(session, start, self._now())
+        self._notify()
+        return session, start
+
+    def check(self, worker_id: str, session: int) -> Entry:
+        """The live entry of (worker, session), refreshed as a sign of life."""
+        entry = self._entries.get(worker_id)
+        if entry is None:
+            raise UnknownWorker(f"unknown worker {worker_id!r}: not registered or evicted; register again")
+        if entry.session != session:
+            raise UnknownWorker(f"worker {worker_id!r} session {session} is stale (current {entry.session}); register again")
+        entry.last_seen = self._now()
+        return entry
+
+    def leave(self, worker_id: str, session: int) -> None:
+        self.check(worker_id, session)
+        del self._entries[worker_id]
+        self._notify()
+
+    def evict_silent(self) -> list[str]:
+        """Evict workers silent for longer than the heartbeat timeout; returns their ids."""
+        cutoff = self._now() - self.heartbeat_timeout
+        gone = [w for w, e in self._entries.items() if e.last_seen < cutoff]
+        if gone:
+            self._floor = max(self._floor, self.min_clock())
+        for w in gone:
+            del self._entries[w]
+            self.evictions += 1
+        if gone:
+            self._notify()
+        return gone
+
+    # -- clocks -----------------------------------------------------------------------
+    def min_clock(self) -> int:
+        return min((e.clock for e in self._entries.values()), default=self._floor)
+
+    @property
+    def live(self) -> int:
+        return len(self._entries)
+
+    def clocks(self) -> dict[str, Entry]:
+        return dict(self._entries)
+
+    def check_push(self, worker_id: str, session: int, clock: int) -> None:
+        """Raise unless (worker, session) is live and `clock` has not been applied yet."""
+        entry = self.check(worker_id, session)
+        if clock < entry.clock:
+            raise DuplicatePush(f"push for clock {clock} of worker {worker_id!r} was already applied (shard is at {entry.clock})")
+
+    def advance(self, worker_id: str, session: int, clock: int) -> None:
+        """Record that the push of `clock` was applied: the worker now stands at clock + 1."""
+        self.check_push(worker_id, session, clock)
+        self._entries[worker_id].clock = clock + 1
+        self._floor = max(self._floor, self.min_clock())
+        self._notify()
+
+    def can_read(self, worker_id: str, clock: int, own_lag: int = 0) -> bool:
+        """The SSP rule: may `worker_id` read the weights for iteration `clock` now?"""
+        entry = self._entries[worker_id]
+        return entry.clock >= clock - own_lag and self.min_clock() >= clock - self.staleness
+
+    async def wait_readable(self, worker_id: str, session: int, clock: int, own_lag: int = 0) -> float:
+        """Wait until `can_read`; returns the seconds waited. Raises UnknownWorker if evicted meanwhile."""
+        if own_lag > self.staleness:
+            raise ValueError(f"own_lag {own_lag} exceeds the staleness bound {self.staleness}")
+        self.check(worker_id, session)
+        start = self._now()
+        waited = False
+        async with self._changed:
+            while not self.can_read(worker_id, clock, own_lag):
+                waited = True
+                await self._changed.wait()
+                self.check(worker_id, session)
+        seconds = self._now() - start if waited else 0.0
+        if waited:
+            self.pulls_waited += 1
+            self.wait_seconds += seconds
+        self.max_read_gap = max(self.max_read_gap, clock - self.min_clock())
+        return seconds
+
+    def _notify(self) -> None:
+        async def wake() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        try:
+            asyncio.get_running_loop().create_task(wake())
+        except RuntimeError:  # no loop running (restoring a checkpoint, unit tests)
+            pass
+
+    # -- durability -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "clocks": {w: (e.session, e.clock) for w, e in self._entries.items()},
+            "floor": self._floor,
+            "staleness": self.staleness,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore clocks; restored workers count as just seen (they get one timeout to return)."""
+        now = self._now()
+        self._entries = {w: Entry(s, c, now) for w, (s, c) in state["clocks"].items()}
+        self._floor = int(state["floor"])
+        self.staleness = float(state["staleness"])
+
+
+def parse_staleness(text: str) -> float:
+    """'3' -> 3.0, 'inf' -> math.inf; ValueError otherwise."""
+    value = float(text)
+    if value < 0 or math.isnan(value) or (value != math.inf and value != int(value)):
+        raise ValueError(f"staleness must be a whole number >= 0 or 'inf', got {text!r}")
+    return value

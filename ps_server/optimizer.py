@@ -1,0 +1,50 @@
+"""Server-side optimizers: `torch.optim` run on a shard's flat fp32 vector.
+
+SGD (momentum, dampening, Nesterov, weight decay), Adam and AdamW are element-wise,
+so running them on the concatenation of a shard's pieces gives exactly the weights
+`torch.optim` gives on the model's own tensors. Not thread-safe: the shard store
+serializes every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from protos.asyncps.v1 import ps_pb2 as pb
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def default_config(name: str = "sgd", lr: float = 0.01, **kw: float | bool) -> pb.OptimizerConfig:
+    """An OptimizerConfig with torch.optim's defaults for every field not given."""
+    base = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8)
+    if name == "adamw":
+        base["weight_decay"] = 0.01
+    base.update(kw)
+    return pb.OptimizerConfig(name=name, lr=lr, **base)
+
+
+def validate(cfg: pb.OptimizerConfig) -> None:
+    """Raise ValueError with a readable reason if `cfg` cannot build an optimizer."""
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if not cfg.lr > 0:
+        raise ValueError(f"learning rate must be positive, got {cfg.lr}")
+    if cfg.weight_decay < 0 or cfg.momentum < 0 or cfg.eps < 0:
+        raise ValueError("weight_decay, momentum and eps must not be negative")
+    if cfg.name == "sgd" and cfg.nesterov and (cfg.momentum <= 0 or cfg.dampening != 0):
+        raise ValueError("Nesterov momentum needs momentum > 0 and dampening = 0")
+    if cfg.name != "sgd" and not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise ValueError("betas must lie in [0, 1)")
+
+
+def build(cfg: pb.OptimizerConfig, flat: torch.nn.Parameter) -> torch.optim.Optimizer:
+    """The torch optimizer `cfg` describes, over the single flat parameter `flat`."""
+    validate(cfg)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            [flat], lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
+            nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+        )
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls([flat], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)

@@ -1,0 +1,76 @@
+"""Building and running a shard server: `build_server` apart from the process's `serve`.
+
+`build_server(address, servicer)` returns a started-not-yet grpc.aio server and its
+bound port (port 0 picks a free one). `serve` runs it on the current event loop with
+the standard gRPC health service, the servicer's background work (eviction,
+periodic checkpoints), and a graceful stop on SIGTERM/SIGINT: health goes
+NOT_SERVING, in-flight calls get `grace` seconds, then a final checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import service
+from ps_server.servicer import Servicer
+
+log = logging.getLogger(__name__)
+
+
+def build_server(address: str, servicer: Servicer) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A grpc.aio server for `servicer` bound to `address` ("host:port"); returns (server, port, health)."""
+    limit = servicer.cfg.max_message_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ])
+    server.add_generic_rpc_handlers((service.method_handlers(servicer),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port, health_servicer
+
+
+def _write_port_file(path: str, port: int) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
+
+
+async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file: str | None = None) -> None:
+    """Run until SIGTERM/SIGINT; blocks (asynchronously) for the server's whole life.
+
+    Call `servicer.restore()` first to resume from a checkpoint.
+    """
+    server, port, health_servicer = build_server(address, servicer)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(service.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    if port_file:
+        _write_port_file(port_file, port)
+    log.info("shard %d of %d listening on port %d", servicer.cfg.shard_index, servicer.cfg.num_shards, port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    background = asyncio.create_task(servicer.run_background())
+    try:
+        await stop.wait()
+        log.info("stopping: %.1fs grace for calls in flight", grace)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace)
+    finally:
+        background.cancel()
+        if servicer.checkpoint_file and servicer.store is not None:
+            await servicer.checkpoint_now()

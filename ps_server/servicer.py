@@ -1,0 +1,298 @@
+"""The gRPC servicer of one parameter-server shard (`asyncps.v1.ParameterServer`).
+
+Runs on the server's asyncio event loop; nothing here is thread-safe, and the heavy
+work (optimizer steps, weight snapshots, checkpoint writes) is handed to worker
+threads so the loop keeps answering while it runs. Every rejection uses
+`context.abort` with the status code SPEC lists, and a rejected request changes
+nothing: a push is staged in a private buffer, validated whole, then applied under
+the apply lock, so it lands whole or not at all and never twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from protos import service, wire
+from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server import checkpoint
+from ps_server import optimizer as optim
+from ps_server.clock import ClockTable, DuplicatePush, UnknownWorker
+from ps_server.store import ShardStore
+
+log = logging.getLogger(__name__)
+Code = grpc.StatusCode
+
+
+@dataclass
+class ServerConfig:
+    shard_index: int = 0
+    num_shards: int = 1
+    staleness: float | None = None  # None: the first Init's choice (default inf)
+    heartbeat_timeout: float = 10.0
+    checkpoint_dir: str | None = None
+    checkpoint_interval: float = 60.0
+    chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
+    max_message_bytes: int = 8 << 20
+    max_shard_bytes: int = 8 << 30
+
+
+class _Reject(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Servicer:
+    """One shard: its store (after Init), clock table, checkpoints and counters."""
+
+    def __init__(self, cfg: ServerConfig):
+        if not 0 <= cfg.shard_index < cfg.num_shards:
+            raise ValueError(f"shard index {cfg.shard_index} is outside 0..{cfg.num_shards - 1}")
+        self.cfg = cfg
+        self.clocks = ClockTable(math.inf if cfg.staleness is None else cfg.staleness, cfg.heartbeat_timeout)
+        self.store: ShardStore | None = None
+        self.pushes_applied = 0
+        self.pushes_rejected = 0
+        self.checkpoint_version = 0
+        self._apply_lock = asyncio.Lock()
+        self._init_lock = asyncio.Lock()
+        self._ckpt_lock = asyncio.Lock()
+
+    # -- durability -------------------------------------------------------------------
+    @property
+    def checkpoint_file(self) -> Path | None:
+        if not self.cfg.checkpoint_dir:
+            return None
+        return checkpoint.checkpoint_path(self.cfg.checkpoint_dir, self.cfg.shard_index, self.cfg.num_shards)
+
+    def restore(self) -> bool:
+        """Load the checkpoint in --checkpoint-dir if there is one; True if restored."""
+        path = self.checkpoint_file
+        state = checkpoint.load(path) if path else None
+        if state is None:
+            return False
+        if (state["shard_index"], state["num_shards"]) != (self.cfg.shard_index, self.cfg.num_shards):
+            raise ValueError(
+                f"{path} holds shard {state['shard_index']} of {state['num_shards']}, "
+                f"this server is shard {self.cfg.shard_index} of {self.cfg.num_shards}"
+            )
+        self.store = ShardStore.from_state_dict(state["store"])
+        self.clocks.load_state_dict(state["clocks"])
+        self.checkpoint_version = self.store.version
+        log.info("restored shard %d at version %d from %s", self.cfg.shard_index, self.store.version, path)
+        return True
+
+    async def checkpoint_now(self) -> tuple[str, int]:
+        """Write the shard's checkpoint atomically; returns (path, version). Serialized."""
+        path = self.checkpoint_file
+        if path is None:
+            raise _Reject(Code.FAILED_PRECONDITION, "this server has no --checkpoint-dir")
+        if self.store is None:
+            raise _Reject(Code.FAILED_PRECONDITION, "shard is not initialized yet: nothing to checkpoint")
+        async with self._ckpt_lock:
+            async with self._apply_lock:  # weights and clocks of one moment
+                store_state = await asyncio.to_thread(self.store.state_dict)
+                clocks = self.clocks.state_dict()
+            state = {"shard_index": self.cfg.shard_index, "num_shards": self.cfg.num_shards,
+                     "store": store_state, "clocks": clocks}
+            await asyncio.to_thread(checkpoint.save, path, state)
+            self.checkpoint_version = store_state["version"]
+        log.info("checkpoint of shard %d at version %d -> %s", self.cfg.shard_index, self.checkpoint_version, path)
+        return str(path), self.checkpoint_version
+
+    async def run_background(self) -> None:
+        """Evict silent workers and checkpoint periodically, until cancelled."""
+        last_ckpt = asyncio.get_running_loop().time()
+        tick = max(0.05, min(self.cfg.heartbeat_timeout / 4, 1.0))
+        while True:
+            await asyncio.sleep(tick)
+            for w in self.clocks.evict_silent():
+                log.warning("evicted worker %s after %.1fs of silence", w, self.cfg.heartbeat_timeout)
+            now = asyncio.get_running_loop().time()
+            if self.checkpoint_file and self.store and now - last_ckpt >= self.cfg.checkpoint_interval:
+                last_ckpt = now
+                if self.store.version != self.checkpoint_version:
+                    try:
+                        await self.checkpoint_now()
+                    except OSError as exc:
+                        log.error("periodic checkpoint failed: %s", exc)
+
+    # -- helpers ----------------------------------------------------------------------
+    def _store_for(self, plan_hash: str) -> ShardStore:
+        if self.store is None:
+            raise _Reject(Code.FAILED_PRECONDITION, "shard is not initialized: call Init first")
+        if plan_hash != self.store.plan_hash:
+            raise _Reject(Code.FAILED_PRECONDITION,
+                          f"plan hash {plan_hash[:12]!r} does not match this shard's {self.store.plan_hash[:12]!r}: "
+                          "the worker's model or server count differs")
+        return self.store
+
+    async def _receive_flat(self, frames: AsyncIterator[bytes], numel: int) -> torch.Tensor:
+        """Read chunk frames into a fresh float32 buffer that they must cover exactly once."""
+        buf = torch.empty(numel, dtype=torch.float32)
+        ranges = []
+        async for raw in frames:
+            frame, payload = wire.decode_frame(raw)
+            if frame.WhichOneof("head") is not None:
+                raise _Reject(Code.INVALID_ARGUMENT, "a header frame may only come first in a stream")
+            chunk = wire.payload_tensor(frame, payload)
+            if chunk.dtype != torch.float32 or chunk.dim() != 1:
+                raise _Reject(Code.INVALID_ARGUMENT, f"chunks must be 1-D float32, got {chunk.dtype} of shape {list(chunk.shape)}")
+            lo, n = frame.tensor.offset, chunk.numel()
+            if lo + n > numel:
+                raise _Reject(Code.INVALID_ARGUMENT, f"chunk [{lo}, {lo + n}) runs past the shard's {numel} elements")
+            buf[lo : lo + n] = chunk
+            ranges.append((lo, lo + n))
+        ranges.sort()
+        pos = 0
+        for lo, hi in ranges:
+            if lo != pos:
+                what = "overlap or repeat" if lo < pos else "leave a gap"
+                raise _Reject(Code.INVALID_ARGUMENT, f"chunks {what} at element {min(lo, pos)}")
+            pos = hi
+        if pos != numel:
+            raise _Reject(Code.INVALID_ARGUMENT, f"chunks cover {pos} of the shard's {numel} elements")
+        if not bool(torch.isfinite(buf).all()):
+            raise _Reject(Code.INVALID_ARGUMENT, "tensor contains NaN or Inf: not applied")
+        return buf
+
+    async def _guard(self, context: grpc.aio.ServicerContext, coro):
+        """Run a handler body, turning domain errors into gRPC statuses."""
+        try:
+            return await coro
+        except _Reject as r:
+            await context.abort(r.code, r.message)
+        except UnknownWorker as exc:
+            await context.abort(Code.FAILED_PRECONDITION, str(exc), trailing_metadata=((service.REASON_KEY, service.UNKNOWN_WORKER),))
+        except DuplicatePush as exc:
+            await context.abort(Code.ALREADY_EXISTS, str(exc))
+        except (wire.FrameError, ValueError) as exc:
+            await context.abort(Code.INVALID_ARGUMENT, str(exc))
+
+    # -- RPCs -------------------------------------------------------------------------
+    async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
+        async def body():
+            if not request.worker_id:
+                raise _Reject(Code.INVALID_ARGUMENT, "worker_id must not be empty")
+            if self.store is not None:
+                self._store_for(request.plan_hash)
+            session, clock = self.clocks.register(request.worker_id, request.start_clock)
+            log.info("worker %s registered (session %d) at clock %d", request.worker_id, session, clock)
+            return pb.RegisterResponse(session=session, clock=clock, staleness=self.clocks.staleness,
+                                       heartbeat_timeout_seconds=self.cfg.heartbeat_timeout)
+        return await self._guard(context, body())
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+        async def body():
+            self.clocks.check(request.worker_id, request.session)
+            return pb.HeartbeatResponse(min_clock=self.clocks.min_clock(), live_workers=self.clocks.live)
+        return await self._guard(context, body())
+
+    async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
+        async def body():
+            self.clocks.leave(request.worker_id, request.session)
+            log.info("worker %s left", request.worker_id)
+            return pb.LeaveResponse()
+        return await self._guard(context, body())
+
+    async def Init(self, frames: AsyncIterator[bytes], context) -> pb.InitResponse:
+        async def body():
+            head = await _first_head(frames, "init")
+            if (head.shard_index, head.num_shards) != (self.cfg.shard_index, self.cfg.num_shards):
+                raise _Reject(Code.FAILED_PRECONDITION,
+                              f"worker's plan sends shard {head.shard_index} of {head.num_shards} to this server, "
+                              f"which is shard {self.cfg.shard_index} of {self.cfg.num_shards}")
+            async with self._init_lock:
+                if self.store is not None:
+                    self._store_for(head.plan_hash)
+                    return self._init_response(accepted=False)
+                optim.validate(head.optimizer)
+                if head.numel == 0:
+                    raise _Reject(Code.INVALID_ARGUMENT, "a shard must own at least one element")
+                if head.numel * 4 > self.cfg.max_shard_bytes:
+                    raise _Reject(Code.RESOURCE_EXHAUSTED,
+                                  f"shard of {head.numel * 4} bytes exceeds this server's limit of {self.cfg.max_shard_bytes}")
+                if head.HasField("staleness") and not head.staleness >= 0:
+                    raise _Reject(Code.INVALID_ARGUMENT, f"staleness must be >= 0, got {head.staleness}")
+                weights = await self._receive_flat(frames, head.numel)
+                self.store = ShardStore(head.plan_hash, weights, head.optimizer)
+                if self.cfg.staleness is None and head.HasField("staleness"):
+                    self.clocks.staleness = head.staleness
+                log.info("shard %d initialized by %s: %d elements, %s", self.cfg.shard_index, head.worker_id,
+                         head.numel, head.optimizer.name)
+                return self._init_response(accepted=True)
+        return await self._guard(context, body())
+
+    def _init_response(self, accepted: bool) -> pb.InitResponse:
+        return pb.InitResponse(accepted=accepted, plan_hash=self.store.plan_hash, version=self.store.version,
+                               optimizer=self.store.config, staleness=self.clocks.staleness)
+
+    async def Push(self, frames: AsyncIterator[bytes], context) -> pb.PushResponse:
+        async def body():
+            head = await _first_head(frames, "push")
+            store = self._store_for(head.plan_hash)
+            self.clocks.check_push(head.worker_id, head.session, head.clock)
+            grad = await self._receive_flat(frames, store.numel)
+            async with self._apply_lock:
+                self.clocks.check_push(head.worker_id, head.session, head.clock)
+                version, staleness = await asyncio.to_thread(store.apply, grad, head.read_version, self.clocks.live)
+                self.clocks.advance(head.worker_id, head.session, head.clock)
+                self.pushes_applied += 1
+            return pb.PushResponse(version=version, staleness=staleness)
+        try:
+            return await self._guard(context, body())
+        except BaseException:
+            self.pushes_rejected += 1
+            raise
+
+    async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[bytes]:
+        async def body():
+            store = self._store_for(request.plan_hash)
+            waited = await self.clocks.wait_readable(request.worker_id, request.session, request.clock, request.own_lag)
+            return store, waited, await asyncio.to_thread(store.snapshot)
+        store, waited, snap = await self._guard(context, body())
+        yield wire.encode_frame(pb.Frame(pull=pb.PullHeader(
+            version=snap.version, numel=store.numel, min_clock=self.clocks.min_clock(), waited_seconds=waited)))
+        chunk = min(request.chunk_bytes or self.cfg.chunk_bytes, self.cfg.max_message_bytes - 1024)
+        for frame in wire.chunk_frames(snap.weights, chunk):
+            yield frame
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        c, s = self.clocks, self.store
+        mono = time.monotonic()
+        return pb.StatusResponse(
+            shard_index=self.cfg.shard_index, num_shards=self.cfg.num_shards, initialized=s is not None,
+            plan_hash=s.plan_hash if s else "", version=s.version if s else 0, numel=s.numel if s else 0,
+            clocks=[pb.WorkerClock(worker_id=w, clock=e.clock, seconds_since_seen=mono - e.last_seen)
+                    for w, e in sorted(c.clocks().items())],
+            min_clock=c.min_clock(), live_workers=c.live, staleness=c.staleness, max_read_gap=c.max_read_gap,
+            pulls_waited=c.pulls_waited, wait_seconds=c.wait_seconds, pushes_applied=self.pushes_applied,
+            pushes_rejected=self.pushes_rejected, evictions=c.evictions,
+            weights_checksum=(await asyncio.to_thread(s.checksum)) if s else 0.0,
+            optimizer=s.config if s else None, checkpoint_version=self.checkpoint_version,
+        )
+
+    async def Checkpoint(self, request: pb.CheckpointRequest, context) -> pb.CheckpointResponse:
+        async def body():
+            path, version = await self.checkpoint_now()
+            return pb.CheckpointResponse(path=path, version=version)
+        return await self._guard(context, body())
+
+
+async def _first_head(frames: AsyncIterator[bytes], kind: str):
+    """The `kind` header of a stream's first frame; rejects anything else."""
+    async for raw in frames:
+        frame, payload = wire.decode_frame(raw)
+        if frame.WhichOneof("head") != kind or payload is not None:
+            raise _Reject(Code.INVALID_ARGUMENT, f"the first frame of this stream must be a bare {kind} header")
+        return getattr(frame, kind)
+    raise _Reject(Code.INVALID_ARGUMENT, "empty stream: expected a header frame")

@@ -1,0 +1,105 @@
+"""The shard store: one shard's fp32 weights, its optimizer and its version.
+
+Thread-safety: every method may be called from any thread. `apply` holds the store's
+lock for the optimizer step only; `snapshot` returns an immutable copy of the weights
+at one version (cached, so many pulls of one version share one copy), so a pull
+streams consistent weights without holding the lock while it sends. An update is
+applied whole or not at all: gradients are validated before the step starts.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server import optimizer as optim
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    weights: torch.Tensor  # never written after creation
+
+
+class ShardStore:
+    """Weights and optimizer state of one initialized shard."""
+
+    def __init__(self, plan_hash: str, weights: torch.Tensor, cfg: pb.OptimizerConfig, version: int = 0):
+        if weights.dtype != torch.float32 or weights.dim() != 1:
+            raise ValueError("shard weights must be a 1-D float32 tensor")
+        self.plan_hash = plan_hash
+        self.config = cfg
+        self._flat = torch.nn.Parameter(weights.clone(), requires_grad=False)
+        self._opt = optim.build(cfg, self._flat)
+        self._version = version
+        self._lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+
+    @property
+    def numel(self) -> int:
+        return self._flat.numel()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def apply(self, grad: torch.Tensor, read_version: int, live_workers: int = 1) -> tuple[int, int]:
+        """Apply one gradient atomically; returns (new version, update staleness).
+
+        Blocks for the optimizer step. `grad` must be finite float32 of the shard's size
+        (the caller validates; this checks again and raises ValueError, changing nothing).
+        """
+        if grad.shape != self._flat.shape or grad.dtype != torch.float32:
+            raise ValueError(f"gradient must be float32 of {self.numel} elements")
+        if self.config.average_gradients and live_workers > 1:
+            grad = grad / live_workers
+        with self._lock:
+            staleness = max(0, self._version - read_version)
+            group = self._opt.param_groups[0]
+            if self.config.staleness_aware_lr:
+                group["lr"] = self.config.lr / max(1, staleness)
+            self._flat.grad = grad
+            with torch.no_grad():
+                self._opt.step()
+            self._flat.grad = None
+            self._version += 1
+            return self._version, staleness
+
+    def snapshot(self) -> Snapshot:
+        """The weights at the current version, copied once per version."""
+        with self._lock:
+            snap = self._snapshot
+            if snap is None or snap.version != self._version:
+                snap = Snapshot(self._version, self._flat.detach().clone())
+                self._snapshot = snap
+            return snap
+
+    def checksum(self) -> float:
+        with self._lock:
+            return float(self._flat.detach().double().abs().sum())
+
+    def state_dict(self) -> dict:
+        """Weights, optimizer state and version, for a checkpoint (copies taken under the lock)."""
+        with self._lock:
+            opt_state = self._opt.state_dict()
+            opt_state = {
+                "state": {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in opt_state["state"].items()},
+                "param_groups": opt_state["param_groups"],
+            }
+            return {
+                "plan_hash": self.plan_hash,
+                "optimizer_config": self.config.SerializeToString(),
+                "weights": self._flat.detach().clone(),
+                "optimizer": opt_state,
+                "version": self._version,
+            }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "ShardStore":
+        cfg = pb.OptimizerConfig.FromString(state["optimizer_config"])
+        store = cls(state["plan_hash"], state["weights"], cfg, version=int(state["version"]))
+        store._opt.load_state_dict(state["optimizer"])
+        return store

@@ -1,0 +1,1 @@
+"""asyncps worker package: training task, data pipeline and parameter-server client."""

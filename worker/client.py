@@ -1,0 +1,369 @@
+"""`PSClient`: train any `nn.Module` against asyncps servers in a few lines.
+
+    with PSClient(["127.0.0.1:50051", "127.0.0.1:50052"], model, optimizer={"name": "adamw", "lr": 1e-3},
+                  staleness=2) as ps:
+        for x, y in batches:
+            ps.pull()                           # weights for this clock, within the bound
+            loss_fn(model(x), y).backward()
+            ps.push()                           # gradients go out in the background
+
+The client maps the model's parameters to shards with the plan, talks to all shards
+concurrently from one I/O thread running an asyncio (uvloop) event loop, and keeps
+communication in flight while the caller computes: `push()` returns a `PushTicket`
+at once (at most `max_inflight` pushes in flight; it blocks beyond that) and
+immediately asks for the next clock's weights, which the servers send as soon as the
+push is applied and the staleness bound allows. With `pipeline=True` (needs s >= 1)
+the next pull is asked for before the push, so it overlaps the whole computation; the
+weights then miss at most the worker's own latest gradient.
+
+Thread-safety: `pull`, `push`, `wait` and `close` must be called from one thread (the
+training loop); they block that thread, never the I/O thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import uvloop
+
+from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server.optimizer import default_config
+from worker.plan import Plan, make_plan, param_specs
+from worker.rpc import CallOptions, RpcFailed, ShardClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientStats:
+    """Cumulative seconds the training thread spent blocked, and counters."""
+
+    pull_wait_seconds: float = 0.0     # blocked in pull() (exposed communication + bound waits)
+    push_wait_seconds: float = 0.0     # blocked in push() (gather + in-flight limit)
+    bound_wait_seconds: float = 0.0    # of which servers held pulls for the staleness bound
+    pulls: int = 0
+    pushes: int = 0
+    pushes_dropped: int = 0            # pushes refused because this worker had been evicted
+    reregistrations: int = 0
+    max_update_staleness: int = 0
+    versions: list[int] = field(default_factory=list)
+
+
+class PushTicket:
+    """A push in flight; `wait()` blocks until every shard has answered."""
+
+    def __init__(self, clock: int, future: concurrent.futures.Future):
+        self.clock, self._future = clock, future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> list[pb.PushResponse | None]:
+        return self._future.result(timeout)
+
+
+class PSClient:
+    """A worker's connection to all shards of one model. See the module docstring."""
+
+    def __init__(self, servers: Sequence[str], model: torch.nn.Module, optimizer: dict | pb.OptimizerConfig | None = None,
+                 staleness: float = math.inf, worker_id: str | None = None, pipeline: bool = False,
+                 max_inflight: int = 2, options: CallOptions = CallOptions(), heartbeat_interval: float | None = None):
+        if not servers:
+            raise ValueError("PSClient needs at least one server address")
+        if pipeline and staleness < 1:
+            raise ValueError("pipeline=True needs a staleness bound of at least 1")
+        self.model = model
+        self.params = [p for p in model.parameters()]
+        self.plan: Plan = make_plan(param_specs(model.named_parameters()), len(servers))
+        if isinstance(optimizer, dict):
+            optimizer = default_config(**optimizer)
+        self.optimizer = optimizer or default_config()
+        self.staleness = staleness
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.pipeline = pipeline
+        self.max_inflight = max(1, max_inflight)
+        self.options = options
+        self._hb_interval = heartbeat_interval
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.clock = 0
+        self.stats = ClientStats()
+        pin = self.device.type == "cuda"
+        self._weights = torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin)
+        self._free_grads = [torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin) for _ in range(self.max_inflight)]
+        self._sessions: list[int] = []
+        self._read_versions: list[int] = [0] * len(servers)
+        self._servers = list(servers)
+        self._shards: list[ShardClient] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._inflight: list[PushTicket] = []
+        self._next_pull: tuple[int, concurrent.futures.Future] | None = None
+        self._failure: BaseException | None = None
+        self._evicted = False
+        self._heartbeat: concurrent.futures.Future | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+    def __enter__(self) -> "PSClient":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close(wait=exc[0] is None)
+
+    def start(self) -> None:
+        """Start the I/O thread, initialize every shard (first worker's weights win) and register."""
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = uvloop.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name=f"asyncps-io-{self.worker_id}", daemon=True)
+        self._thread.start()
+        ready.wait()
+        try:
+            self._run(self._start())
+        except BaseException:
+            self.close(wait=False)
+            raise
+        self._heartbeat = asyncio.run_coroutine_threadsafe(self._heartbeat_loop(), self._loop)
+
+    async def _start(self) -> None:
+        self._shards = [ShardClient(a, i, self.options) for i, a in enumerate(self._servers)]
+        flat = self._flatten([p.detach() for p in self.params])
+        statuses = await asyncio.gather(*(s.status() for s in self._shards))
+        async def init(shard: ShardClient, st: pb.StatusResponse) -> None:
+            spec = self.plan.shards[shard.index]
+            if st.initialized and st.plan_hash == self.plan.hash:
+                return
+            head = pb.InitHeader(plan_hash=self.plan.hash, shard_index=shard.index, num_shards=len(self._shards),
+                                 numel=spec.numel, optimizer=self.optimizer, worker_id=self.worker_id,
+                                 staleness=self.staleness)
+            resp = await shard.init(head, flat[spec.lo : spec.hi])
+            if not resp.accepted and resp.optimizer != self.optimizer:
+                log.warning("shard %d keeps the optimizer settings of the first worker: %s", shard.index, resp.optimizer)
+        await asyncio.gather(*(init(s, st) for s, st in zip(self._shards, statuses)))
+        await self._register()
+
+    async def _register(self) -> None:
+        """Register with every shard at one common clock: the latest of their slowest clocks."""
+        start = 0
+        while True:
+            resps = await asyncio.gather(*(s.register(self.worker_id, self.plan.hash, start) for s in self._shards))
+            clocks = {r.clock for r in resps}
+            if len(clocks) == 1:
+                break
+            start = max(clocks)
+        self._sessions = [r.session for r in resps]
+        self.clock = resps[0].clock
+        self.staleness = resps[0].staleness
+        self._hb_interval = self._hb_interval or max(0.05, resps[0].heartbeat_timeout_seconds / 4)
+        self._evicted = False
+        log.info("worker %s registered with %d shards at clock %d (s=%s)", self.worker_id, len(self._shards), self.clock, self.staleness)
+
+    def close(self, wait: bool = True) -> None:
+        """Wait for pushes in flight (if `wait`), leave, and stop the I/O thread. Idempotent."""
+        if self._loop is None:
+            return
+        try:
+            if wait and self._failure is None:
+                self.wait()
+            if self._heartbeat:
+                self._heartbeat.cancel()
+            if self._sessions:
+                self._run(self._leave())
+        except Exception as exc:  # closing must not hide the caller's own error
+            log.warning("while closing: %s", exc)
+        finally:
+            if self._shards:
+                self._run(_gather((s.close() for s in self._shards), return_exceptions=True))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop = None
+
+    async def _leave(self) -> None:
+        await asyncio.gather(*(s.leave(self.worker_id, sess) for s, sess in zip(self._shards, self._sessions)),
+                             return_exceptions=True)
+
+    # -- the training loop's calls ------------------------------------------------------
+    def pull(self) -> None:
+        """Block until the weights for the current clock are in the model."""
+        t0 = time.perf_counter()
+        self._raise_failure()
+        if self._evicted:
+            self._rejoin()
+        fut = self._take_pull(self.clock)
+        try:
+            heads = fut.result()
+        except concurrent.futures.CancelledError:
+            self._raise_failure()
+            raise
+        except RpcFailed as exc:
+            if not exc.evicted:
+                raise
+            self._rejoin()
+            heads = self._take_pull(self.clock).result()
+        self._read_versions = [h.version for h in heads]
+        self.stats.bound_wait_seconds += max(h.waited_seconds for h in heads)
+        self.stats.versions = self._read_versions
+        with torch.no_grad():
+            weights = self._weights.to(self.device, non_blocking=True)
+            for p, (lo, hi) in zip(self.params, self._offsets):
+                p.copy_(weights[lo:hi].view_as(p))
+        if self.pipeline:
+            self._next_pull = (self.clock + 1, self._submit(self._pull_all(self.clock + 1, own_lag=1)))
+        self.stats.pulls += 1
+        self.stats.pull_wait_seconds += time.perf_counter() - t0
+
+    def push(self) -> PushTicket:
+        """Send the model's gradients for the current clock, advance the clock, and return at once.
+
+        Gradients are copied out and zeroed (set to None) before returning. Raises
+        ValueError (sending nothing) if any gradient is NaN or Inf.
+        """
+        t0 = time.perf_counter()
+        self._raise_failure()
+        while len(self._inflight) >= self.max_inflight:
+            self._inflight.pop(0).wait()
+        self._inflight = [t for t in self._inflight if not t.done()]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = self._flatten(grads)
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError(f"gradient at clock {self.clock} contains NaN or Inf; not pushed")
+        buf = self._free_grads.pop()
+        buf.copy_(flat)
+        for p in self.params:
+            p.grad = None
+        clock, self.clock = self.clock, self.clock + 1
+        fut = self._submit(self._push_all(clock, buf))
+        ticket = PushTicket(clock, fut)
+        self._inflight.append(ticket)
+        if not self.pipeline:
+            self._next_pull = (self.clock, self._submit(self._pull_all(self.clock, own_lag=0)))
+        self.stats.pushes += 1
+        self.stats.push_wait_seconds += time.perf_counter() - t0
+        return ticket
+
+    def wait(self) -> None:
+        """Block until every push in flight has been answered; raises the first failure."""
+        for t in self._inflight:
+            try:
+                t.wait()
+            except Exception:
+                pass
+        self._inflight.clear()
+        self._raise_failure()
+
+    def status(self) -> list[pb.StatusResponse]:
+        return self._run(_gather(s.status() for s in self._shards))
+
+    def checkpoint(self) -> list[pb.CheckpointResponse]:
+        return self._run(_gather(s.checkpoint() for s in self._shards))
+
+    @property
+    def retries(self) -> int:
+        return sum(s.retries for s in self._shards)
+
+    # -- internals --------------------------------------------------------------------
+    @property
+    def _offsets(self) -> list[tuple[int, int]]:
+        out, pos = [], 0
+        for p in self.params:
+            out.append((pos, pos + p.numel()))
+            pos += p.numel()
+        return out
+
+    def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return torch.empty(0)
+        return torch.cat([t.reshape(-1).float() for t in tensors]).cpu()
+
+    def _run(self, coro: Coroutine) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _submit(self, coro: Coroutine) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _take_pull(self, clock: int) -> concurrent.futures.Future:
+        pending, self._next_pull = self._next_pull, None
+        if pending and pending[0] == clock:
+            return pending[1]
+        if pending:
+            pending[1].cancel()
+        return self._submit(self._pull_all(clock, own_lag=0))
+
+    def _rejoin(self) -> None:
+        if self._next_pull:
+            self._next_pull[1].cancel()
+            self._next_pull = None
+        self._run(self._register())
+        self.stats.reregistrations += 1
+        log.warning("worker %s was evicted; rejoined at clock %d", self.worker_id, self.clock)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _pull_all(self, clock: int, own_lag: int) -> list[pb.PullHeader]:
+        async def one(shard: ShardClient, session: int) -> pb.PullHeader:
+            spec = self.plan.shards[shard.index]
+            req = pb.PullRequest(worker_id=self.worker_id, session=session, plan_hash=self.plan.hash,
+                                 clock=clock, own_lag=own_lag)
+            return await shard.pull(req, self._weights[spec.lo : spec.hi])
+        return list(await asyncio.gather(*(one(s, sess) for s, sess in zip(self._shards, self._sessions))))
+
+    async def _push_all(self, clock: int, grad: torch.Tensor) -> list[pb.PushResponse | None]:
+        async def one(shard: ShardClient, session: int, read_version: int) -> pb.PushResponse | None:
+            spec = self.plan.shards[shard.index]
+            head = pb.PushHeader(worker_id=self.worker_id, session=session, plan_hash=self.plan.hash,
+                                 clock=clock, read_version=read_version)
+            try:
+                resp = await shard.push(head, grad[spec.lo : spec.hi])
+            except RpcFailed as exc:
+                if exc.evicted:
+                    self.stats.pushes_dropped += 1
+                    self._evicted = True
+                    log.warning("push of clock %d to shard %d refused: %s", clock, shard.index, exc.details)
+                    return None
+                self._failure = exc
+                pending = self._next_pull
+                if pending:  # that pull would wait for this push forever
+                    pending[1].cancel()
+                raise
+            if resp is not None:
+                self.stats.max_update_staleness = max(self.stats.max_update_staleness, resp.staleness)
+            return resp
+        try:
+            return list(await asyncio.gather(*(one(s, sess, v) for s, sess, v in
+                                               zip(self._shards, self._sessions, self._read_versions))))
+        finally:
+            self._free_grads.append(grad)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._hb_interval)
+            results = await asyncio.gather(*(s.heartbeat(self.worker_id, sess) for s, sess in
+                                             zip(self._shards, self._sessions)), return_exceptions=True)
+            for r in results:
+                if isinstance(r, RpcFailed) and r.evicted:
+                    self._evicted = True
+                elif isinstance(r, Exception):
+                    log.debug("heartbeat failed: %s", r)
+
+
+async def _gather(coros, return_exceptions: bool = False) -> list:
+    """asyncio.gather as a coroutine, so it can be handed to the I/O thread's loop."""
+    return list(await asyncio.gather(*coros, return_exceptions=return_exceptions))

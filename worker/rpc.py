@@ -1,0 +1,155 @@
+"""One server's RPCs, as the worker sees them, behind one error-handling wrapper.
+
+`ShardClient.call` is the single place where `grpc.aio.AioRpcError` is caught: it
+gives every call its deadline, retries UNAVAILABLE with exponential backoff until
+`CallOptions.retry_seconds` have passed, counts retries, and raises `RpcFailed`
+(carrying the status code and the server's reason) for everything else. A push is
+retried safely: a repeat of an already applied push is answered ALREADY_EXISTS and
+counted as done, never applied twice.
+
+Use from one asyncio event loop (the client's I/O thread); not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import torch
+
+from protos import service, wire
+from protos.asyncps.v1 import ps_pb2 as pb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """Deadlines (seconds) and the retry budget for UNAVAILABLE."""
+
+    timeout: float = 10.0          # control calls
+    push_timeout: float = 60.0
+    pull_timeout: float = 300.0    # includes waiting under the staleness bound
+    retry_seconds: float = 60.0    # keep retrying UNAVAILABLE this long (0: never retry)
+    backoff_initial: float = 0.05
+    backoff_max: float = 2.0
+    chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
+    max_message_bytes: int = 8 << 20
+
+
+class RpcFailed(Exception):
+    """A call that failed for good: `code` is the gRPC status, `reason` the server's tag."""
+
+    def __init__(self, address: str, method: str, code: grpc.StatusCode, details: str, reason: str = ""):
+        super().__init__(f"{method} to {address} failed: {code.name}: {details}")
+        self.address, self.method, self.code, self.details, self.reason = address, method, code, details, reason
+
+    @property
+    def evicted(self) -> bool:
+        """True when the server no longer knows this worker's session (re-register)."""
+        return self.reason == service.UNKNOWN_WORKER
+
+
+class ShardClient:
+    """RPCs to the server holding shard `index`."""
+
+    def __init__(self, address: str, index: int, opts: CallOptions = CallOptions()):
+        self.address, self.index, self.opts = address, index, opts
+        self.retries = 0
+        self._channel = grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", opts.max_message_bytes),
+            ("grpc.max_send_message_length", opts.max_message_bytes),
+        ])
+        self.stub = service.Stub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def call(self, method: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt()` (one whole RPC) until it succeeds or fails for good."""
+        deadline = time.monotonic() + self.opts.retry_seconds
+        backoff = self.opts.backoff_initial
+        while True:
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.UNAVAILABLE and time.monotonic() + backoff < deadline:
+                    self.retries += 1
+                    log.warning("%s to %s unavailable (%s); retrying in %.2fs", method, self.address, err.details(), backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.opts.backoff_max)
+                    continue
+                reason = dict(err.trailing_metadata() or ()).get(service.REASON_KEY, "")
+                raise RpcFailed(self.address, method, code, err.details() or "", reason) from None
+
+    # -- control ----------------------------------------------------------------------
+    async def status(self) -> pb.StatusResponse:
+        return await self.call("Status", lambda: self.stub.Status(pb.StatusRequest(), timeout=self.opts.timeout))
+
+    async def register(self, worker_id: str, plan_hash: str, start_clock: int = 0) -> pb.RegisterResponse:
+        req = pb.RegisterRequest(worker_id=worker_id, plan_hash=plan_hash, start_clock=start_clock)
+        return await self.call("Register", lambda: self.stub.Register(req, timeout=self.opts.timeout))
+
+    async def heartbeat(self, worker_id: str, session: int) -> pb.HeartbeatResponse:
+        req = pb.HeartbeatRequest(worker_id=worker_id, session=session)
+        return await self.call("Heartbeat", lambda: self.stub.Heartbeat(req, timeout=self.opts.timeout))
+
+    async def leave(self, worker_id: str, session: int) -> None:
+        req = pb.LeaveRequest(worker_id=worker_id, session=session)
+        await self.call("Leave", lambda: self.stub.Leave(req, timeout=self.opts.timeout))
+
+    async def checkpoint(self) -> pb.CheckpointResponse:
+        return await self.call("Checkpoint", lambda: self.stub.Checkpoint(pb.CheckpointRequest(), timeout=self.opts.timeout))
+
+    # -- tensors ----------------------------------------------------------------------
+    def _frames(self, head: pb.Frame, flat: torch.Tensor) -> Iterator[bytes]:
+        yield wire.encode_frame(head)
+        yield from wire.chunk_frames(flat, self.opts.chunk_bytes)
+
+    async def init(self, head: pb.InitHeader, weights: torch.Tensor) -> pb.InitResponse:
+        """Offer this shard's initial weights (a 1-D float32 CPU tensor); first offer wins."""
+        frame = pb.Frame(init=head)
+        return await self.call("Init", lambda: self.stub.Init(self._frames(frame, weights), timeout=self.opts.push_timeout))
+
+    async def push(self, head: pb.PushHeader, grad: torch.Tensor) -> pb.PushResponse | None:
+        """Send one gradient (1-D float32 CPU tensor); None if the server had already applied it."""
+        frame = pb.Frame(push=head)
+        try:
+            return await self.call("Push", lambda: self.stub.Push(self._frames(frame, grad), timeout=self.opts.push_timeout))
+        except RpcFailed as exc:
+            if exc.code == grpc.StatusCode.ALREADY_EXISTS:
+                return None
+            raise
+
+    async def pull(self, req: pb.PullRequest, out: torch.Tensor) -> pb.PullHeader:
+        """Stream this shard's weights into `out` (1-D float32 CPU tensor, the shard's size)."""
+        req.chunk_bytes = req.chunk_bytes or self.opts.chunk_bytes
+
+        async def attempt() -> pb.PullHeader:
+            head = None
+            received = 0
+            async for raw in self.stub.Pull(req, timeout=self.opts.pull_timeout):
+                frame, payload = wire.decode_frame(raw)
+                if head is None:
+                    head = frame.pull
+                    if head.numel != out.numel():
+                        raise RpcFailed(self.address, "Pull", grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"shard holds {head.numel} elements, the plan expects {out.numel()}")
+                    continue
+                chunk = wire.payload_tensor(frame, payload)
+                lo = frame.tensor.offset
+                out[lo : lo + chunk.numel()].copy_(chunk)
+                received += chunk.numel()
+            if head is None or received != out.numel():
+                raise RpcFailed(self.address, "Pull", grpc.StatusCode.DATA_LOSS,
+                                f"pull stream ended after {received} of {out.numel()} elements")
+            return head
+
+        return await self.call("Pull", attempt)
