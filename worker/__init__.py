@@ -1,1 +1,6 @@
-"""asyncps worker package: training task, data pipeline and parameter-server client."""
+"""asyncps workers: the plan, the client (`PSClient`), the built-in task and its CLIs."""
+
+from worker.client import PSClient, PushTicket
+from worker.rpc import CallOptions, RpcFailed
+
+__all__ = ["PSClient", "PushTicket", "CallOptions", "RpcFailed"]

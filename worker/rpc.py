@@ -153,3 +153,28 @@ class ShardClient:
             return head
 
         return await self.call("Pull", attempt)
+
+
+def wait_serving(address: str, timeout: float = 30.0, is_alive: Callable[[], bool] = lambda: True) -> None:
+    """Block until the server at `address` answers the gRPC health check SERVING.
+
+    Polls (each check has its own short deadline) until `timeout`; raises TimeoutError,
+    or RuntimeError as soon as `is_alive()` turns False (the process died).
+    """
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if not is_alive():
+                raise RuntimeError(f"server at {address} exited before serving")
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service.SERVICE_NAME), timeout=1.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError(f"server at {address} not serving after {timeout:.0f}s")
+            time.sleep(0.05)
