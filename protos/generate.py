@@ -22,49 +22,50 @@ PROTO = Path("protos/asyncps/v1/ps.proto")
 OUTPUTS = ("ps_pb2.py", "ps_pb2.pyi", "ps_pb2_grpc.py")
 
 
-def generate(out_root: Path) -> list[Path]:
-    """Run protoc (from grpcio-tools) into `out_root`; returns the generated files."""
+def generate(out_root: Path, root: Path = ROOT) -> list[Path]:
+    """Run protoc (from grpcio-tools) on `root`'s `.proto` into `out_root`; returns the generated files."""
     from grpc_tools import protoc
     import grpc_tools
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     args = [
         "protoc",
-        f"-I{ROOT}",
+        f"-I{root}",
         f"-I{include}",
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
-        str(ROOT / PROTO),
+        str(root / PROTO),
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO}")
     return [out_root / PROTO.parent / name for name in OUTPUTS]
 
 
-def stale_files() -> list[str]:
-    """Names of generated files that differ from what protoc makes of the `.proto` now."""
+def stale_files(root: Path = ROOT) -> list[str]:
+    """Names of `root`'s generated files that differ from what protoc makes of its `.proto` now."""
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = generate(Path(tmp))
+        fresh = generate(Path(tmp), root)
         return [
             str(PROTO.parent / f.name)
             for f in fresh
-            if not (ROOT / PROTO.parent / f.name).exists()
-            or not filecmp.cmp(f, ROOT / PROTO.parent / f.name, shallow=False)
+            if not (root / PROTO.parent / f.name).exists()
+            or not filecmp.cmp(f, root / PROTO.parent / f.name, shallow=False)
         ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check, change nothing")
+    parser.add_argument("--root", type=Path, default=ROOT, help="repository root holding protos/ (default: this checkout)")
     args = parser.parse_args(argv)
     if args.check:
-        stale = stale_files()
+        stale = stale_files(args.root)
         if stale:
             sys.stderr.write(f"generated code is stale: {', '.join(stale)}; run python -m protos.generate\n")
             return 1
         return 0
-    generate(ROOT)
+    generate(args.root, args.root)
     return 0
 
 

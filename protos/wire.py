@@ -153,6 +153,8 @@ def payload_tensor(frame: pb.Frame, payload: memoryview | None) -> torch.Tensor:
     if dtype is None:
         raise FrameError(f"unknown dtype {th.dtype} in frame")
     shape = tuple(int(d) for d in th.shape)
+    if any(d >= 1 << 63 for d in shape):  # torch sizes are int64; an empty shape may name any dim
+        raise FrameError(f"frame shape {list(shape)} has a dimension too large for a tensor")
     numel = math.prod(shape)
     nbytes = 0 if payload is None else payload.nbytes
     if nbytes != numel * dtype.itemsize:

@@ -34,6 +34,9 @@ class FlagParser(argparse.ArgumentParser):
                 default = type(raw)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 self.error(f"environment variable {var}={raw!r}: {exc}")
+            choices = kwargs.get("choices")
+            if choices is not None and default not in choices:  # argparse checks choices only on the command line
+                self.error(f"environment variable {var}={raw!r}: choose from {', '.join(map(str, choices))}")
         return self.add_argument(f"--{name}", type=type, default=default, help=f"{help} [env {var}]", **kwargs)
 
     def env_switch(self, name: str, *, default: bool = False, help: str = "") -> argparse.Action:

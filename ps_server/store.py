@@ -58,15 +58,22 @@ class ShardStore:
             grad = grad / live_workers
         with self._lock:
             staleness = max(0, self._version - read_version)
-            group = self._opt.param_groups[0]
-            if self.config.staleness_aware_lr:
-                group["lr"] = self.config.lr / max(1, staleness)
+            self._opt.param_groups[0]["lr"] = self.learning_rate(staleness)
             self._flat.grad = grad
             with torch.no_grad():
                 self._opt.step()
             self._flat.grad = None
             self._version += 1
             return self._version, staleness
+
+    def learning_rate(self, staleness: int) -> float:
+        """The lr for the next update: warmed up over the first updates, divided by staleness if asked."""
+        lr = self.config.lr
+        if self.config.warmup_updates:
+            lr *= min(1.0, (self._version + 1) / self.config.warmup_updates)
+        if self.config.staleness_aware_lr:
+            lr /= max(1, staleness)
+        return lr
 
     def snapshot(self) -> Snapshot:
         """The weights at the current version, copied once per version."""

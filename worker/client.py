@@ -78,7 +78,8 @@ class PSClient:
 
     def __init__(self, servers: Sequence[str], model: torch.nn.Module, optimizer: dict | pb.OptimizerConfig | None = None,
                  staleness: float = math.inf, worker_id: str | None = None, pipeline: bool = False,
-                 max_inflight: int = 2, options: CallOptions = CallOptions(), heartbeat_interval: float | None = None):
+                 max_inflight: int = 2, options: CallOptions = CallOptions(), heartbeat_interval: float | None = None,
+                 initialize: bool = True):
         if not servers:
             raise ValueError("PSClient needs at least one server address")
         if pipeline and staleness < 1:
@@ -112,6 +113,7 @@ class PSClient:
         self._failure: BaseException | None = None
         self._evicted = False
         self._heartbeat: concurrent.futures.Future | None = None
+        self.initialize = initialize
 
     # -- lifecycle --------------------------------------------------------------------
     def __enter__(self) -> "PSClient":
@@ -149,6 +151,8 @@ class PSClient:
             spec = self.plan.shards[shard.index]
             if st.initialized and st.plan_hash == self.plan.hash:
                 return
+            if not self.initialize:
+                raise RuntimeError(f"shard {shard.index} at {shard.address} holds no model with this plan")
             head = pb.InitHeader(plan_hash=self.plan.hash, shard_index=shard.index, num_shards=len(self._shards),
                                  numel=spec.numel, optimizer=self.optimizer, worker_id=self.worker_id,
                                  staleness=self.staleness)

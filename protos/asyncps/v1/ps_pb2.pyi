@@ -33,7 +33,7 @@ UINT8: DType
 BOOL: DType
 
 class OptimizerConfig(_message.Message):
-    __slots__ = ("name", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "staleness_aware_lr", "average_gradients")
+    __slots__ = ("name", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "staleness_aware_lr", "average_gradients", "warmup_updates")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class OptimizerConfig(_message.Message):
     EPS_FIELD_NUMBER: _ClassVar[int]
     STALENESS_AWARE_LR_FIELD_NUMBER: _ClassVar[int]
     AVERAGE_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_UPDATES_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     momentum: float
@@ -56,7 +57,8 @@ class OptimizerConfig(_message.Message):
     eps: float
     staleness_aware_lr: bool
     average_gradients: bool
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., staleness_aware_lr: _Optional[bool] = ..., average_gradients: _Optional[bool] = ...) -> None: ...
+    warmup_updates: int
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., staleness_aware_lr: _Optional[bool] = ..., average_gradients: _Optional[bool] = ..., warmup_updates: _Optional[int] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("offset", "dtype", "shape")

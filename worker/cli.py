@@ -1,0 +1,136 @@
+"""`ps-worker`: run one worker of the built-in byte-level LM task against asyncps servers.
+
+The training flags (task, optimizer, batch, data) are shared with `ps-cluster`, which
+passes them through to each worker it starts; every flag can also be set through its
+environment variable (shown in --help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ps_server.cli import staleness_flag
+from ps_server.flags import FlagParser, non_negative, positive
+from ps_server.optimizer import OPTIMIZERS, default_config, validate
+from worker.rpc import CallOptions
+from worker.task import TaskConfig
+from worker.trainer import WorkerConfig, pick_device, train
+
+# (flag, type, default, help) shared by ps-worker and ps-cluster, passed through verbatim.
+TRAINING_FLAGS: list[tuple[str, object, object, str]] = [
+    ("staleness", staleness_flag, 2.0, "staleness bound s: a whole number, or inf for fully asynchronous"),
+    ("optimizer", str, "adamw", f"server-side optimizer: {', '.join(OPTIMIZERS)}"),
+    ("lr", positive(float), 4e-3, "learning rate"),
+    ("momentum", non_negative(float), 0.0, "SGD momentum"),
+    ("weight-decay", non_negative(float), 0.0, "weight decay (decoupled for adamw)"),
+    ("beta1", non_negative(float), 0.9, "Adam beta1"),
+    ("beta2", non_negative(float), 0.95, "Adam beta2"),
+    ("warmup", non_negative(int), 100, "updates over which the lr ramps up linearly"),
+    ("batch-size", positive(int), 16, "sequences per iteration per worker"),
+    ("context", positive(int), 128, "bytes of context"),
+    ("d-model", positive(int), 128, "model width"),
+    ("n-layer", positive(int), 2, "transformer blocks"),
+    ("n-head", positive(int), 4, "attention heads"),
+    ("device", str, "auto", "auto (CUDA when present), cpu or cuda[:N]"),
+    ("seed", non_negative(int), 0, "seed for the model's initial weights and the data order"),
+    ("data", str, None, "text file or folder to train on (default: this Python's standard library)"),
+]
+SWITCHES: list[tuple[str, bool, str]] = [
+    ("nesterov", False, "Nesterov momentum (SGD)"),
+    ("staleness-aware-lr", False, "divide the lr by each update's staleness"),
+    ("average-gradients", False, "divide each gradient by the number of live workers"),
+    ("pipeline", False, "request the next pull before computing (needs s >= 1)"),
+]
+
+
+def add_training_flags(p: FlagParser) -> None:
+    for name, kind, default, text in TRAINING_FLAGS:
+        p.env_flag(name, type=kind, default=default, help=text)
+    for name, default, text in SWITCHES:
+        p.env_switch(name, default=default, help=text)
+
+
+def training_argv(args: argparse.Namespace) -> list[str]:
+    """The training flags of `args` as a command line (ps-cluster hands them to ps-worker)."""
+    argv: list[str] = []
+    for name, _kind, _default, _text in TRAINING_FLAGS:
+        value = getattr(args, name.replace("-", "_"))
+        if value is not None:
+            argv += [f"--{name}", str(value)]
+    for name, _default, _text in SWITCHES:
+        argv.append(f"--{name}" if getattr(args, name.replace("-", "_")) else f"--no-{name}")
+    return argv
+
+
+def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
+    """Turn inconsistent training flags into one-line errors (exit 2)."""
+    try:
+        validate(optimizer_config(args))
+        task_config(args)
+        pick_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.pipeline and args.staleness < 1:
+        p.error("--pipeline needs --staleness of at least 1")
+    if args.data is not None and not os.path.exists(args.data):
+        p.error(f"--data {args.data}: no such file or folder")
+
+
+def optimizer_config(args: argparse.Namespace):
+    return default_config(args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                          weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2,
+                          staleness_aware_lr=args.staleness_aware_lr, average_gradients=args.average_gradients,
+                          warmup_updates=args.warmup)
+
+
+def task_config(args: argparse.Namespace) -> TaskConfig:
+    return TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head)
+
+
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="ps-worker", description="Run one asyncps worker of the built-in byte-level LM task.")
+    p.env_flag("servers", required=False, help="comma-separated server addresses host:port, in shard order")
+    p.env_flag("steps", type=positive(int), default=1000, help="iterations this worker runs")
+    p.env_flag("rank", type=non_negative(int), default=0, help="this worker's index (selects its data slice)")
+    p.env_flag("world", type=positive(int), default=1, help="number of workers (data slices)")
+    p.env_flag("worker-id", help="name for this worker (default: host-pid)")
+    p.env_flag("threads", type=non_negative(int), default=0, help="torch threads (0: torch's default)")
+    p.env_flag("slowdown", type=positive(float), default=1.0, help="straggler factor: sleep (F-1) x compute per step")
+    p.env_flag("report", help="append JSON-lines progress to this file")
+    p.env_flag("retry-seconds", type=non_negative(float), default=60.0, help="how long to retry an unavailable server")
+    p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    add_training_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not args.servers:
+        p.error("--servers is required (comma-separated host:port list)")
+    if args.rank >= args.world:
+        p.error(f"--rank {args.rank} must be below --world {args.world}")
+    check_training_args(p, args)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s ps-worker[{args.rank}] %(levelname)s %(message)s")
+    cfg = WorkerConfig(
+        servers=[a.strip() for a in args.servers.split(",") if a.strip()], optimizer=optimizer_config(args),
+        task=task_config(args), data=args.data, rank=args.rank, world=args.world, worker_id=args.worker_id,
+        staleness=args.staleness, pipeline=args.pipeline, batch_size=args.batch_size, steps=args.steps,
+        device=args.device, seed=args.seed, threads=args.threads, slowdown=args.slowdown, report=args.report,
+        options=CallOptions(retry_seconds=args.retry_seconds),
+    )
+    try:
+        result = train(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"ps-worker: error: {exc}\n")
+        return 2
+    logging.getLogger(__name__).info("done: %d steps, T_task %.4fs, T_comm %.4fs, loss %.3f", result["steps"],
+                                     result["t_task_seconds"], result["t_comm_seconds"], result["final_loss"] or float("nan"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

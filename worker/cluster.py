@@ -1,0 +1,183 @@
+"""`ps-cluster`: a whole asyncps cluster on this machine with one command.
+
+Starts S `ps-server` and P `ps-worker` processes on loopback (free ports, readiness by
+the gRPC health check), runs M iterations in total, shows one live progress bar for
+the cluster (global step, loss, samples/s, largest clock gap), then exports the
+trained model, measures the held-out loss and writes `summary.json` and
+`model.safetensors` into --out. Every process it started is stopped on success, on
+any process's failure (whose log tail is shown) and on Ctrl-C; children also die
+with the launcher if it is killed outright.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from protos import service
+from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server.flags import FlagParser, non_negative, positive
+from worker.cli import add_training_flags, check_training_args, task_config, training_argv
+from worker.procs import Children
+from worker.report import Monitor, final_report, write_summary
+from worker.rpc import wait_serving
+
+log = logging.getLogger("ps-cluster")
+
+
+class ClusterFailed(Exception):
+    """A child process failed; the message names it and quotes its log."""
+
+
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="ps-cluster", description="Train the built-in byte-level LM on a local asyncps cluster.")
+    p.env_flag("servers", type=positive(int), default=2, help="parameter-server shards (S)")
+    p.env_flag("workers", type=positive(int), default=2, help="worker processes (P)")
+    p.env_flag("steps", type=positive(int), default=3000, help="total iterations, all workers together (M)")
+    p.env_flag("out", default=None, help="output folder (default: runs/<date-time>)")
+    p.env_flag("threads", type=non_negative(int), default=0, help="torch threads per worker (0: cores / workers)")
+    p.env_flag("heartbeat-timeout", type=positive(float), default=10.0, help="seconds before a silent worker is evicted")
+    p.env_flag("checkpoint-interval", type=positive(float), default=30.0, help="seconds between server checkpoints")
+    p.env_flag("eval-windows", type=positive(int), default=64, help="held-out windows for the final loss")
+    p.env_switch("resume", default=False, help="continue from the checkpoints already in --out")
+    p.env_switch("progress", default=True, help="show the live progress bar")
+    p.env_flag("log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="launcher logging")
+    add_training_flags(p)
+    return p
+
+
+class Cluster:
+    """One run: servers, workers, monitor. `run()` blocks until done; `children.stop_all()` cleans up."""
+
+    def __init__(self, args: argparse.Namespace, out: Path):
+        self.args, self.out = args, out
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        self.children = Children(out / "logs")
+        self.addresses: list[str] = []
+
+    def _start_servers(self) -> None:
+        a = self.args
+        for i in range(a.servers):
+            port_file = self.out / "logs" / f"server-{i}.port"
+            port_file.unlink(missing_ok=True)
+            self.children.start(f"server-{i}", "ps_server.cli", [
+                "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--shard-index", str(i),
+                "--num-shards", str(a.servers), "--staleness", str(a.staleness),
+                "--checkpoint-dir", str(self.out / "checkpoints"), "--checkpoint-interval", str(a.checkpoint_interval),
+                "--heartbeat-timeout", str(a.heartbeat_timeout)])
+        for i, child in enumerate(self.children.items):
+            port_file = self.out / "logs" / f"server-{i}.port"
+            end = time.monotonic() + 120
+            while not port_file.exists():
+                self._check(child)
+                if time.monotonic() > end:
+                    raise ClusterFailed(f"{child.name} did not start within 120 s:\n{child.log_tail()}")
+                time.sleep(0.05)
+            address = f"127.0.0.1:{int(port_file.read_text())}"
+            try:
+                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None)
+            except RuntimeError:
+                self._check(child)
+            self.addresses.append(address)
+
+    def _start_workers(self) -> list:
+        a = self.args
+        threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
+        workers = []
+        for r in range(a.workers):
+            steps = a.steps // a.workers + (1 if r < a.steps % a.workers else 0)
+            report = self.out / "logs" / f"worker-{r}.jsonl"
+            report.unlink(missing_ok=True)
+            workers.append(self.children.start(f"worker-{r}", "worker.cli", [
+                "--servers", ",".join(self.addresses), "--rank", str(r), "--world", str(a.workers),
+                "--worker-id", f"worker-{r}", "--steps", str(max(1, steps)), "--threads", str(threads),
+                "--report", str(report), *training_argv(a)]))
+        return workers
+
+    @staticmethod
+    def _check(child) -> None:
+        code = child.exited()
+        if code not in (None, 0):
+            raise ClusterFailed(f"{child.name} failed with exit code {code}; its log ends:\n{child.log_tail()}")
+
+    def run(self) -> dict:
+        start = time.monotonic()
+        self._start_servers()
+        channels = [grpc.insecure_channel(a) for a in self.addresses]
+        try:
+            stubs = [service.Stub(c) for c in channels]
+            workers = self._start_workers()
+            monitor = Monitor(self.args, self.out, stubs, workers)
+            while True:
+                for c in self.children.items:
+                    self._check(c)
+                monitor.poll(time.monotonic() - start)
+                if all(w.exited() == 0 for w in workers):
+                    break
+                time.sleep(0.5)
+            monitor.close()
+            summary = final_report(self.args, self.out, self.addresses, monitor, task_config(self.args))
+            statuses = [s.Status(pb.StatusRequest(), timeout=10) for s in stubs]
+            summary["max_clock_gap"] = max(st.max_read_gap for st in statuses)
+        finally:
+            for c in channels:
+                c.close()
+        self.children.stop_all(grace=30)  # servers write their final checkpoint on SIGTERM
+        summary["wall_seconds"] = time.monotonic() - start
+        write_summary(self.out, summary)
+        return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_training_args(p, args)
+    if args.workers > args.steps:
+        p.error(f"--steps {args.steps} is fewer than one iteration per worker ({args.workers} workers)")
+    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()) and not args.resume:
+        p.error(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out")
+    try:
+        from worker.data import Corpus, default_corpus_path
+        Corpus.load(args.data or default_corpus_path(), context=args.context)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        p.error(str(exc))
+    logging.basicConfig(level=args.log_level, format="%(asctime)s ps-cluster %(levelname)s %(message)s")
+    cluster = Cluster(args, out)
+    try:
+        summary = cluster.run()
+    except KeyboardInterrupt:
+        sys.stderr.write("\nps-cluster: interrupted; stopping every process\n")
+        return 130
+    except ClusterFailed as exc:
+        sys.stderr.write(f"\nps-cluster: {exc}\n")
+        return 1
+    finally:
+        cluster.children.stop_all()
+    sys.stdout.write(summary_text(summary))
+    return 0
+
+
+def summary_text(s: dict) -> str:
+    gap = "inf" if math.isinf(s["staleness"]) else f"{s['staleness']:g}"
+    return (
+        f"\nasyncps: {s['iterations']} iterations by {s['workers']} workers on {s['servers']} servers "
+        f"(s={gap}) in {s['wall_seconds']:.1f}s\n"
+        f"  train loss {s['final_train_loss']:.3f}   held-out loss {s['heldout_loss']:.3f} nats/byte\n"
+        f"  T_task {s['t_task_seconds'] * 1000:.1f} ms   T_comm {s['t_comm_seconds'] * 1000:.1f} ms per iteration   "
+        f"{s['samples_per_second']:.0f} samples/s   largest clock gap {s['max_clock_gap']}\n"
+        f"  model  {s['model_path']}\n  summary {s['summary_path']}\n"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Child processes of a local cluster: started, watched and always stopped.
+
+Each child runs in its own session (so a terminal's Ctrl-C reaches only the
+launcher, which then stops the children in order) and is tied to the launcher's
+life with Linux's parent-death signal: even if the launcher is killed with SIGKILL,
+its children get SIGTERM and no orphan is left. Output goes to one log file per
+child. Not thread-safe; used from the launcher's main thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    log: Path
+    proc: subprocess.Popen
+
+    def exited(self) -> int | None:
+        return self.proc.poll()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace").rstrip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+class Children:
+    """The launcher's children; `stop_all` is safe to call at any time, repeatedly."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.items: list[Child] = []
+
+    def start(self, name: str, module: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        log = self.log_dir / f"{name}.log"
+        args = [sys.executable, "-m", module, *argv]
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        child = Child(name, args, log, proc)
+        self.items.append(child)
+        return child
+
+    def stop(self, children: list[Child], grace: float) -> None:
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left (whole process groups)."""
+        for c in children:
+            if c.proc.poll() is None:
+                _kill_group(c.proc, signal.SIGTERM)
+        end = time.monotonic() + grace
+        for c in children:
+            try:
+                c.proc.wait(timeout=max(0.05, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            if c.proc.poll() is None:
+                _kill_group(c.proc, signal.SIGKILL)
+                c.proc.wait()
+
+    def stop_all(self, grace: float = 10.0) -> None:
+        self.stop(self.items, grace)
+
+
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

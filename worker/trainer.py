@@ -1,0 +1,133 @@
+"""The built-in training loop: one worker of the byte-level LM task against asyncps.
+
+`train(cfg)` loads the corpus, takes this worker's disjoint slice of the training
+split, builds the model on its device (CUDA when present and asked for), and runs
+`cfg.steps` iterations through `PSClient`. Each iteration is timed in two parts:
+compute (forward + backward: T_task) and the communication the worker was blocked
+on (pull + push: the exposed T_comm). Progress goes to a JSON-lines report file that
+`ps-cluster` follows. Blocks for the whole run; not thread-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from protos.asyncps.v1 import ps_pb2 as pb
+from worker.client import PSClient
+from worker.data import BatchStream, Corpus, default_corpus_path, worker_slice
+from worker.rpc import CallOptions
+from worker.task import ByteGPT, TaskConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerConfig:
+    servers: list[str]
+    optimizer: pb.OptimizerConfig
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: str | None = None
+    rank: int = 0
+    world: int = 1
+    worker_id: str | None = None
+    staleness: float = math.inf
+    pipeline: bool = False
+    batch_size: int = 16
+    steps: int = 100
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 0                 # torch intra-op threads; 0: leave torch's default
+    slowdown: float = 1.0            # >1: sleep (slowdown-1) x compute time per step (a straggler)
+    report: str | None = None        # JSON-lines progress file
+    report_every: float = 0.5        # seconds between progress lines
+    options: CallOptions = field(default_factory=CallOptions)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU raises ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+class _Report:
+    """Appends JSON lines to the report file (if any), flushed so others can follow it."""
+
+    def __init__(self, path: str | None):
+        self._f = open(path, "a", buffering=1) if path else None
+
+    def write(self, **record: object) -> None:
+        if self._f:
+            self._f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+
+
+def train(cfg: WorkerConfig) -> dict:
+    """Run this worker's iterations; returns its final statistics (also the report's last line)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    corpus = Corpus.load(cfg.data or default_corpus_path(), context=cfg.task.context)
+    part = worker_slice(corpus.train, cfg.rank, cfg.world)
+    if part.numel() <= cfg.task.context + 1:
+        raise ValueError(f"worker {cfg.rank} of {cfg.world} gets only {part.numel()} training bytes; use fewer workers or more data")
+    torch.manual_seed(cfg.seed)  # every worker builds the same initial model; the first Init wins
+    model = ByteGPT(cfg.task).to(device)
+    stream = BatchStream(part, cfg.batch_size, cfg.task.context, seed=cfg.seed * 1000 + cfg.rank + 1)
+    report = _Report(cfg.report)
+    t_task = t_comm = 0.0
+    losses: list[float] = []
+    start = last_report = time.perf_counter()
+    try:
+        with PSClient(cfg.servers, model, optimizer=cfg.optimizer, staleness=cfg.staleness,
+                      worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options) as ps:
+            report.write(event="start", rank=cfg.rank, clock=ps.clock, device=str(device),
+                         params=sum(p.numel() for p in model.parameters()), t=0.0)
+            for step in range(cfg.steps):
+                t0 = time.perf_counter()
+                ps.pull()
+                t1 = time.perf_counter()
+                x, y = stream.next()
+                loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                loss.backward()
+                loss_value = float(loss)  # synchronizes the device
+                t2 = time.perf_counter()
+                if cfg.slowdown > 1:
+                    time.sleep((cfg.slowdown - 1) * (t2 - t1))
+                t3 = time.perf_counter()
+                ps.push()
+                t4 = time.perf_counter()
+                t_task += t2 - t1
+                t_comm += (t1 - t0) + (t4 - t3)
+                losses.append(loss_value)
+                if t4 - last_report >= cfg.report_every or step == cfg.steps - 1:
+                    last_report = t4
+                    recent = losses[-20:]
+                    report.write(event="progress", rank=cfg.rank, step=step + 1, clock=ps.clock,
+                                 loss=sum(recent) / len(recent), t=t4 - start,
+                                 samples=(step + 1) * cfg.batch_size, t_task=t_task, t_comm=t_comm)
+            t5 = time.perf_counter()
+            ps.wait()
+            t_comm += time.perf_counter() - t5
+            stats = ps.stats
+        n = max(1, len(losses))
+        result = dict(event="done", rank=cfg.rank, steps=len(losses), t=time.perf_counter() - start,
+                      t_task_seconds=t_task / n, t_comm_seconds=t_comm / n,
+                      bound_wait_seconds=stats.bound_wait_seconds / n, final_loss=sum(losses[-20:]) / len(losses[-20:]) if losses else None,
+                      samples=len(losses) * cfg.batch_size, reregistrations=stats.reregistrations,
+                      pushes_dropped=stats.pushes_dropped, max_update_staleness=stats.max_update_staleness)
+        report.write(**result)
+        return result
+    finally:
+        report.close()
