@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install asyncps and what it needs. On a machine without an NVIDIA GPU, torch comes as
+# the CPU build (small and fast to install); with one, pip's default CUDA build.
+# Debian packages for the metrics tests (prometheus) are installed when run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! $PY -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    $PY -m pip install -q "torch>=2.1"
+  else
+    $PY -m pip install -q torch==2.13.0   # CPU build on CPU-only machines
+  fi
+fi
+$PY -m pip install -q -e ".[test]"
