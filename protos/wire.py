@@ -95,9 +95,9 @@ def encode_frame(head: pb.Frame | None = None, tensor: torch.Tensor | None = Non
     if head is not None:
         parts.append(head.SerializeToString())
     if tensor is not None:
+        payload = tensor_bytes(tensor)  # ValueError for an unsupported dtype or layout
         th = pb.TensorHeader(offset=offset, dtype=TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape))
         parts.append(pb.Frame(tensor=th).SerializeToString())
-        payload = tensor_bytes(tensor)
         parts += [_DATA_TAG, _varint(payload.nbytes), payload]
     return b"".join(parts)
 

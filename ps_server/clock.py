@@ -126,20 +126,33 @@ class ClockTable:
         entry = self._entries[worker_id]
         return entry.clock >= clock - own_lag and self.min_clock() >= clock - self.staleness
 
+    def others_within_bound(self, worker_id: str, clock: int) -> bool:
+        """The bound as far as other workers go: is every other live worker at `clock` - s or later?
+
+        (The reader's own clock is the read-my-writes part of `can_read`.)"""
+        return all(e.clock >= clock - self.staleness for w, e in self._entries.items() if w != worker_id)
+
     async def wait_readable(self, worker_id: str, session: int, clock: int, own_lag: int = 0) -> float:
-        """Wait until `can_read`; returns the seconds waited. Raises UnknownWorker if evicted meanwhile."""
+        """Wait until `can_read`; returns the seconds the staleness bound held the pull back.
+
+        Only waiting for other workers (the bound) counts in `pulls_waited` and `wait_seconds`,
+        timed until they no longer hold the read back; waiting for the reader's own push still
+        in flight (read-my-writes) does not. Raises UnknownWorker if evicted meanwhile.
+        """
         if own_lag > self.staleness:
             raise ValueError(f"own_lag {own_lag} exceeds the staleness bound {self.staleness}")
         self.check(worker_id, session)
         start = self._now()
-        waited = False
+        bound_blocked = not self.others_within_bound(worker_id, clock)
+        released = None if bound_blocked else start  # when the bound stopped holding this pull
         async with self._changed:
             while not self.can_read(worker_id, clock, own_lag):
-                waited = True
                 await self._changed.wait()
                 self.check(worker_id, session)
-        seconds = self._now() - start if waited else 0.0
-        if waited:
+                if released is None and self.others_within_bound(worker_id, clock):
+                    released = self._now()
+        seconds = (self._now() if released is None else released) - start
+        if bound_blocked:
             self.pulls_waited += 1
             self.wait_seconds += seconds
         self.max_read_gap = max(self.max_read_gap, clock - self.min_clock())

@@ -36,6 +36,8 @@ def validate(cfg: pb.OptimizerConfig) -> None:
         raise ValueError("Nesterov momentum needs momentum > 0 and dampening = 0")
     if cfg.name != "sgd" and not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise ValueError("betas must lie in [0, 1)")
+    if cfg.name != "sgd" and not cfg.eps > 0:
+        raise ValueError("Adam eps must be positive (unset fields of an OptimizerConfig are 0)")
 
 
 def build(cfg: pb.OptimizerConfig, flat: torch.nn.Parameter) -> torch.optim.Optimizer:
