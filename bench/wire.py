@@ -1,0 +1,317 @@
+"""Wire speed of asyncps against raw TCP and TensorPipe, all measured in one run.
+
+    python bench/wire.py                      # 64 MB model, 5 repetitions, servers 1 2 4
+    python bench/wire.py --json runs/wire.json --reps 7 --mb 64 --servers 1 2 4
+
+Measures, each repeated `--reps` times after one warm-up:
+
+* tcp:        raw TCP between two processes on 127.0.0.1, one direction, 4 MB
+              `sendall` from / `recv_into` a preallocated buffer (the ceiling);
+* pull, push: asyncps through real `ps-server` processes and the real worker client
+              (`PSClient`'s all-shards-at-once pull and push of its flat fp32 buffers),
+              one worker and 1, 2, 4 servers; a push is timed until every shard has
+              answered, i.e. including the server's validation and optimizer step
+              (plain SGD here; the other optimizers' apply rate is measured apart);
+* apply:      the shard store's optimizer step (GB/s of gradient applied), in-process;
+* tensorpipe: torch.distributed.rpc (TensorPipe backend) sending the tensor to another
+              process and back; GB/s counts the bytes of both directions.
+
+Prints medians with min-max and the ratios of asyncps to raw TCP and TensorPipe;
+`--json PATH` writes every sample. Loopback only, free ports only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/wire.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+TCP_CHUNK = 4 << 20
+GB = 1e9
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def summary(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
+
+
+# -- (a) raw TCP --------------------------------------------------------------------------
+
+def _tcp_sink(port_conn, nbytes: int) -> None:
+    """Child: accept one connection, then per round receive `nbytes` and answer one byte."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port_conn.send(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = memoryview(bytearray(nbytes))
+    while True:
+        got = 0
+        while got < nbytes:
+            n = conn.recv_into(buf[got:], min(TCP_CHUNK, nbytes - got))
+            if n == 0:
+                return
+            got += n
+        conn.sendall(b"k")
+
+
+def bench_tcp(nbytes: int, reps: int) -> list[float]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_tcp_sink, args=(child, nbytes), daemon=True)
+    proc.start()
+    try:
+        port = parent.recv()
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        data = memoryview(bytearray(os.urandom(1024) * (nbytes // 1024)))
+        out = []
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            for lo in range(0, nbytes, TCP_CHUNK):
+                sock.sendall(data[lo : lo + TCP_CHUNK])
+            assert sock.recv(1) == b"k"
+            if i:  # the first round warms up
+                out.append(nbytes / (time.perf_counter() - t0) / GB)
+        sock.close()
+        return out
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+# -- (d) TensorPipe -----------------------------------------------------------------------
+
+def _echo(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _tp_env() -> None:
+    os.environ["TP_SOCKET_IFNAME"] = "lo"  # TensorPipe's TCP transport: loopback only
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+
+
+def _tp_peer(port: int, transports: list[str] | None) -> None:
+    _tp_env()
+    import torch.distributed.rpc as rpc
+    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", num_worker_threads=4,
+                                           _transports=transports)
+    rpc.init_rpc("peer", rank=1, world_size=2, rpc_backend_options=opts)
+    rpc.shutdown()
+
+
+def bench_tensorpipe(nbytes: int, reps: int, transports: list[str] | None) -> list[float]:
+    _tp_env()
+    import torch.distributed.rpc as rpc
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_tp_peer, args=(port, transports), daemon=True)
+    proc.start()
+    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", num_worker_threads=4,
+                                           _transports=transports)
+    rpc.init_rpc("main", rank=0, world_size=2, rpc_backend_options=opts)
+    try:
+        t = torch.randn(nbytes // 4)
+        out = []
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            back = rpc.rpc_sync("peer", _echo, args=(t,))
+            dt = time.perf_counter() - t0
+            assert back.numel() == t.numel()
+            if i:
+                out.append(2 * nbytes / dt / GB)
+        return out
+    finally:
+        rpc.shutdown()
+        proc.join(timeout=30)
+
+
+# -- (c) optimizer apply rate -------------------------------------------------------------
+
+def bench_apply(nbytes: int, reps: int) -> dict[str, list[float]]:
+    from ps_server.optimizer import default_config
+    from ps_server.store import ShardStore
+    n = nbytes // 4
+    w, g = torch.randn(n), torch.randn(n) * 1e-3
+    cfgs = {"sgd": default_config("sgd", lr=0.01), "sgd_momentum": default_config("sgd", lr=0.01, momentum=0.9),
+            "adam": default_config("adam", lr=1e-3)}
+    out = {}
+    for name, cfg in cfgs.items():
+        store = ShardStore("bench", w, cfg)
+        samples = []
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            store.apply(g, store.version)
+            if i:
+                samples.append(nbytes / (time.perf_counter() - t0) / GB)
+        out[name] = samples
+    return out
+
+
+# -- (b) asyncps ---------------------------------------------------------------------------
+
+class Model(torch.nn.Module):
+    """`nbytes` of fp32 parameters in a few tensors of uneven sizes (so shards cut tensors)."""
+
+    def __init__(self, nbytes: int):
+        super().__init__()
+        n = nbytes // 4
+        sizes = [n // 2, n // 4, n // 8]
+        sizes.append(n - sum(sizes))
+        self.ps = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(k) * 0.01) for k in sizes])
+
+
+def start_servers(n: int, workdir: Path, chunk_bytes: int | None) -> tuple[list[subprocess.Popen], list[str]]:
+    from worker.rpc import wait_serving
+    procs, files = [], []
+    for i in range(n):
+        pf = workdir / f"s{n}-{i}.port"
+        args = [sys.executable, "-m", "ps_server.cli", "--host", "127.0.0.1", "--port", "0", "--port-file", str(pf),
+                "--shard-index", str(i), "--num-shards", str(n), "--heartbeat-timeout", "600"]
+        if chunk_bytes:
+            args += ["--chunk-bytes", str(chunk_bytes)]
+        log = open(workdir / f"s{n}-{i}.log", "wb")
+        procs.append(subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        files.append(pf)
+    addrs = []
+    for p, pf in zip(procs, files):
+        end = time.monotonic() + 60
+        while not pf.exists():
+            if p.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"ps-server did not start; see {workdir}")
+            time.sleep(0.02)
+        addr = f"127.0.0.1:{int(pf.read_text())}"
+        wait_serving(addr, timeout=60, is_alive=lambda p=p: p.poll() is None)
+        addrs.append(addr)
+    return procs, addrs
+
+
+def stop_servers(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_bytes: int | None) -> dict:
+    from worker import CallOptions, PSClient
+    procs, addrs = start_servers(servers, workdir, chunk_bytes)
+    opts = CallOptions(**({"chunk_bytes": chunk_bytes} if chunk_bytes else {}))
+    try:
+        model = Model(nbytes)
+        with PSClient(addrs, model, optimizer={"name": "sgd", "lr": 1e-3}, options=opts,
+                      worker_id=f"bench-{servers}") as ps:
+            pulls, pushes = [], []
+            grad = ps._free_grads.pop()  # the client's own preallocated gradient buffer
+            grad.normal_(0, 1e-3)
+            for i in range(reps + 1):
+                t0 = time.perf_counter()
+                ps._run(ps._pull_all(ps.clock, own_lag=0))
+                t1 = time.perf_counter()
+                ps._run(ps._push_all(ps.clock, grad))  # hands `grad` back to _free_grads
+                t2 = time.perf_counter()
+                ps._free_grads.pop()
+                ps.clock += 1
+                if i:
+                    pulls.append(nbytes / (t1 - t0) / GB)
+                    pushes.append(nbytes / (t2 - t1) / GB)
+            ps._free_grads.append(grad)
+        return {"servers": servers, "pull_gbps": summary(pulls), "push_gbps": summary(pushes)}
+    finally:
+        stop_servers(procs)
+
+
+# -- report -------------------------------------------------------------------------------
+
+def fmt(s: dict) -> str:
+    return f"{s['median']:6.2f}  ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/wire.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--mb", type=int, default=64, help="payload size in MB (2^20 bytes) (default 64)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each measurement (default 5)")
+    p.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4], help="server counts (default 1 2 4)")
+    p.add_argument("--chunk-bytes", type=int, default=None, help="asyncps chunk size (default: the product's)")
+    p.add_argument("--tp-transports", default="", help="TensorPipe transports, e.g. 'uv' (default: its own choice)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["tcp", "asyncps", "apply", "tensorpipe"])
+    p.add_argument("--json", metavar="PATH", help="write the results here")
+    args = p.parse_args(argv)
+    if args.mb <= 0 or args.reps <= 0:
+        p.error("--mb and --reps must be positive")
+    nbytes = args.mb << 20
+    torch.manual_seed(0)
+    res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                             "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+                 "payload_bytes": nbytes, "reps": args.reps}
+    import grpc
+    res["machine"]["grpcio"] = grpc.__version__
+    if "tcp" not in args.skip:
+        res["tcp"] = summary(bench_tcp(nbytes, args.reps))
+        res["tcp_gbps"] = res["tcp"]["median"]
+    if "apply" not in args.skip:
+        res["apply"] = {k: summary(v) for k, v in bench_apply(nbytes, args.reps).items()}
+    if "asyncps" not in args.skip:
+        with tempfile.TemporaryDirectory(prefix="asyncps-bench-") as tmp:
+            res["rows"] = [bench_asyncps(nbytes, s, args.reps, Path(tmp), args.chunk_bytes) for s in args.servers]
+        one = next((r for r in res["rows"] if r["servers"] == 1), res["rows"][0])
+        res["pull_gbps"], res["push_gbps"] = one["pull_gbps"]["median"], one["push_gbps"]["median"]
+    if "tensorpipe" not in args.skip:
+        transports = args.tp_transports.split(",") if args.tp_transports else None
+        res["tensorpipe"] = summary(bench_tensorpipe(nbytes, args.reps, transports))
+        res["tensorpipe_gbps"] = res["tensorpipe"]["median"]
+        res["tensorpipe_transports"] = transports or "default"
+
+    print(f"{args.mb} MB fp32 payload, {args.reps} repetitions, {os.cpu_count()} CPUs; GB/s, median (min-max)")
+    if "tcp" in res:
+        print(f"  raw TCP, 1 direction, 4 MB chunks   {fmt(res['tcp'])}")
+    if "tensorpipe" in res:
+        print(f"  TensorPipe rpc echo (both ways)     {fmt(res['tensorpipe'])}")
+    for name, s in res.get("apply", {}).items():
+        print(f"  server apply, {name:<21} {fmt(s)}")
+    for r in res.get("rows", []):
+        for kind in ("pull", "push"):
+            s = r[f"{kind}_gbps"]
+            line = f"  asyncps {kind}, {r['servers']} server(s)        {fmt(s)}"
+            if "tcp" in res:
+                line += f"   {s['median'] / res['tcp_gbps']:.2f}x TCP"
+            if "tensorpipe" in res:
+                line += f"   {s['median'] / res['tensorpipe_gbps']:.2f}x TensorPipe"
+            print(line)
+    if "rows" in res and "tcp" in res:
+        res["ratios"] = {f"{k}_vs_tcp": res[f"{k}_gbps"] / res["tcp_gbps"] for k in ("pull", "push")}
+        if "tensorpipe" in res:
+            res["ratios"].update({f"{k}_vs_tensorpipe": res[f"{k}_gbps"] / res["tensorpipe_gbps"] for k in ("pull", "push")})
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
