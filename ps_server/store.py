@@ -3,8 +3,11 @@
 Thread-safety: every method may be called from any thread. `apply` holds the store's
 lock for the optimizer step only; `snapshot` returns an immutable copy of the weights
 at one version (cached, so many pulls of one version share one copy), so a pull
-streams consistent weights without holding the lock while it sends. An update is
-applied whole or not at all: gradients are validated before the step starts.
+streams consistent weights without holding the lock while it sends. `frames` is the
+pull path's form of it: the weights of one version already encoded as wire frames,
+made with one copy and shared by every pull of that version; while an update is being
+applied, the previous version's frames are answered without waiting for the lock.
+An update is applied whole or not at all: gradients are validated before the step starts.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import optimizer as optim
 
@@ -37,6 +41,7 @@ class ShardStore:
         self._version = version
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
+        self._frames: tuple[int, int, list[bytes]] | None = None  # (version, chunk_bytes, frames)
 
     @property
     def numel(self) -> int:
@@ -83,6 +88,22 @@ class ShardStore:
                 snap = Snapshot(self._version, self._flat.detach().clone())
                 self._snapshot = snap
             return snap
+
+    def frames(self, chunk_bytes: int) -> tuple[int, list[bytes]]:
+        """(version, the weights at it as chunk frames of `chunk_bytes`), encoded once per version.
+
+        Does not wait for an update being applied when the current version's frames
+        exist already: until the update ends, that version is still the current one.
+        """
+        cached = self._frames  # one atomic read; a tuple is never changed in place
+        if cached is not None and cached[0] == self._version and cached[1] == chunk_bytes:
+            return cached[0], cached[2]
+        with self._lock:
+            cached = self._frames
+            if cached is None or cached[0] != self._version or cached[1] != chunk_bytes:
+                cached = (self._version, chunk_bytes, list(wire.chunk_frames(self._flat.detach(), chunk_bytes)))
+                self._frames = cached
+            return cached[0], cached[2]
 
     def checksum(self) -> float:
         with self._lock:
