@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 
 import uvloop
@@ -46,6 +47,14 @@ def build_parser() -> FlagParser:
     return p
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Raise OSError if (host, port) cannot be bound (before gRPC tries, which logs and raises)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no obstacle
+        sock.bind(addr)
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         shard_index=args.shard_index, num_shards=args.num_shards, staleness=args.staleness,
@@ -70,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"ps-server: error: {exc}\n")
         return 2
     host = f"[{args.host}]" if ":" in args.host else args.host
+    try:
+        check_can_listen(args.host, args.port)
+    except OSError as exc:
+        parser.error(f"cannot listen on {host}:{args.port}: {exc.strerror or exc}")
     try:
         uvloop.run(serve(servicer, f"{host}:{args.port}", grace=args.grace, port_file=args.port_file))
     except OSError as exc:

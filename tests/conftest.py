@@ -80,30 +80,86 @@ class ServerProc:
         return f"127.0.0.1:{self.port}"
 
 
-@pytest.fixture
-def start_server(procs, tmp_path):
-    """start_server(shard_index=0, num_shards=1, port=0, **flags) -> ServerProc, serving."""
-    counter = iter(range(1000))
+@dataclass
+class PendingServer:
+    """A `ps-server` process launched but not yet known to be serving."""
 
-    def start(shard_index: int = 0, num_shards: int = 1, port: int = 0, **flags) -> ServerProc:
-        n = next(counter)
-        port_file = tmp_path / f"server-{n}.port"
-        log = tmp_path / f"server-{n}.log"
-        args = [sys.executable, "-m", "ps_server.cli", "--host", "127.0.0.1", "--port", str(port),
-                "--port-file", str(port_file), "--shard-index", str(shard_index), "--num-shards", str(num_shards)]
-        for key, value in flags.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
-        proc = procs.popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-        end = time.monotonic() + 60
-        while not port_file.exists():
+    proc: subprocess.Popen
+    port_file: Path
+    shard_index: int
+    num_shards: int
+    checkpoint_dir: Path | None
+    log: Path
+
+    def ready(self, timeout: float = 60.0) -> ServerProc:
+        """Poll the port file, then the gRPC health check, until SERVING (or raise)."""
+        proc, log = self.proc, self.log
+        end = time.monotonic() + timeout
+        while not self.port_file.exists():
             if proc.poll() is not None:
                 raise RuntimeError(f"ps-server exited with {proc.returncode}: {log.read_text()}")
             if time.monotonic() > end:
                 raise TimeoutError(f"ps-server wrote no port file: {log.read_text()}")
             time.sleep(0.02)
-        bound = int(port_file.read_text())
-        wait_serving(f"127.0.0.1:{bound}", timeout=60, is_alive=lambda: proc.poll() is None)
-        ckpt = flags.get("checkpoint_dir")
-        return ServerProc(proc, bound, shard_index, num_shards, Path(ckpt) if ckpt else None, log)
+        bound = int(self.port_file.read_text())
+        wait_serving(f"127.0.0.1:{bound}", timeout=max(1.0, end - time.monotonic()),
+                     is_alive=lambda: proc.poll() is None)
+        return ServerProc(proc, bound, self.shard_index, self.num_shards, self.checkpoint_dir, log)
 
-    return start
+
+class ServerStarter:
+    """`start(shard_index=0, num_shards=1, port=0, **flags) -> ServerProc`, serving.
+
+    `start.shards(n, **flags)` launches all `n` shards of one model at once (in
+    parallel, which halves start-up time on a small machine) and returns them serving.
+    Flags are `ps-server` flags with `_` for `-`, e.g. `heartbeat_timeout=1`.
+    """
+
+    def __init__(self, group: ProcessGroup, directory: Path):
+        self.group, self.directory = group, directory
+        self._counter = iter(range(100000))
+
+    def launch(self, shard_index: int = 0, num_shards: int = 1, port: int = 0, **flags) -> PendingServer:
+        n = next(self._counter)
+        port_file = self.directory / f"server-{n}.port"
+        log = self.directory / f"server-{n}.log"
+        args = [sys.executable, "-m", "ps_server.cli", "--host", "127.0.0.1", "--port", str(port),
+                "--port-file", str(port_file), "--shard-index", str(shard_index), "--num-shards", str(num_shards)]
+        for key, value in flags.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        with open(log, "wb") as out:
+            proc = self.group.popen(args, stdout=out, stderr=subprocess.STDOUT)
+        ckpt = flags.get("checkpoint_dir")
+        return PendingServer(proc, port_file, shard_index, num_shards, Path(ckpt) if ckpt else None, log)
+
+    def __call__(self, shard_index: int = 0, num_shards: int = 1, port: int = 0, **flags) -> ServerProc:
+        return self.launch(shard_index, num_shards, port, **flags).ready()
+
+    def shards(self, num_shards: int, **flags) -> list[ServerProc]:
+        pending = [self.launch(i, num_shards, **flags) for i in range(num_shards)]
+        return [p.ready() for p in pending]
+
+
+@pytest.fixture
+def start_server(procs, tmp_path):
+    """start_server(shard_index=0, num_shards=1, port=0, **flags) -> ServerProc, serving.
+
+    Also `start_server.shards(n, **flags)`: all n shards of a model, started in parallel.
+    """
+    return ServerStarter(procs, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_procs():
+    """Like `procs`, for servers shared by the tests of one module (reaped after the module)."""
+    group = ProcessGroup()
+    try:
+        yield group
+    finally:
+        group.reap()
+
+
+@pytest.fixture(scope="module")
+def start_module_server(module_procs, tmp_path_factory):
+    """Like `start_server`, for servers shared by the tests of one module."""
+    return ServerStarter(module_procs, tmp_path_factory.mktemp("servers"))

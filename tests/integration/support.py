@@ -1,0 +1,122 @@
+"""Helpers shared by the integration tests: raw RPCs with deadlines, models, polling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import torch
+
+from protos import service
+from protos.asyncps.v1 import ps_pb2 as pb
+from worker import CallOptions
+
+T = TypeVar("T")
+RPC_TIMEOUT = 10.0  # every raw RPC in these tests carries this deadline
+WORKER_SCRIPT = Path(__file__).with_name("worker_proc.py")
+
+# Deadlines for PSClient in the test process: fail fast instead of hanging to the global timeout.
+FAST_FAIL = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=5.0)
+
+
+@contextmanager
+def stub(address: str, **channel_options) -> Iterator[service.Stub]:
+    """A synchronous stub for every ParameterServer method (Frame streams as raw bytes)."""
+    opts = [(f"grpc.{k}", v) for k, v in channel_options.items()]
+    with grpc.insecure_channel(address, options=opts) as channel:
+        yield service.Stub(channel)
+
+
+def status(address: str) -> pb.StatusResponse:
+    with stub(address) as s:
+        return s.Status(pb.StatusRequest(), timeout=RPC_TIMEOUT)
+
+
+def call(address: str, method: str, request, timeout: float = RPC_TIMEOUT) -> tuple[grpc.StatusCode, str, dict]:
+    """One raw RPC with a deadline: (code, details, trailing metadata). Init/Push take a list of frames."""
+    with stub(address) as s:
+        fn = getattr(s, method)
+        try:
+            if method == "Pull":
+                for _ in fn(request, timeout=timeout):
+                    pass
+            elif method in ("Init", "Push"):
+                fn(iter(request), timeout=timeout)
+            else:
+                fn(request, timeout=timeout)
+        except grpc.RpcError as err:
+            return err.code(), err.details() or "", dict(err.trailing_metadata() or ())
+    return grpc.StatusCode.OK, "", {}
+
+
+def clock_of(st: pb.StatusResponse, worker_id: str) -> int | None:
+    for c in st.clocks:
+        if c.worker_id == worker_id:
+            return c.clock
+    return None
+
+
+def poll(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+    """Call `predicate` until it returns something truthy; raise AssertionError after `timeout`."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    """3300 parameters: cut in two by bytes, the second weight matrix straddles the shards."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)
+    )
+
+
+def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 16, generator=gen), torch.randn(32, 4, generator=gen)) for _ in range(n)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm())
+
+
+def start_worker(procs, servers: list[str], worker_id: str, steps: int, directory: Path, *, sleep: float = 0.0,
+                 staleness: float | str = "inf", hold: bool = False, gate: Path | None = None) -> tuple[subprocess.Popen, dict[str, Path]]:
+    """Launch worker_proc.py as its own process (own process group, reaped by `procs`)."""
+    files = {name: directory / f"{worker_id}.{name}" for name in ("ready", "done", "hold", "log")}
+    args = [sys.executable, str(WORKER_SCRIPT), "--servers", ",".join(servers), "--worker-id", worker_id,
+            "--steps", str(steps), "--sleep", str(sleep), "--staleness", str(staleness),
+            "--ready", str(files["ready"]), "--done", str(files["done"])]
+    if gate is not None:
+        args += ["--go", str(gate)]
+    if hold:
+        args += ["--hold", str(files["hold"])]
+    with open(files["log"], "wb") as log:
+        proc = procs.popen(args, stdout=log, stderr=subprocess.STDOUT)
+    return proc, files
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    os.killpg(proc.pid, sig)
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float, log: Path | None = None) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tail = log.read_text()[-3000:] if log and log.exists() else ""
+        raise AssertionError(f"process {proc.args[:4]} still running after {timeout}s\n{tail}") from None

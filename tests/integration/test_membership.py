@@ -1,0 +1,103 @@
+"""SPEC 'Consistency': live membership. A silent worker is evicted and stops holding others back;
+one that comes back (or a new one) starts at the slowest live clock.
+
+Two worker processes train against two shards with s = 2 and a 1.5 s heartbeat timeout.
+The straggler is SIGKILLed mid-run. Until the servers evict it the fast worker stays
+within s + 1 clocks of the dead one (the bound holds); within about the heartbeat
+timeout it is evicted and the fast worker runs past it. Then a re-registering worker
+(same id as the dead one) and a brand-new worker each start at the servers' slowest
+live clock, which is > 0.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from worker import PSClient
+
+from .support import FAST_FAIL, clock_of, kill_group, poll, start_worker, status, wait_exit
+from .worker_proc import small_model
+
+S = 2
+HEARTBEAT_TIMEOUT = 1.5
+FAST_STEPS = 40
+KILL_AT = 4  # SIGKILL the straggler once both shards have its clock at this value
+
+
+def test_killed_worker_is_evicted_and_a_returning_worker_starts_at_the_slowest_clock(start_server, procs, tmp_path):
+    servers = start_server.shards(2, staleness=S, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    addresses = [s.address for s in servers]
+    gate = tmp_path / "go"
+    slow, slow_files = start_worker(procs, addresses, "slow", 100000, tmp_path, sleep=0.1, staleness=S, gate=gate)
+    fast, fast_files = start_worker(procs, addresses, "fast", FAST_STEPS, tmp_path, staleness=S, gate=gate, hold=True)
+
+    def registered() -> bool:
+        for p, f in ((slow, slow_files), (fast, fast_files)):
+            assert p.poll() is None, f"worker exited early: {f['log'].read_text()[-3000:]}"
+        return slow_files["ready"].exists() and fast_files["ready"].exists()
+
+    poll(registered, 90, "both workers to register")
+    gate.touch()
+    poll(lambda: all((clock_of(status(a), "slow") or 0) >= KILL_AT for a in addresses), 60,
+         f"the straggler to reach clock {KILL_AT}")
+
+    kill_group(slow)
+    t_kill = time.monotonic()
+    assert wait_exit(slow, 10) != 0
+
+    # Watch every shard until the fast worker has finished its steps. `slow_last` is the
+    # dead worker's final clock (its entry stays, frozen, until it is evicted).
+    samples: list[tuple[float, int, int | None]] = []  # (seconds since kill, min fast clock, max slow clock)
+    end = t_kill + 60
+    while not fast_files["done"].exists():
+        assert fast.poll() is None, f"fast worker died: {fast_files['log'].read_text()[-3000:]}"
+        assert time.monotonic() < end, "fast worker made no progress after the straggler was killed"
+        sts = [status(a) for a in addresses]
+        t = time.monotonic() - t_kill
+        fast_clock = min(clock_of(st, "fast") or 0 for st in sts)
+        slow_clocks = [c for c in (clock_of(st, "slow") for st in sts) if c is not None]
+        samples.append((t, fast_clock, max(slow_clocks) if slow_clocks else None))
+        time.sleep(0.01)
+
+    slow_last = max(s for _, _, s in samples if s is not None)
+    assert slow_last >= KILL_AT
+    # Before eviction the dead straggler still held the fast worker within the bound ...
+    held = [f for _, f, s in samples if s is not None]
+    assert held and max(held) <= slow_last + S + 1, f"fast ran to {max(held)} past a live straggler at {slow_last}"
+    # ... and within about the heartbeat timeout it ran past it.
+    passed = [t for t, f, _ in samples if f > slow_last + S + 1]
+    assert passed, "the fast worker never got past the evicted worker's clock + s"
+    assert passed[0] < HEARTBEAT_TIMEOUT + 3.0, f"fast worker blocked {passed[0]:.2f}s after the kill"
+
+    for a in addresses:
+        st = status(a)
+        assert st.live_workers == 1 and st.evictions >= 1
+        assert [c.worker_id for c in st.clocks] == ["fast"]
+        assert st.min_clock == FAST_STEPS  # the fast worker holds, registered, at its last clock
+
+    # The dead worker comes back under its own id, then a brand-new worker joins:
+    # each starts at the slowest live clock, not at 0 and not at its old clock.
+    for worker_id in ("slow", "newcomer"):
+        model = small_model()
+        with PSClient(addresses, model, optimizer={"name": "sgd", "lr": 0.01}, staleness=S,
+                      worker_id=worker_id, options=FAST_FAIL) as ps:
+            sts = [status(a) for a in addresses]
+            for st in sts:
+                assert clock_of(st, worker_id) == ps.clock == st.min_clock
+            assert ps.clock == FAST_STEPS > slow_last
+            assert all(st.live_workers == 2 for st in sts)
+            # It can train from there.
+            ps.pull()
+            model(torch.randn(4, 8)).sum().backward()
+            ps.push()
+            ps.wait()
+            assert all(clock_of(status(a), worker_id) == FAST_STEPS + 1 for a in addresses)
+
+    fast_files["hold"].touch()
+    assert wait_exit(fast, 30, fast_files["log"]) == 0, fast_files["log"].read_text()[-3000:]
+    for a in addresses:
+        st = status(a)
+        assert st.live_workers == 0  # everyone left cleanly
+        assert st.version == st.pushes_applied
