@@ -13,6 +13,8 @@ Measures, each repeated `--reps` times after one warm-up:
               answered, i.e. including the server's validation and optimizer step
               (plain SGD here; the other optimizers' apply rate is measured apart);
 * apply:      the shard store's optimizer step (GB/s of gradient applied), in-process;
+* grpc_raw:   the ceiling gRPC itself sets: grpc.aio streaming prebuilt 4 MB `bytes`
+              messages between two processes, no asyncps code at all;
 * tensorpipe: torch.distributed.rpc (TensorPipe backend) sending the tensor to another
               process and back; GB/s counts the bytes of both directions.
 
@@ -147,6 +149,70 @@ def bench_tensorpipe(nbytes: int, reps: int, transports: list[str] | None) -> li
         proc.join(timeout=30)
 
 
+# -- (e) the gRPC ceiling: grpc.aio streaming prebuilt frames, no asyncps code ------------------
+
+_GRPC_OPTS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+
+
+def _grpc_peer(port_conn, nbytes: int, chunk: int) -> None:
+    import grpc
+    import uvloop
+
+    async def run() -> None:
+        frames = [os.urandom(chunk) for _ in range(nbytes // chunk)]
+
+        async def pull(req, ctx):
+            for f in frames:
+                yield f
+
+        async def push(it, ctx):
+            async for _ in it:
+                pass
+            return b"ok"
+
+        h = grpc.method_handlers_generic_handler("bench.Raw", {
+            "Pull": grpc.unary_stream_rpc_method_handler(pull), "Push": grpc.stream_unary_rpc_method_handler(push)})
+        server = grpc.aio.server(options=_GRPC_OPTS)
+        server.add_generic_rpc_handlers((h,))
+        port_conn.send(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+    uvloop.run(run())
+
+
+def bench_grpc_raw(nbytes: int, reps: int, chunk: int) -> dict[str, list[float]]:
+    import asyncio
+
+    import grpc
+    import uvloop
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_grpc_peer, args=(child, nbytes, chunk), daemon=True)
+    proc.start()
+
+    async def run() -> dict[str, list[float]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{parent.recv()}", options=_GRPC_OPTS) as ch:
+            pull, push = ch.unary_stream("/bench.Raw/Pull"), ch.stream_unary("/bench.Raw/Push")
+            frames = [os.urandom(chunk) for _ in range(nbytes // chunk)]
+            out: dict[str, list[float]] = {"pull": [], "push": []}
+            for i in range(reps + 1):
+                t0 = time.perf_counter()
+                async for _ in pull(b""):
+                    pass
+                t1 = time.perf_counter()
+                await push(iter(frames))
+                t2 = time.perf_counter()
+                if i:
+                    out["pull"].append(nbytes / (t1 - t0) / GB)
+                    out["push"].append(nbytes / (t2 - t1) / GB)
+            return out
+    try:
+        return uvloop.run(run())
+    finally:
+        proc.kill()
+        proc.join(timeout=10)
+
+
 # -- (c) optimizer apply rate -------------------------------------------------------------
 
 def bench_apply(nbytes: int, reps: int) -> dict[str, list[float]]:
@@ -259,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4], help="server counts (default 1 2 4)")
     p.add_argument("--chunk-bytes", type=int, default=None, help="asyncps chunk size (default: the product's)")
     p.add_argument("--tp-transports", default="", help="TensorPipe transports, e.g. 'uv' (default: its own choice)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["tcp", "asyncps", "apply", "tensorpipe"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["tcp", "grpc", "asyncps", "apply", "tensorpipe"])
     p.add_argument("--json", metavar="PATH", help="write the results here")
     args = p.parse_args(argv)
     if args.mb <= 0 or args.reps <= 0:
@@ -274,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     if "tcp" not in args.skip:
         res["tcp"] = summary(bench_tcp(nbytes, args.reps))
         res["tcp_gbps"] = res["tcp"]["median"]
+    if "grpc" not in args.skip:
+        res["grpc_raw"] = {f"{k}_gbps": summary(v) for k, v in bench_grpc_raw(nbytes, args.reps, 4 << 20).items()}
     if "apply" not in args.skip:
         res["apply"] = {k: summary(v) for k, v in bench_apply(nbytes, args.reps).items()}
     if "asyncps" not in args.skip:
@@ -290,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.mb} MB fp32 payload, {args.reps} repetitions, {os.cpu_count()} CPUs; GB/s, median (min-max)")
     if "tcp" in res:
         print(f"  raw TCP, 1 direction, 4 MB chunks   {fmt(res['tcp'])}")
+    for kind, s in res.get("grpc_raw", {}).items():
+        print(f"  raw gRPC {kind[:4]}, prebuilt 4 MB msgs  {fmt(s)}")
     if "tensorpipe" in res:
         print(f"  TensorPipe rpc echo (both ways)     {fmt(res['tensorpipe'])}")
     for name, s in res.get("apply", {}).items():
@@ -297,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in res.get("rows", []):
         for kind in ("pull", "push"):
             s = r[f"{kind}_gbps"]
-            line = f"  asyncps {kind}, {r['servers']} server(s)        {fmt(s)}"
+            line = f"  asyncps {kind}, {r['servers']} server(s)       {fmt(s)}"
             if "tcp" in res:
                 line += f"   {s['median'] / res['tcp_gbps']:.2f}x TCP"
             if "tensorpipe" in res:

@@ -1,0 +1,207 @@
+"""The fast wire path, end to end: byte-exact through real servers, and pulls never stall on an apply.
+
+* Byte-exactness: a model with odd-sized parameters of every floating dtype a model may
+  have (fp32, fp16, bf16: all exact in the servers' fp32) is initialized on 1-3 real
+  `ps-server` shards and pulled back with the real `PSClient`, with chunk sizes that do
+  not divide the shards; every bit must come back. Then one push with SGD at lr = 1 and
+  no momentum makes the servers hold w - g, which this process computes itself: every
+  bit of the gradient had to arrive too.
+* No needless blocking: an in-process server whose optimizer step is held until the test
+  lets it go (the step is held inside the store's lock). A pull of the same shard must be
+  answered while the apply is still held (so it cannot be waiting for it), and a pull of
+  a version not yet encoded must be answered with the new version once the apply ends. Nothing here depends on timing: a
+  pull that waited for the lock would hit its deadline while the step is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from protos import wire
+from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server.optimizer import default_config
+from ps_server.server import build_server
+from ps_server.servicer import ServerConfig, Servicer
+from worker import CallOptions, PSClient
+
+from .support import RPC_TIMEOUT, stub
+
+SIZES = [(7,), (1023,), (3, 5, 7), (10007,), (129, 31), (1,), (65537,)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float32]
+
+
+class OddModel(torch.nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        params = []
+        for i, shape in enumerate(SIZES):
+            dtype = DTYPES[i % len(DTYPES)]
+            params.append(torch.nn.Parameter(awkward_values(shape, dtype, gen)))
+        self.ps = torch.nn.ParameterList(params)
+
+
+def awkward_values(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Finite values of `dtype` with every kind of bit pattern: random bits, denormals, -0.0, extremes."""
+    n = 1
+    for d in shape:
+        n *= d
+    bits_dtype = {4: torch.int32, 2: torch.int16}[dtype.itemsize]
+    bits = torch.randint(-(2**31), 2**31 - 1, (n,), generator=gen, dtype=torch.int64).to(bits_dtype)
+    t = bits.view(dtype).clone()
+    t[~torch.isfinite(t)] = 1.5  # Init refuses NaN/Inf
+    info = torch.finfo(dtype)
+    specials = torch.tensor([0.0, -0.0, info.tiny, -info.tiny, info.smallest_normal / 4, info.max, info.min], dtype=dtype)
+    k = min(n, specials.numel())
+    t[:k] = specials[:k]
+    return t.reshape(shape)
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("num_shards, chunk_bytes", [(1, wire.DEFAULT_CHUNK_BYTES), (2, 4100), (3, 65532 + 4 * 7)],
+                         ids=["1-shard-default-chunks", "2-shards-4100B", "3-shards-65560B"])
+def test_init_pull_push_round_trip_is_bit_exact(start_server, num_shards, chunk_bytes):
+    servers = start_server.shards(num_shards, heartbeat_timeout=600)
+    model = OddModel(seed=num_shards)
+    original = [raw(p) for p in model.parameters()]
+    opts = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=5.0, chunk_bytes=chunk_bytes)
+    with PSClient([s.address for s in servers], model, optimizer={"name": "sgd", "lr": 1.0}, options=opts) as ps:
+        assert all(s.numel % (chunk_bytes // 4) for s in ps.plan.shards), "chunks should not divide the shards"
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()  # the pull must bring back every element
+        ps.pull()
+        assert [raw(p) for p in model.parameters()] == original
+
+        gen = torch.Generator().manual_seed(99)
+        weights = [p.detach().float().clone() for p in model.parameters()]
+        grads = []
+        for p in model.parameters():
+            g = (torch.randn(p.shape, generator=gen) * 1e-3).to(p.dtype)
+            g.view(-1)[0] = -0.0
+            p.grad = g.clone()
+            grads.append(g)
+        ps.push().wait(timeout=60)
+        ps.pull()
+        for p, w, g in zip(model.parameters(), weights, grads):
+            expected = (w - g.float()).to(p.dtype)  # what SGD (lr 1, no momentum) computes in fp32
+            assert raw(p) == raw(expected)
+
+
+# -- a pull during an apply --------------------------------------------------------------
+
+class InProcessServer:
+    """A Servicer on a real grpc.aio server in a background thread, for white-box tests."""
+
+    def __init__(self, cfg: ServerConfig):
+        self.servicer = Servicer(cfg)
+        self.loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        started = threading.Event()
+
+        async def main() -> None:
+            server, self.port, _ = build_server("127.0.0.1:0", self.servicer)
+            await server.start()
+            self._stop = asyncio.Event()
+            started.set()
+            await self._stop.wait()
+            await server.stop(0)
+
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True)
+        self.thread.start()
+        assert started.wait(30), "in-process server did not start"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(timeout=10)
+
+
+N = 300_001
+
+
+def _pull(address: str, worker_id: str, session: int, timeout: float) -> tuple[int, torch.Tensor]:
+    out = torch.empty(N)
+    version = None
+    with stub(address) as s:
+        for raw_frame in s.Pull(pb.PullRequest(worker_id=worker_id, session=session, plan_hash="p" * 64, clock=0,
+                                               chunk_bytes=1 << 16), timeout=timeout):
+            frame, payload = wire.decode_frame(raw_frame)
+            if frame.HasField("pull"):
+                version = frame.pull.version
+                continue
+            chunk = wire.payload_tensor(frame, payload)
+            out[frame.tensor.offset : frame.tensor.offset + chunk.numel()] = chunk
+    return version, out
+
+
+def test_pull_is_not_stalled_by_an_apply_in_progress():
+    srv = InProcessServer(ServerConfig(heartbeat_timeout=600))
+    release = threading.Event()
+    try:
+        w0 = torch.randn(N, generator=torch.Generator().manual_seed(0))
+        g = torch.randn(N, generator=torch.Generator().manual_seed(1))
+        head = pb.InitHeader(plan_hash="p" * 64, shard_index=0, num_shards=1, numel=N,
+                             optimizer=default_config("sgd", lr=1.0), worker_id="a")
+        with stub(srv.address) as s:
+            s.Init(iter([wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(w0, 1 << 16)]), timeout=RPC_TIMEOUT)
+            sess = {w: s.Register(pb.RegisterRequest(worker_id=w, plan_hash="p" * 64), timeout=RPC_TIMEOUT).session
+                    for w in ("a", "b")}
+
+        opt = srv.servicer.store._opt
+        real_step, started = opt.step, threading.Event()
+
+        def held_step(*args, **kw):  # runs inside ShardStore.apply, under the store's lock
+            started.set()
+            assert release.wait(60), "test never released the apply"
+            return real_step(*args, **kw)
+
+        opt.step = held_step
+        results: dict[str, object] = {}
+
+        def push(clock: int) -> None:
+            frames = [wire.encode_frame(pb.Frame(push=pb.PushHeader(
+                worker_id="a", session=sess["a"], plan_hash="p" * 64, clock=clock, read_version=clock)))]
+            with stub(srv.address) as s:
+                results[f"push{clock}"] = s.Push(iter(frames + list(wire.chunk_frames(g, 1 << 16))), timeout=60)
+
+        # 1. Version 0 has been pulled (its frames exist): a pull during the held apply is answered at once.
+        assert _pull(srv.address, "b", sess["b"], RPC_TIMEOUT)[0] == 0
+        pusher = threading.Thread(target=push, args=(0,))
+        pusher.start()
+        assert started.wait(30), "the push never reached the apply"
+        version, weights = _pull(srv.address, "b", sess["b"], timeout=5.0)  # DEADLINE_EXCEEDED if it waits
+        assert not release.is_set() and pusher.is_alive()
+        assert version == 0 and torch.equal(weights, w0)
+        release.set()
+        pusher.join(30)
+        assert results["push0"].version == 1
+
+        # 2. Version 1 was never pulled: a pull during the next held apply waits for it, no longer.
+        started.clear()
+        release.clear()
+        pusher = threading.Thread(target=push, args=(1,))
+        pusher.start()
+        assert started.wait(30)
+        puller = threading.Thread(target=lambda: results.update(pull=_pull(srv.address, "b", sess["b"], 30.0)))
+        puller.start()
+        release.set()
+        puller.join(30)
+        pusher.join(30)
+        assert results["push1"].version == 2
+        version, weights = results["pull"]
+        assert version == 2 and torch.equal(weights, w0 - g - g)
+    finally:
+        release.set()
+        srv.close()
+
