@@ -24,6 +24,7 @@ import torch
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import checkpoint
+from ps_server.aggregate import Aggregator
 from ps_server import optimizer as optim
 from ps_server.clock import ClockTable, DuplicatePush, UnknownWorker
 from ps_server.store import ShardStore
@@ -63,6 +64,7 @@ class Servicer:
         self.pushes_applied = 0
         self.pushes_rejected = 0
         self.checkpoint_version = 0
+        self._aggregator = Aggregator()  # used when the optimizer averages gradients across workers
         self._apply_lock = asyncio.Lock()
         self._init_lock = asyncio.Lock()
         self._ckpt_lock = asyncio.Lock()
@@ -118,6 +120,7 @@ class Servicer:
             await asyncio.sleep(tick)
             for w in self.clocks.evict_silent():
                 log.warning("evicted worker %s after %.1fs of silence", w, self.cfg.heartbeat_timeout)
+            await self._membership_changed()
             now = asyncio.get_running_loop().time()
             if self.checkpoint_file and self.store and now - last_ckpt >= self.cfg.checkpoint_interval:
                 last_ckpt = now
@@ -126,6 +129,24 @@ class Servicer:
                         await self.checkpoint_now()
                     except OSError as exc:
                         log.error("periodic checkpoint failed: %s", exc)
+
+    async def _apply_complete_buckets(self) -> None:
+        """Averaging mode: apply every clock all live workers have pushed, then advance them.
+
+        Call under the apply lock.
+        """
+        for bucket in self._aggregator.complete(set(self.clocks.clocks())):
+            await asyncio.to_thread(self.store.apply, bucket.total, bucket.read_version, len(bucket.contributors))
+            for worker_id, session in bucket.contributors.items():
+                try:
+                    self.clocks.advance(worker_id, session, bucket.clock)
+                except (UnknownWorker, DuplicatePush):
+                    pass  # evicted or re-registered meanwhile: its gradient still counted
+
+    async def _membership_changed(self) -> None:
+        if self.store is not None and self.store.config.average_gradients and self._aggregator.pending:
+            async with self._apply_lock:
+                await self._apply_complete_buckets()
 
     # -- helpers ----------------------------------------------------------------------
     def _store_for(self, plan_hash: str) -> ShardStore:
@@ -207,6 +228,7 @@ class Servicer:
         async def body():
             self.clocks.leave(request.worker_id, request.session)
             log.info("worker %s left", request.worker_id)
+            await self._membership_changed()
             return pb.LeaveResponse()
         return await self._guard(context, body())
 
@@ -253,7 +275,12 @@ class Servicer:
                 grad = await self._receive_flat(frames, store.numel, buf)
                 async with self._apply_lock:
                     self.clocks.check_push(head.worker_id, head.session, head.clock)
-                    version, staleness = await asyncio.to_thread(store.apply, grad, head.read_version, self.clocks.live)
+                    if store.config.average_gradients:
+                        self._aggregator.add(head.worker_id, head.session, head.clock, grad, head.read_version)
+                        self.pushes_applied += 1
+                        await self._apply_complete_buckets()
+                        return pb.PushResponse(version=store.version, staleness=0)
+                    version, staleness = await asyncio.to_thread(store.apply, grad, head.read_version)
                     self.clocks.advance(head.worker_id, head.session, head.clock)
                     self.pushes_applied += 1
             finally:

@@ -21,9 +21,9 @@ from worker.trainer import WorkerConfig, pick_device, train
 
 # (flag, type, default, help) shared by ps-worker and ps-cluster, passed through verbatim.
 TRAINING_FLAGS: list[tuple[str, object, object, str]] = [
-    ("staleness", staleness_flag, 2.0, "staleness bound s: a whole number, or inf for fully asynchronous"),
+    ("staleness", staleness_flag, 0.0, "staleness bound s: a whole number, or inf for fully asynchronous"),
     ("optimizer", str, "adamw", f"server-side optimizer: {', '.join(OPTIMIZERS)}"),
-    ("lr", positive(float), 4e-3, "learning rate"),
+    ("lr", positive(float), 6e-3, "learning rate"),
     ("momentum", non_negative(float), 0.0, "SGD momentum"),
     ("weight-decay", non_negative(float), 0.0, "weight decay (decoupled for adamw)"),
     ("beta1", non_negative(float), 0.9, "Adam beta1"),
@@ -41,7 +41,7 @@ TRAINING_FLAGS: list[tuple[str, object, object, str]] = [
 SWITCHES: list[tuple[str, bool, str]] = [
     ("nesterov", False, "Nesterov momentum (SGD)"),
     ("staleness-aware-lr", False, "divide the lr by each update's staleness"),
-    ("average-gradients", False, "divide each gradient by the number of live workers"),
+    ("average-gradients", True, "one update per clock from the mean of all live workers' gradients (synchronous)"),
     ("pipeline", False, "request the next pull before computing (needs s >= 1)"),
 ]
 

@@ -30,7 +30,6 @@ class Monitor:
         self._offsets: dict[int, int] = {}
         self.loss_curve: list[list[float]] = []
         self.first_step_at: float | None = None
-        self.base_version: int | None = None
         self.bar = tqdm(total=args.steps, unit="it", dynamic_ncols=True, disable=not args.progress,
                         desc=f"asyncps S={args.servers} P={args.workers}")
 
@@ -57,9 +56,7 @@ class Monitor:
             st: pb.StatusResponse = self.stubs[0].Status(pb.StatusRequest(), timeout=5)
         except Exception:  # a status miss only delays the bar
             return
-        if self.base_version is None:
-            self.base_version = st.version
-        step = st.version - self.base_version
+        step = sum(rec["step"] for rec in self.latest.values())
         clocks = [c.clock for c in st.clocks if c.worker_id.startswith("worker-")]
         gap = (max(clocks) - min(clocks)) if clocks else 0
         if step and self.first_step_at is None:
@@ -68,7 +65,8 @@ class Monitor:
         loss = sum(losses) / len(losses) if losses else math.nan
         if losses:
             self.loss_curve.append([step, loss, round(elapsed, 3)])
-        rate = step * self.args.batch_size / max(1e-9, elapsed - (self.first_step_at or elapsed)) if step else 0.0
+        busy = elapsed - (self.first_step_at or elapsed)
+        rate = step * self.args.batch_size / busy if busy > 1.0 else 0.0
         self.bar.n = min(step, self.args.steps)
         self.bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{rate:.0f}", clock_gap=gap, refresh=False)
         self.bar.refresh()

@@ -65,3 +65,57 @@ def test_one_worker_s0_equals_torch_optim(start_server, case):
         assert rel_err(want, start) > 1e-3, f"{name} barely moved: the comparison would prove nothing"
         err = rel_err(got, want)
         assert err < 1e-5, f"{case}: {name} differs from torch.optim by {err:.2e} (relative)"
+
+
+def test_two_workers_averaging_equals_one_large_batch(start_server):
+    """With average_gradients, each clock is ONE update: the mean of both workers' gradients.
+
+    Two PSClients train concurrently (two threads, s = 0) on different data; the servers
+    must end where a local AdamW stepping on the mean gradient of both batches ends, and
+    each shard's version must count clocks, not pushes.
+    """
+    import threading
+
+    servers = start_server.shards(2, staleness=0)
+    addresses = [s.address for s in servers]
+    cfg = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.05, "average_gradients": True}
+    data = [batches(STEPS, seed=11), batches(STEPS, seed=12)]
+    models = [mlp(), mlp()]
+    ref = copy.deepcopy(models[0])
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
+    errors: list[BaseException] = []
+    registered = threading.Barrier(2, timeout=60)  # both live before the first push: every clock has 2 gradients
+
+    def run(rank: int) -> None:
+        try:
+            with PSClient(addresses, models[rank], optimizer=cfg, staleness=0, worker_id=f"avg-{rank}",
+                          options=FAST_FAIL) as ps:
+                registered.wait()
+                for x, y in data[rank]:
+                    ps.pull()
+                    torch.nn.functional.mse_loss(models[rank](x), y).backward()
+                    ps.push()
+                ps.wait()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+
+    for (x0, y0), (x1, y1) in zip(*data):
+        opt.zero_grad()
+        loss = (torch.nn.functional.mse_loss(ref(x0), y0) + torch.nn.functional.mse_loss(ref(x1), y1)) / 2
+        loss.backward()
+        opt.step()
+
+    final = mlp()
+    with PSClient(addresses, final, staleness=0, worker_id="reader", options=FAST_FAIL, initialize=False) as ps:
+        ps.pull()
+        assert ps.stats.versions == [STEPS, STEPS]  # one update per clock, not one per push
+    for got, want in zip(final.parameters(), ref.parameters()):
+        assert rel_err(got.detach(), want.detach()) < 1e-5

@@ -1,0 +1,57 @@
+"""Gradient averaging: buckets per clock, applied only when every live worker is in."""
+
+import pytest
+import torch
+
+from ps_server.aggregate import Aggregator
+from ps_server.clock import DuplicatePush
+
+
+def test_bucket_completes_when_every_live_worker_contributed():
+    agg = Aggregator()
+    agg.add("a", 1, 0, torch.tensor([1.0, 2.0]), read_version=5)
+    assert agg.complete({"a", "b"}) == []
+    agg.add("b", 2, 0, torch.tensor([3.0, 4.0]), read_version=4)
+    (bucket,) = agg.complete({"a", "b"})
+    assert bucket.clock == 0 and bucket.read_version == 4
+    assert torch.equal(bucket.total, torch.tensor([4.0, 6.0]))
+    assert bucket.contributors == {"a": 1, "b": 2}
+    assert agg.pending == 0
+
+
+def test_gradient_is_copied_not_aliased():
+    agg = Aggregator()
+    g = torch.ones(3)
+    agg.add("a", 1, 0, g, read_version=0)
+    g.fill_(100.0)  # the servicer reuses its receive buffers
+    (bucket,) = agg.complete({"a"})
+    assert torch.equal(bucket.total, torch.ones(3))
+
+
+def test_duplicate_push_for_a_clock_is_refused_and_changes_nothing():
+    agg = Aggregator()
+    agg.add("a", 1, 7, torch.ones(2), read_version=0)
+    with pytest.raises(DuplicatePush):
+        agg.add("a", 1, 7, torch.ones(2), read_version=0)
+    agg.add("b", 1, 7, torch.ones(2), read_version=0)
+    (bucket,) = agg.complete({"a", "b"})
+    assert torch.equal(bucket.total, torch.full((2,), 2.0))
+
+
+def test_buckets_complete_in_clock_order_and_eviction_releases_them():
+    agg = Aggregator()
+    agg.add("a", 1, 1, torch.ones(1), read_version=0)
+    agg.add("a", 1, 0, torch.ones(1), read_version=0)
+    assert agg.complete({"a", "b"}) == []  # b is live and has pushed nothing
+    done = agg.complete({"a"})  # b was evicted: it no longer holds the buckets back
+    assert [b.clock for b in done] == [0, 1]
+
+
+def test_a_later_clock_waits_for_an_earlier_incomplete_one():
+    agg = Aggregator()
+    agg.add("a", 1, 0, torch.ones(1), read_version=0)
+    agg.add("a", 1, 1, torch.ones(1), read_version=0)
+    agg.add("b", 1, 1, torch.ones(1), read_version=0)
+    assert agg.complete({"a", "b"}) == []
+    agg.add("b", 1, 0, torch.ones(1), read_version=0)
+    assert [b.clock for b in agg.complete({"a", "b"})] == [0, 1]
