@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import uvloop
 
+from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.optimizer import default_config
 from worker.plan import Plan, make_plan, param_specs
@@ -245,7 +246,7 @@ class PSClient:
         self._inflight = [t for t in self._inflight if not t.done()]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = self._flatten(grads)
-        if not bool(torch.isfinite(flat).all()):
+        if not wire.all_finite(flat):
             raise ValueError(f"gradient at clock {self.clock} contains NaN or Inf; not pushed")
         buf = self._free_grads.pop()
         buf.copy_(flat)

@@ -95,7 +95,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def start_worker(procs, servers: list[str], worker_id: str, steps: int, directory: Path, *, sleep: float = 0.0,
-                 staleness: float | str = "inf", hold: bool = False, gate: Path | None = None) -> tuple[subprocess.Popen, dict[str, Path]]:
+                 staleness: float | str = "inf", hold: bool = False, gate: Path | None = None,
+                 average: bool = False) -> tuple[subprocess.Popen, dict[str, Path]]:
     """Launch worker_proc.py as its own process (own process group, reaped by `procs`)."""
     files = {name: directory / f"{worker_id}.{name}" for name in ("ready", "done", "hold", "log")}
     args = [sys.executable, str(WORKER_SCRIPT), "--servers", ",".join(servers), "--worker-id", worker_id,
@@ -105,6 +106,8 @@ def start_worker(procs, servers: list[str], worker_id: str, steps: int, director
         args += ["--go", str(gate)]
     if hold:
         args += ["--hold", str(files["hold"])]
+    if average:
+        args.append("--average")
     with open(files["log"], "wb") as log:
         proc = procs.popen(args, stdout=log, stderr=subprocess.STDOUT)
     return proc, files

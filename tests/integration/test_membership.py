@@ -101,3 +101,30 @@ def test_killed_worker_is_evicted_and_a_returning_worker_starts_at_the_slowest_c
         st = status(a)
         assert st.live_workers == 0  # everyone left cleanly
         assert st.version == st.pushes_applied
+
+
+def test_averaging_shard_stops_waiting_for_a_killed_worker(start_server, procs, tmp_path):
+    """With gradient averaging a clock's update waits for every live worker's gradient;
+    a SIGKILLed worker must stop holding it back once evicted, and the survivor finishes."""
+    servers = start_server.shards(2, staleness=0, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    addresses = [s.address for s in servers]
+    gate = tmp_path / "go"
+    victim, victim_files = start_worker(procs, addresses, "victim", 100000, tmp_path, staleness=0, gate=gate,
+                                        average=True)
+    survivor, survivor_files = start_worker(procs, addresses, "survivor", 30, tmp_path, staleness=0, gate=gate,
+                                            average=True)
+    poll(lambda: victim_files["ready"].exists() and survivor_files["ready"].exists(), 90, "both workers to register")
+    gate.touch()
+    poll(lambda: all((clock_of(status(a), "victim") or 0) >= 5 for a in addresses), 60, "a few averaged clocks")
+    for a in addresses:  # lockstep, one update per clock: a shard's version is the slowest clock
+        st = status(a)
+        assert st.version == st.min_clock and st.live_workers == 2
+
+    kill_group(victim)
+    t_kill = time.monotonic()
+    assert wait_exit(survivor, 60, survivor_files["log"]) == 0
+    assert time.monotonic() - t_kill < HEARTBEAT_TIMEOUT + 30
+    for a in addresses:
+        st = status(a)
+        assert st.evictions >= 1 and [c.worker_id for c in st.clocks] == []  # survivor left, victim evicted
+        assert st.version == 30  # each of the survivor's 30 clocks applied exactly once (alone after the eviction)

@@ -60,12 +60,13 @@ def main() -> int:
     ap.add_argument("--go", type=Path)
     ap.add_argument("--done", type=Path)
     ap.add_argument("--hold", type=Path)
+    ap.add_argument("--average", action="store_true", help="gradient averaging across workers")
     args = ap.parse_args()
 
     model = small_model()
     gen = torch.Generator().manual_seed(zlib.crc32(args.worker_id.encode()))
     opts = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=10.0)
-    ps = PSClient(args.servers.split(","), model, optimizer={"name": "sgd", "lr": 0.01},
+    ps = PSClient(args.servers.split(","), model, optimizer={"name": "sgd", "lr": 0.01, "average_gradients": args.average},
                   staleness=args.staleness, worker_id=args.worker_id, options=opts)
     ps.start()
     try:
