@@ -13,3 +13,5 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 $PY -m pip install -q -e ".[test]"
+# pyenv only puts new console scripts (ps-server, ps-worker, ps-cluster, ps-sample) on PATH after a rehash
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
