@@ -40,6 +40,7 @@ import uvloop
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.optimizer import default_config
+from worker.metrics import WorkerMetrics
 from worker.plan import Plan, make_plan, param_specs
 from worker.rpc import CallOptions, RpcFailed, ShardClient
 
@@ -80,7 +81,7 @@ class PSClient:
     def __init__(self, servers: Sequence[str], model: torch.nn.Module, optimizer: dict | pb.OptimizerConfig | None = None,
                  staleness: float = math.inf, worker_id: str | None = None, pipeline: bool = False,
                  max_inflight: int = 2, options: CallOptions = CallOptions(), heartbeat_interval: float | None = None,
-                 initialize: bool = True):
+                 initialize: bool = True, metrics: WorkerMetrics | None = None):
         if not servers:
             raise ValueError("PSClient needs at least one server address")
         if pipeline and staleness < 1:
@@ -98,8 +99,13 @@ class PSClient:
         self.options = options
         self._hb_interval = heartbeat_interval
         self.device = self.params[0].device if self.params else torch.device("cpu")
+        ends = [0]
+        for p in self.params:
+            ends.append(ends[-1] + p.numel())
+        self._offsets = list(zip(ends[:-1], ends[1:]))  # each parameter's range in the flat vector
         self.clock = 0
         self.stats = ClientStats()
+        self.metrics = metrics if metrics is not None else WorkerMetrics(self.worker_id, len(servers))
         pin = self.device.type == "cuda"
         self._weights = torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin)
         self._free_grads = [torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin) for _ in range(self.max_inflight)]
@@ -222,7 +228,9 @@ class PSClient:
             self._rejoin()
             heads = self._take_pull(self.clock).result()
         self._read_versions = [h.version for h in heads]
-        self.stats.bound_wait_seconds += max(h.waited_seconds for h in heads)
+        waited = max(h.waited_seconds for h in heads)
+        self.stats.bound_wait_seconds += waited
+        self.metrics.bound_wait_seconds.inc(waited)
         self.stats.versions = self._read_versions
         with torch.no_grad():
             weights = self._weights.to(self.device, non_blocking=True)
@@ -245,11 +253,17 @@ class PSClient:
             self._inflight.pop(0).wait()
         self._inflight = [t for t in self._inflight if not t.done()]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = self._flatten(grads)
-        if not wire.all_finite(flat):
-            raise ValueError(f"gradient at clock {self.clock} contains NaN or Inf; not pushed")
         buf = self._free_grads.pop()
-        buf.copy_(flat)
+        try:
+            if all(g.device.type == "cpu" and g.dtype == torch.float32 for g in grads):
+                torch.cat([g.reshape(-1) for g in grads], out=buf)  # one copy, straight into the send buffer
+            else:
+                buf.copy_(self._flatten(grads))
+            if not wire.all_finite(buf):
+                raise ValueError(f"gradient at clock {self.clock} contains NaN or Inf; not pushed")
+        except BaseException:
+            self._free_grads.append(buf)
+            raise
         for p in self.params:
             p.grad = None
         clock, self.clock = self.clock, self.clock + 1
@@ -283,14 +297,6 @@ class PSClient:
         return sum(s.retries for s in self._shards)
 
     # -- internals --------------------------------------------------------------------
-    @property
-    def _offsets(self) -> list[tuple[int, int]]:
-        out, pos = [], 0
-        for p in self.params:
-            out.append((pos, pos + p.numel()))
-            pos += p.numel()
-        return out
-
     def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if not tensors:
             return torch.empty(0)
@@ -316,6 +322,7 @@ class PSClient:
             self._next_pull = None
         self._run(self._register())
         self.stats.reregistrations += 1
+        self.metrics.reregistrations.inc()
         log.warning("worker %s was evicted; rejoined at clock %d", self.worker_id, self.clock)
 
     def _raise_failure(self) -> None:
@@ -323,23 +330,35 @@ class PSClient:
             raise self._failure
 
     async def _pull_all(self, clock: int, own_lag: int) -> list[pb.PullHeader]:
+        m = self.metrics
+
         async def one(shard: ShardClient, session: int) -> pb.PullHeader:
             spec = self.plan.shards[shard.index]
             req = pb.PullRequest(worker_id=self.worker_id, session=session, plan_hash=self.plan.hash,
                                  clock=clock, own_lag=own_lag)
-            return await shard.pull(req, self._weights[spec.lo : spec.hi])
+            t0 = time.perf_counter()
+            head = await shard.pull(req, self._weights[spec.lo : spec.hi])
+            i = shard.index
+            m.pulls[i].inc()
+            m.pull_bytes[i].inc(spec.numel * 4)
+            m.pull_seconds[i].observe(time.perf_counter() - t0)
+            return head
         return list(await asyncio.gather(*(one(s, sess) for s, sess in zip(self._shards, self._sessions))))
 
     async def _push_all(self, clock: int, grad: torch.Tensor) -> list[pb.PushResponse | None]:
+        m = self.metrics
+
         async def one(shard: ShardClient, session: int, read_version: int) -> pb.PushResponse | None:
             spec = self.plan.shards[shard.index]
             head = pb.PushHeader(worker_id=self.worker_id, session=session, plan_hash=self.plan.hash,
                                  clock=clock, read_version=read_version)
+            t0 = time.perf_counter()
             try:
                 resp = await shard.push(head, grad[spec.lo : spec.hi])
             except RpcFailed as exc:
                 if exc.evicted:
                     self.stats.pushes_dropped += 1
+                    m.pushes_dropped.inc()
                     self._evicted = True
                     log.warning("push of clock %d to shard %d refused: %s", clock, shard.index, exc.details)
                     return None
@@ -348,6 +367,10 @@ class PSClient:
                 if pending:  # that pull would wait for this push forever
                     pending[1].cancel()
                 raise
+            i = shard.index
+            m.pushes[i].inc()
+            m.push_bytes[i].inc(spec.numel * 4)
+            m.push_seconds[i].observe(time.perf_counter() - t0)
             if resp is not None:
                 self.stats.max_update_staleness = max(self.stats.max_update_staleness, resp.staleness)
             return resp
