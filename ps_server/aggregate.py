@@ -25,6 +25,7 @@ class Bucket:
     total: torch.Tensor
     read_version: int
     contributors: dict[str, int] = field(default_factory=dict)  # worker -> session
+    read_versions: list[int] = field(default_factory=list)  # each contribution's own read version
 
 
 class Aggregator:
@@ -35,13 +36,14 @@ class Aggregator:
         """Fold one gradient into its clock's bucket (copied: `grad` may be reused by the caller)."""
         bucket = self._buckets.get(clock)
         if bucket is None:
-            self._buckets[clock] = Bucket(clock, grad.clone(), read_version, {worker_id: session})
+            self._buckets[clock] = Bucket(clock, grad.clone(), read_version, {worker_id: session}, [read_version])
             return
         if worker_id in bucket.contributors:
             raise DuplicatePush(f"worker {worker_id!r} already pushed clock {clock}; it is waiting for the others")
         bucket.total.add_(grad)
         bucket.read_version = min(bucket.read_version, read_version)
         bucket.contributors[worker_id] = session
+        bucket.read_versions.append(read_version)
 
     def complete(self, live: set[str]) -> list[Bucket]:
         """Remove and return, in clock order, the buckets every live worker has contributed to."""

@@ -16,6 +16,7 @@ import uvloop
 from protos import wire
 from ps_server.clock import parse_staleness
 from ps_server.flags import FlagParser, non_negative, positive
+from ps_server.metrics import OFF, add_metrics_flags, serve_metrics
 from ps_server.server import serve
 from ps_server.servicer import ServerConfig, Servicer
 
@@ -43,6 +44,7 @@ def build_parser() -> FlagParser:
     p.env_flag("max-message-bytes", type=positive(int), default=8 << 20, help="largest gRPC message accepted")
     p.env_flag("max-shard-bytes", type=positive(int), default=8 << 30, help="largest shard accepted at Init")
     p.env_flag("grace", type=non_negative(float), default=5.0, help="seconds given to calls in flight on stop")
+    add_metrics_flags(p, None, "address for /metrics (default: --host)")
     p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     return p
 
@@ -83,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         check_can_listen(args.host, args.port)
     except OSError as exc:
         parser.error(f"cannot listen on {host}:{args.port}: {exc.strerror or exc}")
+    if args.metrics_port != OFF:
+        try:
+            serve_metrics(servicer.metrics.registry, args.metrics_host or args.host, args.metrics_port,
+                          args.metrics_port_file)
+        except OSError as exc:
+            parser.error(f"cannot serve metrics on {args.metrics_host or args.host}:{args.metrics_port}: "
+                         f"{exc.strerror or exc}")
     try:
         uvloop.run(serve(servicer, f"{host}:{args.port}", grace=args.grace, port_file=args.port_file))
     except OSError as exc:

@@ -27,6 +27,7 @@ from ps_server import checkpoint
 from ps_server.aggregate import Aggregator
 from ps_server import optimizer as optim
 from ps_server.clock import ClockTable, DuplicatePush, UnknownWorker
+from ps_server.metrics import ServerMetrics
 from ps_server.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,12 @@ class _Reject(Exception):
 
 
 class Servicer:
-    """One shard: its store (after Init), clock table, checkpoints and counters."""
+    """One shard: its store (after Init), clock table, checkpoints and counters.
 
-    def __init__(self, cfg: ServerConfig):
+    `metrics` (one is made if not given) holds the shard's Prometheus registry.
+    """
+
+    def __init__(self, cfg: ServerConfig, metrics: ServerMetrics | None = None):
         if not 0 <= cfg.shard_index < cfg.num_shards:
             raise ValueError(f"shard index {cfg.shard_index} is outside 0..{cfg.num_shards - 1}")
         self.cfg = cfg
@@ -69,6 +73,8 @@ class Servicer:
         self._init_lock = asyncio.Lock()
         self._ckpt_lock = asyncio.Lock()
         self._grad_buffers: list[torch.Tensor] = []  # reused by pushes: no fresh 64 MB (page faults) per call
+        self.metrics = metrics if metrics is not None else ServerMetrics(cfg.shard_index)
+        self.metrics.bind(self)
 
     # -- durability -------------------------------------------------------------------
     @property
@@ -91,6 +97,7 @@ class Servicer:
         self.store = ShardStore.from_state_dict(state["store"])
         self.clocks.load_state_dict(state["clocks"])
         self.checkpoint_version = self.store.version
+        self.metrics.last_checkpoint.set(time.time())
         log.info("restored shard %d at version %d from %s", self.cfg.shard_index, self.store.version, path)
         return True
 
@@ -102,13 +109,22 @@ class Servicer:
         if self.store is None:
             raise _Reject(Code.FAILED_PRECONDITION, "shard is not initialized yet: nothing to checkpoint")
         async with self._ckpt_lock:
+            t0 = time.perf_counter()
             async with self._apply_lock:  # weights and clocks of one moment
                 store_state = await asyncio.to_thread(self.store.state_dict)
                 clocks = self.clocks.state_dict()
             state = {"shard_index": self.cfg.shard_index, "num_shards": self.cfg.num_shards,
                      "store": store_state, "clocks": clocks}
-            await asyncio.to_thread(checkpoint.save, path, state)
+            try:
+                await asyncio.to_thread(checkpoint.save, path, state)
+            except OSError:
+                self.metrics.checkpoint_failures.inc()
+                raise
             self.checkpoint_version = store_state["version"]
+            m = self.metrics
+            m.checkpoints.inc()
+            m.checkpoint_seconds.observe(time.perf_counter() - t0)
+            m.last_checkpoint.set(time.time())
         log.info("checkpoint of shard %d at version %d -> %s", self.cfg.shard_index, self.checkpoint_version, path)
         return str(path), self.checkpoint_version
 
@@ -119,6 +135,7 @@ class Servicer:
         while True:
             await asyncio.sleep(tick)
             for w in self.clocks.evict_silent():
+                self.metrics.evictions.inc()
                 log.warning("evicted worker %s after %.1fs of silence", w, self.cfg.heartbeat_timeout)
             await self._membership_changed()
             now = asyncio.get_running_loop().time()
@@ -129,14 +146,21 @@ class Servicer:
                         await self.checkpoint_now()
                     except OSError as exc:
                         log.error("periodic checkpoint failed: %s", exc)
+                else:  # nothing unsaved: the checkpoint on disk is current
+                    self.metrics.last_checkpoint.set(time.time())
 
     async def _apply_complete_buckets(self) -> None:
         """Averaging mode: apply every clock all live workers have pushed, then advance them.
 
         Call under the apply lock.
         """
+        m = self.metrics
         for bucket in self._aggregator.complete(set(self.clocks.clocks())):
+            before = self.store.version
             await asyncio.to_thread(self.store.apply, bucket.total, bucket.read_version, len(bucket.contributors))
+            m.updates.inc()
+            for read_version in bucket.read_versions:  # each gradient's own staleness
+                m.update_staleness.observe(max(0, before - read_version))
             for worker_id, session in bucket.contributors.items():
                 try:
                     self.clocks.advance(worker_id, session, bucket.clock)
@@ -265,6 +289,9 @@ class Servicer:
                                optimizer=self.store.config, staleness=self.clocks.staleness)
 
     async def Push(self, frames: AsyncIterator[bytes], context) -> pb.PushResponse:
+        t0 = time.perf_counter()
+        m = self.metrics
+
         async def body():
             head = await _first_head(frames, "push")
             store = self._store_for(head.plan_hash)
@@ -278,22 +305,32 @@ class Servicer:
                     if store.config.average_gradients:
                         self._aggregator.add(head.worker_id, head.session, head.clock, grad, head.read_version)
                         self.pushes_applied += 1
+                        m.push_bytes.inc(store.numel * 4)
                         await self._apply_complete_buckets()
                         return pb.PushResponse(version=store.version, staleness=0)
                     version, staleness = await asyncio.to_thread(store.apply, grad, head.read_version)
                     self.clocks.advance(head.worker_id, head.session, head.clock)
                     self.pushes_applied += 1
+                    m.push_bytes.inc(store.numel * 4)
+                    m.updates.inc()
+                    m.update_staleness.observe(staleness)
             finally:
                 if len(pool) < 2:  # keep at most two spare buffers
                     pool.append(buf)
             return pb.PushResponse(version=version, staleness=staleness)
         try:
-            return await self._guard(context, body())
+            resp = await self._guard(context, body())
         except BaseException:
             self.pushes_rejected += 1
+            m.pushes_rejected.inc()
             raise
+        m.pushes.inc()
+        m.push_seconds.observe(time.perf_counter() - t0)
+        return resp
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[bytes]:
+        t0 = time.perf_counter()
+
         async def body():
             store = self._store_for(request.plan_hash)
             waited = await self.clocks.wait_readable(request.worker_id, request.session, request.clock, request.own_lag)
@@ -304,6 +341,13 @@ class Servicer:
             version=version, numel=store.numel, min_clock=self.clocks.min_clock(), waited_seconds=waited)))
         for frame in frames:  # encoded once per version, shared by every pull of it
             yield frame
+        m = self.metrics
+        m.pulls.inc()
+        m.pull_bytes.inc(store.numel * 4)
+        m.pull_seconds.observe(time.perf_counter() - t0)
+        if waited > 0:
+            m.bound_waits.inc()
+            m.bound_wait_seconds.inc(waited)
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         c, s = self.clocks, self.store

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 
 from ps_server.cli import staleness_flag
 from ps_server.flags import FlagParser, non_negative, positive
+from ps_server.metrics import OFF, add_metrics_flags, serve_metrics
 from ps_server.optimizer import OPTIMIZERS, default_config, validate
+from worker.metrics import WorkerMetrics
 from worker.rpc import CallOptions
 from worker.task import TaskConfig
 from worker.trainer import WorkerConfig, pick_device, train
@@ -101,6 +104,7 @@ def build_parser() -> FlagParser:
     p.env_flag("slowdown", type=positive(float), default=1.0, help="straggler factor: sleep (F-1) x compute per step")
     p.env_flag("report", help="append JSON-lines progress to this file")
     p.env_flag("retry-seconds", type=non_negative(float), default=60.0, help="how long to retry an unavailable server")
+    add_metrics_flags(p, "127.0.0.1", "address for /metrics (0.0.0.0: every interface)")
     p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     add_training_flags(p)
     return p
@@ -115,12 +119,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rank {args.rank} must be below --world {args.world}")
     check_training_args(p, args)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s ps-worker[{args.rank}] %(levelname)s %(message)s")
+    servers = [a.strip() for a in args.servers.split(",") if a.strip()]
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    metrics = WorkerMetrics(worker_id, len(servers))
+    if args.metrics_port != OFF:
+        try:
+            serve_metrics(metrics.registry, args.metrics_host, args.metrics_port, args.metrics_port_file)
+        except OSError as exc:
+            p.error(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror or exc}")
     cfg = WorkerConfig(
-        servers=[a.strip() for a in args.servers.split(",") if a.strip()], optimizer=optimizer_config(args),
-        task=task_config(args), data=args.data, rank=args.rank, world=args.world, worker_id=args.worker_id,
+        servers=servers, optimizer=optimizer_config(args),
+        task=task_config(args), data=args.data, rank=args.rank, world=args.world, worker_id=worker_id,
         staleness=args.staleness, pipeline=args.pipeline, batch_size=args.batch_size, steps=args.steps,
         device=args.device, seed=args.seed, threads=args.threads, slowdown=args.slowdown, report=args.report,
-        options=CallOptions(retry_seconds=args.retry_seconds),
+        options=CallOptions(retry_seconds=args.retry_seconds), metrics=metrics,
     )
     try:
         result = train(cfg)

@@ -4,7 +4,9 @@ Starts S `ps-server` and P `ps-worker` processes on loopback (free ports, readin
 the gRPC health check), runs M iterations in total, shows one live progress bar for
 the cluster (global step, loss, samples/s, largest clock gap), then exports the
 trained model, measures the held-out loss and writes `summary.json` and
-`model.safetensors` into --out. Every process it started is stopped on success, on
+`model.safetensors` into --out. Each server and worker serves Prometheus metrics on
+a free port of its own (`--no-metrics`: none); their addresses are printed at start and
+listed in summary.json's `metrics`. Every process it started is stopped on success, on
 any process's failure (whose log tail is shown) and on Ctrl-C; children also die
 with the launcher if it is killed outright.
 """
@@ -49,6 +51,7 @@ def build_parser() -> FlagParser:
     p.env_flag("eval-windows", type=positive(int), default=64, help="held-out windows for the final loss")
     p.env_switch("resume", default=False, help="continue from the checkpoints already in --out")
     p.env_switch("progress", default=True, help="show the live progress bar")
+    p.env_switch("metrics", default=True, help="give every server and worker a Prometheus /metrics port")
     p.env_flag("log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="launcher logging")
     add_training_flags(p)
     return p
@@ -62,26 +65,48 @@ class Cluster:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.children = Children(out / "logs")
         self.addresses: list[str] = []
+        self.metrics: dict[str, str] = {}  # process name -> its /metrics URL
+
+    def _metrics_argv(self, name: str) -> list[str]:
+        if not self.args.metrics:
+            return []
+        port_file = self.out / "logs" / f"{name}.metrics-port"
+        port_file.unlink(missing_ok=True)
+        return ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--metrics-port-file", str(port_file)]
+
+    def _wait_port_file(self, child, port_file: Path, timeout: float = 120) -> int:
+        end = time.monotonic() + timeout
+        while not port_file.exists():
+            self._check(child)
+            if child.exited() is not None:
+                raise ClusterFailed(f"{child.name} exited before writing {port_file.name}:\n{child.log_tail()}")
+            if time.monotonic() > end:
+                raise ClusterFailed(f"{child.name} did not start within {timeout:.0f} s:\n{child.log_tail()}")
+            time.sleep(0.05)
+        return int(port_file.read_text())
+
+    def _collect_metrics(self, children: list) -> None:
+        """Wait for each child's metrics port and announce where it is."""
+        if not self.args.metrics:
+            return
+        for child in children:
+            port = self._wait_port_file(child, self.out / "logs" / f"{child.name}.metrics-port")
+            self.metrics[child.name] = f"http://127.0.0.1:{port}/metrics"
+            sys.stdout.write(f"metrics  {child.name:<10} {self.metrics[child.name]}\n")
+        sys.stdout.flush()
 
     def _start_servers(self) -> None:
         a = self.args
         for i in range(a.servers):
             port_file = self.out / "logs" / f"server-{i}.port"
             port_file.unlink(missing_ok=True)
-            self.children.start(f"server-{i}", "ps_server.cli", [
+            self.children.start(f"server-{i}", "ps_server.cli", [*self._metrics_argv(f"server-{i}"),
                 "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--shard-index", str(i),
                 "--num-shards", str(a.servers), "--staleness", str(a.staleness),
                 "--checkpoint-dir", str(self.out / "checkpoints"), "--checkpoint-interval", str(a.checkpoint_interval),
                 "--heartbeat-timeout", str(a.heartbeat_timeout)])
         for i, child in enumerate(self.children.items):
-            port_file = self.out / "logs" / f"server-{i}.port"
-            end = time.monotonic() + 120
-            while not port_file.exists():
-                self._check(child)
-                if time.monotonic() > end:
-                    raise ClusterFailed(f"{child.name} did not start within 120 s:\n{child.log_tail()}")
-                time.sleep(0.05)
-            address = f"127.0.0.1:{int(port_file.read_text())}"
+            address = f"127.0.0.1:{self._wait_port_file(child, self.out / 'logs' / f'server-{i}.port')}"
             try:
                 wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None)
             except RuntimeError:
@@ -99,7 +124,7 @@ class Cluster:
             workers.append(self.children.start(f"worker-{r}", "worker.cli", [
                 "--servers", ",".join(self.addresses), "--rank", str(r), "--world", str(a.workers),
                 "--worker-id", f"worker-{r}", "--steps", str(max(1, steps)), "--threads", str(threads),
-                "--report", str(report), *training_argv(a)]))
+                "--report", str(report), *self._metrics_argv(f"worker-{r}"), *training_argv(a)]))
         return workers
 
     @staticmethod
@@ -115,6 +140,7 @@ class Cluster:
         try:
             stubs = [service.Stub(c) for c in channels]
             workers = self._start_workers()
+            self._collect_metrics(self.children.items)
             monitor = Monitor(self.args, self.out, stubs, workers)
             while True:
                 for c in self.children.items:
@@ -132,6 +158,7 @@ class Cluster:
                 c.close()
         self.children.stop_all(grace=30)  # servers write their final checkpoint on SIGTERM
         summary["wall_seconds"] = time.monotonic() - start
+        summary["metrics"] = self.metrics
         write_summary(self.out, summary)
         return summary
 

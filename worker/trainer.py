@@ -20,6 +20,7 @@ import torch
 
 from protos.asyncps.v1 import ps_pb2 as pb
 from worker.client import PSClient
+from worker.metrics import WorkerMetrics
 from worker.data import BatchStream, Corpus, default_corpus_path, worker_slice
 from worker.rpc import CallOptions
 from worker.task import ByteGPT, TaskConfig
@@ -46,6 +47,7 @@ class WorkerConfig:
     slowdown: float = 1.0            # >1: sleep (slowdown-1) x compute time per step (a straggler)
     report: str | None = None        # JSON-lines progress file
     report_every: float = 0.5        # seconds between progress lines
+    metrics: WorkerMetrics | None = None  # Prometheus metrics to record into (PSClient makes its own if None)
     options: CallOptions = field(default_factory=CallOptions)
 
 
@@ -91,7 +93,9 @@ def train(cfg: WorkerConfig) -> dict:
     start = last_report = time.perf_counter()
     try:
         with PSClient(cfg.servers, model, optimizer=cfg.optimizer, staleness=cfg.staleness,
-                      worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options) as ps:
+                      worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options, metrics=cfg.metrics) as ps:
+            metrics = ps.metrics
+            metrics.target_steps.set(cfg.steps)
             report.write(event="start", rank=cfg.rank, clock=ps.clock, device=str(device),
                          params=sum(p.numel() for p in model.parameters()), t=0.0)
             for step in range(cfg.steps):
@@ -111,6 +115,7 @@ def train(cfg: WorkerConfig) -> dict:
                 t_task += t2 - t1
                 t_comm += (t1 - t0) + (t4 - t3)
                 losses.append(loss_value)
+                metrics.step(t4 - t0, t2 - t1, (t1 - t0) + (t4 - t3), loss_value, cfg.batch_size, ps.clock)
                 if t4 - last_report >= cfg.report_every or step == cfg.steps - 1:
                     last_report = t4
                     recent = losses[-20:]
