@@ -13,5 +13,11 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 $PY -m pip install -q -e ".[test]"
+# The metrics tests run a real Prometheus (and promtool) and check deploy/ with docker-compose.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && ! { command -v prometheus && command -v promtool && command -v docker-compose; } >/dev/null 2>&1; then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus docker-compose
+fi
 # pyenv only puts new console scripts (ps-server, ps-worker, ps-cluster, ps-sample) on PATH after a rehash
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
