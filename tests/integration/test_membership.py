@@ -117,8 +117,8 @@ def test_averaging_shard_stops_waiting_for_a_killed_worker(start_server, procs, 
     gate.touch()
     poll(lambda: all((clock_of(status(a), "victim") or 0) >= 5 for a in addresses), 60, "a few averaged clocks")
     for a in addresses:  # lockstep, one update per clock: a shard's version is the slowest clock
-        st = status(a)
-        assert st.version == st.min_clock and st.live_workers == 2
+        st = status(a)  # (+1 while an averaged update is applied and the clocks not yet advanced)
+        assert st.version - st.min_clock in (0, 1) and st.live_workers == 2
 
     kill_group(victim)
     t_kill = time.monotonic()
