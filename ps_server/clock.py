@@ -121,6 +121,22 @@ class ClockTable:
         self._floor = max(self._floor, self.min_clock())
         self._notify()
 
+    def advance_contributor(self, worker_id: str, clock: int) -> bool:
+        """An averaged update of `clock` that holds this worker's gradient was applied.
+
+        Moves the worker's CURRENT session past `clock` even if the gradient came from an
+        earlier session (it re-registered while its gradient waited in the bucket; its
+        repeat of that clock was refused as a duplicate). False if the worker is gone.
+        """
+        entry = self._entries.get(worker_id)
+        if entry is None:
+            return False
+        if entry.clock <= clock:
+            entry.clock = clock + 1
+            self._floor = max(self._floor, self.min_clock())
+            self._notify()
+        return True
+
     def can_read(self, worker_id: str, clock: int, own_lag: int = 0) -> bool:
         """The SSP rule: may `worker_id` read the weights for iteration `clock` now?"""
         entry = self._entries[worker_id]

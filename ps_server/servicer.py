@@ -161,11 +161,8 @@ class Servicer:
             m.updates.inc()
             for read_version in bucket.read_versions:  # each gradient's own staleness
                 m.update_staleness.observe(max(0, before - read_version))
-            for worker_id, session in bucket.contributors.items():
-                try:
-                    self.clocks.advance(worker_id, session, bucket.clock)
-                except (UnknownWorker, DuplicatePush):
-                    pass  # evicted or re-registered meanwhile: its gradient still counted
+            for worker_id in bucket.contributors:  # an evicted contributor's gradient still counted
+                self.clocks.advance_contributor(worker_id, bucket.clock)
 
     async def _membership_changed(self) -> None:
         if self.store is not None and self.store.config.average_gradients and self._aggregator.pending:

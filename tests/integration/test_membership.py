@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 import torch
 
 from worker import PSClient
 
-from .support import FAST_FAIL, clock_of, kill_group, poll, start_worker, status, wait_exit
+from .support import FAST_FAIL, clock_of, kill_group, poll, start_worker, status, stub, wait_exit
 from .worker_proc import small_model
 
 S = 2
@@ -128,3 +130,54 @@ def test_averaging_shard_stops_waiting_for_a_killed_worker(start_server, procs, 
         st = status(a)
         assert st.evictions >= 1 and [c.worker_id for c in st.clocks] == []  # survivor left, victim evicted
         assert st.version == 30  # each of the survivor's 30 clocks applied exactly once (alone after the eviction)
+
+
+def test_averaged_update_advances_a_worker_that_re_registered_while_its_gradient_waited(start_server):
+    """A worker's push of clock c waits in the bucket; the worker re-registers (new session)
+    and repeats clock c, which is refused as already received (never counted twice). When
+    the bucket is finally applied - here because the other worker is evicted - the worker's
+    CURRENT session must stand at c + 1, so its next pull is answered (it used to hang)."""
+    import torch
+
+    from protos import wire
+    from protos.asyncps.v1 import ps_pb2 as pb
+
+    from .support import call
+
+    (server,) = start_server.shards(1, staleness=0, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    a = server.address
+    n, plan = 8, "p" * 64
+    cfg = pb.OptimizerConfig(name="sgd", lr=0.5, average_gradients=True)
+    init = [wire.encode_frame(pb.Frame(init=pb.InitHeader(plan_hash=plan, shard_index=0, num_shards=1, numel=n,
+                                                          optimizer=cfg, staleness=0))),
+            wire.encode_frame(tensor=torch.zeros(n), offset=0)]
+    assert call(a, "Init", init)[0].name == "OK"
+
+    def register(worker: str) -> pb.RegisterResponse:
+        with stub(a) as s:
+            return s.Register(pb.RegisterRequest(worker_id=worker, plan_hash=plan), timeout=10)
+
+    def push(worker: str, session: int, clock: int):
+        return call(a, "Push", [wire.encode_frame(pb.Frame(push=pb.PushHeader(
+            worker_id=worker, session=session, plan_hash=plan, clock=clock))), wire.encode_frame(tensor=torch.ones(n))])
+
+    quiet = register("quiet")  # will push nothing and be evicted
+    first = register("w")
+    assert push("w", first.session, 0)[0].name == "OK"  # waits in the bucket for "quiet"
+    again = register("w")  # the same worker comes back with a new session, still at clock 0
+    assert again.clock == 0 and again.session != first.session
+    assert push("w", again.session, 0)[0].name == "ALREADY_EXISTS"  # its gradient for clock 0 is in already
+
+    def heartbeat_w() -> bool:  # keep "w" alive while "quiet" falls silent
+        with stub(a) as s:
+            s.Heartbeat(pb.HeartbeatRequest(worker_id="w", session=again.session), timeout=10)
+        return status(a).evictions >= 1
+
+    poll(heartbeat_w, 30, "the silent worker to be evicted", interval=0.2)
+    st = status(a)
+    assert st.version == 1 and clock_of(st, "w") == 1 and clock_of(st, "quiet") is None
+    assert st.weights_checksum == pytest.approx(n * 0.5)  # one update of mean gradient 1 at lr 0.5, not two
+    code, details, _ = call(a, "Pull", pb.PullRequest(worker_id="w", session=again.session, plan_hash=plan, clock=1),
+                            timeout=10)
+    assert code.name == "OK", details
+    del quiet
