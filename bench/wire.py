@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -181,7 +180,6 @@ def _grpc_peer(port_conn, nbytes: int, chunk: int) -> None:
 
 
 def bench_grpc_raw(nbytes: int, reps: int, chunk: int) -> dict[str, list[float]]:
-    import asyncio
 
     import grpc
     import uvloop

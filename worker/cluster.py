@@ -14,7 +14,6 @@ with the launcher if it is killed outright.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os

@@ -64,15 +64,18 @@ def clock_of(st: pb.StatusResponse, worker_id: str) -> int | None:
     return None
 
 
-def poll(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Call `predicate` until it returns something truthy; raise AssertionError after `timeout`."""
+def poll(predicate: Callable[[], T], timeout: float, what: str | Callable[[], str], interval: float = 0.02) -> T:
+    """Call `predicate` until it returns something truthy; raise AssertionError after `timeout`.
+
+    `what` names the awaited condition; a callable is asked only on failure (for details).
+    """
     end = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
 
 

@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from worker.task import ByteGPT, TaskConfig
+
+from .support import poll
 
 SMALL = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "8",
          "--lr", "1e-2", "--warmup", "10", "--heartbeat-timeout", "3", "--no-progress"]
@@ -50,11 +51,7 @@ def processes_mentioning(token: str) -> list[int]:
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
+    poll(predicate, timeout, what, interval=0.1)
 
 
 def cluster_cmd(out: Path, corpus: Path, steps: int, *extra: str) -> list[str]:

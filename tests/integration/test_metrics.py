@@ -11,6 +11,8 @@ is evaluated without error, and that each operand of its condition returns data
 
 from __future__ import annotations
 
+import functools
+
 import json
 import re
 import shutil
@@ -18,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from . import support
 from .promql import operands
 from .test_cluster import SMALL, corpus  # noqa: F401  (corpus is a fixture)
 
@@ -76,15 +78,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def poll(predicate, timeout: float, what, interval: float = 0.25):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
-        time.sleep(interval)
+poll = functools.partial(support.poll, interval=0.25)  # Prometheus answers in its own time
 
 
 def prometheus_config(targets: dict[str, str], path: Path) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import time
 
-import pytest
 
 from .support import clock_of, poll, start_worker, status, wait_exit
 
