@@ -357,7 +357,7 @@ class Servicer:
             min_clock=c.min_clock(), live_workers=c.live, staleness=c.staleness, max_read_gap=c.max_read_gap,
             pulls_waited=c.pulls_waited, wait_seconds=c.wait_seconds, pushes_applied=self.pushes_applied,
             pushes_rejected=self.pushes_rejected, evictions=c.evictions,
-            weights_checksum=(await asyncio.to_thread(s.checksum)) if s else 0.0,
+            weights_checksum=(await asyncio.to_thread(s.checksum)) if s and request.include_checksum else 0.0,
             optimizer=s.config if s else None, checkpoint_version=self.checkpoint_version,
         )
 

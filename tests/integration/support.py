@@ -37,7 +37,7 @@ def stub(address: str, **channel_options) -> Iterator[service.Stub]:
 
 def status(address: str) -> pb.StatusResponse:
     with stub(address) as s:
-        return s.Status(pb.StatusRequest(), timeout=RPC_TIMEOUT)
+        return s.Status(pb.StatusRequest(include_checksum=True), timeout=RPC_TIMEOUT)
 
 
 def call(address: str, method: str, request, timeout: float = RPC_TIMEOUT) -> tuple[grpc.StatusCode, str, dict]:

@@ -227,8 +227,10 @@ class WorkerClock(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_checksum",)
+    INCLUDE_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    include_checksum: bool
+    def __init__(self, include_checksum: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("shard_index", "num_shards", "initialized", "plan_hash", "version", "numel", "clocks", "min_clock", "live_workers", "staleness", "max_read_gap", "pulls_waited", "wait_seconds", "pushes_applied", "pushes_rejected", "evictions", "weights_checksum", "optimizer", "checkpoint_version")
