@@ -31,7 +31,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -211,74 +210,13 @@ def bench_grpc_raw(nbytes: int, reps: int, chunk: int) -> dict[str, list[float]]
         proc.join(timeout=10)
 
 
-# -- (c) optimizer apply rate -------------------------------------------------------------
+# -- (c) optimizer apply rate, (b) asyncps: servers and model shared with the cost probes --
+
+from worker.cost.servers import FlatModel as Model, apply_rates, start_servers, stop_servers  # noqa: E402
+
 
 def bench_apply(nbytes: int, reps: int) -> dict[str, list[float]]:
-    from ps_server.optimizer import default_config
-    from ps_server.store import ShardStore
-    n = nbytes // 4
-    w, g = torch.randn(n), torch.randn(n) * 1e-3
-    cfgs = {"sgd": default_config("sgd", lr=0.01), "sgd_momentum": default_config("sgd", lr=0.01, momentum=0.9),
-            "adam": default_config("adam", lr=1e-3)}
-    out = {}
-    for name, cfg in cfgs.items():
-        store = ShardStore("bench", w, cfg)
-        samples = []
-        for i in range(reps + 1):
-            t0 = time.perf_counter()
-            store.apply(g, store.version)
-            if i:
-                samples.append(nbytes / (time.perf_counter() - t0) / GB)
-        out[name] = samples
-    return out
-
-
-# -- (b) asyncps ---------------------------------------------------------------------------
-
-class Model(torch.nn.Module):
-    """`nbytes` of fp32 parameters in a few tensors of uneven sizes (so shards cut tensors)."""
-
-    def __init__(self, nbytes: int):
-        super().__init__()
-        n = nbytes // 4
-        sizes = [n // 2, n // 4, n // 8]
-        sizes.append(n - sum(sizes))
-        self.ps = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(k) * 0.01) for k in sizes])
-
-
-def start_servers(n: int, workdir: Path, chunk_bytes: int | None) -> tuple[list[subprocess.Popen], list[str]]:
-    from worker.rpc import wait_serving
-    procs, files = [], []
-    for i in range(n):
-        pf = workdir / f"s{n}-{i}.port"
-        args = [sys.executable, "-m", "ps_server.cli", "--host", "127.0.0.1", "--port", "0", "--port-file", str(pf),
-                "--shard-index", str(i), "--num-shards", str(n), "--heartbeat-timeout", "600"]
-        if chunk_bytes:
-            args += ["--chunk-bytes", str(chunk_bytes)]
-        log = open(workdir / f"s{n}-{i}.log", "wb")
-        procs.append(subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        files.append(pf)
-    addrs = []
-    for p, pf in zip(procs, files):
-        end = time.monotonic() + 60
-        while not pf.exists():
-            if p.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"ps-server did not start; see {workdir}")
-            time.sleep(0.02)
-        addr = f"127.0.0.1:{int(pf.read_text())}"
-        wait_serving(addr, timeout=60, is_alive=lambda p=p: p.poll() is None)
-        addrs.append(addr)
-    return procs, addrs
-
-
-def stop_servers(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    return apply_rates(nbytes, reps)
 
 
 def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_bytes: int | None) -> dict:

@@ -1,0 +1,71 @@
+"""`ps-cost` end to end: a real (tiny) calibration, a prediction from it, and a tiny `validate` grid of real ps-cluster runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """About 200 KB of real text: a few standard-library modules, copied."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py", "shutil.py", "typing.py", "enum.py"]:
+        (root / name).write_bytes((stdlib / name).read_bytes())
+    return root
+
+
+def ps_cost(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker.cost.cli", "--log-level", "WARNING", *argv],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_calibrate_predict_validate_end_to_end(tmp_path, corpus):
+    cal_path = tmp_path / "cal.json"
+    done = ps_cost("calibrate", "--out", str(cal_path), "--models", "tiny", "--workers", "1,2", "--servers", "1",
+                   "--startup", "1:1", "--iters", "3", "--clocks", "3", "--data", str(corpus))
+    assert done.returncode == 0, done.stderr
+    cal = json.loads(cal_path.read_text())
+    assert cal["machine"]["cpus"] >= 1 and cal["machine"]["hostname"] and cal["machine"]["torch"]
+    assert {(r["workers"], r["model"]) for r in cal["compute"]} == {(1, "tiny"), (2, "tiny")}
+    assert {(r["workers"], r["servers"]) for r in cal["comm"]} == {(1, 1), (2, 1)}
+    assert all(r["lockstep_seconds"] >= r["mean_seconds"] > 0 for r in cal["compute"])
+    assert all(r["clock_seconds"] > 0 for r in cal["comm"])
+    assert [(r["workers"], r["servers"]) for r in cal["startup"]] == [(1, 1)] and cal["startup"][0]["wall_seconds"] > 1
+
+    pred_path = tmp_path / "pred.json"
+    done = ps_cost("predict", "--calibration", str(cal_path), "--d-model", "32", "--n-layer", "1", "--n-head", "2",
+                   "--context", "32", "--batch-size", "8", "--steps", "100", "--workers", "1,2,4", "--servers", "1,2",
+                   "--json", str(pred_path))
+    assert done.returncode == 0, done.stderr
+    assert "recommended: P=" in done.stdout
+    pred = json.loads(pred_path.read_text())
+    assert [(r["workers"], r["servers"]) for r in pred["rows"]] == [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2)]
+    assert all(r["refined_seconds"] > r["startup_seconds"] > 0 and r["seed_formula_seconds"] > 0 for r in pred["rows"])
+    assert pred["recommended"]["reason"].startswith(f"P={pred['recommended']['workers']}, S=")
+
+    out_json, out_png = tmp_path / "v.json", tmp_path / "v.png"
+    done = ps_cost("validate", "--calibration", str(cal_path), "--models", "tiny", "--steps", "6", "--workers", "1,2",
+                   "--servers", "1", "--data", str(corpus), "--json", str(out_json), "--png", str(out_png),
+                   "--out", str(tmp_path / "runs"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out_json.read_text())
+    rows = result["rows"]
+    assert [(r["model"], r["workers"], r["servers"]) for r in rows] == [("tiny", 1, 1), ("tiny", 2, 1)]
+    for r in rows:
+        assert r["measured_seconds"] > 1 and r["seed_formula_seconds"] > 0 and r["refined_seconds"] > 0
+        assert r["refined_error"] == pytest.approx(r["refined_seconds"] / r["measured_seconds"] - 1, abs=1e-3)
+        summary = json.loads((tmp_path / "runs" / f"tiny-P{r['workers']}-S1" / "summary.json").read_text())
+        assert summary["iterations"] == 6 and summary["workers"] == r["workers"]
+    assert set(result["errors"]) == {"seed", "refined"}
+    assert out_png.read_bytes()[:8] == PNG_MAGIC and out_png.stat().st_size > 10_000
+    assert "refined model" in done.stdout and "tiny" in done.stdout

@@ -1,0 +1,183 @@
+"""The cost model's arithmetic on a hand-made calibration, the recommendation, the calibration file, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from worker.cost import cli
+from worker.cost.calibrate import FORMAT, lockstep, machine
+from worker.cost.model import CostModel, Job, Prediction, line, recommend, seed_formula
+from worker.cost.validate import error_summary, write_json
+
+# One model of 1000 parameters (4000 bytes), 10 tokens per iteration, on 2 cores.
+# Compute: P=1 100 ms; P=2 120 ms lockstep (100 mean); P=4 250 ms lockstep (200 mean).
+# Communication per clock, S=1: 10 ms per worker at 4000 bytes, 20 ms per worker at 8000 bytes.
+# Start-up probes: P+S=2 takes 10 s plus one clock (110 ms), P+S=6 takes 12 s plus one clock (290 ms).
+CAL = {
+    "format": FORMAT,
+    "machine": {"hostname": "test", "cpus": 2, "gpu": None, "date": "2026-01-01T00:00:00+00:00"},
+    "settings": {"device": "cpu"},
+    "compute": [
+        {"params": 1000, "tokens": 10, "workers": 1, "lockstep_seconds": 0.100, "mean_seconds": 0.100},
+        {"params": 1000, "tokens": 10, "workers": 2, "lockstep_seconds": 0.120, "mean_seconds": 0.100},
+        {"params": 1000, "tokens": 10, "workers": 4, "lockstep_seconds": 0.250, "mean_seconds": 0.200},
+    ],
+    "comm": [
+        {"servers": 1, "workers": p, "bytes": b, "clock_seconds": p * b / 4000 * 0.01}
+        for p in (1, 2, 4) for b in (4000, 8000)
+    ],
+    "startup": [
+        {"params": 1000, "tokens": 10, "workers": 1, "servers": 1, "wall_seconds": 10.11},
+        {"params": 1000, "tokens": 10, "workers": 4, "servers": 2, "wall_seconds": 12.29},
+    ],
+    "apply": {"adamw_gbps": 2.0},
+}
+JOB = Job(params=1000, tokens=10, steps=100)
+
+
+def test_seed_formula_by_hand():
+    assert seed_formula(1000, 4, 0.05, 0.01) == pytest.approx(250 * 0.06)
+    assert CostModel(CAL).predict(JOB, 2, 1).seed_formula_seconds == pytest.approx(50 * (0.1 + 0.01))
+
+
+def test_line_interpolates_extends_and_clamps():
+    pts = [(1, 2), (3, 6)]
+    assert line(2, pts) == pytest.approx(4)
+    assert line(5, pts) == pytest.approx(10)
+    assert line(0, pts) == pytest.approx(0)
+    assert line(3, [(1, 5), (2, 1)]) == 0.0  # a falling line never goes negative
+    assert line(3, [(2, 4)]) == pytest.approx(6)  # one point: proportional
+    assert line(2, [(1, 1), (1, 3), (3, 6)]) == pytest.approx(4)  # equal x averaged
+    with pytest.raises(ValueError):
+        line(1, [])
+
+
+def test_refined_model_by_hand():
+    cost = CostModel(CAL)
+    p = cost.predict(JOB, 2, 1)
+    # start-up 10 s + 0.5 s per process beyond two; 50 clocks of 120 ms compute + 20 ms communication
+    assert p.startup_seconds == pytest.approx(10.5)
+    assert (p.compute_seconds, p.comm_seconds, p.clock_seconds) == pytest.approx((0.12, 0.02, 0.14))
+    assert p.clocks == 50
+    assert p.refined_seconds == pytest.approx(10.5 + 50 * 0.14)
+    # uneven split: 100 iterations over 3 workers take 34 clocks; P=3 between the probed 2 and 4
+    p3 = cost.predict(JOB, 3, 1)
+    assert p3.clocks == 34
+    assert p3.compute_seconds == pytest.approx(0.185)
+    assert p3.comm_seconds == pytest.approx(0.03)
+
+
+def test_more_workers_than_probed_scale_with_threads_per_core():
+    p = CostModel(CAL).predict(JOB, 8, 1)
+    # 8 one-thread workers on 2 cores: twice the oversubscription of 4 -> 500 ms; comm extends the line to 80 ms
+    assert p.compute_seconds == pytest.approx(0.5)
+    assert p.comm_seconds == pytest.approx(0.08)
+    assert p.clocks == 13
+    assert p.startup_seconds == pytest.approx(13.5)
+    assert p.refined_seconds == pytest.approx(13.5 + 13 * 0.58)
+
+
+def test_model_size_scales_compute_and_bytes():
+    cost = CostModel(CAL)
+    big = Job(params=1500, tokens=10, steps=100)
+    lock, mean = cost.compute(big, 1)
+    assert (lock, mean) == pytest.approx((0.15, 0.15))  # one probed size: compute proportional to work
+    assert cost.comm(big, 1, 1) == pytest.approx(0.015)  # between the probed 4000 and 8000 bytes
+    assert cost.comm(JOB, 1, 2) == pytest.approx(0.01)  # S=2 not probed: the nearest probed count
+
+
+def test_staleness_averaging_and_pipeline():
+    cost = CostModel(CAL)
+    asyn = Job(params=1000, tokens=10, steps=100, staleness=math.inf, average_gradients=False)
+    _, compute, comm = cost.clock(asyn, 4, 1)
+    assert compute == pytest.approx(0.2)  # no lockstep: the mean worker
+    assert comm == pytest.approx(0.04 + 3 * 4000 / 2e9)  # three more updates per clock at 2 GB/s
+    ssp = Job(params=1000, tokens=10, steps=100, staleness=2, average_gradients=False)
+    assert cost.clock(ssp, 4, 1)[1] == pytest.approx(0.2 + 0.05 / 3)
+    piped = Job(params=1000, tokens=10, steps=100, staleness=1, average_gradients=False, pipeline=True)
+    assert cost.clock(piped, 1, 1)[0] == pytest.approx(0.11)  # one worker fills both cores: nothing hidden
+    gpu = CostModel({**CAL, "settings": {"device": "cuda"}})
+    assert gpu.clock(piped, 1, 1)[0] == pytest.approx(0.1)  # compute on the GPU hides the 10 ms pull
+
+
+def test_recommend_prefers_fewer_processes_within_tolerance():
+    def pred(p, s, t):
+        return Prediction(p, s, 100, 0.0, t, 0.0, 0.0, 0.0, 0.0, 1)
+    preds = [pred(1, 1, 20.0), pred(1, 2, 20.5), pred(2, 1, 12.0), pred(2, 2, 11.8), pred(4, 1, 14.0), pred(4, 2, 14.5)]
+    pick, reason = recommend(preds, cores=2)
+    assert (pick.workers, pick.servers) == (2, 1)
+    assert reason == "P=2, S=1: 12 s predicted: P=4 is 17% slower (4 workers oversubscribe 2 cores); S=2 saves 2% only"
+    pick, reason = recommend(preds, cores=2, tolerance=0.0)
+    assert (pick.workers, pick.servers) == (2, 2)
+    assert "\n" not in reason
+    with pytest.raises(ValueError):
+        recommend([], cores=2)
+
+
+def test_lockstep_takes_the_slowest_worker_per_iteration():
+    lock, mean = lockstep([[1.0, 3.0, 2.0], [2.0, 1.0, 2.0]])
+    assert lock == pytest.approx(2.0)  # maxima 2, 3, 2
+    assert mean == pytest.approx(2.0)  # median of 1, 3, 2, 2, 1, 2
+
+
+def test_error_summary():
+    rows = [{"seed_error": e, "refined_error": e / 10} for e in (-0.5, 0.1, 0.3)]
+    assert error_summary(rows) == {"seed": {"median_abs": 0.3, "max_abs": 0.5},
+                                   "refined": {"median_abs": 0.03, "max_abs": 0.05}}
+
+
+def test_calibration_round_trip(tmp_path):
+    cal = {**CAL, "machine": {**machine(), "cpus": 2}}
+    path = tmp_path / "cal.json"
+    write_json(cal, path)
+    loaded = cli.load_calibration(cli.build_parser(), str(path))
+    assert loaded == json.loads(json.dumps(cal))
+    assert {"hostname", "cpus", "cpu_model", "torch", "gpu", "date"} <= set(loaded["machine"])
+    assert CostModel(loaded).predict(JOB, 4, 2) == CostModel(CAL).predict(JOB, 4, 2)
+
+
+def test_predict_cli_writes_rows(tmp_path, capsys):
+    path = tmp_path / "cal.json"
+    write_json(CAL, path)
+    out = tmp_path / "p.json"
+    assert cli.main(["predict", "--calibration", str(path), "--params", "1000", "--batch-size", "1", "--context", "10",
+                     "--steps", "100", "--workers", "1,2,4", "--servers", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["workers"], r["servers"]) for r in rows] == [(1, 1), (2, 1), (4, 1)]
+    assert rows[1]["refined_seconds"] == pytest.approx(17.5)
+    assert rows[1]["seed_formula_seconds"] == pytest.approx(5.5)
+    assert "recommended: P=2, S=1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--calibration", "{missing}"], "no calibration at"),
+    (["predict", "--calibration", "{notjson}"], "cannot read calibration"),
+    (["predict", "--calibration", "{wrong}"], "is not a ps-cost calibration"),
+    (["predict", "--calibration", "{incomplete}"], "is incomplete"),
+    (["predict", "--workers", "0,2"], "expected positive whole numbers"),
+    (["predict", "--staleness", "0", "--pipeline"], "--pipeline needs --staleness"),
+    (["predict", "--calibration", "{good}", "--d-model", "10", "--n-head", "4"], "not divisible"),
+    (["calibrate", "--models", "huge"], "unknown model 'huge'"),
+    (["calibrate", "--startup", "1-1"], "expected P:S pairs"),
+    (["validate", "--json", "x.json", "--models", "small,wide", "--steps", "1,2,3"], "gives 3 values for 2 models"),
+    (["validate", "--json", "x.json", "--steps", "2"], "at least the largest worker count"),
+    (["validate"], "required: --json"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    files = {"missing": tmp_path / "none.json", "notjson": tmp_path / "bad.json", "wrong": tmp_path / "wrong.json",
+             "incomplete": tmp_path / "inc.json", "good": tmp_path / "good.json"}
+    files["notjson"].write_text("{not json")
+    files["wrong"].write_text(json.dumps({"format": "other"}))
+    files["incomplete"].write_text(json.dumps({**CAL, "comm": []}))
+    files["good"].write_text(json.dumps(CAL))
+    argv = [a.format(**files) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err
