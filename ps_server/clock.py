@@ -11,7 +11,17 @@ when s >= 1).
 A live worker is one that registered and has not been silent longer than the
 heartbeat timeout; silent ones are evicted by `evict_silent` (run periodically) and no
 longer hold anyone back. A worker that registers again gets a new session and starts
-at the slowest live clock.
+at the slowest live clock, or at the clock it asks for (`start_clock`, its own clock)
+if that is later.
+
+After a restart (`load_state_dict`), the restored entries keep their clocks, so the
+slowest worker still bounds the others, but their sessions are refused (`restored`):
+the server lost every push applied after the checkpoint, so each worker must register
+again, at its own clock. That re-registration is the fast-forward rule: the worker's
+entry jumps from the checkpointed clock to the worker's clock, and the clocks in
+between are pushes this shard lost (the servicer counts them as lost updates). Pushes
+of the old session still in flight are refused, never applied twice. A restored
+worker that does not come back within the heartbeat timeout is evicted as usual.
 
 Not thread-safe: use it from the server's event loop only. `wait_readable` blocks
 (asynchronously) until the rule allows the read.
@@ -40,6 +50,7 @@ class Entry:
     session: int
     clock: int
     last_seen: float
+    restored: bool = False  # from a checkpoint: the session died with the old process
 
 
 class ClockTable:
@@ -64,10 +75,18 @@ class ClockTable:
         (or `start_clock` if that is later)."""
         others = [e.clock for w, e in self._entries.items() if w != worker_id]
         start = max(start_clock, min(others) if others else self._floor)
+        old = self._entries.get(worker_id)
+        if old is not None and old.restored and old.clock > start:
+            start = old.clock  # never behind what the checkpoint says it had pushed
         session = next(self._sessions)
         self._entries[worker_id] = Entry(session, start, self._now())
         self._notify()
         return session, start
+
+    def restored_clock(self, worker_id: str) -> int | None:
+        """The clock a checkpoint restored for this worker, while it has not registered again."""
+        entry = self._entries.get(worker_id)
+        return entry.clock if entry is not None and entry.restored else None
 
     def check(self, worker_id: str, session: int) -> Entry:
         """The live entry of (worker, session), refreshed as a sign of life."""
@@ -76,6 +95,9 @@ class ClockTable:
             raise UnknownWorker(f"unknown worker {worker_id!r}: not registered or evicted; register again")
         if entry.session != session:
             raise UnknownWorker(f"worker {worker_id!r} session {session} is stale (current {entry.session}); register again")
+        if entry.restored:
+            raise UnknownWorker(f"worker {worker_id!r}: this shard restarted from its checkpoint (clock {entry.clock}); "
+                                "register again")
         entry.last_seen = self._now()
         return entry
 
@@ -193,9 +215,9 @@ class ClockTable:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore clocks; restored workers count as just seen (they get one timeout to return)."""
+        """Restore clocks; restored workers count as just seen (they get one timeout to register again)."""
         now = self._now()
-        self._entries = {w: Entry(s, c, now) for w, (s, c) in state["clocks"].items()}
+        self._entries = {w: Entry(s, c, now, restored=True) for w, (s, c) in state["clocks"].items()}
         self._floor = int(state["floor"])
         self.staleness = float(state["staleness"])
 

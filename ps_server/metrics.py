@@ -96,6 +96,9 @@ class ServerMetrics:
                                           "Update staleness of each pushed gradient: shard version when applied "
                                           "minus the version it was computed from.", STALENESS_BUCKETS)
         self.evictions = counter("asyncps_server_evictions_total", "Workers evicted after the heartbeat timeout.")
+        self.lost_updates = counter("asyncps_server_lost_updates_total",
+                                    "Updates this shard applied, then lost in a restart (missing from the restored "
+                                    "checkpoint), as reported by the workers that saw them.")
         self.checkpoints = counter("asyncps_server_checkpoints_total", "Checkpoints written.")
         self.checkpoint_failures = counter("asyncps_server_checkpoint_failures_total", "Checkpoint writes that failed.")
         self.checkpoint_seconds = histogram("asyncps_server_checkpoint_duration_seconds",

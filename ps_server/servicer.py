@@ -6,6 +6,12 @@ threads so the loop keeps answering while it runs. Every rejection uses
 `context.abort` with the status code SPEC lists, and a rejected request changes
 nothing: a push is staged in a private buffer, validated whole, then applied under
 the apply lock, so it lands whole or not at all and never twice.
+
+Restarts: a shard restored from its checkpoint refuses the old sessions (see
+`ps_server.clock`), so every worker registers again; a worker that registers with the
+highest version it saw from the previous process (`seen_version`, `seen_incarnation`)
+tells the shard how many applied updates the restore lost (`lost_updates`: that version
+minus the restored one, the largest any worker reports), kept across checkpoints.
 """
 
 from __future__ import annotations
@@ -68,6 +74,10 @@ class Servicer:
         self.pushes_applied = 0
         self.pushes_rejected = 0
         self.checkpoint_version = 0
+        self.incarnation = time.time_ns()  # names this process; a restarted server has another
+        self.restored_version: int | None = None
+        self.lost_updates = 0  # updates lost to restarts (earlier restarts' count comes from the checkpoint)
+        self._lost_before = 0
         self._aggregator = Aggregator()  # used when the optimizer averages gradients across workers
         self._apply_lock = asyncio.Lock()
         self._init_lock = asyncio.Lock()
@@ -96,7 +106,8 @@ class Servicer:
             )
         self.store = ShardStore.from_state_dict(state["store"])
         self.clocks.load_state_dict(state["clocks"])
-        self.checkpoint_version = self.store.version
+        self.checkpoint_version = self.restored_version = self.store.version
+        self.lost_updates = self._lost_before = int(state.get("lost_updates", 0))
         self.metrics.last_checkpoint.set(time.time())
         log.info("restored shard %d at version %d from %s", self.cfg.shard_index, self.store.version, path)
         return True
@@ -114,7 +125,7 @@ class Servicer:
                 store_state = await asyncio.to_thread(self.store.state_dict)
                 clocks = self.clocks.state_dict()
             state = {"shard_index": self.cfg.shard_index, "num_shards": self.cfg.num_shards,
-                     "store": store_state, "clocks": clocks}
+                     "store": store_state, "clocks": clocks, "lost_updates": self.lost_updates}
             try:
                 await asyncio.to_thread(checkpoint.save, path, state)
             except OSError:
@@ -155,7 +166,7 @@ class Servicer:
         Call under the apply lock.
         """
         m = self.metrics
-        for bucket in self._aggregator.complete(set(self.clocks.clocks())):
+        for bucket in self._aggregator.complete({w: e.clock for w, e in self.clocks.clocks().items()}):
             before = self.store.version
             await asyncio.to_thread(self.store.apply, bucket.total, bucket.read_version, len(bucket.contributors))
             m.updates.inc()
@@ -233,11 +244,28 @@ class Servicer:
                 raise _Reject(Code.INVALID_ARGUMENT, "worker_id must not be empty")
             if self.store is not None:
                 self._store_for(request.plan_hash)
+            restored_clock = self.clocks.restored_clock(request.worker_id)
             session, clock = self.clocks.register(request.worker_id, request.start_clock)
+            self._count_lost(request)
+            if restored_clock is not None and clock > restored_clock:
+                log.warning("worker %s re-registered after the restart at clock %d: its pushes of clocks %d..%d "
+                            "were lost with the old process", request.worker_id, clock, restored_clock, clock - 1)
             log.info("worker %s registered (session %d) at clock %d", request.worker_id, session, clock)
             return pb.RegisterResponse(session=session, clock=clock, staleness=self.clocks.staleness,
-                                       heartbeat_timeout_seconds=self.cfg.heartbeat_timeout)
+                                       heartbeat_timeout_seconds=self.cfg.heartbeat_timeout,
+                                       incarnation=self.incarnation)
         return await self._guard(context, body())
+
+    def _count_lost(self, request: pb.RegisterRequest) -> None:
+        """A worker back from an earlier process of this shard reports the last version it saw there."""
+        if self.restored_version is None or request.seen_incarnation in (0, self.incarnation):
+            return
+        lost = self._lost_before + max(0, request.seen_version - self.restored_version)
+        if lost > self.lost_updates:
+            log.warning("shard %d lost %d updates in its restart: a worker saw version %d, the checkpoint held %d",
+                        self.cfg.shard_index, lost - self._lost_before, request.seen_version, self.restored_version)
+            self.metrics.lost_updates.inc(lost - self.lost_updates)
+            self.lost_updates = lost
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         async def body():
@@ -278,6 +306,11 @@ class Servicer:
                     self.clocks.staleness = head.staleness
                 log.info("shard %d initialized by %s: %d elements, %s", self.cfg.shard_index, head.worker_id,
                          head.numel, head.optimizer.name)
+                if self.checkpoint_file:  # a restart before the first periodic checkpoint keeps the model
+                    try:
+                        await self.checkpoint_now()
+                    except OSError as exc:
+                        log.error("checkpoint after Init failed: %s", exc)
                 return self._init_response(accepted=True)
         return await self._guard(context, body())
 
@@ -359,6 +392,7 @@ class Servicer:
             pushes_rejected=self.pushes_rejected, evictions=c.evictions,
             weights_checksum=(await asyncio.to_thread(s.checksum)) if s and request.include_checksum else 0.0,
             optimizer=s.config if s else None, checkpoint_version=self.checkpoint_version,
+            lost_updates=self.lost_updates, incarnation=self.incarnation, restored_version=self.restored_version,
         )
 
     async def Checkpoint(self, request: pb.CheckpointRequest, context) -> pb.CheckpointResponse:

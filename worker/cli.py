@@ -103,6 +103,9 @@ def build_parser() -> FlagParser:
     p.env_flag("threads", type=non_negative(int), default=0, help="torch threads (0: torch's default)")
     p.env_flag("slowdown", type=positive(float), default=1.0, help="straggler factor: sleep (F-1) x compute per step")
     p.env_flag("report", help="append JSON-lines progress to this file")
+    p.env_flag("report-every", type=non_negative(float), default=0.5, help="seconds between progress lines (0: every step)")
+    p.env_flag("first-step", type=non_negative(int), default=0,
+               help="steps an earlier life of this worker already did (a restart runs --steps minus these)")
     p.env_flag("retry-seconds", type=non_negative(float), default=60.0, help="how long to retry an unavailable server")
     add_metrics_flags(p, "127.0.0.1", "address for /metrics (0.0.0.0: every interface)")
     p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rank >= args.world:
         p.error(f"--rank {args.rank} must be below --world {args.world}")
     check_training_args(p, args)
+    if args.first_step >= args.steps:
+        p.error(f"--first-step {args.first_step} leaves nothing of --steps {args.steps} to do")
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s ps-worker[{args.rank}] %(levelname)s %(message)s")
     servers = [a.strip() for a in args.servers.split(",") if a.strip()]
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         task=task_config(args), data=args.data, rank=args.rank, world=args.world, worker_id=worker_id,
         staleness=args.staleness, pipeline=args.pipeline, batch_size=args.batch_size, steps=args.steps,
         device=args.device, seed=args.seed, threads=args.threads, slowdown=args.slowdown, report=args.report,
+        report_every=args.report_every, first_step=args.first_step,
         options=CallOptions(retry_seconds=args.retry_seconds), metrics=metrics,
     )
     try:

@@ -111,6 +111,8 @@ class PSClient:
         self._free_grads = [torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin) for _ in range(self.max_inflight)]
         self._sessions: list[int] = []
         self._read_versions: list[int] = [0] * len(servers)
+        self._incarnations: list[int] = [0] * len(servers)   # each shard's server process, from Register
+        self._seen_versions: list[int] = [0] * len(servers)  # highest version seen from that process
         self._servers = list(servers)
         self._shards: list[ShardClient] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -170,14 +172,23 @@ class PSClient:
         await self._register()
 
     async def _register(self) -> None:
-        """Register with every shard at one common clock: the latest of their slowest clocks."""
-        start = 0
+        """Register with every shard at one common clock: the latest of their slowest clocks and our own.
+
+        Each shard is told the highest version this worker saw from it (and from which
+        server process): a shard restarted from an older checkpoint counts the gap as lost.
+        """
+        start = self.clock
         while True:
-            resps = await asyncio.gather(*(s.register(self.worker_id, self.plan.hash, start) for s in self._shards))
+            resps = await asyncio.gather(*(
+                s.register(self.worker_id, self.plan.hash, start, self._seen_versions[s.index], self._incarnations[s.index])
+                for s in self._shards))
             clocks = {r.clock for r in resps}
             if len(clocks) == 1:
                 break
             start = max(clocks)
+        for r, s in zip(resps, self._shards):
+            if r.incarnation != self._incarnations[s.index]:
+                self._incarnations[s.index], self._seen_versions[s.index] = r.incarnation, 0
         self._sessions = [r.session for r in resps]
         self.clock = resps[0].clock
         self.staleness = resps[0].staleness
@@ -225,9 +236,16 @@ class PSClient:
         except RpcFailed as exc:
             if not exc.evicted:
                 raise
-            self._rejoin()
-            heads = self._take_pull(self.clock).result()
+            for attempt in range(3):  # another shard may refuse the session too (it restarted as well)
+                self._rejoin()
+                try:
+                    heads = self._take_pull(self.clock).result()
+                    break
+                except RpcFailed as again:
+                    if not again.evicted or attempt == 2:
+                        raise
         self._read_versions = [h.version for h in heads]
+        self._seen_versions = [max(a, b) for a, b in zip(self._seen_versions, self._read_versions)]
         waited = max(h.waited_seconds for h in heads)
         self.stats.bound_wait_seconds += waited
         self.metrics.bound_wait_seconds.inc(waited)
@@ -373,6 +391,8 @@ class PSClient:
             m.push_seconds[i].observe(time.perf_counter() - t0)
             if resp is not None:
                 self.stats.max_update_staleness = max(self.stats.max_update_staleness, resp.staleness)
+                if session == self._sessions[shard.index]:  # a version of the process we registered with
+                    self._seen_versions[shard.index] = max(self._seen_versions[shard.index], resp.version)
             return resp
         try:
             return list(await asyncio.gather(*(one(s, sess, v) for s, sess, v in
@@ -381,10 +401,12 @@ class PSClient:
             self._free_grads.append(grad)
 
     async def _heartbeat_loop(self) -> None:
+        """One heartbeat per shard per interval, never retried: a shard that is down must not
+        delay the others' heartbeats (they would evict this worker meanwhile)."""
         while True:
             await asyncio.sleep(self._hb_interval)
-            results = await asyncio.gather(*(s.heartbeat(self.worker_id, sess) for s, sess in
-                                             zip(self._shards, self._sessions)), return_exceptions=True)
+            results = await asyncio.gather(*(s.heartbeat(self.worker_id, sess, timeout=max(1.0, 2 * self._hb_interval))
+                                             for s, sess in zip(self._shards, self._sessions)), return_exceptions=True)
             for r in results:
                 if isinstance(r, RpcFailed) and r.evicted:
                     self._evicted = True

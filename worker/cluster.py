@@ -9,11 +9,20 @@ a free port of its own (`--no-metrics`: none); their addresses are printed at st
 listed in summary.json's `metrics`. Every process it started is stopped on success, on
 any process's failure (whose log tail is shown) and on Ctrl-C; children also die
 with the launcher if it is killed outright.
+
+Restart policy (like compose's `restart: on-failure`): a server or worker that exits
+with a non-zero status or is killed is started again, up to --max-restarts times each
+(0: the first failure stops the whole cluster). A server comes back on the same port
+and checkpoint folder, so it restores its latest checkpoint; a worker comes back with
+the same rank and id and `--first-step` set to the steps its report says it finished,
+so the cluster still does --steps in all. summary.json counts `restarts` per process
+and the servers' `lost_updates`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -48,6 +57,8 @@ def build_parser() -> FlagParser:
     p.env_flag("heartbeat-timeout", type=positive(float), default=10.0, help="seconds before a silent worker is evicted")
     p.env_flag("checkpoint-interval", type=positive(float), default=30.0, help="seconds between server checkpoints")
     p.env_flag("eval-windows", type=positive(int), default=64, help="held-out windows for the final loss")
+    p.env_flag("max-restarts", type=non_negative(int), default=3,
+               help="restarts allowed per failed server or worker (0: a failure stops the cluster)")
     p.env_switch("resume", default=False, help="continue from the checkpoints already in --out")
     p.env_switch("progress", default=True, help="show the live progress bar")
     p.env_switch("metrics", default=True, help="give every server and worker a Prometheus /metrics port")
@@ -65,6 +76,7 @@ class Cluster:
         self.children = Children(out / "logs")
         self.addresses: list[str] = []
         self.metrics: dict[str, str] = {}  # process name -> its /metrics URL
+        self.restarts: dict[str, int] = {}  # process name -> times restarted
 
     def _metrics_argv(self, name: str) -> list[str]:
         if not self.args.metrics:
@@ -123,7 +135,7 @@ class Cluster:
             workers.append(self.children.start(f"worker-{r}", "worker.cli", [
                 "--servers", ",".join(self.addresses), "--rank", str(r), "--world", str(a.workers),
                 "--worker-id", f"worker-{r}", "--steps", str(max(1, steps)), "--threads", str(threads),
-                "--report", str(report), *self._metrics_argv(f"worker-{r}"), *training_argv(a)]))
+                "--report", str(report), "--report-every", "0", *self._metrics_argv(f"worker-{r}"), *training_argv(a)]))
         return workers
 
     @staticmethod
@@ -131,6 +143,50 @@ class Cluster:
         code = child.exited()
         if code not in (None, 0):
             raise ClusterFailed(f"{child.name} failed with exit code {code}; its log ends:\n{child.log_tail()}")
+
+    def _supervise(self, child) -> None:
+        """Restart `child` if it failed and has restarts left; raise ClusterFailed if none are left."""
+        code = child.exited()
+        if code in (None, 0):
+            return
+        n = self.restarts.get(child.name, 0)
+        if n >= self.args.max_restarts:
+            if n:
+                raise ClusterFailed(f"{child.name} failed with exit code {code} after {n} restarts "
+                                    f"(--max-restarts {self.args.max_restarts}); its log ends:\n{child.log_tail()}")
+            self._check(child)
+        self.restarts[child.name] = n + 1
+        log.warning("%s exited with code %s: restart %d of %d", child.name, code, n + 1, self.args.max_restarts)
+        self.children.restart(child, self._restart_args(child))
+
+    def _servers_serving(self) -> None:
+        """Before the final report: every server up (restarted if it just failed) and serving."""
+        for child, address in zip(self.children.items, self.addresses):
+            self._supervise(child)
+            try:
+                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None)
+            except RuntimeError:
+                self._check(child)
+
+    def _restart_args(self, child) -> list[str]:
+        """The child's command line for its next life: same port (server), remaining steps (worker)."""
+        args = list(child.args)
+
+        def put(flag: str, value: str) -> None:
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args.extend([flag, value])
+
+        if child.name.startswith("server-"):
+            i = int(child.name.split("-")[1])
+            put("--port", self.addresses[i].rsplit(":", 1)[1])
+        else:
+            steps = int(args[args.index("--steps") + 1])  # one step redone if it died after its last one
+            put("--first-step", str(min(steps - 1, _steps_reported(self.out / "logs" / f"{child.name}.jsonl"))))
+        if child.name in self.metrics:  # keep the scrape target where Prometheus looks
+            put("--metrics-port", self.metrics[child.name].rsplit(":", 1)[1].split("/")[0])
+        return args
 
     def run(self) -> dict:
         start = time.monotonic()
@@ -143,15 +199,19 @@ class Cluster:
             monitor = Monitor(self.args, self.out, stubs, workers)
             while True:
                 for c in self.children.items:
-                    self._check(c)
+                    self._supervise(c)
                 monitor.poll(time.monotonic() - start)
                 if all(w.exited() == 0 for w in workers):
                     break
                 time.sleep(0.5)
             monitor.close()
+            self._servers_serving()
             summary = final_report(self.args, self.out, self.addresses, monitor, task_config(self.args))
             statuses = [s.Status(pb.StatusRequest(), timeout=10) for s in stubs]
             summary["max_clock_gap"] = max(st.max_read_gap for st in statuses)
+            summary["lost_updates"] = sum(st.lost_updates for st in statuses)
+            summary["lost_updates_by_server"] = {f"server-{st.shard_index}": st.lost_updates for st in statuses}
+            summary["restarts"] = {c.name: self.restarts.get(c.name, 0) for c in self.children.items}
         finally:
             for c in channels:
                 c.close()
@@ -160,6 +220,23 @@ class Cluster:
         summary["metrics"] = self.metrics
         write_summary(self.out, summary)
         return summary
+
+
+def _steps_reported(report: Path) -> int:
+    """The last step a worker's JSON-lines report says it finished (0: none)."""
+    step = 0
+    try:
+        lines = report.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # the last line may be torn by the kill
+        if rec.get("event") == "progress":
+            step = max(step, int(rec["step"]))
+    return step
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,9 @@ Each child runs in its own session (so a terminal's Ctrl-C reaches only the
 launcher, which then stops the children in order) and is tied to the launcher's
 life with Linux's parent-death signal: even if the launcher is killed with SIGKILL,
 its children get SIGTERM and no orphan is left. Output goes to one log file per
-child. Not thread-safe; used from the launcher's main thread.
+child. `restart` runs a failed child again in place (same name, log appended, the
+arguments it is given), which is how `ps-cluster`'s restart policy works. Not
+thread-safe; used from the launcher's main thread.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Child:
     args: list[str]
     log: Path
     proc: subprocess.Popen
+    env: dict[str, str] | None = None
 
     def exited(self) -> int | None:
         return self.proc.poll()
@@ -55,13 +58,18 @@ class Children:
     def start(self, name: str, module: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         log = self.log_dir / f"{name}.log"
         args = [sys.executable, "-m", module, *argv]
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        child = Child(name, args, log, proc)
+        child = Child(name, args, log, _spawn(args, log, env), env)
         self.items.append(child)
         return child
+
+    def restart(self, child: Child, args: list[str] | None = None) -> None:
+        """Start `child` again (it must have exited) with `args` (default: its last ones)."""
+        if child.proc.poll() is None:
+            raise RuntimeError(f"{child.name} is still running")
+        child.args = args or child.args
+        with open(child.log, "ab") as out:
+            out.write(f"--- restarted: {' '.join(child.args[1:])}\n".encode())
+        child.proc = _spawn(child.args, child.log, child.env)
 
     def stop(self, children: list[Child], grace: float) -> None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left (whole process groups)."""
@@ -80,6 +88,13 @@ class Children:
 
     def stop_all(self, grace: float = 10.0) -> None:
         self.stop(self.items, grace)
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:

@@ -65,21 +65,33 @@ class ShardClient:
         self._channel = grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", opts.max_message_bytes),
             ("grpc.max_send_message_length", opts.max_message_bytes),
+            # reconnect to a restarted server within a second, not after gRPC's default backoff (up to 120 s)
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ])
         self.stub = service.Stub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
 
-    async def call(self, method: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run `attempt()` (one whole RPC) until it succeeds or fails for good."""
-        deadline = time.monotonic() + self.opts.retry_seconds
+    async def call(self, method: str, attempt: Callable[[], Awaitable[T]], retry_seconds: float | None = None) -> T:
+        """Run `attempt()` (one whole RPC) until it succeeds or fails for good.
+
+        UNAVAILABLE is retried for `retry_seconds` (default: the options') counted from the
+        first failure, so a pull that waited long under the bound still gets the whole budget
+        when its server dies (and comes back: a restarted shard).
+        """
+        budget = self.opts.retry_seconds if retry_seconds is None else retry_seconds
+        deadline = None
         backoff = self.opts.backoff_initial
         while True:
             try:
                 return await attempt()
             except grpc.aio.AioRpcError as err:
                 code = err.code()
+                if deadline is None:
+                    deadline = time.monotonic() + budget
                 if code == grpc.StatusCode.UNAVAILABLE and time.monotonic() + backoff < deadline:
                     self.retries += 1
                     log.warning("%s to %s unavailable (%s); retrying in %.2fs", method, self.address, err.details(), backoff)
@@ -93,13 +105,17 @@ class ShardClient:
     async def status(self) -> pb.StatusResponse:
         return await self.call("Status", lambda: self.stub.Status(pb.StatusRequest(), timeout=self.opts.timeout))
 
-    async def register(self, worker_id: str, plan_hash: str, start_clock: int = 0) -> pb.RegisterResponse:
-        req = pb.RegisterRequest(worker_id=worker_id, plan_hash=plan_hash, start_clock=start_clock)
+    async def register(self, worker_id: str, plan_hash: str, start_clock: int = 0, seen_version: int = 0,
+                       seen_incarnation: int = 0) -> pb.RegisterResponse:
+        req = pb.RegisterRequest(worker_id=worker_id, plan_hash=plan_hash, start_clock=start_clock,
+                                 seen_version=seen_version, seen_incarnation=seen_incarnation)
         return await self.call("Register", lambda: self.stub.Register(req, timeout=self.opts.timeout))
 
-    async def heartbeat(self, worker_id: str, session: int) -> pb.HeartbeatResponse:
+    async def heartbeat(self, worker_id: str, session: int, timeout: float | None = None) -> pb.HeartbeatResponse:
+        """One attempt, not retried (the next heartbeat is the retry)."""
         req = pb.HeartbeatRequest(worker_id=worker_id, session=session)
-        return await self.call("Heartbeat", lambda: self.stub.Heartbeat(req, timeout=self.opts.timeout))
+        return await self.call("Heartbeat", lambda: self.stub.Heartbeat(req, timeout=timeout or self.opts.timeout),
+                               retry_seconds=0)
 
     async def leave(self, worker_id: str, session: int) -> None:
         req = pb.LeaveRequest(worker_id=worker_id, session=session)

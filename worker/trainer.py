@@ -47,6 +47,7 @@ class WorkerConfig:
     slowdown: float = 1.0            # >1: sleep (slowdown-1) x compute time per step (a straggler)
     report: str | None = None        # JSON-lines progress file
     report_every: float = 0.5        # seconds between progress lines
+    first_step: int = 0              # steps done by an earlier life of this worker (ps-cluster restarted it)
     metrics: WorkerMetrics | None = None  # Prometheus metrics to record into (PSClient makes its own if None)
     options: CallOptions = field(default_factory=CallOptions)
 
@@ -86,7 +87,8 @@ def train(cfg: WorkerConfig) -> dict:
         raise ValueError(f"worker {cfg.rank} of {cfg.world} gets only {part.numel()} training bytes; use fewer workers or more data")
     torch.manual_seed(cfg.seed)  # every worker builds the same initial model; the first Init wins
     model = ByteGPT(cfg.task).to(device)
-    stream = BatchStream(part, cfg.batch_size, cfg.task.context, seed=cfg.seed * 1000 + cfg.rank + 1)
+    # a restarted worker (first_step > 0) draws fresh batches rather than replaying its first ones
+    stream = BatchStream(part, cfg.batch_size, cfg.task.context, seed=cfg.seed * 1000 + cfg.rank + 1 + 7919 * cfg.first_step)
     report = _Report(cfg.report)
     t_task = t_comm = 0.0
     losses: list[float] = []
@@ -96,9 +98,9 @@ def train(cfg: WorkerConfig) -> dict:
                       worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options, metrics=cfg.metrics) as ps:
             metrics = ps.metrics
             metrics.target_steps.set(cfg.steps)
-            report.write(event="start", rank=cfg.rank, clock=ps.clock, device=str(device),
+            report.write(event="start", rank=cfg.rank, clock=ps.clock, first_step=cfg.first_step, device=str(device),
                          params=sum(p.numel() for p in model.parameters()), t=0.0)
-            for step in range(cfg.steps):
+            for step in range(cfg.first_step, cfg.steps):
                 t0 = time.perf_counter()
                 ps.pull()
                 t1 = time.perf_counter()
@@ -121,16 +123,16 @@ def train(cfg: WorkerConfig) -> dict:
                     recent = losses[-20:]
                     report.write(event="progress", rank=cfg.rank, step=step + 1, clock=ps.clock,
                                  loss=sum(recent) / len(recent), t=t4 - start,
-                                 samples=(step + 1) * cfg.batch_size, t_task=t_task, t_comm=t_comm)
+                                 samples=(step + 1 - cfg.first_step) * cfg.batch_size, t_task=t_task, t_comm=t_comm)
             t5 = time.perf_counter()
             ps.wait()
             t_comm += time.perf_counter() - t5
             stats = ps.stats
         n = max(1, len(losses))
-        result = dict(event="done", rank=cfg.rank, steps=len(losses), t=time.perf_counter() - start,
+        result = dict(event="done", rank=cfg.rank, steps=cfg.first_step + len(losses), t=time.perf_counter() - start,
                       t_task_seconds=t_task / n, t_comm_seconds=t_comm / n,
                       bound_wait_seconds=stats.bound_wait_seconds / n, final_loss=sum(losses[-20:]) / len(losses[-20:]) if losses else None,
-                      samples=len(losses) * cfg.batch_size, reregistrations=stats.reregistrations,
+                      first_step=cfg.first_step, samples=len(losses) * cfg.batch_size, reregistrations=stats.reregistrations,
                       pushes_dropped=stats.pushes_dropped, max_update_staleness=stats.max_update_staleness)
         report.write(**result)
         return result

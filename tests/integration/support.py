@@ -99,10 +99,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def start_worker(procs, servers: list[str], worker_id: str, steps: int, directory: Path, *, sleep: float = 0.0,
                  staleness: float | str = "inf", hold: bool = False, gate: Path | None = None,
-                 average: bool = False) -> tuple[subprocess.Popen, dict[str, Path]]:
-    """Launch worker_proc.py as its own process (own process group, reaped by `procs`)."""
-    files = {name: directory / f"{worker_id}.{name}" for name in ("ready", "done", "hold", "log")}
-    args = [sys.executable, str(WORKER_SCRIPT), "--servers", ",".join(servers), "--worker-id", worker_id,
+                 average: bool = False, prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen, dict[str, Path]]:
+    """Launch worker_proc.py as its own process (own process group, reaped by `procs`).
+
+    `prefix` goes before the command (e.g. `ip netns exec NS`); `files["stats"]` gets the
+    worker's push counts (JSON) when it finishes."""
+    files = {name: directory / f"{worker_id}.{name}" for name in ("ready", "done", "hold", "log", "stats")}
+    args = [*prefix, sys.executable, str(WORKER_SCRIPT), "--stats", str(files["stats"]), "--servers", ",".join(servers), "--worker-id", worker_id,
             "--steps", str(steps), "--sleep", str(sleep), "--staleness", str(staleness),
             "--ready", str(files["ready"]), "--done", str(files["done"])]
     if gate is not None:

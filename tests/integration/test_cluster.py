@@ -89,7 +89,8 @@ def test_cluster_trains_exports_and_cleans_up(tmp_path, corpus, procs):
 
 def test_failed_worker_stops_the_whole_cluster(tmp_path, corpus, procs):
     out = tmp_path / "run"
-    proc = procs.popen(cluster_cmd(out, corpus, 100000), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = procs.popen(cluster_cmd(out, corpus, 100000, "--max-restarts", "0"), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
     report = out / "logs" / "worker-1.jsonl"
     wait_until(lambda: report.exists() and '"progress"' in report.read_text(), 120, "worker-1 to train")
     victims = [p for p in processes_mentioning(str(out)) if "--worker-id worker-1" in

@@ -16,6 +16,7 @@ until that file exists. Exits 0 on success, 3 if a wait runs out.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import zlib
@@ -61,6 +62,7 @@ def main() -> int:
     ap.add_argument("--done", type=Path)
     ap.add_argument("--hold", type=Path)
     ap.add_argument("--average", action="store_true", help="gradient averaging across workers")
+    ap.add_argument("--stats", type=Path, help="write push counts here (JSON) at the end")
     args = ap.parse_args()
 
     model = small_model()
@@ -74,6 +76,7 @@ def main() -> int:
             write_atomically(args.ready, str(ps.clock))
         if args.go:
             wait_for(args.go, "the go signal")
+        tickets = []
         for _ in range(args.steps):
             ps.pull()
             x = torch.randn(16, 8, generator=gen)
@@ -81,8 +84,13 @@ def main() -> int:
             torch.nn.functional.mse_loss(model(x), y).backward()
             if args.sleep:
                 time.sleep(args.sleep)  # slowed on purpose: this worker is the straggler
-            ps.push()
+            tickets.append(ps.push())
         ps.wait()
+        if args.stats:  # a push a shard refused (evicted session) or had already applied answers None
+            answers = [r for t in tickets for r in t.wait()]
+            write_atomically(args.stats, json.dumps({
+                "pushes": len(tickets), "accepted": sum(r is not None for r in answers),
+                "refused": ps.stats.pushes_dropped, "reregistrations": ps.stats.reregistrations, "clock": ps.clock}))
         if args.done:
             write_atomically(args.done, str(ps.clock))
         if args.hold:

@@ -344,8 +344,10 @@ def test_state_dict_round_trip(tmp_path) -> None:
     assert restored.staleness == math.inf
     assert {w: (e.session, e.clock) for w, e in restored.clocks().items()} == {"a": (ss["a"], 5), "b": (ss["b"], 3)}
     assert restored.min_clock() == table.min_clock() == 3
-    # Restored workers count as just seen, keep their sessions, and are evicted only after a timeout.
-    assert restored.check("a", ss["a"]).clock == 5
+    # Restored workers count as just seen and are evicted only after a timeout, but their
+    # sessions died with the old process: they must register again.
+    with pytest.raises(UnknownWorker, match="restarted"):
+        restored.check("a", ss["a"])
     now2.t = 1000.9
     assert restored.evict_silent() == []
     now2.t = 1001.5
@@ -362,3 +364,22 @@ def test_parse_staleness_accepts(text: str, value: float) -> None:
 def test_parse_staleness_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_staleness(text)
+
+
+def test_restored_worker_registers_again_at_its_own_clock() -> None:
+    """The fast-forward rule: after a restore, a worker re-registers at the clock it reached
+    (the pushes in between died with the old process), never behind the checkpointed clock."""
+    table, ss = table_with({"a": 5, "b": 3}, staleness=0, timeout=10.0)
+    restored = ClockTable(0, 10.0)
+    restored.load_state_dict(table.state_dict())
+    assert restored.restored_clock("a") == 5
+    session, clock = restored.register("a", start_clock=9)
+    assert clock == 9 and restored.restored_clock("a") is None
+    assert restored.check("a", session).clock == 9
+    # b is still the restored entry at 3: it holds a back (s = 0) until it registers again
+    assert not restored.can_read("a", 9) and restored.min_clock() == 3
+    with pytest.raises(UnknownWorker):
+        restored.check_push("b", ss["b"], 3)  # a push of the old session is refused, not applied
+    assert restored.register("b", start_clock=0)[1] == 9  # a fresh process starts at the slowest live clock
+    assert restored.can_read("a", 9)
+

@@ -50,7 +50,7 @@ def test_stale_check_on_a_copy(proto_copy: Path, capsys) -> None:
     assert generate.stale_files(proto_copy) == []
     proto = proto_copy / generate.PROTO
     text = proto.read_text()
-    edited = text.replace("  uint64 start_clock = 3;", "  uint64 start_clock = 3;\n  uint32 added_in_test = 4;")
+    edited = text.replace("  uint64 start_clock = 3;", "  uint64 start_clock = 3;\n  uint32 added_in_test = 99;")
     assert edited != text
     proto.write_text(edited)
 

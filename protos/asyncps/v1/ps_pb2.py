@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprotos/asyncps/v1/ps.proto\x12\nasyncps.v1\"\xf2\x01\n\x0fOptimizerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\x11\n\tdampening\x18\x04 \x01(\x01\x12\x10\n\x08nesterov\x18\x05 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x07 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x08 \x01(\x01\x12\x0b\n\x03\x65ps\x18\t \x01(\x01\x12\x1a\n\x12staleness_aware_lr\x18\n \x01(\x08\x12\x19\n\x11\x61verage_gradients\x18\x0b \x01(\x08\x12\x16\n\x0ewarmup_updates\x18\x0c \x01(\r\"O\n\x0cTensorHeader\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.asyncps.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\"\xc0\x01\n\nInitHeader\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\r\x12\x12\n\nnum_shards\x18\x03 \x01(\r\x12\r\n\x05numel\x18\x04 \x01(\x04\x12.\n\toptimizer\x18\x05 \x01(\x0b\x32\x1b.asyncps.v1.OptimizerConfig\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x16\n\tstaleness\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_staleness\"h\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x04\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\r\n\x05\x63lock\x18\x04 \x01(\x04\x12\x14\n\x0cread_version\x18\x05 \x01(\x04\"W\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05numel\x18\x02 \x01(\x04\x12\x11\n\tmin_clock\x18\x03 \x01(\x04\x12\x16\n\x0ewaited_seconds\x18\x04 \x01(\x01\"\xbf\x01\n\x05\x46rame\x12&\n\x04init\x18\x01 \x01(\x0b\x32\x16.asyncps.v1.InitHeaderH\x00\x12&\n\x04push\x18\x02 \x01(\x0b\x32\x16.asyncps.v1.PushHeaderH\x00\x12&\n\x04pull\x18\x03 \x01(\x0b\x32\x16.asyncps.v1.PullHeaderH\x00\x12(\n\x06tensor\x18\x04 \x01(\x0b\x32\x18.asyncps.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0c\x42\x06\n\x04head\"L\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x13\n\x0bstart_clock\x18\x03 \x01(\x04\"h\n\x10RegisterResponse\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x11\n\tstaleness\x18\x03 \x01(\x01\x12!\n\x19heartbeat_timeout_seconds\x18\x04 \x01(\x01\"6\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x04\"<\n\x11HeartbeatResponse\x12\x11\n\tmin_clock\x18\x01 \x01(\x04\x12\x14\n\x0clive_workers\x18\x02 \x01(\r\"2\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x04\"\x0f\n\rLeaveResponse\"\x87\x01\n\x0cInitResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12.\n\toptimizer\x18\x04 \x01(\x0b\x32\x1b.asyncps.v1.OptimizerConfig\x12\x11\n\tstaleness\x18\x05 \x01(\x01\"2\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\"y\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x04\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\r\n\x05\x63lock\x18\x04 \x01(\x04\x12\x0f\n\x07own_lag\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\r\"K\n\x0bWorkerClock\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x1a\n\x12seconds_since_seen\x18\x03 \x01(\x01\")\n\rStatusRequest\x12\x18\n\x10include_checksum\x18\x01 \x01(\x08\"\xd2\x03\n\x0eStatusResponse\x12\x13\n\x0bshard_index\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x13\n\x0binitialized\x18\x03 \x01(\x08\x12\x11\n\tplan_hash\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\r\n\x05numel\x18\x06 \x01(\x04\x12\'\n\x06\x63locks\x18\x07 \x03(\x0b\x32\x17.asyncps.v1.WorkerClock\x12\x11\n\tmin_clock\x18\x08 \x01(\x04\x12\x14\n\x0clive_workers\x18\t \x01(\r\x12\x11\n\tstaleness\x18\n \x01(\x01\x12\x14\n\x0cmax_read_gap\x18\x0b \x01(\x04\x12\x14\n\x0cpulls_waited\x18\x0c \x01(\x04\x12\x14\n\x0cwait_seconds\x18\r \x01(\x01\x12\x16\n\x0epushes_applied\x18\x0e \x01(\x04\x12\x17\n\x0fpushes_rejected\x18\x0f \x01(\x04\x12\x11\n\tevictions\x18\x10 \x01(\x04\x12\x18\n\x10weights_checksum\x18\x11 \x01(\x01\x12.\n\toptimizer\x18\x12 \x01(\x0b\x32\x1b.asyncps.v1.OptimizerConfig\x12\x1a\n\x12\x63heckpoint_version\x18\x13 \x01(\x04\"\x13\n\x11\x43heckpointRequest\"3\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04*\x93\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT16\x10\x07\x12\x08\n\x04INT8\x10\x08\x12\t\n\x05UINT8\x10\t\x12\x08\n\x04\x42OOL\x10\n2\x92\x04\n\x0fParameterServer\x12\x45\n\x08Register\x12\x1b.asyncps.v1.RegisterRequest\x1a\x1c.asyncps.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.asyncps.v1.HeartbeatRequest\x1a\x1d.asyncps.v1.HeartbeatResponse\x12<\n\x05Leave\x12\x18.asyncps.v1.LeaveRequest\x1a\x19.asyncps.v1.LeaveResponse\x12\x35\n\x04Init\x12\x11.asyncps.v1.Frame\x1a\x18.asyncps.v1.InitResponse(\x01\x12\x35\n\x04Push\x12\x11.asyncps.v1.Frame\x1a\x18.asyncps.v1.PushResponse(\x01\x12\x34\n\x04Pull\x12\x17.asyncps.v1.PullRequest\x1a\x11.asyncps.v1.Frame0\x01\x12?\n\x06Status\x12\x19.asyncps.v1.StatusRequest\x1a\x1a.asyncps.v1.StatusResponse\x12K\n\nCheckpoint\x12\x1d.asyncps.v1.CheckpointRequest\x1a\x1e.asyncps.v1.CheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprotos/asyncps/v1/ps.proto\x12\nasyncps.v1\"\xf2\x01\n\x0fOptimizerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\x11\n\tdampening\x18\x04 \x01(\x01\x12\x10\n\x08nesterov\x18\x05 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x07 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x08 \x01(\x01\x12\x0b\n\x03\x65ps\x18\t \x01(\x01\x12\x1a\n\x12staleness_aware_lr\x18\n \x01(\x08\x12\x19\n\x11\x61verage_gradients\x18\x0b \x01(\x08\x12\x16\n\x0ewarmup_updates\x18\x0c \x01(\r\"O\n\x0cTensorHeader\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.asyncps.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\"\xc0\x01\n\nInitHeader\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\r\x12\x12\n\nnum_shards\x18\x03 \x01(\r\x12\r\n\x05numel\x18\x04 \x01(\x04\x12.\n\toptimizer\x18\x05 \x01(\x0b\x32\x1b.asyncps.v1.OptimizerConfig\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x16\n\tstaleness\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_staleness\"h\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x04\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\r\n\x05\x63lock\x18\x04 \x01(\x04\x12\x14\n\x0cread_version\x18\x05 \x01(\x04\"W\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05numel\x18\x02 \x01(\x04\x12\x11\n\tmin_clock\x18\x03 \x01(\x04\x12\x16\n\x0ewaited_seconds\x18\x04 \x01(\x01\"\xbf\x01\n\x05\x46rame\x12&\n\x04init\x18\x01 \x01(\x0b\x32\x16.asyncps.v1.InitHeaderH\x00\x12&\n\x04push\x18\x02 \x01(\x0b\x32\x16.asyncps.v1.PushHeaderH\x00\x12&\n\x04pull\x18\x03 \x01(\x0b\x32\x16.asyncps.v1.PullHeaderH\x00\x12(\n\x06tensor\x18\x04 \x01(\x0b\x32\x18.asyncps.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0c\x42\x06\n\x04head\"|\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x13\n\x0bstart_clock\x18\x03 \x01(\x04\x12\x14\n\x0cseen_version\x18\x04 \x01(\x04\x12\x18\n\x10seen_incarnation\x18\x05 \x01(\x04\"}\n\x10RegisterResponse\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x11\n\tstaleness\x18\x03 \x01(\x01\x12!\n\x19heartbeat_timeout_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bincarnation\x18\x05 \x01(\x04\"6\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x04\"<\n\x11HeartbeatResponse\x12\x11\n\tmin_clock\x18\x01 \x01(\x04\x12\x14\n\x0clive_workers\x18\x02 \x01(\r\"2\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x04\"\x0f\n\rLeaveResponse\"\x87\x01\n\x0cInitResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12.\n\toptimizer\x18\x04 \x01(\x0b\x32\x1b.asyncps.v1.OptimizerConfig\x12\x11\n\tstaleness\x18\x05 \x01(\x01\"2\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\"y\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x04\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\r\n\x05\x63lock\x18\x04 \x01(\x04\x12\x0f\n\x07own_lag\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\r\"K\n\x0bWorkerClock\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x1a\n\x12seconds_since_seen\x18\x03 \x01(\x01\")\n\rStatusRequest\x12\x18\n\x10include_checksum\x18\x01 \x01(\x08\"\xb1\x04\n\x0eStatusResponse\x12\x13\n\x0bshard_index\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x13\n\x0binitialized\x18\x03 \x01(\x08\x12\x11\n\tplan_hash\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\r\n\x05numel\x18\x06 \x01(\x04\x12\'\n\x06\x63locks\x18\x07 \x03(\x0b\x32\x17.asyncps.v1.WorkerClock\x12\x11\n\tmin_clock\x18\x08 \x01(\x04\x12\x14\n\x0clive_workers\x18\t \x01(\r\x12\x11\n\tstaleness\x18\n \x01(\x01\x12\x14\n\x0cmax_read_gap\x18\x0b \x01(\x04\x12\x14\n\x0cpulls_waited\x18\x0c \x01(\x04\x12\x14\n\x0cwait_seconds\x18\r \x01(\x01\x12\x16\n\x0epushes_applied\x18\x0e \x01(\x04\x12\x17\n\x0fpushes_rejected\x18\x0f \x01(\x04\x12\x11\n\tevictions\x18\x10 \x01(\x04\x12\x18\n\x10weights_checksum\x18\x11 \x01(\x01\x12.\n\toptimizer\x18\x12 \x01(\x0b\x32\x1b.asyncps.v1.OptimizerConfig\x12\x1a\n\x12\x63heckpoint_version\x18\x13 \x01(\x04\x12\x14\n\x0clost_updates\x18\x14 \x01(\x04\x12\x13\n\x0bincarnation\x18\x15 \x01(\x04\x12\x1d\n\x10restored_version\x18\x16 \x01(\x04H\x00\x88\x01\x01\x42\x13\n\x11_restored_version\"\x13\n\x11\x43heckpointRequest\"3\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04*\x93\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT16\x10\x07\x12\x08\n\x04INT8\x10\x08\x12\t\n\x05UINT8\x10\t\x12\x08\n\x04\x42OOL\x10\n2\x92\x04\n\x0fParameterServer\x12\x45\n\x08Register\x12\x1b.asyncps.v1.RegisterRequest\x1a\x1c.asyncps.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.asyncps.v1.HeartbeatRequest\x1a\x1d.asyncps.v1.HeartbeatResponse\x12<\n\x05Leave\x12\x18.asyncps.v1.LeaveRequest\x1a\x19.asyncps.v1.LeaveResponse\x12\x35\n\x04Init\x12\x11.asyncps.v1.Frame\x1a\x18.asyncps.v1.InitResponse(\x01\x12\x35\n\x04Push\x12\x11.asyncps.v1.Frame\x1a\x18.asyncps.v1.PushResponse(\x01\x12\x34\n\x04Pull\x12\x17.asyncps.v1.PullRequest\x1a\x11.asyncps.v1.Frame0\x01\x12?\n\x06Status\x12\x19.asyncps.v1.StatusRequest\x1a\x1a.asyncps.v1.StatusResponse\x12K\n\nCheckpoint\x12\x1d.asyncps.v1.CheckpointRequest\x1a\x1e.asyncps.v1.CheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.asyncps.v1.ps_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2300
-  _globals['_DTYPE']._serialized_end=2447
+  _globals['_DTYPE']._serialized_start=2464
+  _globals['_DTYPE']._serialized_end=2611
   _globals['_OPTIMIZERCONFIG']._serialized_start=43
   _globals['_OPTIMIZERCONFIG']._serialized_end=285
   _globals['_TENSORHEADER']._serialized_start=287
@@ -46,33 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAME']._serialized_start=759
   _globals['_FRAME']._serialized_end=950
   _globals['_REGISTERREQUEST']._serialized_start=952
-  _globals['_REGISTERREQUEST']._serialized_end=1028
-  _globals['_REGISTERRESPONSE']._serialized_start=1030
-  _globals['_REGISTERRESPONSE']._serialized_end=1134
-  _globals['_HEARTBEATREQUEST']._serialized_start=1136
-  _globals['_HEARTBEATREQUEST']._serialized_end=1190
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1192
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1252
-  _globals['_LEAVEREQUEST']._serialized_start=1254
-  _globals['_LEAVEREQUEST']._serialized_end=1304
-  _globals['_LEAVERESPONSE']._serialized_start=1306
-  _globals['_LEAVERESPONSE']._serialized_end=1321
-  _globals['_INITRESPONSE']._serialized_start=1324
-  _globals['_INITRESPONSE']._serialized_end=1459
-  _globals['_PUSHRESPONSE']._serialized_start=1461
-  _globals['_PUSHRESPONSE']._serialized_end=1511
-  _globals['_PULLREQUEST']._serialized_start=1513
-  _globals['_PULLREQUEST']._serialized_end=1634
-  _globals['_WORKERCLOCK']._serialized_start=1636
-  _globals['_WORKERCLOCK']._serialized_end=1711
-  _globals['_STATUSREQUEST']._serialized_start=1713
-  _globals['_STATUSREQUEST']._serialized_end=1754
-  _globals['_STATUSRESPONSE']._serialized_start=1757
-  _globals['_STATUSRESPONSE']._serialized_end=2223
-  _globals['_CHECKPOINTREQUEST']._serialized_start=2225
-  _globals['_CHECKPOINTREQUEST']._serialized_end=2244
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=2246
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=2297
-  _globals['_PARAMETERSERVER']._serialized_start=2450
-  _globals['_PARAMETERSERVER']._serialized_end=2980
+  _globals['_REGISTERREQUEST']._serialized_end=1076
+  _globals['_REGISTERRESPONSE']._serialized_start=1078
+  _globals['_REGISTERRESPONSE']._serialized_end=1203
+  _globals['_HEARTBEATREQUEST']._serialized_start=1205
+  _globals['_HEARTBEATREQUEST']._serialized_end=1259
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1261
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1321
+  _globals['_LEAVEREQUEST']._serialized_start=1323
+  _globals['_LEAVEREQUEST']._serialized_end=1373
+  _globals['_LEAVERESPONSE']._serialized_start=1375
+  _globals['_LEAVERESPONSE']._serialized_end=1390
+  _globals['_INITRESPONSE']._serialized_start=1393
+  _globals['_INITRESPONSE']._serialized_end=1528
+  _globals['_PUSHRESPONSE']._serialized_start=1530
+  _globals['_PUSHRESPONSE']._serialized_end=1580
+  _globals['_PULLREQUEST']._serialized_start=1582
+  _globals['_PULLREQUEST']._serialized_end=1703
+  _globals['_WORKERCLOCK']._serialized_start=1705
+  _globals['_WORKERCLOCK']._serialized_end=1780
+  _globals['_STATUSREQUEST']._serialized_start=1782
+  _globals['_STATUSREQUEST']._serialized_end=1823
+  _globals['_STATUSRESPONSE']._serialized_start=1826
+  _globals['_STATUSRESPONSE']._serialized_end=2387
+  _globals['_CHECKPOINTREQUEST']._serialized_start=2389
+  _globals['_CHECKPOINTREQUEST']._serialized_end=2408
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=2410
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=2461
+  _globals['_PARAMETERSERVER']._serialized_start=2614
+  _globals['_PARAMETERSERVER']._serialized_end=3144
 # @@protoc_insertion_point(module_scope)

@@ -129,26 +129,32 @@ class Frame(_message.Message):
     def __init__(self, init: _Optional[_Union[InitHeader, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "plan_hash", "start_clock")
+    __slots__ = ("worker_id", "plan_hash", "start_clock", "seen_version", "seen_incarnation")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     START_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    SEEN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEEN_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     plan_hash: str
     start_clock: int
-    def __init__(self, worker_id: _Optional[str] = ..., plan_hash: _Optional[str] = ..., start_clock: _Optional[int] = ...) -> None: ...
+    seen_version: int
+    seen_incarnation: int
+    def __init__(self, worker_id: _Optional[str] = ..., plan_hash: _Optional[str] = ..., start_clock: _Optional[int] = ..., seen_version: _Optional[int] = ..., seen_incarnation: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("session", "clock", "staleness", "heartbeat_timeout_seconds")
+    __slots__ = ("session", "clock", "staleness", "heartbeat_timeout_seconds", "incarnation")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     session: int
     clock: int
     staleness: float
     heartbeat_timeout_seconds: float
-    def __init__(self, session: _Optional[int] = ..., clock: _Optional[int] = ..., staleness: _Optional[float] = ..., heartbeat_timeout_seconds: _Optional[float] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, session: _Optional[int] = ..., clock: _Optional[int] = ..., staleness: _Optional[float] = ..., heartbeat_timeout_seconds: _Optional[float] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "session")
@@ -233,7 +239,7 @@ class StatusRequest(_message.Message):
     def __init__(self, include_checksum: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("shard_index", "num_shards", "initialized", "plan_hash", "version", "numel", "clocks", "min_clock", "live_workers", "staleness", "max_read_gap", "pulls_waited", "wait_seconds", "pushes_applied", "pushes_rejected", "evictions", "weights_checksum", "optimizer", "checkpoint_version")
+    __slots__ = ("shard_index", "num_shards", "initialized", "plan_hash", "version", "numel", "clocks", "min_clock", "live_workers", "staleness", "max_read_gap", "pulls_waited", "wait_seconds", "pushes_applied", "pushes_rejected", "evictions", "weights_checksum", "optimizer", "checkpoint_version", "lost_updates", "incarnation", "restored_version")
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +259,9 @@ class StatusResponse(_message.Message):
     WEIGHTS_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOST_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_VERSION_FIELD_NUMBER: _ClassVar[int]
     shard_index: int
     num_shards: int
     initialized: bool
@@ -272,7 +281,10 @@ class StatusResponse(_message.Message):
     weights_checksum: float
     optimizer: OptimizerConfig
     checkpoint_version: int
-    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., initialized: _Optional[bool] = ..., plan_hash: _Optional[str] = ..., version: _Optional[int] = ..., numel: _Optional[int] = ..., clocks: _Optional[_Iterable[_Union[WorkerClock, _Mapping]]] = ..., min_clock: _Optional[int] = ..., live_workers: _Optional[int] = ..., staleness: _Optional[float] = ..., max_read_gap: _Optional[int] = ..., pulls_waited: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., weights_checksum: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., checkpoint_version: _Optional[int] = ...) -> None: ...
+    lost_updates: int
+    incarnation: int
+    restored_version: int
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., initialized: _Optional[bool] = ..., plan_hash: _Optional[str] = ..., version: _Optional[int] = ..., numel: _Optional[int] = ..., clocks: _Optional[_Iterable[_Union[WorkerClock, _Mapping]]] = ..., min_clock: _Optional[int] = ..., live_workers: _Optional[int] = ..., staleness: _Optional[float] = ..., max_read_gap: _Optional[int] = ..., pulls_waited: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., weights_checksum: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., checkpoint_version: _Optional[int] = ..., lost_updates: _Optional[int] = ..., incarnation: _Optional[int] = ..., restored_version: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ()
