@@ -68,7 +68,7 @@ class Children:
             raise RuntimeError(f"{child.name} is still running")
         child.args = args or child.args
         with open(child.log, "ab") as out:
-            out.write(f"--- restarted: {' '.join(child.args[1:])}\n".encode())
+            out.write(f"--- restarted at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(child.args[1:])}\n".encode())
         child.proc = _spawn(child.args, child.log, child.env)
 
     def stop(self, children: list[Child], grace: float) -> None:

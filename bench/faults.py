@@ -1,0 +1,125 @@
+"""Time what a SIGKILL costs a `ps-cluster` run: a server killed, then a worker killed.
+
+    python bench/faults.py [--steps 800] [--heartbeat-timeout 2] [--checkpoint-interval 5] [--out runs/faults]
+
+For each case it starts `ps-cluster` (2 servers, 2 workers, the tests' small model, a
+corpus of a dozen standard-library modules), waits until worker-0 has done 60 steps,
+kills the process with SIGKILL and reports: how long until the restarted server serves
+again (health check), how long until worker-0 makes progress again, the lost updates,
+restarts and iterations from summary.json. Prints one line per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from worker.rpc import wait_serving  # noqa: E402
+
+MODULES = ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py", "json/decoder.py", "shutil.py",
+           "string.py", "typing.py", "enum.py", "ast.py", "random.py", "heapq.py"]
+
+
+def step(out: Path, name: str) -> int:
+    path, best = out / "logs" / f"{name}.jsonl", 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("event") == "progress":
+                best = max(best, rec["step"])
+    return best
+
+
+def pid_of(out: Path, token: str) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(out) in cmd and token in cmd and "worker.cluster" not in cmd:
+                return int(entry.name)
+    raise LookupError(token)
+
+
+def wait(predicate, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError("gave up waiting")
+        time.sleep(0.02)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--heartbeat-timeout", type=float, default=2.0)
+    ap.add_argument("--checkpoint-interval", type=float, default=5.0)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "faults")
+    a = ap.parse_args()
+    corpus = a.out / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in MODULES:
+        shutil.copy(stdlib / name, corpus / name.replace("/", "_"))
+    for kind in ["server", "worker"]:
+        out = a.out / f"kill-{kind}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "worker.cluster", "--servers", "2", "--workers", "2", "--steps", str(a.steps),
+               "--data", str(corpus), "--out", str(out), "--d-model", "32", "--n-layer", "1", "--n-head", "2",
+               "--context", "32", "--batch-size", "8", "--lr", "1e-2", "--warmup", "10", "--no-progress",
+               "--no-metrics", "--heartbeat-timeout", str(a.heartbeat_timeout),
+               "--checkpoint-interval", str(a.checkpoint_interval)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait(lambda: step(out, "worker-0") >= 60)
+        serving = None
+        if kind == "server":
+            address = f"127.0.0.1:{int((out / 'logs' / 'server-0.port').read_text())}"
+            os.kill(pid_of(out, "server-0.port"), signal.SIGKILL)
+            killed = time.monotonic()
+            wait(lambda: not _listening(address), 10)  # the killed process's port is closed
+            wait_serving(address, timeout=120)
+            serving = time.monotonic() - killed
+        else:
+            os.kill(pid_of(out, "--worker-id worker-1 "), signal.SIGKILL)
+            killed = time.monotonic()
+        before = step(out, "worker-0")
+        wait(lambda: step(out, "worker-0") >= before + 3)
+        resumed = time.monotonic() - killed
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            sys.stderr.write(err.decode()[-3000:])
+            return 1
+        s = json.loads((out / "summary.json").read_text())
+        print(f"kill {kind}: serving again after {'-' if serving is None else f'{serving:.1f}s'}, "
+              f"worker-0 progressing again after {resumed:.1f}s, lost updates {s['lost_updates']}, "
+              f"restarts {s['restarts']}, iterations {s['iterations']}/{a.steps}, wall {s['wall_seconds']:.1f}s")
+    return 0
+
+
+def _listening(address: str) -> bool:
+    """True while something still accepts connections at `address` (the killed server's port)."""
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, int(port))) == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
