@@ -32,7 +32,7 @@ def ps_cost(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def test_calibrate_predict_validate_end_to_end(tmp_path, corpus):
     cal_path = tmp_path / "cal.json"
     done = ps_cost("calibrate", "--out", str(cal_path), "--models", "tiny", "--workers", "1,2", "--servers", "1",
-                   "--startup", "1:1", "--iters", "3", "--clocks", "3", "--data", str(corpus))
+                   "--startup", "1:1", "--iters", "3", "--clocks", "3", "--rounds", "1", "--data", str(corpus))
     assert done.returncode == 0, done.stderr
     cal = json.loads(cal_path.read_text())
     assert cal["machine"]["cpus"] >= 1 and cal["machine"]["hostname"] and cal["machine"]["torch"]

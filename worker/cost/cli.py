@@ -69,6 +69,7 @@ def build_parser() -> FlagParser:
     c.env_flag("startup", type=pairs, default="1:1,4:2", help="P:S of the one-step ps-cluster start-up probes")
     c.env_flag("iters", type=positive(int), default=12, help="timed iterations per compute probe")
     c.env_flag("clocks", type=positive(int), default=12, help="timed clocks per communication probe")
+    c.env_flag("rounds", type=positive(int), default=2, help="rounds of compute probes (the faster round counts)")
     c.env_flag("device", default="cpu", help="device of the compute probes (cpu, cuda)")
     c.env_flag("data", default=None, help="ps-cluster --data for the start-up probes (default: the standard library)")
     c.env_flag("from-summary", type=lambda t: [x for x in t.split(",") if x], default=None,
@@ -136,7 +137,7 @@ def cmd_calibrate(p: FlagParser, a: argparse.Namespace) -> int:
         sys.stdout.write(f"calibration from {len(a.from_summary)} summaries written to {a.out}\n")
         return 0
     s = Settings(models=a.models, workers=sorted(set(a.workers)), servers=sorted(set(a.servers)), startup=a.startup,
-                 iters=a.iters, clocks=a.clocks, device=a.device, data=a.data)
+                 iters=a.iters, clocks=a.clocks, rounds=a.rounds, device=a.device, data=a.data)
     cal = calibrate(s)
     write_json(cal, Path(a.out))
     sys.stdout.write(f"calibration written to {a.out} ({cal['calibration_seconds']:.0f} s on {cal['machine']['hostname']}, "
