@@ -14,6 +14,7 @@ import sys
 import uvloop
 
 from protos import wire
+from ps_server import security
 from ps_server.clock import parse_staleness
 from ps_server.flags import FlagParser, non_negative, positive
 from ps_server.metrics import OFF, add_metrics_flags, serve_metrics
@@ -45,6 +46,7 @@ def build_parser() -> FlagParser:
     p.env_flag("max-shard-bytes", type=positive(int), default=8 << 30, help="largest shard accepted at Init")
     p.env_flag("grace", type=non_negative(float), default=5.0, help="seconds given to calls in flight on stop")
     add_metrics_flags(p, None, "address for /metrics (default: --host)")
+    security.add_security_flags(p, "server")
     p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     return p
 
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--shard-index {args.shard_index} must be below --num-shards {args.num_shards}")
     if args.chunk_bytes + 1024 > args.max_message_bytes:
         parser.error("--chunk-bytes must be at least 1 KiB below --max-message-bytes")
+    sec = security.from_args(parser, args, "server")
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s ps-server[{args.shard_index}] %(levelname)s %(message)s")
     servicer = Servicer(config_from_args(args))
     try:
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"cannot serve metrics on {args.metrics_host or args.host}:{args.metrics_port}: "
                          f"{exc.strerror or exc}")
     try:
-        uvloop.run(serve(servicer, f"{host}:{args.port}", grace=args.grace, port_file=args.port_file))
+        uvloop.run(serve(servicer, f"{host}:{args.port}", grace=args.grace, port_file=args.port_file, security=sec))
     except OSError as exc:
         sys.stderr.write(f"ps-server: error: {exc}\n")
         return 2

@@ -1,10 +1,11 @@
 """Building and running a shard server: `build_server` apart from the process's `serve`.
 
-`build_server(address, servicer)` returns a started-not-yet grpc.aio server and its
-bound port (port 0 picks a free one). `serve` runs it on the current event loop with
-the standard gRPC health service, the servicer's background work (eviction,
-periodic checkpoints), and a graceful stop on SIGTERM/SIGINT: health goes
-NOT_SERVING, in-flight calls get `grace` seconds, then a final checkpoint is written.
+`build_server(address, servicer, security)` returns a started-not-yet grpc.aio server
+and its bound port (port 0 picks a free one); with `security` (ps_server/security.py)
+it listens with TLS and/or refuses RPCs without the token (health stays open). `serve`
+runs it on the current event loop with the standard gRPC health service, the servicer's
+background work (eviction, periodic checkpoints), and a graceful stop on SIGTERM/SIGINT:
+health goes NOT_SERVING, in-flight calls get `grace` seconds, then a final checkpoint is written.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import service
+from ps_server.security import NONE, Security
 from ps_server.servicer import Servicer
 
 log = logging.getLogger(__name__)
 
 
-def build_server(address: str, servicer: Servicer) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+def build_server(address: str, servicer: Servicer,
+                 security: Security = NONE) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A grpc.aio server for `servicer` bound to `address` ("host:port"); returns (server, port, health)."""
     limit = servicer.cfg.max_message_bytes
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=security.interceptors(), options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0),
@@ -35,8 +38,9 @@ def build_server(address: str, servicer: Servicer) -> tuple[grpc.aio.Server, int
     server.add_generic_rpc_handlers((service.method_handlers(servicer),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    creds = security.server_credentials()
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
         raise OSError(f"cannot listen on {address}: {exc}") from None
     if port == 0:
@@ -50,18 +54,21 @@ def _write_port_file(path: str, port: int) -> None:
     os.replace(tmp, path)
 
 
-async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file: str | None = None) -> None:
+async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file: str | None = None,
+                security: Security = NONE) -> None:
     """Run until SIGTERM/SIGINT; blocks (asynchronously) for the server's whole life.
 
     Call `servicer.restore()` first to resume from a checkpoint.
     """
-    server, port, health_servicer = build_server(address, servicer)
+    server, port, health_servicer = build_server(address, servicer, security)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(service.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     if port_file:
         _write_port_file(port_file, port)
-    log.info("shard %d of %d listening on port %d", servicer.cfg.shard_index, servicer.cfg.num_shards, port)
+    log.info("shard %d of %d listening on port %d (%s%s)", servicer.cfg.shard_index, servicer.cfg.num_shards, port,
+             ("mutual TLS" if security.client_ca else "TLS") if security.cert else "plaintext",
+             ", token required" if security.token else "")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -330,24 +330,16 @@ class Servicer:
             buf = pool.pop() if pool and pool[-1].numel() == store.numel else torch.empty(store.numel)
             try:
                 grad = await self._receive_flat(frames, store.numel, buf)
-                async with self._apply_lock:
-                    self.clocks.check_push(head.worker_id, head.session, head.clock)
-                    if store.config.average_gradients:
-                        self._aggregator.add(head.worker_id, head.session, head.clock, grad, head.read_version)
-                        self.pushes_applied += 1
-                        m.push_bytes.inc(store.numel * 4)
-                        await self._apply_complete_buckets()
-                        return pb.PushResponse(version=store.version, staleness=0)
-                    version, staleness = await asyncio.to_thread(store.apply, grad, head.read_version)
-                    self.clocks.advance(head.worker_id, head.session, head.clock)
-                    self.pushes_applied += 1
-                    m.push_bytes.inc(store.numel * 4)
-                    m.updates.inc()
-                    m.update_staleness.observe(staleness)
-            finally:
-                if len(pool) < 2:  # keep at most two spare buffers
-                    pool.append(buf)
-            return pb.PushResponse(version=version, staleness=staleness)
+            except BaseException:
+                self._spare(buf)
+                raise
+            # Once the gradient is whole, its commit runs to the end even if the call is cancelled
+            # meanwhile (a client's deadline; gRPC also ends a stream broken by an oversized message
+            # like a complete one, then cancels the handler): an update applied without its clock
+            # advancing could be applied again by a retry.
+            commit = asyncio.ensure_future(self._commit_push(store, head, grad))
+            commit.add_done_callback(_settled)
+            return await asyncio.shield(commit)
         try:
             resp = await self._guard(context, body())
         except BaseException:
@@ -357,6 +349,32 @@ class Servicer:
         m.pushes.inc()
         m.push_seconds.observe(time.perf_counter() - t0)
         return resp
+
+    def _spare(self, buf: torch.Tensor) -> None:
+        if len(self._grad_buffers) < 2:  # keep at most two spare buffers
+            self._grad_buffers.append(buf)
+
+    async def _commit_push(self, store: ShardStore, head: pb.PushHeader, grad: torch.Tensor) -> pb.PushResponse:
+        """Apply a received gradient (or add it to its averaging bucket) and advance the clock, atomically."""
+        m = self.metrics
+        try:
+            async with self._apply_lock:
+                self.clocks.check_push(head.worker_id, head.session, head.clock)
+                if store.config.average_gradients:
+                    self._aggregator.add(head.worker_id, head.session, head.clock, grad, head.read_version)
+                    self.pushes_applied += 1
+                    m.push_bytes.inc(store.numel * 4)
+                    await self._apply_complete_buckets()
+                    return pb.PushResponse(version=store.version, staleness=0)
+                version, staleness = await asyncio.to_thread(store.apply, grad, head.read_version)
+                self.clocks.advance(head.worker_id, head.session, head.clock)
+                self.pushes_applied += 1
+                m.push_bytes.inc(store.numel * 4)
+                m.updates.inc()
+                m.update_staleness.observe(staleness)
+                return pb.PushResponse(version=version, staleness=staleness)
+        finally:
+            self._spare(grad)
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[bytes]:
         t0 = time.perf_counter()
@@ -400,6 +418,12 @@ class Servicer:
             path, version = await self.checkpoint_now()
             return pb.CheckpointResponse(path=path, version=version)
         return await self._guard(context, body())
+
+
+def _settled(task: asyncio.Future) -> None:
+    """Retrieve a shielded commit's outcome (its caller may have been cancelled meanwhile)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("commit of a cancelled push: %s", task.exception())
 
 
 async def _first_head(frames: AsyncIterator[bytes], kind: str):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ps_server.security import NONE, Security
 from worker.rpc import wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +91,7 @@ class PendingServer:
     num_shards: int
     checkpoint_dir: Path | None
     log: Path
+    security: Security = NONE  # how to reach it: the health check over TLS when it serves TLS
 
     def ready(self, timeout: float = 60.0) -> ServerProc:
         """Poll the port file, then the gRPC health check, until SERVING (or raise)."""
@@ -103,7 +105,7 @@ class PendingServer:
             time.sleep(0.02)
         bound = int(self.port_file.read_text())
         wait_serving(f"127.0.0.1:{bound}", timeout=max(1.0, end - time.monotonic()),
-                     is_alive=lambda: proc.poll() is None)
+                     is_alive=lambda: proc.poll() is None, security=self.security)
         return ServerProc(proc, bound, self.shard_index, self.num_shards, self.checkpoint_dir, log)
 
 
@@ -112,14 +114,16 @@ class ServerStarter:
 
     `start.shards(n, **flags)` launches all `n` shards of one model at once (in
     parallel, which halves start-up time on a small machine) and returns them serving.
-    Flags are `ps-server` flags with `_` for `-`, e.g. `heartbeat_timeout=1`.
+    Flags are `ps-server` flags with `_` for `-`, e.g. `heartbeat_timeout=1`; `security`
+    (not a flag) is how the test reaches the server, e.g. the CA of its TLS certificate.
     """
 
     def __init__(self, group: ProcessGroup, directory: Path):
         self.group, self.directory = group, directory
         self._counter = iter(range(100000))
 
-    def launch(self, shard_index: int = 0, num_shards: int = 1, port: int = 0, **flags) -> PendingServer:
+    def launch(self, shard_index: int = 0, num_shards: int = 1, port: int = 0, security: Security = NONE,
+               **flags) -> PendingServer:
         n = next(self._counter)
         port_file = self.directory / f"server-{n}.port"
         log = self.directory / f"server-{n}.log"
@@ -130,10 +134,11 @@ class ServerStarter:
         with open(log, "wb") as out:
             proc = self.group.popen(args, stdout=out, stderr=subprocess.STDOUT)
         ckpt = flags.get("checkpoint_dir")
-        return PendingServer(proc, port_file, shard_index, num_shards, Path(ckpt) if ckpt else None, log)
+        return PendingServer(proc, port_file, shard_index, num_shards, Path(ckpt) if ckpt else None, log, security)
 
-    def __call__(self, shard_index: int = 0, num_shards: int = 1, port: int = 0, **flags) -> ServerProc:
-        return self.launch(shard_index, num_shards, port, **flags).ready()
+    def __call__(self, shard_index: int = 0, num_shards: int = 1, port: int = 0, security: Security = NONE,
+                 **flags) -> ServerProc:
+        return self.launch(shard_index, num_shards, port, security, **flags).ready()
 
     def shards(self, num_shards: int, **flags) -> list[ServerProc]:
         pending = [self.launch(i, num_shards, **flags) for i in range(num_shards)]

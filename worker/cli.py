@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 
+from ps_server import security
 from ps_server.cli import staleness_flag
 from ps_server.flags import FlagParser, non_negative, positive
 from ps_server.metrics import OFF, add_metrics_flags, serve_metrics
@@ -108,6 +109,7 @@ def build_parser() -> FlagParser:
                help="steps an earlier life of this worker already did (a restart runs --steps minus these)")
     p.env_flag("retry-seconds", type=non_negative(float), default=60.0, help="how long to retry an unavailable server")
     add_metrics_flags(p, "127.0.0.1", "address for /metrics (0.0.0.0: every interface)")
+    security.add_security_flags(p, "client")
     p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     add_training_flags(p)
     return p
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     check_training_args(p, args)
     if args.first_step >= args.steps:
         p.error(f"--first-step {args.first_step} leaves nothing of --steps {args.steps} to do")
+    sec = security.from_args(p, args, "client")
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s ps-worker[{args.rank}] %(levelname)s %(message)s")
     servers = [a.strip() for a in args.servers.split(",") if a.strip()]
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         staleness=args.staleness, pipeline=args.pipeline, batch_size=args.batch_size, steps=args.steps,
         device=args.device, seed=args.seed, threads=args.threads, slowdown=args.slowdown, report=args.report,
         report_every=args.report_every, first_step=args.first_step,
-        options=CallOptions(retry_seconds=args.retry_seconds), metrics=metrics,
+        options=CallOptions(retry_seconds=args.retry_seconds), metrics=metrics, security=sec,
     )
     try:
         result = train(cfg)

@@ -40,6 +40,7 @@ import uvloop
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.optimizer import default_config
+from ps_server.security import NONE, Security
 from worker.metrics import WorkerMetrics
 from worker.plan import Plan, make_plan, param_specs
 from worker.rpc import CallOptions, RpcFailed, ShardClient
@@ -81,7 +82,7 @@ class PSClient:
     def __init__(self, servers: Sequence[str], model: torch.nn.Module, optimizer: dict | pb.OptimizerConfig | None = None,
                  staleness: float = math.inf, worker_id: str | None = None, pipeline: bool = False,
                  max_inflight: int = 2, options: CallOptions = CallOptions(), heartbeat_interval: float | None = None,
-                 initialize: bool = True, metrics: WorkerMetrics | None = None):
+                 initialize: bool = True, metrics: WorkerMetrics | None = None, security: Security = NONE):
         if not servers:
             raise ValueError("PSClient needs at least one server address")
         if pipeline and staleness < 1:
@@ -123,6 +124,7 @@ class PSClient:
         self._evicted = False
         self._heartbeat: concurrent.futures.Future | None = None
         self.initialize = initialize
+        self.security = security  # TLS and token for every shard's channel (ps_server/security.py)
 
     # -- lifecycle --------------------------------------------------------------------
     def __enter__(self) -> "PSClient":
@@ -153,7 +155,7 @@ class PSClient:
         self._heartbeat = asyncio.run_coroutine_threadsafe(self._heartbeat_loop(), self._loop)
 
     async def _start(self) -> None:
-        self._shards = [ShardClient(a, i, self.options) for i, a in enumerate(self._servers)]
+        self._shards = [ShardClient(a, i, self.options, self.security) for i, a in enumerate(self._servers)]
         flat = self._flatten([p.detach() for p in self.params])
         statuses = await asyncio.gather(*(s.status() for s in self._shards))
         async def init(shard: ShardClient, st: pb.StatusResponse) -> None:

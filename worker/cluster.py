@@ -6,7 +6,10 @@ the cluster (global step, loss, samples/s, largest clock gap), then exports the
 trained model, measures the held-out loss and writes `summary.json` and
 `model.safetensors` into --out. Each server and worker serves Prometheus metrics on
 a free port of its own (`--no-metrics`: none); their addresses are printed at start and
-listed in summary.json's `metrics`. Every process it started is stopped on success, on
+listed in summary.json's `metrics`. The token and TLS flags (ps_server/security.py)
+go to every child: certificates by flag, the token as ASYNCPS_TOKEN in the children's
+environment (never on a command line); the launcher's own health and Status calls use
+them too. Every process it started is stopped on success, on
 any process's failure (whose log tail is shown) and on Ctrl-C; children also die
 with the launcher if it is killed outright.
 
@@ -30,10 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-
 from protos import service
 from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server import security
 from ps_server.flags import FlagParser, non_negative, positive
 from worker.cli import add_training_flags, check_training_args, task_config, training_argv
 from worker.procs import Children
@@ -63,6 +65,7 @@ def build_parser() -> FlagParser:
     p.env_switch("progress", default=True, help="show the live progress bar")
     p.env_switch("metrics", default=True, help="give every server and worker a Prometheus /metrics port")
     p.env_flag("log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="launcher logging")
+    security.add_security_flags(p, "cluster")
     add_training_flags(p)
     return p
 
@@ -70,8 +73,10 @@ def build_parser() -> FlagParser:
 class Cluster:
     """One run: servers, workers, monitor. `run()` blocks until done; `children.stop_all()` cleans up."""
 
-    def __init__(self, args: argparse.Namespace, out: Path):
+    def __init__(self, args: argparse.Namespace, out: Path,
+                 secured: tuple[security.Security, list[str], list[str]] = (security.NONE, [], [])):
         self.args, self.out = args, out
+        self.security, self._server_tls_argv, self._worker_tls_argv = secured  # see security.cluster_children
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.children = Children(out / "logs")
         self.addresses: list[str] = []
@@ -115,11 +120,11 @@ class Cluster:
                 "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--shard-index", str(i),
                 "--num-shards", str(a.servers), "--staleness", str(a.staleness),
                 "--checkpoint-dir", str(self.out / "checkpoints"), "--checkpoint-interval", str(a.checkpoint_interval),
-                "--heartbeat-timeout", str(a.heartbeat_timeout)])
+                "--heartbeat-timeout", str(a.heartbeat_timeout), *self._server_tls_argv])
         for i, child in enumerate(self.children.items):
             address = f"127.0.0.1:{self._wait_port_file(child, self.out / 'logs' / f'server-{i}.port')}"
             try:
-                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None)
+                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)
             except RuntimeError:
                 self._check(child)
             self.addresses.append(address)
@@ -135,7 +140,8 @@ class Cluster:
             workers.append(self.children.start(f"worker-{r}", "worker.cli", [
                 "--servers", ",".join(self.addresses), "--rank", str(r), "--world", str(a.workers),
                 "--worker-id", f"worker-{r}", "--steps", str(max(1, steps)), "--threads", str(threads),
-                "--report", str(report), "--report-every", "0", *self._metrics_argv(f"worker-{r}"), *training_argv(a)]))
+                "--report", str(report), "--report-every", "0", *self._metrics_argv(f"worker-{r}"),
+                *self._worker_tls_argv, *training_argv(a)]))
         return workers
 
     @staticmethod
@@ -164,7 +170,7 @@ class Cluster:
         for child, address in zip(self.children.items, self.addresses):
             self._supervise(child)
             try:
-                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None)
+                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)
             except RuntimeError:
                 self._check(child)
 
@@ -191,9 +197,9 @@ class Cluster:
     def run(self) -> dict:
         start = time.monotonic()
         self._start_servers()
-        channels = [grpc.insecure_channel(a) for a in self.addresses]
+        channels = [self.security.channel(a) for a in self.addresses]
         try:
-            stubs = [service.Stub(c) for c in channels]
+            stubs = [service.Stub(c, metadata=self.security.metadata) for c in channels]
             workers = self._start_workers()
             self._collect_metrics(self.children.items)
             monitor = Monitor(self.args, self.out, stubs, workers)
@@ -206,7 +212,8 @@ class Cluster:
                 time.sleep(0.5)
             monitor.close()
             self._servers_serving()
-            summary = final_report(self.args, self.out, self.addresses, monitor, task_config(self.args))
+            summary = final_report(self.args, self.out, self.addresses, monitor, task_config(self.args),
+                                   self.security)
             statuses = [s.Status(pb.StatusRequest(), timeout=10) for s in stubs]
             summary["max_clock_gap"] = max(st.max_read_gap for st in statuses)
             summary["lost_updates"] = sum(st.lost_updates for st in statuses)
@@ -243,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     check_training_args(p, args)
+    secured = security.cluster_children(p, args)
     if args.workers > args.steps:
         p.error(f"--steps {args.steps} is fewer than one iteration per worker ({args.workers} workers)")
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -255,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         p.error(str(exc))
     logging.basicConfig(level=args.log_level, format="%(asctime)s ps-cluster %(levelname)s %(message)s")
-    cluster = Cluster(args, out)
+    security.export_token(secured[0].token)
+    cluster = Cluster(args, out, secured)
     try:
         summary = cluster.run()
     except KeyboardInterrupt:

@@ -14,13 +14,16 @@ import os
 
 import torch
 
+from ps_server.security import NONE, Security
 from worker.client import PSClient
 from worker.rpc import CallOptions
 
 
-def pull_into(servers: list[str], model: torch.nn.Module, options: CallOptions = CallOptions()) -> int:
+def pull_into(servers: list[str], model: torch.nn.Module, options: CallOptions = CallOptions(),
+              security: Security = NONE) -> int:
     """Load the servers' current weights into `model`; returns the sum of shard versions."""
-    client = PSClient(servers, model, worker_id=f"exporter-{os.getpid()}", options=options, initialize=False)
+    client = PSClient(servers, model, worker_id=f"exporter-{os.getpid()}", options=options, initialize=False,
+                      security=security)
     with client:
         client.pull()
         return sum(client.stats.versions)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from protos.asyncps.v1 import ps_pb2 as pb
 from worker.data import Corpus, default_corpus_path, heldout_loss
+from ps_server.security import NONE, Security
 from worker.export import pull_into
 from worker.task import ByteGPT, TaskConfig, save_model
 
@@ -77,11 +78,12 @@ class Monitor:
         self.bar.close()
 
 
-def final_report(args: argparse.Namespace, out: Path, servers: list[str], mon: Monitor, task: TaskConfig) -> dict:
+def final_report(args: argparse.Namespace, out: Path, servers: list[str], mon: Monitor, task: TaskConfig,
+                 security: Security = NONE) -> dict:
     """Export the model, measure held-out loss, and assemble the summary (without wall time)."""
     torch.manual_seed(args.seed)
     model = ByteGPT(task)
-    pull_into(servers, model)
+    pull_into(servers, model, security=security)
     model_path = out / "model.safetensors"
     save_model(model, task, model_path)
     corpus = Corpus.load(args.data or default_corpus_path(), context=task.context)

@@ -5,7 +5,8 @@ gives every call its deadline, retries UNAVAILABLE with exponential backoff unti
 `CallOptions.retry_seconds` have passed, counts retries, and raises `RpcFailed`
 (carrying the status code and the server's reason) for everything else. A push is
 retried safely: a repeat of an already applied push is answered ALREADY_EXISTS and
-counted as done, never applied twice.
+counted as done, never applied twice. With a `Security` (ps_server/security.py) the
+channel is TLS and every call carries the auth token; UNAUTHENTICATED is not retried.
 
 Use from one asyncio event loop (the client's I/O thread); not thread-safe.
 """
@@ -24,6 +25,7 @@ import torch
 
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server.security import NONE, Security
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,10 +61,10 @@ class RpcFailed(Exception):
 class ShardClient:
     """RPCs to the server holding shard `index`."""
 
-    def __init__(self, address: str, index: int, opts: CallOptions = CallOptions()):
+    def __init__(self, address: str, index: int, opts: CallOptions = CallOptions(), security: Security = NONE):
         self.address, self.index, self.opts = address, index, opts
         self.retries = 0
-        self._channel = grpc.aio.insecure_channel(address, options=[
+        self._channel = security.aio_channel(address, options=[
             ("grpc.max_receive_message_length", opts.max_message_bytes),
             ("grpc.max_send_message_length", opts.max_message_bytes),
             # reconnect to a restarted server within a second, not after gRPC's default backoff (up to 120 s)
@@ -70,7 +72,7 @@ class ShardClient:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ])
-        self.stub = service.Stub(self._channel)
+        self.stub = service.Stub(self._channel, metadata=security.metadata)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -171,8 +173,12 @@ class ShardClient:
         return await self.call("Pull", attempt)
 
 
-def wait_serving(address: str, timeout: float = 30.0, is_alive: Callable[[], bool] = lambda: True) -> None:
+def wait_serving(address: str, timeout: float = 30.0, is_alive: Callable[[], bool] = lambda: True,
+                 security: Security = NONE) -> None:
     """Block until the server at `address` answers the gRPC health check SERVING.
+
+    The health service needs no token, but a TLS server must be reached over TLS
+    (`security`'s CA, and its client certificate under mutual TLS).
 
     Polls (each check has its own short deadline) until `timeout`; raises TimeoutError,
     or RuntimeError as soon as `is_alive()` turns False (the process died).
@@ -180,7 +186,7 @@ def wait_serving(address: str, timeout: float = 30.0, is_alive: Callable[[], boo
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     end = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with security.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if not is_alive():

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server.security import NONE, Security
 from worker.client import PSClient
 from worker.metrics import WorkerMetrics
 from worker.data import BatchStream, Corpus, default_corpus_path, worker_slice
@@ -50,6 +51,7 @@ class WorkerConfig:
     first_step: int = 0              # steps done by an earlier life of this worker (ps-cluster restarted it)
     metrics: WorkerMetrics | None = None  # Prometheus metrics to record into (PSClient makes its own if None)
     options: CallOptions = field(default_factory=CallOptions)
+    security: Security = NONE        # TLS and auth token (ps_server/security.py)
 
 
 def pick_device(name: str) -> torch.device:
@@ -95,7 +97,8 @@ def train(cfg: WorkerConfig) -> dict:
     start = last_report = time.perf_counter()
     try:
         with PSClient(cfg.servers, model, optimizer=cfg.optimizer, staleness=cfg.staleness,
-                      worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options, metrics=cfg.metrics) as ps:
+                      worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options, metrics=cfg.metrics,
+                      security=cfg.security) as ps:
             metrics = ps.metrics
             metrics.target_steps.set(cfg.steps)
             report.write(event="start", rank=cfg.rank, clock=ps.clock, first_step=cfg.first_step, device=str(device),

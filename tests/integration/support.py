@@ -17,6 +17,7 @@ import torch
 
 from protos import service
 from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server.security import NONE, Security
 from worker import CallOptions
 
 T = TypeVar("T")
@@ -28,21 +29,25 @@ FAST_FAIL = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retr
 
 
 @contextmanager
-def stub(address: str, **channel_options) -> Iterator[service.Stub]:
-    """A synchronous stub for every ParameterServer method (Frame streams as raw bytes)."""
+def stub(address: str, security: Security = NONE, **channel_options) -> Iterator[service.Stub]:
+    """A synchronous stub for every ParameterServer method (Frame streams as raw bytes).
+
+    `security`: TLS and token of the channel (default plaintext, no token).
+    """
     opts = [(f"grpc.{k}", v) for k, v in channel_options.items()]
-    with grpc.insecure_channel(address, options=opts) as channel:
-        yield service.Stub(channel)
+    with security.channel(address, options=opts) as channel:
+        yield service.Stub(channel, metadata=security.metadata)
 
 
-def status(address: str) -> pb.StatusResponse:
-    with stub(address) as s:
+def status(address: str, security: Security = NONE) -> pb.StatusResponse:
+    with stub(address, security) as s:
         return s.Status(pb.StatusRequest(include_checksum=True), timeout=RPC_TIMEOUT)
 
 
-def call(address: str, method: str, request, timeout: float = RPC_TIMEOUT) -> tuple[grpc.StatusCode, str, dict]:
+def call(address: str, method: str, request, timeout: float = RPC_TIMEOUT,
+         security: Security = NONE) -> tuple[grpc.StatusCode, str, dict]:
     """One raw RPC with a deadline: (code, details, trailing metadata). Init/Push take a list of frames."""
-    with stub(address) as s:
+    with stub(address, security) as s:
         fn = getattr(s, method)
         try:
             if method == "Pull":
