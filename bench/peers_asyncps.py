@@ -1,0 +1,195 @@
+"""asyncps in the comparison: real `ps-server` and `ps-worker` processes, their own flags.
+
+`run(spec, variant)` starts 2 shards (`python -m ps_server.cli`, free ports, readiness by
+the gRPC health check) and P workers (`python -m worker.cli`, one torch thread each by
+default, the last one with `--slowdown F` in the straggler scenario), exactly the
+processes `ps-cluster` starts, then watches them from this process while they train:
+
+* t = 0 is when the first worker writes its report's "start" line (registered, Init
+  done, its first step begins); polled every 20 ms.
+* samples: every 0.5 s one `Status` per shard (the cheap form, no checksum) gives every
+  worker's clock, i.e. the iterations applied; samples = sum of clocks x batch.
+* held-out snapshots: the servers checkpoint every `snapshot_every` seconds
+  (`--checkpoint-dir`, `--checkpoint-interval`; the shard's tick makes it about 1 s at
+  best); each new checkpoint file is hard-linked under snapshots/ as soon as it is seen
+  (no copy, and the server's next atomic rename leaves the link intact). After the run,
+  peers_eval.py rebuilds the model from shard 0's and shard 1's checkpoints nearest in
+  time, with the project's plan.
+
+When the budget is over, every process is stopped (SIGTERM, as ps-cluster does).
+Blocks for the whole run; not thread-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from peers_common import RunSpec
+from protos import service
+from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server.checkpoint import checkpoint_path
+from worker.procs import Children
+from worker.rpc import wait_serving
+
+SERVERS = 2
+
+
+@dataclass(frozen=True)
+class Variant:
+    staleness: float
+    average: bool
+    staleness_aware_lr: bool = False
+
+
+VARIANTS = {
+    "asyncps-s0": Variant(0, True),
+    "asyncps-s2": Variant(2, False),
+    "asyncps-inf": Variant(math.inf, False),
+    "asyncps-inf-salr": Variant(math.inf, False, True),
+}
+
+
+class RunFailed(Exception):
+    pass
+
+
+def _training_argv(spec: RunSpec, v: Variant) -> list[str]:
+    t = spec.task
+    argv = ["--staleness", str(v.staleness), "--optimizer", "adamw", "--lr", str(spec.lr),
+            "--beta1", str(spec.beta1), "--beta2", str(spec.beta2), "--weight-decay", str(spec.weight_decay),
+            "--warmup", str(spec.warmup), "--batch-size", str(spec.batch_size), "--context", str(t.context),
+            "--d-model", str(t.d_model), "--n-layer", str(t.n_layer), "--n-head", str(t.n_head),
+            "--device", spec.device, "--seed", str(spec.seed),
+            "--average-gradients" if v.average else "--no-average-gradients",
+            "--staleness-aware-lr" if v.staleness_aware_lr else "--no-staleness-aware-lr"]
+    return argv + (["--data", spec.data] if spec.data else [])
+
+
+def _check(children: Children) -> None:
+    for c in children.items:
+        code = c.exited()
+        if code is not None:
+            raise RunFailed(f"{c.name} exited with code {code} during the run; its log ends:\n{c.log_tail()}")
+
+
+def _wait_file(path: Path, children: Children, timeout: float = 120) -> str:
+    end = time.monotonic() + timeout
+    while not path.exists() or not path.read_text().strip():
+        _check(children)
+        if time.monotonic() > end:
+            raise RunFailed(f"{path.name} did not appear within {timeout:.0f} s")
+        time.sleep(0.02)
+    return path.read_text().strip()
+
+
+def run(spec: RunSpec, variant: str) -> None:
+    v = VARIANTS[variant]
+    out = Path(spec.out)
+    logs, ckpts, snaps = out / "logs", out / "checkpoints", out / "snapshots"
+    for d in (logs, ckpts, snaps):
+        d.mkdir(parents=True, exist_ok=True)
+    children = Children(logs)
+    try:
+        _run(spec, v, children, logs, ckpts, snaps, out)
+    finally:
+        children.stop_all(grace=10)
+
+
+def _run(spec: RunSpec, v: Variant, children: Children, logs: Path, ckpts: Path, snaps: Path, out: Path) -> None:
+    addresses = []
+    for i in range(SERVERS):
+        children.start(f"server-{i}", "ps_server.cli", [
+            "--host", "127.0.0.1", "--port", "0", "--port-file", str(logs / f"server-{i}.port"),
+            "--shard-index", str(i), "--num-shards", str(SERVERS), "--staleness", str(v.staleness),
+            "--checkpoint-dir", str(ckpts), "--checkpoint-interval", str(spec.snapshot_every), "--log-level", "WARNING"])
+    for i in range(SERVERS):
+        address = f"127.0.0.1:{_wait_file(logs / f'server-{i}.port', children)}"
+        wait_serving(address, timeout=120, is_alive=lambda c=children.items[i]: c.exited() is None)
+        addresses.append(address)
+    threads = spec.threads_for(spec.workers)
+    reports = [logs / f"worker-{r}.jsonl" for r in range(spec.workers)]
+    for r in range(spec.workers):
+        children.start(f"worker-{r}", "worker.cli", [
+            "--servers", ",".join(addresses), "--rank", str(r), "--world", str(spec.workers),
+            "--worker-id", f"worker-{r}", "--steps", str(10**9), "--threads", str(threads),
+            "--slowdown", str(spec.slowdown_of(r)), "--report", str(reports[r]),
+            "--log-level", "WARNING", *_training_argv(spec, v)])
+    t_start = _wait_start(reports, children)
+    deadline = t_start + spec.budget
+    channels = [grpc.insecure_channel(a) for a in addresses]
+    stubs = [service.Stub(c) for c in channels]
+    trace: list[tuple[float, int]] = [(t_start, 0)]
+    seen: dict[int, tuple[int, int]] = {}
+    snapshots: list[list[tuple[float, str]]] = [[] for _ in range(SERVERS)]
+    next_status = 0.0
+    try:
+        while True:
+            now = time.time()
+            _link_checkpoints(ckpts, snaps, seen, snapshots)
+            if now >= next_status or now >= deadline:
+                next_status = now + 0.5
+                trace.append(_samples(stubs, spec.batch_size))
+            if now >= deadline:
+                break
+            _check(children)
+            time.sleep(min(0.1, max(0.0, deadline - time.time())))
+        versions = [s.Status(pb.StatusRequest(), timeout=10).version for s in stubs]
+    finally:
+        for c in channels:
+            c.close()
+    children.stop(children.items[SERVERS:], grace=10)  # workers first; then the servers
+    torch.save({"t_start": t_start, "trace": trace, "shard_snapshots": snapshots, "servers": SERVERS,
+                "updates": max(versions)}, out / "raw-0.pt")
+
+
+def _wait_start(reports: list[Path], children: Children, timeout: float = 180) -> float:
+    """The time the first worker wrote its "start" line (its first step begins)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for path in reports:
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    if line.endswith("}") and json.loads(line).get("event") == "start":
+                        return time.time()
+        _check(children)
+        time.sleep(0.02)
+    raise RunFailed(f"no worker started training within {timeout:.0f} s")
+
+
+def _samples(stubs: list, batch_size: int) -> tuple[float, int]:
+    """(now, samples applied): a worker's clock counts its applied iterations; take the slowest shard's view."""
+    counts = []
+    for stub in stubs:
+        st = stub.Status(pb.StatusRequest(), timeout=10)
+        counts.append(sum(c.clock for c in st.clocks if c.worker_id.startswith("worker-")))
+    return time.time(), min(counts) * batch_size
+
+
+def _link_checkpoints(ckpts: Path, snaps: Path, seen: dict, snapshots: list) -> None:
+    for i in range(SERVERS):
+        path = checkpoint_path(ckpts, i, SERVERS)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        key = (st.st_ino, st.st_mtime_ns)
+        if seen.get(i) == key:
+            continue
+        seen[i] = key
+        link = snaps / f"shard-{i}-{len(snapshots[i]):04d}.pt"
+        try:
+            os.link(path, link)
+        except FileNotFoundError:  # replaced between stat and link: the next pass takes the new one
+            seen.pop(i)
+            continue
+        st = os.stat(link)  # the file actually linked (a newer one if it was replaced meanwhile)
+        seen[i] = (st.st_ino, st.st_mtime_ns)
+        snapshots[i].append((st.st_mtime_ns / 1e9, str(link)))

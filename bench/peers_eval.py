@@ -1,0 +1,90 @@
+"""After a run: held-out loss of its snapshots, throughput and time to the target loss.
+
+Runs in peers.py's own process between runs, never while a system trains. Every
+system's snapshots are evaluated the same way: `heldout_loss` on the same fixed
+held-out windows. asyncps snapshots are the shards' checkpoint files, put back
+together into one model with the project's plan (`worker/plan.py`); each model is
+dated by shard 0's checkpoint, paired with the other shards' checkpoints nearest in
+time. The curve starts at (0, loss of the initial weights), the same for every system.
+Blocking, single-threaded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from peers_common import RunSpec, merge_traces, samples_per_second
+from worker.data import Corpus, heldout_loss
+from worker.plan import make_plan, param_specs
+from worker.task import ByteGPT
+
+
+OTHER_LEVELS = (3.0, 2.5, 2.2, 2.0, 1.8)  # time to each of these too, for reading the curves at other targets
+
+
+class Evaluator:
+    def __init__(self, spec: RunSpec, corpus: Corpus, windows: int):
+        self.corpus, self.windows = corpus, windows
+        torch.set_num_threads(1)  # small forward passes: one thread is fastest, and immune to a busy machine
+        torch.manual_seed(spec.seed)
+        self.model = ByteGPT(spec.task)
+        self.initial = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def loss(self, state: dict[str, torch.Tensor]) -> float:
+        self.model.load_state_dict(state)
+        return heldout_loss(self.model, self.corpus.heldout, self.model.config.context, max_windows=self.windows)
+
+    def shards_to_state(self, paths: list[str]) -> dict[str, torch.Tensor]:
+        plan = make_plan(param_specs(self.model.named_parameters()), len(paths))
+        flat = {name: torch.empty(p.numel()) for name, p in self.model.named_parameters()}
+        for shard, path in zip(plan.shards, paths):
+            weights = torch.load(path, map_location="cpu", weights_only=True)["store"]["weights"]
+            for piece in shard.pieces:
+                n = piece.stop - piece.start
+                flat[piece.name][piece.start:piece.stop] = weights[piece.shard_offset:piece.shard_offset + n]
+        return {name: flat[name].view_as(p) for name, p in self.model.named_parameters()}
+
+
+def _nearest(items: list[tuple[float, str]], t: float) -> str:
+    return min(items, key=lambda item: abs(item[0] - t))[1]
+
+
+def evaluate(spec: RunSpec, ev: Evaluator, target: float, budget: float) -> dict:
+    """Read the run's raw-*.pt files and return its row (without system/scenario labels)."""
+    raws = [torch.load(p, map_location="cpu", weights_only=False) for p in sorted(Path(spec.out).glob("raw-*.pt"))]
+    main = raws[0]
+    t_start = main["t_start"]
+    points: list[tuple[float, dict | None, list[str] | None]] = []
+    if "shard_snapshots" in main:
+        per_shard = main["shard_snapshots"]
+        for t, path in per_shard[0]:
+            if all(per_shard):
+                points.append((t, None, [path] + [_nearest(s, t) for s in per_shard[1:]]))
+    else:
+        points = [(t, state, None) for t, state in main["snapshots"]]
+    curve = [[0.0, round(ev.loss(ev.initial), 4)]]
+    for t, state, paths in points:
+        rel = t - t_start
+        if rel <= 0 or rel > budget + 1.0:
+            continue
+        loss = ev.loss(state if state is not None else ev.shards_to_state(paths))
+        curve.append([round(rel, 3), round(loss, 4)])
+    trace = merge_traces([r["trace"] for r in raws])
+    sps = samples_per_second(trace, t_start)
+    reached = next((t for t, loss in curve if loss <= target), None)
+    finite = [loss for _, loss in curve if math.isfinite(loss)]
+    return {
+        "samples_per_second": round(sps, 2) if sps else None,
+        "time_to_target_seconds": reached,
+        "target_loss": target,
+        "seconds_to_loss": {f"{level:g}": next((t for t, loss in curve if loss <= level), None) for level in OTHER_LEVELS},
+        "final_heldout_loss": curve[-1][1],
+        "best_heldout_loss": min(finite) if finite else None,
+        "updates": int(main.get("updates", 0)),
+        "samples": trace[-1][1] if trace else 0,
+        "train_seconds": round(trace[-1][0] - t_start, 3) if trace else None,
+        "curve": curve,
+    }
