@@ -104,13 +104,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def start_worker(procs, servers: list[str], worker_id: str, steps: int, directory: Path, *, sleep: float = 0.0,
                  staleness: float | str = "inf", hold: bool = False, gate: Path | None = None,
-                 average: bool = False, prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen, dict[str, Path]]:
+                 average: bool = False, prefix: tuple[str, ...] = (),
+                 retry_seconds: float = 10.0) -> tuple[subprocess.Popen, dict[str, Path]]:
     """Launch worker_proc.py as its own process (own process group, reaped by `procs`).
 
     `prefix` goes before the command (e.g. `ip netns exec NS`); `files["stats"]` gets the
     worker's push counts (JSON) when it finishes."""
     files = {name: directory / f"{worker_id}.{name}" for name in ("ready", "done", "hold", "log", "stats")}
-    args = [*prefix, sys.executable, str(WORKER_SCRIPT), "--stats", str(files["stats"]), "--servers", ",".join(servers), "--worker-id", worker_id,
+    args = [*prefix, sys.executable, str(WORKER_SCRIPT), "--stats", str(files["stats"]), "--retry-seconds", str(retry_seconds), "--servers", ",".join(servers), "--worker-id", worker_id,
             "--steps", str(steps), "--sleep", str(sleep), "--staleness", str(staleness),
             "--ready", str(files["ready"]), "--done", str(files["done"])]
     if gate is not None:

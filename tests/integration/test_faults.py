@@ -21,7 +21,7 @@ from pathlib import Path
 
 from protos.asyncps.v1 import ps_pb2 as pb
 
-from .support import poll, stub
+from .support import poll, start_worker, stub, wait_exit
 from .test_cluster import SMALL, cluster_cmd, corpus, processes_mentioning  # noqa: F401  (corpus is a fixture)
 
 HEARTBEAT = 2.0  # seconds; the tests' --heartbeat-timeout
@@ -164,3 +164,46 @@ def test_a_process_out_of_restarts_fails_the_cluster_naming_it(tmp_path, corpus,
     assert proc.returncode == 1
     assert b"worker-0 failed with exit code -9 after 1 restarts (--max-restarts 1)" in stderr
     poll(lambda: processes_mentioning(str(out)) == [], 30, "every cluster process to exit")
+
+
+def test_server_restarted_by_hand_in_ssp_mode_counts_its_losses_and_applies_nothing_twice(start_server, procs, tmp_path):
+    """`ps-server` alone (as under compose's restart policy), asynchronous SSP (s = 2), no averaging:
+    the restarted server on the same port and checkpoint folder resumes; each applied push was
+    acknowledged to exactly one push; the lost updates are those since the checkpoint."""
+    flags = dict(checkpoint_dir=tmp_path / "ckpt", checkpoint_interval=600, heartbeat_timeout=HEARTBEAT, staleness=2)
+    server = start_server(**flags)
+    workers = [start_worker(procs, [server.address], f"w{i}", 150, tmp_path, sleep=0.01, staleness=2,
+                            retry_seconds=120) for i in range(2)]
+    poll(lambda: _status(server.address).version >= 20, 60, "training to start")
+    with stub(server.address) as s:
+        ckpt = s.Checkpoint(pb.CheckpointRequest(), timeout=10).version
+    poll(lambda: _status(server.address).version >= ckpt + 15, 60, "updates after the checkpoint")
+    for proc, _ in workers:
+        os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        last = [-1]
+
+        def settled() -> bool:
+            v = _status(server.address).version
+            same, last[0] = v == last[0], v
+            return same
+        poll(settled, 10, "the version to settle", interval=0.1)
+        killed_at = last[0]
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+    finally:
+        for proc, _ in workers:
+            os.kill(proc.pid, signal.SIGCONT)
+    again = start_server(port=server.port, **flags)
+    for proc, files in workers:
+        assert wait_exit(proc, 120, files["log"]) == 0  # no worker crashed
+    st = _status(again.address)
+    assert st.restored_version == ckpt
+    assert killed_at - ckpt - 2 <= st.lost_updates <= killed_at - ckpt  # each of 2 workers may miss its last ack
+    stats = [json.loads(files["stats"].read_text()) for _, files in workers]
+    accepted = sum(s["accepted"] for s in stats)
+    # acknowledged pushes = those applied before the kill and acknowledged (killed_at, less at most one
+    # unacknowledged per worker) + those applied by the restarted server: none applied twice or unseen
+    assert killed_at - 2 <= accepted - (st.version - ckpt) <= killed_at, (accepted, st.version, ckpt, killed_at)
+    assert st.version == ckpt + st.pushes_applied
+    assert sum(s["reregistrations"] for s in stats) >= 2  # both came back with new sessions

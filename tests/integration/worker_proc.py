@@ -63,11 +63,12 @@ def main() -> int:
     ap.add_argument("--hold", type=Path)
     ap.add_argument("--average", action="store_true", help="gradient averaging across workers")
     ap.add_argument("--stats", type=Path, help="write push counts here (JSON) at the end")
+    ap.add_argument("--retry-seconds", type=float, default=10.0, help="how long to retry an unavailable server")
     args = ap.parse_args()
 
     model = small_model()
     gen = torch.Generator().manual_seed(zlib.crc32(args.worker_id.encode()))
-    opts = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=10.0)
+    opts = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=args.retry_seconds)
     ps = PSClient(args.servers.split(","), model, optimizer={"name": "sgd", "lr": 0.01, "average_gradients": args.average},
                   staleness=args.staleness, worker_id=args.worker_id, options=opts)
     ps.start()
