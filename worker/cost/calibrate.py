@@ -331,6 +331,10 @@ def calibrate(s: Settings) -> dict:
                                  "cluster_flags": s.cluster_flags},
                     "models": [{"name": m.name, **m.task(), "batch_size": m.batch_size, "params": m.params}
                                for m in s.models]}
+    load = os.getloadavg()[0]
+    if load > cores / 2:
+        log.warning("load average %.1f on %d cores before calibrating: other jobs will slow the probes", load, cores)
+    result["load_average"] = {"start": load}
     pool = ProbePool(max(s.workers), s.workers)
     try:
         with tempfile.TemporaryDirectory(prefix="asyncps-cost-") as tmp:
@@ -343,4 +347,5 @@ def calibrate(s: Settings) -> dict:
     finally:
         pool.close()
     result["calibration_seconds"] = time.perf_counter() - t0
+    result["load_average"]["end"] = os.getloadavg()[0]
     return result

@@ -1,6 +1,6 @@
 """`ps-cost`: calibrate the cost model on this machine, predict a run's time, validate against real runs.
 
-    ps-cost calibrate --out runs/cost/calibration.json          # about 2 minutes on a 2-core machine
+    ps-cost calibrate --out runs/cost/calibration.json          # about 3 minutes on a 2-core machine
     ps-cost predict --workers 1,2,4,8 --servers 1,2 --steps 3000 [--json PATH]
     ps-cost validate --json runs/cost/validate.json --png runs/cost/validate.png
 
@@ -61,7 +61,7 @@ def build_parser() -> FlagParser:
     p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     sub = p.add_subparsers(dest="command", required=True, parser_class=FlagParser)
 
-    c = sub.add_parser("calibrate", help="measure this machine (about 2 minutes)")
+    c = sub.add_parser("calibrate", help="measure this machine (about 3 minutes on 2 cores)")
     c.env_flag("out", default=DEFAULT_CALIBRATION, help="calibration file to write")
     c.env_flag("models", type=model_list, default="small,wide", help=f"model sizes to probe: {', '.join(PRESETS)}")
     c.env_flag("workers", type=int_list, default="1,2,4", help="worker counts P to probe")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import statistics
 from pathlib import Path
 
@@ -33,10 +35,11 @@ def validate(cal: dict, models: list[ModelSpec], steps: list[int], workers: list
         job = job_for(m, m_steps)
         for p in workers:
             for s in servers:
+                load = os.getloadavg()[0]
                 wall, summary = run_cluster(out / f"{m.name}-P{p}-S{s}", m, p, s, m_steps, data, extra or [])
                 pred = cost.predict(job, p, s)
                 row = {"model": m.name, "params": m.params, "workers": p, "servers": s, "steps": m_steps,
-                       "measured_seconds": round(wall, 3),
+                       "measured_seconds": round(wall, 3), "load_average_before": round(load, 2),
                        "seed_formula_seconds": round(pred.seed_formula_seconds, 3),
                        "refined_seconds": round(pred.refined_seconds, 3),
                        "seed_error": round(pred.seed_formula_seconds / wall - 1, 4),
@@ -59,11 +62,11 @@ def error_summary(rows: list[dict]) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'model':<8} {'P':>2} {'S':>2} {'steps':>6} {'measured':>9} {'seed':>8} {'err':>6} {'refined':>8} {'err':>6}"]
+    lines = [f"{'model':<8} {'P':>2} {'S':>2} {'steps':>6} {'measured':>9} {'seed':>8} {'err':>6} {'refined':>8} {'err':>6} {'load':>5}"]
     for r in result["rows"]:
         lines.append(f"{r['model']:<8} {r['workers']:>2} {r['servers']:>2} {r['steps']:>6} {r['measured_seconds']:>8.1f}s "
                      f"{r['seed_formula_seconds']:>7.1f}s {100 * r['seed_error']:>+5.0f}% "
-                     f"{r['refined_seconds']:>7.1f}s {100 * r['refined_error']:>+5.0f}%")
+                     f"{r['refined_seconds']:>7.1f}s {100 * r['refined_error']:>+5.0f}% {r.get('load_average_before', math.nan):>5.1f}")
     e = result["errors"]
     lines.append(f"absolute error, median / worst: seed formula {100 * e['seed']['median_abs']:.0f}% / "
                  f"{100 * e['seed']['max_abs']:.0f}%,  refined model {100 * e['refined']['median_abs']:.0f}% / "
