@@ -113,7 +113,10 @@ def test_16_clients_pull_and_push_without_error_or_lost_update(start_server, tmp
     threads = [threading.Thread(target=c.run, args=(registered, go, end), daemon=True) for c in clients]
     for t in threads:
         t.start()
-    registered.wait(timeout=120)  # everyone registered at clock 0 before anyone pushes
+    try:
+        registered.wait(timeout=120)  # everyone registered at clock 0 before anyone pushes
+    except threading.BrokenBarrierError:
+        raise AssertionError(f"registration failed: {[repr(c.error) for c in clients if c.error]}") from None
     start = time.monotonic()
     end[0] = start + DURATION
     go.set()
