@@ -152,7 +152,8 @@ def test_killed_worker_stalls_others_at_most_a_timeout_and_rejoins(tmp_path, cor
 def test_a_process_out_of_restarts_fails_the_cluster_naming_it(tmp_path, corpus, procs):
     """With its restarts used up, a failure stops the cluster (exit 1) and says so (--max-restarts 0: test_cluster)."""
     out = tmp_path / "run"
-    proc = procs.popen(_cmd(out, corpus, 100000, "--max-restarts", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = procs.popen(_cmd(out, corpus, 100000, "--max-restarts", "1", "--servers", "1", "--workers", "1"),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def starts() -> int:
         return sum(r["event"] == "start" for r in _records(out, "worker-0"))
