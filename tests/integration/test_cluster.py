@@ -73,7 +73,9 @@ def test_cluster_trains_exports_and_cleans_up(tmp_path, corpus, procs):
     assert summary["t_task_seconds"] > 0 and summary["t_comm_seconds"] > 0
     curve = summary["loss_curve"]
     assert curve and all(len(row) == 3 for row in curve)
-    assert curve[0][1] > summary["final_train_loss"] + 0.3, "training loss did not fall"
+    # An untrained byte model scores about ln 256 = 5.5 nats; the monitor's first curve point may come late
+    # on a loaded machine, so the fall is judged against the untrained loss.
+    assert summary["final_train_loss"] < math.log(256) - 1.5, "training loss did not fall"
     assert summary["heldout_loss"] < math.log(256) - 0.5, "held-out loss no better than uniform"
     assert str(out) in stdout.decode()  # the final report names where things are
 

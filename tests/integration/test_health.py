@@ -81,5 +81,7 @@ def test_sigterm_with_a_call_in_flight_exits_0_within_the_grace_period(start_ser
     thread.join(timeout=10)
     assert not thread.is_alive(), "the held pull never ended"
     assert result["code"] != grpc.StatusCode.OK
-    assert GRACE - 0.3 <= elapsed < GRACE + 3.0, f"stopped after {elapsed:.2f}s with --grace {GRACE}"
-    assert result["t"] - t0 < GRACE + 3.0
+    # The slack covers the final checkpoint and interpreter exit on a loaded 2-core machine; a server
+    # that waited for the held pull instead of its grace period would take 30 s.
+    assert GRACE - 0.3 <= elapsed < GRACE + 6.0, f"stopped after {elapsed:.2f}s with --grace {GRACE}"
+    assert result["t"] - t0 < GRACE + 6.0
