@@ -3,6 +3,7 @@
 For every model size, worker count P and server count S of the grid, runs `ps-cluster`
 (one run at a time, each timed from launch to exit as `time ps-cluster` would) and
 predicts the same run from a calibration with the seed formula and the refined model.
+A run that fails is tried once more (its row says `retried`); a second failure stops the grid.
 Writes the rows as JSON and a predicted-vs-measured plot (matplotlib, Agg backend).
 Blocks for the whole grid; not thread-safe.
 """
@@ -36,10 +37,16 @@ def validate(cal: dict, models: list[ModelSpec], steps: list[int], workers: list
         for p in workers:
             for s in servers:
                 load = os.getloadavg()[0]
-                wall, summary = run_cluster(out / f"{m.name}-P{p}-S{s}", m, p, s, m_steps, data, extra or [])
+                try:
+                    wall, summary = run_cluster(out / f"{m.name}-P{p}-S{s}", m, p, s, m_steps, data, extra or [])
+                    retried = False
+                except RuntimeError as exc:  # one failed run should not cost the whole grid; twice is an error
+                    log.warning("run failed, trying it once more: %s", exc)
+                    wall, summary = run_cluster(out / f"{m.name}-P{p}-S{s}-retry", m, p, s, m_steps, data, extra or [])
+                    retried = True
                 pred = cost.predict(job, p, s)
                 row = {"model": m.name, "params": m.params, "workers": p, "servers": s, "steps": m_steps,
-                       "measured_seconds": round(wall, 3), "load_average_before": round(load, 2),
+                       "measured_seconds": round(wall, 3), "load_average_before": round(load, 2), "retried": retried,
                        "seed_formula_seconds": round(pred.seed_formula_seconds, 3),
                        "refined_seconds": round(pred.refined_seconds, 3),
                        "seed_error": round(pred.seed_formula_seconds / wall - 1, 4),
