@@ -10,7 +10,8 @@ What must hold (README, "Guarantees"): the cut worker is evicted after the timeo
 the other worker is held back at most that long; it rejoins after the link is back;
 nothing hangs; and a push from before the cut is applied at most once: a late one of
 the old session is refused, so the shard's version equals the pushes the workers were
-told were applied.
+told were applied, plus at most the cut worker's pushes in flight at the cut whose answer
+was lost.
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ def test_cut_worker_is_evicted_rejoins_and_no_push_is_applied_twice(netns, start
     assert cut_stats["reregistrations"] >= 1
     st = status(address)
     assert st.evictions >= 1
-    # every applied push was acknowledged as applied to exactly one push: none applied twice, none
-    # applied behind a worker's back (a late push of the evicted session is refused)
-    assert st.version == st.pushes_applied == cut_stats["accepted"] + host_stats["accepted"], (st, cut_stats, host_stats)
+    # Nothing applied twice: every acknowledged push was applied once, and the only applied pushes a
+    # worker was not told of are the cut worker's in flight when the link went down (the server took
+    # the whole gradient, the answer was lost, and the retry of the old session was refused).
+    assert st.version == st.pushes_applied, st
+    acked = cut_stats["accepted"] + host_stats["accepted"]
+    unanswered = min(cut_stats["pushes"] - cut_stats["accepted"], 2)  # PSClient's default max_inflight
+    assert acked <= st.version <= acked + unanswered, (st, cut_stats, host_stats)
     assert cut_stats["accepted"] + cut_stats["refused"] <= cut_stats["pushes"]
