@@ -48,17 +48,21 @@ def call(address: str, method: str, request, timeout: float = RPC_TIMEOUT,
          security: Security = NONE) -> tuple[grpc.StatusCode, str, dict]:
     """One raw RPC with a deadline: (code, details, trailing metadata). Init/Push take a list of frames."""
     with stub(address, security) as s:
-        fn = getattr(s, method)
-        try:
-            if method == "Pull":
-                for _ in fn(request, timeout=timeout):
-                    pass
-            elif method in ("Init", "Push"):
-                fn(iter(request), timeout=timeout)
-            else:
-                fn(request, timeout=timeout)
-        except grpc.RpcError as err:
-            return err.code(), err.details() or "", dict(err.trailing_metadata() or ())
+        return invoke(getattr(s, method), method, request, timeout)
+
+
+def invoke(fn, method: str, request, timeout: float = RPC_TIMEOUT) -> tuple[grpc.StatusCode, str, dict]:
+    """Call the multi-callable `fn` of `method` the way its kind needs: (code, details, trailing metadata)."""
+    try:
+        if method == "Pull":
+            for _ in fn(request, timeout=timeout):
+                pass
+        elif method in ("Init", "Push"):
+            fn(iter(request), timeout=timeout)
+        else:
+            fn(request, timeout=timeout)
+    except grpc.RpcError as err:
+        return err.code(), err.details() or "", dict(err.trailing_metadata() or ())
     return grpc.StatusCode.OK, "", {}
 
 

@@ -47,6 +47,8 @@ from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.optimizer import default_config
 
+from .support import invoke
+
 N = 1000
 PLAN = "f" * 64
 MAX_MESSAGE = 64 * 1024
@@ -97,18 +99,8 @@ class Live:
 
     def send(self, name: str, body, timeout: float = TIMEOUT) -> tuple[Code, str]:
         """One raw call: `body` is bytes (unary request) or a list of frames (Init/Push)."""
-        fn = self.method(name)
-        try:
-            if name == "Pull":
-                for _ in fn(body, timeout=timeout):
-                    pass
-            elif name in ("Init", "Push"):
-                fn(iter(body), timeout=timeout)
-            else:
-                fn(body, timeout=timeout)
-        except grpc.RpcError as err:
-            return err.code(), err.details() or ""
-        return Code.OK, ""
+        code, details, _ = invoke(self.method(name), name, body, timeout)
+        return code, details
 
     def expect(self, name: str, body, want: Code, timeout: float = TIMEOUT, changes: bool = False) -> None:
         """Send; the code must be `want`; the server must still serve, its state unchanged
