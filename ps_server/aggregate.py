@@ -45,17 +45,17 @@ class Aggregator:
         bucket.contributors[worker_id] = session
         bucket.read_versions.append(read_version)
 
-    def complete(self, live: set[str] | dict[str, int]) -> list[Bucket]:
+    def complete(self, live: dict[str, int]) -> list[Bucket]:
         """Remove and return, in clock order, the buckets every live worker has contributed to.
 
-        Given each live worker's clock (a dict), a bucket waits only for the workers still
-        at or below its clock: one whose clock jumped past it (it registered again at a
+        `live` maps each live worker to its clock: a bucket waits only for the workers still
+        at or below its clock; one whose clock jumped past it (it registered again at a
         later clock, e.g. after a server restart) will never push that clock.
         """
         done = []
         for clock in sorted(self._buckets):
             bucket = self._buckets[clock]
-            needed = {w for w, c in live.items() if c <= clock} if isinstance(live, dict) else live
+            needed = {w for w, c in live.items() if c <= clock}
             if not needed <= bucket.contributors.keys():
                 break
             done.append(self._buckets.pop(clock))

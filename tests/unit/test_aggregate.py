@@ -10,9 +10,9 @@ from ps_server.clock import DuplicatePush
 def test_bucket_completes_when_every_live_worker_contributed():
     agg = Aggregator()
     agg.add("a", 1, 0, torch.tensor([1.0, 2.0]), read_version=5)
-    assert agg.complete({"a", "b"}) == []
+    assert agg.complete({"a": 0, "b": 0}) == []
     agg.add("b", 2, 0, torch.tensor([3.0, 4.0]), read_version=4)
-    (bucket,) = agg.complete({"a", "b"})
+    (bucket,) = agg.complete({"a": 0, "b": 0})
     assert bucket.clock == 0 and bucket.read_version == 4
     assert torch.equal(bucket.total, torch.tensor([4.0, 6.0]))
     assert bucket.contributors == {"a": 1, "b": 2}
@@ -24,7 +24,7 @@ def test_gradient_is_copied_not_aliased():
     g = torch.ones(3)
     agg.add("a", 1, 0, g, read_version=0)
     g.fill_(100.0)  # the servicer reuses its receive buffers
-    (bucket,) = agg.complete({"a"})
+    (bucket,) = agg.complete({"a": 0})
     assert torch.equal(bucket.total, torch.ones(3))
 
 
@@ -34,7 +34,7 @@ def test_duplicate_push_for_a_clock_is_refused_and_changes_nothing():
     with pytest.raises(DuplicatePush):
         agg.add("a", 1, 7, torch.ones(2), read_version=0)
     agg.add("b", 1, 7, torch.ones(2), read_version=0)
-    (bucket,) = agg.complete({"a", "b"})
+    (bucket,) = agg.complete({"a": 0, "b": 0})
     assert torch.equal(bucket.total, torch.full((2,), 2.0))
 
 
@@ -42,8 +42,8 @@ def test_buckets_complete_in_clock_order_and_eviction_releases_them():
     agg = Aggregator()
     agg.add("a", 1, 1, torch.ones(1), read_version=0)
     agg.add("a", 1, 0, torch.ones(1), read_version=0)
-    assert agg.complete({"a", "b"}) == []  # b is live and has pushed nothing
-    done = agg.complete({"a"})  # b was evicted: it no longer holds the buckets back
+    assert agg.complete({"a": 0, "b": 0}) == []  # b is live and has pushed nothing
+    done = agg.complete({"a": 0})  # b was evicted: it no longer holds the buckets back
     assert [b.clock for b in done] == [0, 1]
 
 
@@ -52,6 +52,14 @@ def test_a_later_clock_waits_for_an_earlier_incomplete_one():
     agg.add("a", 1, 0, torch.ones(1), read_version=0)
     agg.add("a", 1, 1, torch.ones(1), read_version=0)
     agg.add("b", 1, 1, torch.ones(1), read_version=0)
-    assert agg.complete({"a", "b"}) == []
+    assert agg.complete({"a": 0, "b": 0}) == []
     agg.add("b", 1, 0, torch.ones(1), read_version=0)
-    assert [b.clock for b in agg.complete({"a", "b"})] == [0, 1]
+    assert [b.clock for b in agg.complete({"a": 0, "b": 0})] == [0, 1]
+
+
+def test_a_worker_whose_clock_jumped_past_a_bucket_no_longer_holds_it():
+    agg = Aggregator()
+    agg.add("a", 1, 3, torch.ones(4), read_version=0)
+    assert agg.complete({"a": 3, "b": 3}) == []  # b is at clock 3 and has not pushed it yet
+    (bucket,) = agg.complete({"a": 3, "b": 5})  # b re-registered at clock 5: it will never push 3
+    assert bucket.clock == 3 and set(bucket.contributors) == {"a"}
