@@ -9,9 +9,12 @@ Measures, each repeated `--reps` times after one warm-up:
               `sendall` from / `recv_into` a preallocated buffer (the ceiling);
 * pull, push: asyncps through real `ps-server` processes and the real worker client
               (`PSClient`'s all-shards-at-once pull and push of its flat fp32 buffers),
-              one worker and 1, 2, 4 servers; a push is timed until every shard has
-              answered, i.e. including the server's validation and optimizer step
-              (plain SGD here; the other optimizers' apply rate is measured apart);
+              one worker and 1, 2, 4 servers, over each transport (`--transports`):
+              `tcp`, the servers' TCP data plane (the default), and `grpc`, the gRPC
+              streams; a push is timed until every shard has answered, i.e. including
+              the server's validation and optimizer step (plain SGD here; the other
+              optimizers' apply rate is measured apart); every pull is of a new version
+              (the one the push before it made), as in training;
 * apply:      the shard store's optimizer step (GB/s of gradient applied), in-process;
 * grpc_raw:   the ceiling gRPC itself sets: grpc.aio streaming prebuilt 4 MB `bytes`
               messages between two processes, no asyncps code at all;
@@ -219,14 +222,18 @@ def bench_apply(nbytes: int, reps: int) -> dict[str, list[float]]:
     return apply_rates(nbytes, reps)
 
 
-def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_bytes: int | None) -> dict:
+def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_bytes: int | None,
+                  transport: str = "tcp") -> dict:
     from worker import CallOptions, PSClient
     procs, addrs = start_servers(servers, workdir, chunk_bytes)
-    opts = CallOptions(**({"chunk_bytes": chunk_bytes} if chunk_bytes else {}))
+    opts = CallOptions(transport=transport, **({"chunk_bytes": chunk_bytes} if chunk_bytes else {}))
     try:
         model = Model(nbytes)
         with PSClient(addrs, model, optimizer={"name": "sgd", "lr": 1e-3}, options=opts,
                       worker_id=f"bench-{servers}") as ps:
+            used = {s.transport for s in ps._shards}
+            if used != {transport}:
+                raise RuntimeError(f"asked for transport {transport}, the client uses {used}")
             pulls, pushes = [], []
             grad = ps._free_grads.pop()  # the client's own preallocated gradient buffer
             grad.normal_(0, 1e-3)
@@ -242,7 +249,7 @@ def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_byt
                     pulls.append(nbytes / (t1 - t0) / GB)
                     pushes.append(nbytes / (t2 - t1) / GB)
             ps._free_grads.append(grad)
-        return {"servers": servers, "pull_gbps": summary(pulls), "push_gbps": summary(pushes)}
+        return {"servers": servers, "transport": transport, "pull_gbps": summary(pulls), "push_gbps": summary(pushes)}
     finally:
         stop_servers(procs)
 
@@ -259,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mb", type=int, default=64, help="payload size in MB (2^20 bytes) (default 64)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each measurement (default 5)")
     p.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4], help="server counts (default 1 2 4)")
-    p.add_argument("--chunk-bytes", type=int, default=None, help="asyncps chunk size (default: the product's)")
+    p.add_argument("--transports", nargs="+", default=["tcp", "grpc"], choices=["tcp", "grpc"],
+                   help="asyncps transports to measure (default: tcp grpc); the first gives pull_gbps/push_gbps")
+    p.add_argument("--chunk-bytes", type=int, default=None, help="asyncps gRPC chunk size (default: the product's)")
     p.add_argument("--tp-transports", default="", help="TensorPipe transports, e.g. 'uv' (default: its own choice)")
     p.add_argument("--skip", nargs="*", default=[], choices=["tcp", "grpc", "asyncps", "apply", "tensorpipe"])
     p.add_argument("--json", metavar="PATH", help="write the results here")
@@ -282,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         res["apply"] = {k: summary(v) for k, v in bench_apply(nbytes, args.reps).items()}
     if "asyncps" not in args.skip:
         with tempfile.TemporaryDirectory(prefix="asyncps-bench-") as tmp:
-            res["rows"] = [bench_asyncps(nbytes, s, args.reps, Path(tmp), args.chunk_bytes) for s in args.servers]
+            res["rows"] = [bench_asyncps(nbytes, s, args.reps, Path(tmp), args.chunk_bytes, t)
+                           for t in args.transports for s in args.servers]
+        res["transport"] = args.transports[0]
         one = next((r for r in res["rows"] if r["servers"] == 1), res["rows"][0])
         res["pull_gbps"], res["push_gbps"] = one["pull_gbps"]["median"], one["push_gbps"]["median"]
     if "tensorpipe" not in args.skip:
@@ -303,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in res.get("rows", []):
         for kind in ("pull", "push"):
             s = r[f"{kind}_gbps"]
-            line = f"  asyncps {kind}, {r['servers']} server(s)       {fmt(s)}"
+            line = f"  asyncps {kind}, {r['transport']:<4}, {r['servers']} server(s) {fmt(s)}"
             if "tcp" in res:
                 line += f"   {s['median'] / res['tcp_gbps']:.2f}x TCP"
             if "tensorpipe" in res:

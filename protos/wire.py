@@ -8,6 +8,10 @@ fields and hands it back as a zero-copy `memoryview`, which `payload_tensor` tur
 into a tensor with `torch.frombuffer`. Any standard protobuf encoder produces frames
 this decoder accepts, and any standard decoder reads ours.
 
+The TCP data plane (`protos.datasock`) frames its `DataRequest`/`DataResponse` headers
+with `pack_header`/`unpack_header`: a 4-byte little-endian length, then the message;
+tensor bytes follow a header raw, sent from and received into tensor memory.
+
 All functions are pure and thread-safe.
 """
 
@@ -29,6 +33,8 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("asyncps' wire codec assumes a little-endian host")
 
+DATA_MAGIC = b"ASYNCPS1"  # first bytes a client sends on a data-plane connection
+HEADER_LIMIT = 64 << 10  # largest data-plane header
 DEFAULT_CHUNK_BYTES = 4 << 20  # bench/wire.py: 4 MB frames beat 1 MB ones by ~15-20% on loopback
 _DATA_TAG = bytes([(15 << 3) | 2])
 
@@ -162,6 +168,30 @@ def payload_tensor(frame: pb.Frame, payload: memoryview | None) -> torch.Tensor:
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(payload, dtype=dtype).view(shape)
+
+
+def pack_header(msg) -> bytes:
+    """A data-plane header: the message's length (4 bytes, little-endian), then the message."""
+    body = msg.SerializeToString()
+    if len(body) > HEADER_LIMIT:
+        raise ValueError(f"header of {len(body)} bytes exceeds the limit of {HEADER_LIMIT}")
+    return len(body).to_bytes(4, "little") + body
+
+
+def header_length(prefix: bytes) -> int:
+    """The length a 4-byte header prefix announces; FrameError if over `HEADER_LIMIT`."""
+    n = int.from_bytes(prefix, "little")
+    if n > HEADER_LIMIT:
+        raise FrameError(f"header of {n} bytes announced, the limit is {HEADER_LIMIT}")
+    return n
+
+
+def unpack_header(body: bytes, cls):
+    """Parse a data-plane header body as `cls`; FrameError if it does not parse."""
+    try:
+        return cls.FromString(body)
+    except Exception as exc:  # protobuf raises DecodeError, a plain Exception subclass
+        raise FrameError(f"header does not parse as {cls.DESCRIPTOR.full_name}: {exc}") from exc
 
 
 def all_finite(t: torch.Tensor) -> bool:

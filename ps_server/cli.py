@@ -29,11 +29,25 @@ def staleness_flag(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def data_port_flag(text: str) -> int | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number or 'off', got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0..65535")
+    return port
+
+
 def build_parser() -> FlagParser:
     p = FlagParser(prog="ps-server", description="Run one asyncps parameter-server shard.")
     p.env_flag("host", default="127.0.0.1", help="address to listen on")
     p.env_flag("port", type=non_negative(int), default=50051, help="port to listen on (0: a free one)")
     p.env_flag("port-file", help="write the bound port to this file once serving")
+    p.env_flag("data-port", type=data_port_flag, default=0,
+               help="port of the TCP data plane, the fast path for pulls and pushes (0: a free one; off: none)")
     p.env_flag("shard-index", type=non_negative(int), default=0, help="which shard this server holds")
     p.env_flag("num-shards", type=positive(int), default=1, help="how many shards the model is cut into")
     p.env_flag("staleness", type=staleness_flag, help="staleness bound s (a number or inf); unset: the first worker's")
@@ -88,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         check_can_listen(args.host, args.port)
     except OSError as exc:
         parser.error(f"cannot listen on {host}:{args.port}: {exc.strerror or exc}")
+    if args.data_port:
+        try:
+            check_can_listen(args.host, args.data_port)
+        except OSError as exc:
+            parser.error(f"cannot listen on {host}:{args.data_port} (--data-port): {exc.strerror or exc}")
     if args.metrics_port != OFF:
         try:
             serve_metrics(servicer.metrics.registry, args.metrics_host or args.host, args.metrics_port,
@@ -96,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"cannot serve metrics on {args.metrics_host or args.host}:{args.metrics_port}: "
                          f"{exc.strerror or exc}")
     try:
-        uvloop.run(serve(servicer, f"{host}:{args.port}", grace=args.grace, port_file=args.port_file, security=sec))
+        uvloop.run(serve(servicer, f"{host}:{args.port}", grace=args.grace, port_file=args.port_file, security=sec,
+                         data_port=args.data_port))
     except OSError as exc:
         sys.stderr.write(f"ps-server: error: {exc}\n")
         return 2

@@ -23,6 +23,8 @@ import argparse
 import hmac
 import logging
 import os
+import ssl
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -81,11 +83,40 @@ class Security:
         return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.client_ca,
                                            require_client_auth=self.client_ca is not None)
 
+    def server_ssl_context(self) -> ssl.SSLContext:
+        """TLS (mutual with `client_ca`) for the data plane's connections, as on the gRPC port."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        _load_chain(ctx, self.cert, self.key)
+        if self.client_ca is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cadata=self.client_ca.decode("ascii"))
+        return ctx
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """TLS for a client's data-plane connections: verifies the server (name included) with `ca`."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=self.ca.decode("ascii"))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert is not None:
+            _load_chain(ctx, self.cert, self.key)
+        return ctx
+
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [TokenInterceptor(self.token)] if self.token else []
 
 
 NONE = Security()
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """`ctx.load_cert_chain` from PEM bytes (it reads files only: a private 0700 folder, removed at once)."""
+    with tempfile.TemporaryDirectory(prefix="asyncps-tls-") as tmp:
+        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        for path, data in ((cert_path, cert), (key_path, key)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        ctx.load_cert_chain(cert_path, key_path)
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):

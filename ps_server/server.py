@@ -4,8 +4,10 @@
 and its bound port (port 0 picks a free one); with `security` (ps_server/security.py)
 it listens with TLS and/or refuses RPCs without the token (health stays open). `serve`
 runs it on the current event loop with the standard gRPC health service, the servicer's
-background work (eviction, periodic checkpoints), and a graceful stop on SIGTERM/SIGINT:
-health goes NOT_SERVING, in-flight calls get `grace` seconds, then a final checkpoint is written.
+background work (eviction, periodic checkpoints), the TCP data plane beside it
+(ps_server/dataplane.py; `data_port` 0 picks a free port, None turns it off), and a
+graceful stop on SIGTERM/SIGINT: health goes NOT_SERVING, the data plane stops
+accepting, in-flight calls get `grace` seconds, then a final checkpoint is written.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import service
+from protos.datasock import split_host
+from ps_server.dataplane import DataPlane
 from ps_server.security import NONE, Security
 from ps_server.servicer import Servicer
 
@@ -55,18 +59,23 @@ def _write_port_file(path: str, port: int) -> None:
 
 
 async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file: str | None = None,
-                security: Security = NONE) -> None:
+                security: Security = NONE, data_port: int | None = 0) -> None:
     """Run until SIGTERM/SIGINT; blocks (asynchronously) for the server's whole life.
 
     Call `servicer.restore()` first to resume from a checkpoint.
     """
     server, port, health_servicer = build_server(address, servicer, security)
+    data = None
+    if data_port is not None:
+        data = DataPlane(servicer, asyncio.get_running_loop(), security)
+        servicer.data_port = data.start(split_host(address), data_port)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(service.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     if port_file:
         _write_port_file(port_file, port)
-    log.info("shard %d of %d listening on port %d (%s%s)", servicer.cfg.shard_index, servicer.cfg.num_shards, port,
+    log.info("shard %d of %d listening on port %d, data plane %s (%s%s)", servicer.cfg.shard_index,
+             servicer.cfg.num_shards, port, f"on port {servicer.data_port}" if data else "off",
              ("mutual TLS" if security.client_ca else "TLS") if security.cert else "plaintext",
              ", token required" if security.token else "")
 
@@ -79,7 +88,11 @@ async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file:
         await stop.wait()
         log.info("stopping: %.1fs grace for calls in flight", grace)
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace)
+        if data is not None:
+            servicer.data_port = 0
+            await asyncio.gather(server.stop(grace), data.stop(grace))
+        else:
+            await server.stop(grace)
     finally:
         background.cancel()
         if servicer.checkpoint_file and servicer.store is not None:

@@ -34,7 +34,7 @@ from ps_server.aggregate import Aggregator
 from ps_server import optimizer as optim
 from ps_server.clock import ClockTable, DuplicatePush, UnknownWorker
 from ps_server.metrics import ServerMetrics
-from ps_server.store import ShardStore
+from ps_server.store import ShardStore, Snapshot
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
@@ -57,6 +57,22 @@ class _Reject(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+def rejection(exc: BaseException) -> tuple[grpc.StatusCode, str, str] | None:
+    """(status code, message, asyncps-reason) for a domain error; None for anything else.
+
+    The one mapping of refusals to status codes, for the gRPC handlers and the data plane.
+    """
+    if isinstance(exc, _Reject):
+        return exc.code, exc.message, ""
+    if isinstance(exc, UnknownWorker):
+        return Code.FAILED_PRECONDITION, str(exc), service.UNKNOWN_WORKER
+    if isinstance(exc, DuplicatePush):
+        return Code.ALREADY_EXISTS, str(exc), ""
+    if isinstance(exc, (wire.FrameError, ValueError)):
+        return Code.INVALID_ARGUMENT, str(exc), ""
+    return None
 
 
 class Servicer:
@@ -83,6 +99,7 @@ class Servicer:
         self._init_lock = asyncio.Lock()
         self._ckpt_lock = asyncio.Lock()
         self._grad_buffers: list[torch.Tensor] = []  # reused by pushes: no fresh 64 MB (page faults) per call
+        self.data_port = 0  # the TCP data plane's port once it listens (ps_server.dataplane); 0: none
         self.metrics = metrics if metrics is not None else ServerMetrics(cfg.shard_index)
         self.metrics.bind(self)
 
@@ -228,14 +245,12 @@ class Servicer:
         """Run a handler body, turning domain errors into gRPC statuses."""
         try:
             return await coro
-        except _Reject as r:
-            await context.abort(r.code, r.message)
-        except UnknownWorker as exc:
-            await context.abort(Code.FAILED_PRECONDITION, str(exc), trailing_metadata=((service.REASON_KEY, service.UNKNOWN_WORKER),))
-        except DuplicatePush as exc:
-            await context.abort(Code.ALREADY_EXISTS, str(exc))
-        except (wire.FrameError, ValueError) as exc:
-            await context.abort(Code.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:
+            status = rejection(exc)
+            if status is None:
+                raise
+            code, message, reason = status
+            await context.abort(code, message, trailing_metadata=((service.REASON_KEY, reason),) if reason else ())
 
     # -- RPCs -------------------------------------------------------------------------
     async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
@@ -253,7 +268,7 @@ class Servicer:
             log.info("worker %s registered (session %d) at clock %d", request.worker_id, session, clock)
             return pb.RegisterResponse(session=session, clock=clock, staleness=self.clocks.staleness,
                                        heartbeat_timeout_seconds=self.cfg.heartbeat_timeout,
-                                       incarnation=self.incarnation)
+                                       incarnation=self.incarnation, data_port=self.data_port)
         return await self._guard(context, body())
 
     def _count_lost(self, request: pb.RegisterRequest) -> None:
@@ -320,14 +335,10 @@ class Servicer:
 
     async def Push(self, frames: AsyncIterator[bytes], context) -> pb.PushResponse:
         t0 = time.perf_counter()
-        m = self.metrics
 
         async def body():
             head = await _first_head(frames, "push")
-            store = self._store_for(head.plan_hash)
-            self.clocks.check_push(head.worker_id, head.session, head.clock)
-            pool = self._grad_buffers
-            buf = pool.pop() if pool and pool[-1].numel() == store.numel else torch.empty(store.numel)
+            store, buf = self.open_push(head)
             try:
                 grad = await self._receive_flat(frames, store.numel, buf)
             except BaseException:
@@ -337,25 +348,51 @@ class Servicer:
             # meanwhile (a client's deadline; gRPC also ends a stream broken by an oversized message
             # like a complete one, then cancels the handler): an update applied without its clock
             # advancing could be applied again by a retry.
-            commit = asyncio.ensure_future(self._commit_push(store, head, grad))
+            commit = asyncio.ensure_future(self.commit_push(store, head, grad))
             commit.add_done_callback(_settled)
             return await asyncio.shield(commit)
         try:
             resp = await self._guard(context, body())
         except BaseException:
+            self.push_finished(t0, ok=False)
+            raise
+        self.push_finished(t0, ok=True)
+        return resp
+
+    def open_push(self, head: pb.PushHeader) -> tuple[ShardStore, torch.Tensor]:
+        """Check a push's header; returns the store and a buffer to receive its gradient into.
+
+        Give the buffer back with `release` unless `commit_push` gets it.
+        """
+        store = self._store_for(head.plan_hash)
+        self.clocks.check_push(head.worker_id, head.session, head.clock)
+        pool = self._grad_buffers
+        buf = pool.pop() if pool and pool[-1].numel() == store.numel else torch.empty(store.numel)
+        return store, buf
+
+    def release(self, buf: torch.Tensor) -> None:
+        """Give back a gradient buffer from `open_push` that was not committed."""
+        self._spare(buf)
+
+    def push_finished(self, t0: float, ok: bool) -> None:
+        """Count a push that ended (accepted or not); `t0` is when it started (perf_counter)."""
+        m = self.metrics
+        if ok:
+            m.pushes.inc()
+            m.push_seconds.observe(time.perf_counter() - t0)
+        else:
             self.pushes_rejected += 1
             m.pushes_rejected.inc()
-            raise
-        m.pushes.inc()
-        m.push_seconds.observe(time.perf_counter() - t0)
-        return resp
 
     def _spare(self, buf: torch.Tensor) -> None:
         if len(self._grad_buffers) < 2:  # keep at most two spare buffers
             self._grad_buffers.append(buf)
 
-    async def _commit_push(self, store: ShardStore, head: pb.PushHeader, grad: torch.Tensor) -> pb.PushResponse:
-        """Apply a received gradient (or add it to its averaging bucket) and advance the clock, atomically."""
+    async def commit_push(self, store: ShardStore, head: pb.PushHeader, grad: torch.Tensor) -> pb.PushResponse:
+        """Apply a received gradient (or add it to its averaging bucket) and advance the clock, atomically.
+
+        Takes over `grad` (a buffer from `open_push`), whatever the outcome.
+        """
         m = self.metrics
         try:
             async with self._apply_lock:
@@ -380,15 +417,32 @@ class Servicer:
         t0 = time.perf_counter()
 
         async def body():
-            store = self._store_for(request.plan_hash)
-            waited = await self.clocks.wait_readable(request.worker_id, request.session, request.clock, request.own_lag)
+            store, waited = await self._await_readable(request)
             chunk = min(request.chunk_bytes or self.cfg.chunk_bytes, self.cfg.max_message_bytes - 1024)
             return store, waited, await asyncio.to_thread(store.frames, chunk)
         store, waited, (version, frames) = await self._guard(context, body())
-        yield wire.encode_frame(pb.Frame(pull=pb.PullHeader(
-            version=version, numel=store.numel, min_clock=self.clocks.min_clock(), waited_seconds=waited)))
+        yield wire.encode_frame(pb.Frame(pull=self._pull_header(store, version, waited)))
         for frame in frames:  # encoded once per version, shared by every pull of it
             yield frame
+        self.pull_finished(store, t0, waited)
+
+    async def _await_readable(self, request: pb.PullRequest) -> tuple[ShardStore, float]:
+        store = self._store_for(request.plan_hash)
+        waited = await self.clocks.wait_readable(request.worker_id, request.session, request.clock, request.own_lag)
+        return store, waited
+
+    def _pull_header(self, store: ShardStore, version: int, waited: float) -> pb.PullHeader:
+        return pb.PullHeader(version=version, numel=store.numel, min_clock=self.clocks.min_clock(), waited_seconds=waited)
+
+    async def open_pull(self, request: pb.PullRequest) -> tuple[ShardStore, pb.PullHeader, Snapshot]:
+        """Wait until `request` may read (the staleness bound); returns the store, the header
+        and the weights of that version, leased: `store.release` them once sent (any thread)."""
+        store, waited = await self._await_readable(request)
+        snap = await asyncio.to_thread(store.lease)
+        return store, self._pull_header(store, snap.version, waited), snap
+
+    def pull_finished(self, store: ShardStore, t0: float, waited: float) -> None:
+        """Count a pull whose weights were sent. Touches only metrics: thread-safe."""
         m = self.metrics
         m.pulls.inc()
         m.pull_bytes.inc(store.numel * 4)
@@ -411,6 +465,7 @@ class Servicer:
             weights_checksum=(await asyncio.to_thread(s.checksum)) if s and request.include_checksum else 0.0,
             optimizer=s.config if s else None, checkpoint_version=self.checkpoint_version,
             lost_updates=self.lost_updates, incarnation=self.incarnation, restored_version=self.restored_version,
+            data_port=self.data_port,
         )
 
     async def Checkpoint(self, request: pb.CheckpointRequest, context) -> pb.CheckpointResponse:
@@ -434,3 +489,4 @@ async def _first_head(frames: AsyncIterator[bytes], kind: str):
             raise _Reject(Code.INVALID_ARGUMENT, f"the first frame of this stream must be a bare {kind} header")
         return getattr(frame, kind)
     raise _Reject(Code.INVALID_ARGUMENT, "empty stream: expected a header frame")
+

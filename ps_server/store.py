@@ -1,9 +1,11 @@
 """The shard store: one shard's fp32 weights, its optimizer and its version.
 
 Thread-safety: every method may be called from any thread. `apply` holds the store's
-lock for the optimizer step only; `snapshot` returns an immutable copy of the weights
+lock for the optimizer step only; `lease` hands out an immutable copy of the weights
 at one version (cached, so many pulls of one version share one copy), so a pull
-streams consistent weights without holding the lock while it sends. `frames` is the
+streams consistent weights without holding the lock while it sends, and `release`
+gives it back: a copy no pull reads any more is reused for a later version, so no
+pull pays for a fresh allocation (page faults cost more than the copy itself). `frames` is the
 pull path's form of it: the weights of one version already encoded as wire frames,
 made with one copy and shared by every pull of that version; while an update is being
 applied, the previous version's frames are answered without waiting for the lock.
@@ -22,10 +24,11 @@ from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import optimizer as optim
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Snapshot:
     version: int
-    weights: torch.Tensor  # never written after creation
+    weights: torch.Tensor  # not written while leased
+    readers: int = 0       # leases not yet released (guarded by the store's lease lock)
 
 
 class ShardStore:
@@ -41,6 +44,8 @@ class ShardStore:
         self._version = version
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
+        self._leases = threading.Lock()  # guards readers counts and the spare buffers; never held long
+        self._spare: list[torch.Tensor] = []  # snapshot buffers no pull reads
         self._frames: tuple[int, int, list[bytes]] | None = None  # (version, chunk_bytes, frames)
 
     @property
@@ -80,14 +85,42 @@ class ShardStore:
             lr /= max(1, staleness)
         return lr
 
-    def snapshot(self) -> Snapshot:
-        """The weights at the current version, copied once per version."""
-        with self._lock:
+    def lease(self) -> Snapshot:
+        """The weights at the current version, copied once per version; `release` it after reading.
+
+        Does not wait for an update being applied when the current version's copy exists
+        already: until the update ends, that version is still the current one.
+        """
+        with self._leases:
             snap = self._snapshot
-            if snap is None or snap.version != self._version:
-                snap = Snapshot(self._version, self._flat.detach().clone())
-                self._snapshot = snap
-            return snap
+            if snap is not None and snap.version == self._version:
+                snap.readers += 1
+                return snap
+        with self._lock:  # weights stable: no update runs
+            if self._snapshot is None or self._snapshot.version != self._version:
+                with self._leases:
+                    buf = self._spare.pop() if self._spare else None
+                if buf is None:
+                    buf = torch.empty_like(self._flat.detach())
+                buf.copy_(self._flat.detach())
+                with self._leases:
+                    old, self._snapshot = self._snapshot, Snapshot(self._version, buf)
+                    if old is not None and old.readers == 0:
+                        self._recycle(old.weights)
+            with self._leases:
+                self._snapshot.readers += 1
+                return self._snapshot
+
+    def release(self, snap: Snapshot) -> None:
+        """End a `lease`: the copy may be reused once no pull reads it and a newer one exists."""
+        with self._leases:
+            snap.readers -= 1
+            if snap.readers == 0 and snap is not self._snapshot:
+                self._recycle(snap.weights)
+
+    def _recycle(self, buf: torch.Tensor) -> None:
+        if len(self._spare) < 2:  # call with the lease lock held
+            self._spare.append(buf)
 
     def frames(self, chunk_bytes: int) -> tuple[int, list[bytes]]:
         """(version, the weights at it as chunk frames of `chunk_bytes`), encoded once per version.

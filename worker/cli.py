@@ -19,7 +19,7 @@ from ps_server.flags import FlagParser, non_negative, positive
 from ps_server.metrics import OFF, add_metrics_flags, serve_metrics
 from ps_server.optimizer import OPTIMIZERS, default_config, validate
 from worker.metrics import WorkerMetrics
-from worker.rpc import CallOptions
+from worker.rpc import TRANSPORTS, CallOptions
 from worker.task import TaskConfig
 from worker.trainer import WorkerConfig, pick_device, train
 
@@ -94,6 +94,11 @@ def task_config(args: argparse.Namespace) -> TaskConfig:
     return TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head)
 
 
+def add_transport_flag(p: FlagParser) -> None:
+    p.env_flag("transport", default="auto", choices=list(TRANSPORTS),
+               help="pulls and pushes: auto (the servers' TCP data plane when reachable, else gRPC), tcp, grpc")
+
+
 def build_parser() -> FlagParser:
     p = FlagParser(prog="ps-worker", description="Run one asyncps worker of the built-in byte-level LM task.")
     p.env_flag("servers", required=False, help="comma-separated server addresses host:port, in shard order")
@@ -108,6 +113,7 @@ def build_parser() -> FlagParser:
     p.env_flag("first-step", type=non_negative(int), default=0,
                help="steps an earlier life of this worker already did (a restart runs --steps minus these)")
     p.env_flag("retry-seconds", type=non_negative(float), default=60.0, help="how long to retry an unavailable server")
+    add_transport_flag(p)
     add_metrics_flags(p, "127.0.0.1", "address for /metrics (0.0.0.0: every interface)")
     security.add_security_flags(p, "client")
     p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         staleness=args.staleness, pipeline=args.pipeline, batch_size=args.batch_size, steps=args.steps,
         device=args.device, seed=args.seed, threads=args.threads, slowdown=args.slowdown, report=args.report,
         report_every=args.report_every, first_step=args.first_step,
-        options=CallOptions(retry_seconds=args.retry_seconds), metrics=metrics, security=sec,
+        options=CallOptions(retry_seconds=args.retry_seconds, transport=args.transport), metrics=metrics, security=sec,
     )
     try:
         result = train(cfg)

@@ -37,7 +37,7 @@ from protos import service
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import security
 from ps_server.flags import FlagParser, non_negative, positive
-from worker.cli import add_training_flags, check_training_args, task_config, training_argv
+from worker.cli import add_training_flags, add_transport_flag, check_training_args, task_config, training_argv
 from worker.procs import Children
 from worker.report import Monitor, final_report, write_summary
 from worker.rpc import wait_serving
@@ -61,6 +61,7 @@ def build_parser() -> FlagParser:
     p.env_flag("eval-windows", type=positive(int), default=64, help="held-out windows for the final loss")
     p.env_flag("max-restarts", type=non_negative(int), default=3,
                help="restarts allowed per failed server or worker (0: a failure stops the cluster)")
+    add_transport_flag(p)
     p.env_switch("resume", default=False, help="continue from the checkpoints already in --out")
     p.env_switch("progress", default=True, help="show the live progress bar")
     p.env_switch("metrics", default=True, help="give every server and worker a Prometheus /metrics port")
@@ -140,7 +141,8 @@ class Cluster:
             workers.append(self.children.start(f"worker-{r}", "worker.cli", [
                 "--servers", ",".join(self.addresses), "--rank", str(r), "--world", str(a.workers),
                 "--worker-id", f"worker-{r}", "--steps", str(max(1, steps)), "--threads", str(threads),
-                "--report", str(report), "--report-every", "0", *self._metrics_argv(f"worker-{r}"),
+                "--report", str(report), "--report-every", "0", "--transport", a.transport,
+                *self._metrics_argv(f"worker-{r}"),
                 *self._worker_tls_argv, *training_argv(a)]))
         return workers
 

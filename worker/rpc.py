@@ -8,12 +8,22 @@ retried safely: a repeat of an already applied push is answered ALREADY_EXISTS a
 counted as done, never applied twice. With a `Security` (ps_server/security.py) the
 channel is TLS and every call carries the auth token; UNAUTHENTICATED is not retried.
 
+Transport: pulls and pushes go over the shard's TCP data plane (worker/dataplane.py)
+when its Register answer offers one and `CallOptions.transport` allows it ("auto", the
+default, falls back to gRPC for a shard whose data port cannot be reached while its gRPC
+port can; "tcp" insists; "grpc" never uses it). Its failures are retried and reported
+exactly like gRPC's, in the same `call`; its blocking socket work runs in this client's
+own threads, and a cancelled exchange is aborted and waited for before the cancellation
+goes on, so no thread writes into (or reads from) a caller's tensor after it returned.
+
 Use from one asyncio event loop (the client's I/O thread); not thread-safe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,7 +35,11 @@ import torch
 
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
+from protos.datasock import DataError, split_host
 from ps_server.security import NONE, Security
+from worker.dataplane import CONNECT_FAILED, Abort, DataChannel
+
+TRANSPORTS = ("auto", "tcp", "grpc")
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +57,7 @@ class CallOptions:
     backoff_max: float = 2.0
     chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 8 << 20
+    transport: str = "auto"        # pulls and pushes: "auto" (data plane if offered), "tcp" or "grpc"
 
 
 class RpcFailed(Exception):
@@ -73,9 +88,74 @@ class ShardClient:
             ("grpc.max_reconnect_backoff_ms", 1000),
         ])
         self.stub = service.Stub(self._channel, metadata=security.metadata)
+        if opts.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {opts.transport!r}")
+        self.security = security
+        self.data: DataChannel | None = None  # the shard's data plane, once Register offered one
+        self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix=f"asyncps-data-{index}")
+        self._pull_lock = asyncio.Lock()  # one pull at a time writes into this shard's slice
 
     async def close(self) -> None:
+        self._use_data_port(0)
         await self._channel.close()
+        self._executor.shutdown(wait=False)
+
+    @property
+    def transport(self) -> str:
+        """What pulls and pushes use now: "tcp" (the data plane) or "grpc"."""
+        return "tcp" if self.data is not None else "grpc"
+
+    def _use_data_port(self, port: int) -> None:
+        """Follow the data port the server offers (0: none) unless transport is "grpc"."""
+        if self.opts.transport == "grpc":
+            port = 0
+        if self.data is not None and self.data.port == port:
+            return
+        if self.data is not None:
+            self.data.close()
+        self.data = DataChannel(split_host(self.address), port, self.security) if port else None
+        if port:
+            log.info("shard %d: pulls and pushes over the data plane at %s", self.index, self.data.peer)
+
+    async def _on_data(self, fn: Callable[..., T], *args) -> T:
+        """Run a blocking `DataChannel` exchange in this client's threads; cancellable."""
+        abort = Abort()
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, abort=abort))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            abort.abort()
+            while not fut.done():  # the thread must be done with the caller's tensor first
+                try:
+                    await asyncio.wait([fut])
+                except asyncio.CancelledError:
+                    pass
+            raise
+
+    async def _data_or_grpc(self, method: str, data_fn: Callable[[], Awaitable[T]],
+                            grpc_fn: Callable[[], Awaitable[T]]) -> T:
+        """One attempt of a pull or push: over the data plane if there is one, else gRPC.
+
+        If the data port refuses connections while the gRPC port answers, the shard has
+        moved its data port (a restart: follow it) or it is out of reach from here
+        (transport "auto": use gRPC for this shard until it registers again).
+        """
+        if self.data is None:
+            return await grpc_fn()
+        try:
+            return await data_fn()
+        except DataError as exc:
+            if exc.reason != CONNECT_FAILED:
+                raise
+            port = self.data.port
+            st = await self.stub.Status(pb.StatusRequest(), timeout=self.opts.timeout)  # gRPC errors: retried by call
+            if st.data_port != port or self.opts.transport == "tcp":
+                self._use_data_port(st.data_port)
+                raise  # UNAVAILABLE: retried (at the new port, if it moved)
+            log.warning("shard %d: data plane at %s unreachable (%s); using gRPC for %s and the rest",
+                        self.index, self.data.peer, exc.details(), method)
+            self._use_data_port(0)
+            return await grpc_fn()
 
     async def call(self, method: str, attempt: Callable[[], Awaitable[T]], retry_seconds: float | None = None) -> T:
         """Run `attempt()` (one whole RPC) until it succeeds or fails for good.
@@ -90,7 +170,7 @@ class ShardClient:
         while True:
             try:
                 return await attempt()
-            except grpc.aio.AioRpcError as err:
+            except (grpc.aio.AioRpcError, DataError) as err:
                 code = err.code()
                 if deadline is None:
                     deadline = time.monotonic() + budget
@@ -100,7 +180,8 @@ class ShardClient:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.opts.backoff_max)
                     continue
-                reason = dict(err.trailing_metadata() or ()).get(service.REASON_KEY, "")
+                reason = err.reason if isinstance(err, DataError) else \
+                    dict(err.trailing_metadata() or ()).get(service.REASON_KEY, "")
                 raise RpcFailed(self.address, method, code, err.details() or "", reason) from None
 
     # -- control ----------------------------------------------------------------------
@@ -111,7 +192,9 @@ class ShardClient:
                        seen_incarnation: int = 0) -> pb.RegisterResponse:
         req = pb.RegisterRequest(worker_id=worker_id, plan_hash=plan_hash, start_clock=start_clock,
                                  seen_version=seen_version, seen_incarnation=seen_incarnation)
-        return await self.call("Register", lambda: self.stub.Register(req, timeout=self.opts.timeout))
+        resp = await self.call("Register", lambda: self.stub.Register(req, timeout=self.opts.timeout))
+        self._use_data_port(resp.data_port)
+        return resp
 
     async def heartbeat(self, worker_id: str, session: int, timeout: float | None = None) -> pb.HeartbeatResponse:
         """One attempt, not retried (the next heartbeat is the retry)."""
@@ -139,8 +222,13 @@ class ShardClient:
     async def push(self, head: pb.PushHeader, grad: torch.Tensor) -> pb.PushResponse | None:
         """Send one gradient (1-D float32 CPU tensor); None if the server had already applied it."""
         frame = pb.Frame(push=head)
+
+        def attempt() -> Awaitable[pb.PushResponse]:
+            return self._data_or_grpc(
+                "Push", lambda: self._on_data(self.data.push, head, grad, time.monotonic() + self.opts.push_timeout),
+                lambda: self.stub.Push(self._frames(frame, grad), timeout=self.opts.push_timeout))
         try:
-            return await self.call("Push", lambda: self.stub.Push(self._frames(frame, grad), timeout=self.opts.push_timeout))
+            return await self.call("Push", attempt)
         except RpcFailed as exc:
             if exc.code == grpc.StatusCode.ALREADY_EXISTS:
                 return None
@@ -150,7 +238,11 @@ class ShardClient:
         """Stream this shard's weights into `out` (1-D float32 CPU tensor, the shard's size)."""
         req.chunk_bytes = req.chunk_bytes or self.opts.chunk_bytes
 
-        async def attempt() -> pb.PullHeader:
+        async def over_data() -> pb.PullHeader:
+            async with self._pull_lock:
+                return await self._on_data(self.data.pull_into, req, out, time.monotonic() + self.opts.pull_timeout)
+
+        async def over_grpc() -> pb.PullHeader:
             head = None
             received = 0
             async for raw in self.stub.Pull(req, timeout=self.opts.pull_timeout):
@@ -170,7 +262,7 @@ class ShardClient:
                                 f"pull stream ended after {received} of {out.numel()} elements")
             return head
 
-        return await self.call("Pull", attempt)
+        return await self.call("Pull", lambda: self._data_or_grpc("Pull", over_data, over_grpc))
 
 
 def wait_serving(address: str, timeout: float = 30.0, is_alive: Callable[[], bool] = lambda: True,

@@ -10,13 +10,16 @@
   lets it go (the step is held inside the store's lock). A pull of the same shard must be
   answered while the apply is still held (so it cannot be waiting for it), and a pull of
   a version not yet encoded must be answered with the new version once the apply ends. Nothing here depends on timing: a
-  pull that waited for the lock would hit its deadline while the step is held.
+  pull that waited for the lock would hit its deadline while the step is held. Both
+  transports: gRPC (frames encoded once per version) and the TCP data plane (a leased
+  snapshot per version).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -24,9 +27,11 @@ import torch
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.optimizer import default_config
+from ps_server.dataplane import DataPlane
 from ps_server.server import build_server
 from ps_server.servicer import ServerConfig, Servicer
 from worker import CallOptions, PSClient
+from worker.dataplane import Abort, DataChannel
 
 from .support import RPC_TIMEOUT, stub
 
@@ -65,14 +70,17 @@ def raw(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+@pytest.mark.parametrize("transport", ["tcp", "grpc"])
 @pytest.mark.parametrize("num_shards, chunk_bytes", [(1, wire.DEFAULT_CHUNK_BYTES), (2, 4100), (3, 65532 + 4 * 7)],
                          ids=["1-shard-default-chunks", "2-shards-4100B", "3-shards-65560B"])
-def test_init_pull_push_round_trip_is_bit_exact(start_server, num_shards, chunk_bytes):
+def test_init_pull_push_round_trip_is_bit_exact(start_server, num_shards, chunk_bytes, transport):
     servers = start_server.shards(num_shards, heartbeat_timeout=600)
     model = OddModel(seed=num_shards)
     original = [raw(p) for p in model.parameters()]
-    opts = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=5.0, chunk_bytes=chunk_bytes)
+    opts = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=5.0, chunk_bytes=chunk_bytes,
+                       transport=transport)
     with PSClient([s.address for s in servers], model, optimizer={"name": "sgd", "lr": 1.0}, options=opts) as ps:
+        assert [s.transport for s in ps._shards] == [transport] * num_shards
         assert all(s.numel % (chunk_bytes // 4) for s in ps.plan.shards), "chunks should not divide the shards"
         with torch.no_grad():
             for p in model.parameters():
@@ -98,9 +106,12 @@ def test_init_pull_push_round_trip_is_bit_exact(start_server, num_shards, chunk_
 # -- a pull during an apply --------------------------------------------------------------
 
 class InProcessServer:
-    """A Servicer on a real grpc.aio server in a background thread, for white-box tests."""
+    """A Servicer on a real grpc.aio server in a background thread, for white-box tests.
 
-    def __init__(self, cfg: ServerConfig):
+    With `data_plane`, its TCP data plane listens too (port in `servicer.data_port`).
+    """
+
+    def __init__(self, cfg: ServerConfig, data_plane: bool = False):
         self.servicer = Servicer(cfg)
         self.loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
@@ -108,11 +119,16 @@ class InProcessServer:
 
         async def main() -> None:
             server, self.port, _ = build_server("127.0.0.1:0", self.servicer)
+            data = DataPlane(self.servicer, asyncio.get_running_loop()) if data_plane else None
+            if data is not None:
+                self.servicer.data_port = data.start("127.0.0.1", 0)
             await server.start()
             self._stop = asyncio.Event()
             started.set()
             await self._stop.wait()
             await server.stop(0)
+            if data is not None:
+                await data.stop(0)
 
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True)
         self.thread.start()
@@ -130,7 +146,25 @@ class InProcessServer:
 N = 300_001
 
 
-def _pull(address: str, worker_id: str, session: int, timeout: float) -> tuple[int, torch.Tensor]:
+def _pull(srv: InProcessServer, transport: str, worker_id: str, session: int,
+          timeout: float) -> tuple[int, torch.Tensor]:
+    if transport == "tcp":
+        return _pull_data(srv.servicer.data_port, worker_id, session, timeout)
+    return _pull_grpc(srv.address, worker_id, session, timeout)
+
+
+def _pull_data(port: int, worker_id: str, session: int, timeout: float) -> tuple[int, torch.Tensor]:
+    channel = DataChannel("127.0.0.1", port)
+    try:
+        out = torch.empty(N)
+        head = channel.pull_into(pb.PullRequest(worker_id=worker_id, session=session, plan_hash="p" * 64, clock=0),
+                                 out, time.monotonic() + timeout, Abort())
+        return head.version, out
+    finally:
+        channel.close()
+
+
+def _pull_grpc(address: str, worker_id: str, session: int, timeout: float) -> tuple[int, torch.Tensor]:
     out = torch.empty(N)
     version = None
     with stub(address) as s:
@@ -145,8 +179,9 @@ def _pull(address: str, worker_id: str, session: int, timeout: float) -> tuple[i
     return version, out
 
 
-def test_pull_is_not_stalled_by_an_apply_in_progress():
-    srv = InProcessServer(ServerConfig(heartbeat_timeout=600))
+@pytest.mark.parametrize("transport", ["tcp", "grpc"])
+def test_pull_is_not_stalled_by_an_apply_in_progress(transport):
+    srv = InProcessServer(ServerConfig(heartbeat_timeout=600), data_plane=True)
     release = threading.Event()
     try:
         w0 = torch.randn(N, generator=torch.Generator().manual_seed(0))
@@ -176,11 +211,11 @@ def test_pull_is_not_stalled_by_an_apply_in_progress():
                 results[f"push{clock}"] = s.Push(iter(frames + list(wire.chunk_frames(g, 1 << 16))), timeout=60)
 
         # 1. Version 0 has been pulled (its frames exist): a pull during the held apply is answered at once.
-        assert _pull(srv.address, "b", sess["b"], RPC_TIMEOUT)[0] == 0
+        assert _pull(srv, transport, "b", sess["b"], RPC_TIMEOUT)[0] == 0
         pusher = threading.Thread(target=push, args=(0,))
         pusher.start()
         assert started.wait(30), "the push never reached the apply"
-        version, weights = _pull(srv.address, "b", sess["b"], timeout=5.0)  # DEADLINE_EXCEEDED if it waits
+        version, weights = _pull(srv, transport, "b", sess["b"], timeout=5.0)  # DEADLINE_EXCEEDED if it waits
         assert not release.is_set() and pusher.is_alive()
         assert version == 0 and torch.equal(weights, w0)
         release.set()
@@ -193,7 +228,7 @@ def test_pull_is_not_stalled_by_an_apply_in_progress():
         pusher = threading.Thread(target=push, args=(1,))
         pusher.start()
         assert started.wait(30)
-        puller = threading.Thread(target=lambda: results.update(pull=_pull(srv.address, "b", sess["b"], 30.0)))
+        puller = threading.Thread(target=lambda: results.update(pull=_pull(srv, transport, "b", sess["b"], 30.0)))
         puller.start()
         release.set()
         puller.join(30)

@@ -50,7 +50,11 @@ def grads(n: int, steps: int, seed: int = 1) -> list[torch.Tensor]:
 
 
 def weights(store: ShardStore) -> torch.Tensor:
-    return store.snapshot().weights
+    snap = store.lease()
+    try:
+        return snap.weights.clone()
+    finally:
+        store.release(snap)
 
 
 # -- the update rule equals torch.optim ------------------------------------------------------
@@ -190,24 +194,53 @@ def test_constructor_copies_the_initial_weights() -> None:
 
 # -- snapshots -----------------------------------------------------------------------------------
 
-def test_snapshot_is_cached_per_version_and_immutable() -> None:
+def test_snapshot_is_cached_per_version_and_immutable_while_leased() -> None:
     store = make_store(optim.default_config("sgd", 0.1, momentum=0.5))
-    s0 = store.snapshot()
-    assert store.snapshot() is s0
+    s0 = store.lease()
+    assert store.lease() is s0 and s0.readers == 2
     assert s0.version == 0
     frozen = s0.weights.clone()
     g = grads(store.numel, 1)[0]
     store.apply(g, read_version=0)
-    s1 = store.snapshot()
+    s1 = store.lease()
     assert s1 is not s0 and s1.version == 1
-    assert store.snapshot() is s1
+    assert store.lease() is s1
     assert torch.equal(s0.weights, frozen)  # the old snapshot did not move
     assert not torch.equal(s1.weights, frozen)
     assert s1.weights.data_ptr() != store._flat.data_ptr()
     frozen1 = s1.weights.clone()
     store.apply(g, read_version=1)
-    assert torch.equal(s1.weights, frozen1)
-    assert store.snapshot().version == 2 and not torch.equal(store.snapshot().weights, s1.weights)
+    s2 = store.lease()
+    assert torch.equal(s1.weights, frozen1)  # still leased: never reused for version 2
+    assert s2.version == 2 and s2.weights.data_ptr() not in (s0.weights.data_ptr(), s1.weights.data_ptr())
+    assert torch.equal(s0.weights, frozen)
+
+
+def test_released_snapshot_buffers_are_reused_for_later_versions() -> None:
+    store = make_store(optim.default_config("sgd", 0.1))
+    g = grads(store.numel, 1)[0]
+    s0 = store.lease()
+    ptr0 = s0.weights.data_ptr()
+    store.release(s0)  # the current version's copy stays cached, not recycled
+    assert store.lease() is s0
+    store.release(s0)
+    store.apply(g, read_version=0)
+    s1 = store.lease()  # version 0 is no longer current and nobody reads it: its buffer is spare
+    store.release(s1)
+    store.apply(g, read_version=1)
+    s2 = store.lease()  # version 1's buffer went spare when version 2's copy replaced it
+    assert s2.weights.data_ptr() in (ptr0, s1.weights.data_ptr())
+    assert s2.version == 2 and torch.equal(s2.weights, store._flat.detach())
+    store.release(s2)
+
+
+def test_lease_of_the_current_version_does_not_wait_for_an_apply() -> None:
+    store = make_store(optim.default_config("sgd", 0.1))
+    s0 = store.lease()
+    store.release(s0)
+    with store._lock:  # as if an optimizer step were running
+        assert store.lease() is s0  # answered without the lock
+    store.release(s0)
 
 
 def test_checksum_is_sum_of_abs() -> None:

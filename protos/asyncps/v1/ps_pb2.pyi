@@ -143,18 +143,20 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., plan_hash: _Optional[str] = ..., start_clock: _Optional[int] = ..., seen_version: _Optional[int] = ..., seen_incarnation: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("session", "clock", "staleness", "heartbeat_timeout_seconds", "incarnation")
+    __slots__ = ("session", "clock", "staleness", "heartbeat_timeout_seconds", "incarnation", "data_port")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     session: int
     clock: int
     staleness: float
     heartbeat_timeout_seconds: float
     incarnation: int
-    def __init__(self, session: _Optional[int] = ..., clock: _Optional[int] = ..., staleness: _Optional[float] = ..., heartbeat_timeout_seconds: _Optional[float] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    data_port: int
+    def __init__(self, session: _Optional[int] = ..., clock: _Optional[int] = ..., staleness: _Optional[float] = ..., heartbeat_timeout_seconds: _Optional[float] = ..., incarnation: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "session")
@@ -239,7 +241,7 @@ class StatusRequest(_message.Message):
     def __init__(self, include_checksum: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("shard_index", "num_shards", "initialized", "plan_hash", "version", "numel", "clocks", "min_clock", "live_workers", "staleness", "max_read_gap", "pulls_waited", "wait_seconds", "pushes_applied", "pushes_rejected", "evictions", "weights_checksum", "optimizer", "checkpoint_version", "lost_updates", "incarnation", "restored_version")
+    __slots__ = ("shard_index", "num_shards", "initialized", "plan_hash", "version", "numel", "clocks", "min_clock", "live_workers", "staleness", "max_read_gap", "pulls_waited", "wait_seconds", "pushes_applied", "pushes_rejected", "evictions", "weights_checksum", "optimizer", "checkpoint_version", "lost_updates", "incarnation", "restored_version", "data_port")
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +264,7 @@ class StatusResponse(_message.Message):
     LOST_UPDATES_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RESTORED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     shard_index: int
     num_shards: int
     initialized: bool
@@ -284,7 +287,8 @@ class StatusResponse(_message.Message):
     lost_updates: int
     incarnation: int
     restored_version: int
-    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., initialized: _Optional[bool] = ..., plan_hash: _Optional[str] = ..., version: _Optional[int] = ..., numel: _Optional[int] = ..., clocks: _Optional[_Iterable[_Union[WorkerClock, _Mapping]]] = ..., min_clock: _Optional[int] = ..., live_workers: _Optional[int] = ..., staleness: _Optional[float] = ..., max_read_gap: _Optional[int] = ..., pulls_waited: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., weights_checksum: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., checkpoint_version: _Optional[int] = ..., lost_updates: _Optional[int] = ..., incarnation: _Optional[int] = ..., restored_version: _Optional[int] = ...) -> None: ...
+    data_port: int
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., initialized: _Optional[bool] = ..., plan_hash: _Optional[str] = ..., version: _Optional[int] = ..., numel: _Optional[int] = ..., clocks: _Optional[_Iterable[_Union[WorkerClock, _Mapping]]] = ..., min_clock: _Optional[int] = ..., live_workers: _Optional[int] = ..., staleness: _Optional[float] = ..., max_read_gap: _Optional[int] = ..., pulls_waited: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., weights_checksum: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., checkpoint_version: _Optional[int] = ..., lost_updates: _Optional[int] = ..., incarnation: _Optional[int] = ..., restored_version: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ()
@@ -297,3 +301,37 @@ class CheckpointResponse(_message.Message):
     path: str
     version: int
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DataHello(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class DataRequest(_message.Message):
+    __slots__ = ("hello", "pull", "push", "payload_bytes")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    hello: DataHello
+    pull: PullRequest
+    push: PushHeader
+    payload_bytes: int
+    def __init__(self, hello: _Optional[_Union[DataHello, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+
+class DataResponse(_message.Message):
+    __slots__ = ("code", "message", "reason", "pull", "push", "payload_bytes")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    reason: str
+    pull: PullHeader
+    push: PushResponse
+    payload_bytes: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ..., pull: _Optional[_Union[PullHeader, _Mapping]] = ..., push: _Optional[_Union[PushResponse, _Mapping]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...

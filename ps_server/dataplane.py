@@ -1,0 +1,279 @@
+"""The shard's TCP data plane: Pull and Push on a second port, at raw-socket speed.
+
+gRPC's Python stack copies every message into a fresh `bytes` and cannot receive into
+a caller's buffer, which caps it at about half of raw TCP (README, "Wire speed"). This
+listener moves the same data with the same rules (protocol in ps.proto, "The TCP data
+plane"): a pull is answered with the version's immutable snapshot sent straight from
+tensor memory; a push is received straight into a reused gradient buffer and checked
+for NaN/Inf chunk by chunk while it arrives. Every decision (session, plan, clocks, the
+staleness bound, apply and clock advance as one step) is the servicer's, run on the
+server's event loop; the data plane only carries bytes, so the two paths cannot drift.
+
+Threads: one accept thread, one thread per connection doing blocking socket I/O (the
+GIL is released while it waits), calling into the servicer with
+`asyncio.run_coroutine_threadsafe`. Security is the gRPC port's: the token is checked in
+the hello (constant time), TLS and mutual TLS wrap each connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hmac
+import logging
+import socket
+import ssl
+import threading
+import time
+
+import torch
+
+from protos import wire
+from protos.asyncps.v1 import ps_pb2 as pb
+from protos.datasock import Code, DataConn, DataError, Truncated, tune
+from ps_server.security import NONE, Security
+from ps_server.servicer import Servicer, rejection
+
+log = logging.getLogger(__name__)
+HANDSHAKE_SECONDS = 10.0  # a connection must say hello within this
+PAYLOAD_SECONDS = 120.0   # a push's payload must arrive within this once its header has
+
+
+class DataPlane:
+    """Accepts data-plane connections for `servicer`, whose event loop is `loop`.
+
+    `start` binds and returns the port; `stop` closes the listener and every connection.
+    Both are called from the loop's thread; everything else runs in this object's threads.
+    """
+
+    def __init__(self, servicer: Servicer, loop: asyncio.AbstractEventLoop, security: Security = NONE):
+        self.servicer, self.loop, self.security = servicer, loop, security
+        self._tls = security.server_ssl_context() if security.cert else None
+        self._listener: socket.socket | None = None
+        self._conns: set[DataConn] = set()
+        self._busy = 0  # exchanges in progress
+        self._lock = threading.Lock()
+        self._closing = False
+
+    def start(self, host: str, port: int) -> int:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        threading.Thread(target=self._accept, name="asyncps-data-accept", daemon=True).start()
+        return sock.getsockname()[1]
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; give exchanges in progress `grace` seconds; then close every connection."""
+        self._closing = True
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+            except OSError:
+                pass
+            self._listener.close()
+        end = time.monotonic() + grace
+        while self._busy and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.abort()
+
+    # -- threads ------------------------------------------------------------------------
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                sock, addr = self._listener.accept()
+            except OSError:
+                if self._closing:
+                    return
+                continue
+            tune(sock)
+            threading.Thread(target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True,
+                             name="asyncps-data-conn").start()
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        conn = None
+        try:
+            if self._tls is not None:
+                sock.settimeout(HANDSHAKE_SECONDS)
+                sock = self._tls.wrap_socket(sock, server_side=True)
+            conn = DataConn(sock, peer)
+            with self._lock:
+                self._conns.add(conn)
+            if self._hello(conn):
+                self._exchanges(conn)
+        except (DataError, OSError, ssl.SSLError) as exc:
+            log.debug("data connection from %s ended: %s", peer, exc)
+        finally:
+            if conn is not None:
+                with self._lock:
+                    self._conns.discard(conn)
+                conn.close()
+            else:
+                sock.close()
+
+    def _hello(self, conn: DataConn) -> bool:
+        deadline = time.monotonic() + HANDSHAKE_SECONDS
+        if conn.recv_exact(len(wire.DATA_MAGIC), deadline) != wire.DATA_MAGIC:
+            log.warning("data connection from %s is not an asyncps client; closed", conn.peer)
+            return False
+        req = self._header(conn, deadline)
+        if req is None:
+            return False
+        if req.WhichOneof("op") != "hello" or req.payload_bytes:
+            self._answer(conn, Code.INVALID_ARGUMENT, "a data connection must start with a bare hello")
+            return False
+        token = self.security.token
+        if token is not None and not hmac.compare_digest(req.hello.token.encode(), token.encode()):
+            self._answer(conn, Code.UNAUTHENTICATED, "missing or wrong token")
+            return False
+        conn.send(pb.DataResponse(), deadline=deadline)
+        return True
+
+    def _header(self, conn: DataConn, deadline: float | None) -> pb.DataRequest | None:
+        """The next request header; None on EOF or after answering a malformed one (then close)."""
+        try:
+            return conn.recv_header(pb.DataRequest, deadline)
+        except DataError as exc:
+            if exc.code() == Code.INVALID_ARGUMENT or isinstance(exc, Truncated):
+                with contextlib.suppress(DataError):  # a half-closed client can still read the answer
+                    self._answer(conn, Code.INVALID_ARGUMENT, f"malformed request header: {exc.details()}")
+            return None
+
+    def _answer(self, conn: DataConn, code: Code, message: str, reason: str = "") -> None:
+        conn.send(pb.DataResponse(code=code.value[0], message=message, reason=reason),
+                  deadline=time.monotonic() + HANDSHAKE_SECONDS)
+
+    def _exchanges(self, conn: DataConn) -> None:
+        while not self._closing:
+            req = self._header(conn, None)  # an idle pooled connection waits here
+            if req is None:
+                return
+            with self._lock:
+                self._busy += 1
+            try:
+                op = req.WhichOneof("op")
+                if op == "pull" and not req.payload_bytes:
+                    self._pull(conn, req.pull)
+                elif op == "push":
+                    self._push(conn, req.push, req.payload_bytes)
+                else:
+                    self._answer(conn, Code.INVALID_ARGUMENT, f"expected a pull or a push, got {op or 'nothing'}"
+                                 + (" with a payload" if op == "pull" else ""))
+                    return
+            finally:
+                with self._lock:
+                    self._busy -= 1
+            if conn.broken:
+                return
+
+    def _call(self, coro, conn: DataConn | None = None):
+        """Run `coro` on the servicer's loop and wait for it. With `conn`, give up (cancelling it)
+        if the client sends anything or hangs up meanwhile: nobody waits for the answer."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        while True:
+            try:
+                return fut.result(timeout=0.25 if conn is not None else None)
+            except concurrent.futures.TimeoutError:
+                if conn.readable():
+                    fut.cancel()
+                    conn.broken = True
+                    raise DataError(Code.CANCELLED, "client went away") from None
+
+    def _refused(self, conn: DataConn, exc: Exception) -> None:
+        status = rejection(exc)
+        if status is None:
+            log.exception("data-plane exchange with %s failed", conn.peer)
+            status = (Code.INTERNAL, f"internal error: {type(exc).__name__}", "")
+        self._answer(conn, *status)
+
+    def _pull(self, conn: DataConn, req: pb.PullRequest) -> None:
+        t0 = time.perf_counter()
+        try:
+            store, head, snap = self._call(self.servicer.open_pull(req), conn)
+        except DataError:
+            raise
+        except Exception as exc:
+            self._refused(conn, exc)
+            return
+        try:
+            conn.send(pb.DataResponse(pull=head, payload_bytes=snap.weights.numel() * 4), wire.tensor_bytes(snap.weights))
+        finally:
+            store.release(snap)
+        self.servicer.pull_finished(store, t0, head.waited_seconds)
+
+    def _push(self, conn: DataConn, head: pb.PushHeader, nbytes: int) -> None:
+        t0 = time.perf_counter()
+        sv, ok = self.servicer, False
+        try:
+            try:
+                store, buf = self._call(_run(sv.open_push, head))
+            except Exception as exc:
+                self._skip(conn, nbytes, sv.store.numel * 4 if sv.store is not None else 0)
+                self._refused(conn, exc)
+                return
+            want = store.numel * 4
+            if nbytes != want:
+                self.loop.call_soon_threadsafe(sv.release, buf)
+                self._skip(conn, nbytes, want)
+                self._answer(conn, Code.INVALID_ARGUMENT,
+                             f"push carries {nbytes} bytes, the shard holds {store.numel} float32 ({want} bytes)")
+                return
+            try:
+                self._receive(conn, buf)
+            except BaseException as exc:
+                self.loop.call_soon_threadsafe(sv.release, buf)
+                if isinstance(exc, _Invalid):
+                    self._answer(conn, Code.INVALID_ARGUMENT, str(exc))
+                    return
+                if isinstance(exc, Truncated):  # the client may only have half-closed: tell it, then hang up
+                    with contextlib.suppress(DataError):
+                        self._answer(conn, Code.INVALID_ARGUMENT, f"push payload truncated: {exc.details()}")
+                raise
+            try:  # the commit runs to its end on the loop even if this connection dies meanwhile
+                resp = self._call(sv.commit_push(store, head, buf))
+            except Exception as exc:
+                self._refused(conn, exc)
+                return
+            conn.send(pb.DataResponse(push=resp))
+            ok = True
+        finally:
+            self.loop.call_soon_threadsafe(sv.push_finished, t0, ok)
+
+    @staticmethod
+    def _skip(conn: DataConn, nbytes: int, limit: int) -> None:
+        """Read past a refused payload to keep the stream in step, if it is no larger than
+        `limit`; a larger one is not read at all: the connection is closed after the answer."""
+        if nbytes <= limit:
+            conn.drain(nbytes, time.monotonic() + PAYLOAD_SECONDS)
+        else:
+            conn.broken = True
+
+    def _receive(self, conn: DataConn, buf: torch.Tensor) -> None:
+        """Receive a push's gradient into `buf` (exactly its size), checking each chunk for
+        NaN/Inf as it lands; a non-finite value raises `_Invalid` once the whole payload was read."""
+        bad: list[int] = []
+
+        def check(lo: int, hi: int) -> None:
+            if not bad and not wire.all_finite(buf[lo // 4 : hi // 4]):
+                bad.append(lo // 4)
+        conn.recv_into(wire.tensor_bytes(buf), time.monotonic() + PAYLOAD_SECONDS, check)
+        if bad:
+            raise _Invalid("tensor contains NaN or Inf: not applied")
+
+
+class _Invalid(ValueError):
+    """A push payload that arrived whole but is refused (INVALID_ARGUMENT)."""
+
+
+async def _run(fn, *args):
+    return fn(*args)
