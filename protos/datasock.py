@@ -18,15 +18,13 @@ from __future__ import annotations
 import select
 import socket
 import time
-from collections.abc import Callable
-
 import grpc
 
 from protos import wire
 
 Code = grpc.StatusCode
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
-_RECV_STEP = 4 << 20  # bytes received per call (and checked per chunk by `on_chunk`)
+_RECV_STEP = 4 << 20  # bytes asked for per recv call
 
 
 class DataError(Exception):
@@ -109,15 +107,13 @@ class DataConn:
         self.recv_into(memoryview(buf), deadline)
         return bytes(buf)
 
-    def recv_into(self, view: memoryview, deadline: float | None = None,
-                  on_chunk: Callable[[int, int], None] | None = None) -> None:
-        """Fill `view` (bytes) from the socket; `on_chunk(lo, hi)` after each received step of it.
+    def recv_into(self, view: memoryview, deadline: float | None = None) -> None:
+        """Fill `view` (bytes) from the socket, straight into its memory.
 
-        EOF before `view` is full raises DataError(UNAVAILABLE); a timeout DEADLINE_EXCEEDED.
-        An exception from `on_chunk` propagates as is (the rest is not received).
+        EOF before `view` is full raises `Truncated` (UNAVAILABLE); a timeout DEADLINE_EXCEEDED.
         """
         view = view.cast("B") if view.format != "B" else view
-        total, pos, checked = view.nbytes, 0, 0
+        total, pos = view.nbytes, 0
         try:
             while pos < total:
                 self._timeout(deadline)
@@ -125,9 +121,6 @@ class DataConn:
                 if n == 0:
                     raise Truncated(f"{self.peer} closed the data connection after {pos} of {total} bytes")
                 pos += n
-                if on_chunk is not None and (pos - checked >= _RECV_STEP or pos == total):
-                    on_chunk(checked, pos)
-                    checked = pos
         except (OSError, DataError) as exc:
             raise self._failed(exc) from None
 

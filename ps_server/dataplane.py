@@ -259,15 +259,11 @@ class DataPlane:
             conn.broken = True
 
     def _receive(self, conn: DataConn, buf: torch.Tensor) -> None:
-        """Receive a push's gradient into `buf` (exactly its size), checking each chunk for
-        NaN/Inf as it lands; a non-finite value raises `_Invalid` once the whole payload was read."""
-        bad: list[int] = []
-
-        def check(lo: int, hi: int) -> None:
-            if not bad and not wire.all_finite(buf[lo // 4 : hi // 4]):
-                bad.append(lo // 4)
-        conn.recv_into(wire.tensor_bytes(buf), time.monotonic() + PAYLOAD_SECONDS, check)
-        if bad:
+        """Receive a push's gradient into `buf` (exactly its size); a NaN or Inf in it raises
+        `_Invalid`. One check of the whole gradient once it is in: checking chunk by chunk
+        while receiving interleaves torch's threads with the socket copy and costs ~25%."""
+        conn.recv_into(wire.tensor_bytes(buf), time.monotonic() + PAYLOAD_SECONDS)
+        if not wire.all_finite(buf):
             raise _Invalid("tensor contains NaN or Inf: not applied")
 
 

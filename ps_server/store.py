@@ -1,11 +1,15 @@
 """The shard store: one shard's fp32 weights, its optimizer and its version.
 
 Thread-safety: every method may be called from any thread. `apply` holds the store's
-lock for the optimizer step only; `lease` hands out an immutable copy of the weights
-at one version (cached, so many pulls of one version share one copy), so a pull
-streams consistent weights without holding the lock while it sends, and `release`
-gives it back: a copy no pull reads any more is reused for a later version, so no
-pull pays for a fresh allocation (page faults cost more than the copy itself). `frames` is the
+lock for the optimizer step only. `lease` hands out the weights of the current version
+for a pull to send without holding the lock, and `release` ends it; the data plane
+sends straight from them. Copy-on-write keeps that consistent without a copy per
+version: a lease is a view of the live weights, and only an update that starts while
+a pull still reads them moves the live weights to another buffer first (the readers
+keep the old version, and pulls arriving during that update are answered with it at
+once); an update that starts with no reader changes the weights in place, and a pull
+arriving meanwhile waits for it, no longer. Buffers no pull reads any more are reused,
+so no pull or update pays for a fresh allocation (page faults cost more than a copy). `frames` is the
 pull path's form of it: the weights of one version already encoded as wire frames,
 made with one copy and shared by every pull of that version; while an update is being
 applied, the previous version's frames are answered without waiting for the lock.
@@ -29,6 +33,7 @@ class Snapshot:
     version: int
     weights: torch.Tensor  # not written while leased
     readers: int = 0       # leases not yet released (guarded by the store's lease lock)
+    live: bool = True      # `weights` is the store's live buffer (else an old version's own)
 
 
 class ShardStore:
@@ -44,8 +49,8 @@ class ShardStore:
         self._version = version
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
-        self._leases = threading.Lock()  # guards readers counts and the spare buffers; never held long
-        self._spare: list[torch.Tensor] = []  # snapshot buffers no pull reads
+        self._leases = threading.Lock()  # guards _snapshot, readers counts and spare buffers; never held long
+        self._spare: list[torch.Tensor] = []  # buffers of old versions no pull reads
         self._frames: tuple[int, int, list[bytes]] | None = None  # (version, chunk_bytes, frames)
 
     @property
@@ -67,6 +72,7 @@ class ShardStore:
         if self.config.average_gradients and live_workers > 1:
             grad = grad / live_workers
         with self._lock:
+            self._before_write()
             staleness = max(0, self._version - read_version)
             self._opt.param_groups[0]["lr"] = self.learning_rate(staleness)
             self._flat.grad = grad
@@ -86,37 +92,49 @@ class ShardStore:
         return lr
 
     def lease(self) -> Snapshot:
-        """The weights at the current version, copied once per version; `release` it after reading.
+        """The weights at the current version, not to be written to; `release` it after reading.
 
-        Does not wait for an update being applied when the current version's copy exists
-        already: until the update ends, that version is still the current one.
+        Answered at once while an update runs if a pull was reading the current version
+        when the update started; otherwise waits for that update to end.
         """
         with self._leases:
             snap = self._snapshot
             if snap is not None and snap.version == self._version:
                 snap.readers += 1
                 return snap
-        with self._lock:  # weights stable: no update runs
-            if self._snapshot is None or self._snapshot.version != self._version:
-                with self._leases:
-                    buf = self._spare.pop() if self._spare else None
-                if buf is None:
-                    buf = torch.empty_like(self._flat.detach())
-                buf.copy_(self._flat.detach())
-                with self._leases:
-                    old, self._snapshot = self._snapshot, Snapshot(self._version, buf)
-                    if old is not None and old.readers == 0:
-                        self._recycle(old.weights)
+        with self._lock:  # no update runs: the live weights are the current version
             with self._leases:
-                self._snapshot.readers += 1
-                return self._snapshot
+                snap = self._snapshot
+                if snap is None or snap.version != self._version:
+                    if snap is not None and snap.readers == 0 and not snap.live:
+                        self._recycle(snap.weights)
+                    snap = self._snapshot = Snapshot(self._version, self._flat.detach())
+                snap.readers += 1
+                return snap
 
     def release(self, snap: Snapshot) -> None:
-        """End a `lease`: the copy may be reused once no pull reads it and a newer one exists."""
+        """End a `lease`: an old version's buffer is reused once no pull reads it."""
         with self._leases:
             snap.readers -= 1
-            if snap.readers == 0 and snap is not self._snapshot:
+            if snap.readers == 0 and not snap.live and snap is not self._snapshot:
                 self._recycle(snap.weights)
+
+    def _before_write(self) -> None:
+        """Call under the lock before changing the live weights: copy-on-write for readers."""
+        with self._leases:
+            snap = self._snapshot
+            if snap is None or not snap.live:
+                return
+            if snap.readers == 0:  # nobody reads the live buffer: change it in place
+                self._snapshot = None
+                return
+            buf = self._spare.pop() if self._spare else None
+        if buf is None:
+            buf = torch.empty_like(self._flat.detach())
+        buf.copy_(self._flat.detach())  # the readers keep the old buffer; the optimizer gets the copy
+        with self._leases:
+            snap.live = False
+        self._flat.data = buf
 
     def _recycle(self, buf: torch.Tensor) -> None:
         if len(self._spare) < 2:  # call with the lease lock held

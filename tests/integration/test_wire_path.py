@@ -11,8 +11,8 @@
   answered while the apply is still held (so it cannot be waiting for it), and a pull of
   a version not yet encoded must be answered with the new version once the apply ends. Nothing here depends on timing: a
   pull that waited for the lock would hit its deadline while the step is held. Both
-  transports: gRPC (frames encoded once per version) and the TCP data plane (a leased
-  snapshot per version).
+  transports: gRPC (frames encoded once per version) and the TCP data plane (the live
+  weights, copied on write when an update starts while a pull reads them).
 """
 
 from __future__ import annotations
@@ -210,8 +210,10 @@ def test_pull_is_not_stalled_by_an_apply_in_progress(transport):
             with stub(srv.address) as s:
                 results[f"push{clock}"] = s.Push(iter(frames + list(wire.chunk_frames(g, 1 << 16))), timeout=60)
 
-        # 1. Version 0 has been pulled (its frames exist): a pull during the held apply is answered at once.
+        # 1. Version 0 is being read (gRPC: its frames exist once pulled; data plane: a slow pull
+        #    still sends it, held here as a lease): a pull during the held apply is answered at once.
         assert _pull(srv, transport, "b", sess["b"], RPC_TIMEOUT)[0] == 0
+        reading = srv.servicer.store.lease() if transport == "tcp" else None
         pusher = threading.Thread(target=push, args=(0,))
         pusher.start()
         assert started.wait(30), "the push never reached the apply"
@@ -221,8 +223,12 @@ def test_pull_is_not_stalled_by_an_apply_in_progress(transport):
         release.set()
         pusher.join(30)
         assert results["push0"].version == 1
+        if reading is not None:
+            assert torch.equal(reading.weights, w0)  # copied on write: the reader's version never moved
+            srv.servicer.store.release(reading)
 
-        # 2. Version 1 was never pulled: a pull during the next held apply waits for it, no longer.
+        # 2. Version 1 was never pulled (nobody reads it): a pull during the next held apply waits
+        #    for it, no longer (the data plane updates the weights in place then, without a copy).
         started.clear()
         release.clear()
         pusher = threading.Thread(target=push, args=(1,))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import pytest
 import torch
@@ -194,53 +195,88 @@ def test_constructor_copies_the_initial_weights() -> None:
 
 # -- snapshots -----------------------------------------------------------------------------------
 
-def test_snapshot_is_cached_per_version_and_immutable_while_leased() -> None:
+def test_a_lease_is_the_live_weights_without_a_copy_and_cached_per_version() -> None:
     store = make_store(optim.default_config("sgd", 0.1, momentum=0.5))
     s0 = store.lease()
-    assert store.lease() is s0 and s0.readers == 2
-    assert s0.version == 0
-    frozen = s0.weights.clone()
-    g = grads(store.numel, 1)[0]
-    store.apply(g, read_version=0)
+    assert store.lease() is s0 and s0.readers == 2 and s0.version == 0
+    assert s0.weights.data_ptr() == store._flat.data_ptr()  # no copy
+    store.release(s0)
+    store.release(s0)
+    store.apply(grads(store.numel, 1)[0], read_version=0)  # nobody reads: in place
     s1 = store.lease()
-    assert s1 is not s0 and s1.version == 1
-    assert store.lease() is s1
-    assert torch.equal(s0.weights, frozen)  # the old snapshot did not move
-    assert not torch.equal(s1.weights, frozen)
-    assert s1.weights.data_ptr() != store._flat.data_ptr()
-    frozen1 = s1.weights.clone()
-    store.apply(g, read_version=1)
-    s2 = store.lease()
-    assert torch.equal(s1.weights, frozen1)  # still leased: never reused for version 2
-    assert s2.version == 2 and s2.weights.data_ptr() not in (s0.weights.data_ptr(), s1.weights.data_ptr())
-    assert torch.equal(s0.weights, frozen)
+    assert s1 is not s0 and s1.version == 1 and s1.weights.data_ptr() == store._flat.data_ptr()
+    assert torch.equal(s1.weights, store._flat.detach())
+    store.release(s1)
 
 
-def test_released_snapshot_buffers_are_reused_for_later_versions() -> None:
-    store = make_store(optim.default_config("sgd", 0.1))
+def test_an_update_copies_on_write_while_a_pull_reads() -> None:
+    store = make_store(optim.default_config("sgd", 0.1, momentum=0.5))
     g = grads(store.numel, 1)[0]
     s0 = store.lease()
-    ptr0 = s0.weights.data_ptr()
-    store.release(s0)  # the current version's copy stays cached, not recycled
-    assert store.lease() is s0
-    store.release(s0)
-    store.apply(g, read_version=0)
-    s1 = store.lease()  # version 0 is no longer current and nobody reads it: its buffer is spare
+    frozen = s0.weights.clone()
+    store.apply(g, read_version=0)  # s0 is read: the update moves the live weights away first
+    assert torch.equal(s0.weights, frozen)
+    assert store._flat.data_ptr() != s0.weights.data_ptr() and not s0.live
+    s1 = store.lease()
+    assert s1.version == 1 and not torch.equal(s1.weights, frozen)
+    frozen1 = s1.weights.clone()
+    store.apply(g, read_version=1)  # s1 (and still s0) read
+    assert torch.equal(s1.weights, frozen1) and torch.equal(s0.weights, frozen)
+    ptrs = {s0.weights.data_ptr(), s1.weights.data_ptr()}
+    assert store._flat.data_ptr() not in ptrs
+    store.release(s0)  # an old version no pull reads: its buffer is spare
     store.release(s1)
-    store.apply(g, read_version=1)
-    s2 = store.lease()  # version 1's buffer went spare when version 2's copy replaced it
-    assert s2.weights.data_ptr() in (ptr0, s1.weights.data_ptr())
-    assert s2.version == 2 and torch.equal(s2.weights, store._flat.detach())
+    assert [b.data_ptr() for b in store._spare] == [s0.weights.data_ptr()]
+    s2 = store.lease()  # replaces version 1's entry, which nobody reads: spare too
+    assert {b.data_ptr() for b in store._spare} == ptrs
+    store.apply(g, read_version=2)  # s2 read: the copy goes to a spare buffer, no allocation
+    assert store._flat.data_ptr() in ptrs
     store.release(s2)
 
 
-def test_lease_of_the_current_version_does_not_wait_for_an_apply() -> None:
+def test_the_update_rule_is_the_same_with_readers_in_between() -> None:
+    cfg = optim.default_config("adam", 0.01)
+    plain, read = make_store(cfg), make_store(cfg)
+    held = []
+    for i, g in enumerate(grads(plain.numel, 6)):
+        plain.apply(g, read_version=i)
+        held.append(read.lease())  # a pull reading every version: every update copies on write
+        read.apply(g, read_version=i)
+        if len(held) > 2:
+            read.release(held.pop(0))
+    assert torch.equal(weights(plain), weights(read))
+
+
+@pytest.mark.parametrize("reader", [True, False])
+def test_a_lease_during_an_update(reader: bool) -> None:
+    """With a pull reading when the update starts, a new lease of that version is answered
+    during the update; without, it waits for the update (no longer) and gets the new version."""
     store = make_store(optim.default_config("sgd", 0.1))
-    s0 = store.lease()
-    store.release(s0)
-    with store._lock:  # as if an optimizer step were running
-        assert store.lease() is s0  # answered without the lock
-    store.release(s0)
+    first = store.lease()
+    if not reader:
+        store.release(first)
+    real_step, started, go = store._opt.step, threading.Event(), threading.Event()
+
+    def held_step(*args, **kw):
+        started.set()
+        assert go.wait(30)
+        return real_step(*args, **kw)
+    store._opt.step = held_step
+    updater = threading.Thread(target=store.apply, args=(grads(store.numel, 1)[0], 0))
+    updater.start()
+    assert started.wait(30)
+    got: list = []
+    leaser = threading.Thread(target=lambda: got.append(store.lease()))
+    leaser.start()
+    leaser.join(2.0 if reader else 0.3)
+    if reader:
+        assert got and got[0] is first and got[0].version == 0  # answered while the step is held
+    else:
+        assert not got  # waiting for the update
+    go.set()
+    updater.join(30)
+    leaser.join(30)
+    assert got[0].version == (0 if reader else 1)
 
 
 def test_checksum_is_sum_of_abs() -> None:
