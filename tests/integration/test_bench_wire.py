@@ -1,0 +1,40 @@
+"""bench/wire.py runs end to end on a tiny payload and writes the JSON the README's table comes from.
+
+Speed itself is never asserted here (benchmarks measure it, as ratios within one run);
+this only keeps the benchmark working: every row it promises is there, both transports
+were really used (the benchmark refuses to report a transport the client did not use),
+and a bad flag is one line with exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_wire_benchmark_writes_every_row(tmp_path):
+    out = tmp_path / "wire.json"
+    r = subprocess.run([sys.executable, "bench/wire.py", "--mb", "1", "--reps", "2", "--servers", "1", "2",
+                        "--skip", "tensorpipe", "grpc", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["tcp_gbps"] > 0 and res["transport"] == "tcp"
+    rows = {(row["transport"], row["servers"]): row for row in res["rows"]}
+    assert set(rows) == {("tcp", 1), ("tcp", 2), ("grpc", 1), ("grpc", 2)}
+    for row in rows.values():
+        for kind in ("pull_gbps", "push_gbps"):
+            assert row[kind]["median"] > 0 and len(row[kind]["samples"]) == 2
+    assert res["pull_gbps"] == rows[("tcp", 1)]["pull_gbps"]["median"]
+    assert set(res["apply"]) == {"sgd", "sgd_momentum", "adam", "adamw"}
+    assert "x TCP" in r.stdout
+
+
+def test_wire_benchmark_bad_flag_is_one_line():
+    r = subprocess.run([sys.executable, "bench/wire.py", "--transports", "carrier-pigeon"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
