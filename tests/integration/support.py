@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 import torch
 
-from protos import service
+from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.security import NONE, Security
 from worker import CallOptions
@@ -64,6 +64,19 @@ def invoke(fn, method: str, request, timeout: float = RPC_TIMEOUT) -> tuple[grpc
     except grpc.RpcError as err:
         return err.code(), err.details() or "", dict(err.trailing_metadata() or ())
     return grpc.StatusCode.OK, "", {}
+
+
+def grpc_pull(s: service.Stub, request: pb.PullRequest, numel: int, timeout: float = RPC_TIMEOUT) -> tuple[int, torch.Tensor]:
+    """A raw gRPC Pull, its frames reassembled: (version, the numel weights)."""
+    out, version = torch.empty(numel), None
+    for raw_frame in s.Pull(request, timeout=timeout):
+        frame, payload = wire.decode_frame(raw_frame)
+        if frame.HasField("pull"):
+            version = frame.pull.version
+            continue
+        chunk = wire.payload_tensor(frame, payload)
+        out[frame.tensor.offset : frame.tensor.offset + chunk.numel()] = chunk
+    return version, out
 
 
 def clock_of(st: pb.StatusResponse, worker_id: str) -> int | None:

@@ -34,7 +34,7 @@ from ps_server.servicer import ServerConfig
 from worker import CallOptions, PSClient, RpcFailed
 from worker.dataplane import DataChannel
 
-from .support import FAST_FAIL, RPC_TIMEOUT, batches, mlp, status, stub
+from .support import FAST_FAIL, RPC_TIMEOUT, batches, grpc_pull, mlp, status, stub
 from .test_security import client, pki, tls_flags  # noqa: F401 (a fixture)
 from .test_wire_path import InProcessServer
 
@@ -142,15 +142,8 @@ def test_raw_push_and_pull_are_bit_exact_and_agree_with_grpc(shard):
     assert resp.code == 0 and resp.push.version == 1
     version, got = raw_pull(conn, session, 1)
     assert version == 1 and torch.equal(got.view(torch.int32), (w0 - g).view(torch.int32))
-    out, seen = torch.empty(N), None
     with stub(server.address, AUTH) as s:  # the gRPC path sends the very same bytes
-        for raw_frame in s.Pull(pull_request(session, 1), timeout=RPC_TIMEOUT):
-            frame, payload = wire.decode_frame(raw_frame)
-            if frame.HasField("pull"):
-                seen = frame.pull.version
-                continue
-            chunk = wire.payload_tensor(frame, payload)
-            out[frame.tensor.offset : frame.tensor.offset + chunk.numel()] = chunk
+        seen, out = grpc_pull(s, pull_request(session, 1), N)
     assert seen == 1 and torch.equal(out.view(torch.int32), got.view(torch.int32))
     conn.close()
 

@@ -33,7 +33,7 @@ from ps_server.servicer import ServerConfig, Servicer
 from worker import CallOptions, PSClient
 from worker.dataplane import Abort, DataChannel
 
-from .support import RPC_TIMEOUT, stub
+from .support import RPC_TIMEOUT, grpc_pull, stub
 
 SIZES = [(7,), (1023,), (3, 5, 7), (10007,), (129, 31), (1,), (65537,)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float32]
@@ -165,18 +165,9 @@ def _pull_data(port: int, worker_id: str, session: int, timeout: float) -> tuple
 
 
 def _pull_grpc(address: str, worker_id: str, session: int, timeout: float) -> tuple[int, torch.Tensor]:
-    out = torch.empty(N)
-    version = None
     with stub(address) as s:
-        for raw_frame in s.Pull(pb.PullRequest(worker_id=worker_id, session=session, plan_hash="p" * 64, clock=0,
-                                               chunk_bytes=1 << 16), timeout=timeout):
-            frame, payload = wire.decode_frame(raw_frame)
-            if frame.HasField("pull"):
-                version = frame.pull.version
-                continue
-            chunk = wire.payload_tensor(frame, payload)
-            out[frame.tensor.offset : frame.tensor.offset + chunk.numel()] = chunk
-    return version, out
+        return grpc_pull(s, pb.PullRequest(worker_id=worker_id, session=session, plan_hash="p" * 64, clock=0,
+                                           chunk_bytes=1 << 16), N, timeout)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "grpc"])
