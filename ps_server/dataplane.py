@@ -176,18 +176,25 @@ class DataPlane:
             if conn.broken:
                 return
 
-    def _call(self, coro, conn: DataConn | None = None):
+    def _call(self, coro, conn: DataConn | None = None, orphan=None):
         """Run `coro` on the servicer's loop and wait for it. With `conn`, give up (cancelling it)
-        if the client sends anything or hangs up meanwhile: nobody waits for the answer."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        if the client sends anything or hangs up meanwhile: nobody waits for the answer. A
+        result that is ready all the same goes to `orphan` (to give back what it holds), once:
+        `_Handoff` decides under a lock whether the coroutine or this thread hands it over."""
+        hand = _Handoff()
+        fut = asyncio.run_coroutine_threadsafe(hand.run(coro, orphan), self.loop)
         while True:
             try:
                 return fut.result(timeout=0.25 if conn is not None else None)
             except concurrent.futures.TimeoutError:
-                if conn.readable():
+                if not conn.readable():
+                    continue
+                conn.broken = True
+                if hand.abandon():
                     fut.cancel()
-                    conn.broken = True
-                    raise DataError(Code.CANCELLED, "client went away") from None
+                elif orphan is not None:  # the result is on its way: take it, give it back
+                    orphan(fut.result())
+                raise DataError(Code.CANCELLED, "client went away") from None
 
     def _refused(self, conn: DataConn, exc: Exception) -> None:
         status = rejection(exc)
@@ -199,7 +206,7 @@ class DataPlane:
     def _pull(self, conn: DataConn, req: pb.PullRequest) -> None:
         t0 = time.perf_counter()
         try:
-            store, head, snap = self._call(self.servicer.open_pull(req), conn)
+            store, head, snap = self._call(self.servicer.open_pull(req), conn, lambda r: r[0].release(r[2]))
         except DataError:
             raise
         except Exception as exc:
@@ -265,6 +272,31 @@ class DataPlane:
         conn.recv_into(wire.tensor_bytes(buf), time.monotonic() + PAYLOAD_SECONDS)
         if not wire.all_finite(buf):
             raise _Invalid("tensor contains NaN or Inf: not applied")
+
+
+class _Handoff:
+    """Who owns a coroutine's result once the thread waiting for it may give up (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._returned = self._abandoned = False
+
+    async def run(self, coro, orphan):
+        result = await coro
+        with self._lock:
+            if not self._abandoned:
+                self._returned = True
+                return result
+        if orphan is not None:
+            orphan(result)
+        raise asyncio.CancelledError
+
+    def abandon(self) -> bool:
+        """True if the result will not be returned (the caller cancels); False if it already is."""
+        with self._lock:
+            if not self._returned:
+                self._abandoned = True
+            return self._abandoned
 
 
 class _Invalid(ValueError):

@@ -438,7 +438,14 @@ class Servicer:
         """Wait until `request` may read (the staleness bound); returns the store, the header
         and the weights of that version, leased: `store.release` them once sent (any thread)."""
         store, waited = await self._await_readable(request)
-        snap = await asyncio.to_thread(store.lease)
+        snap = store.try_lease()
+        if snap is None:  # may wait for an update in progress: not on the loop
+            leasing = asyncio.ensure_future(asyncio.to_thread(store.lease))
+            try:
+                snap = await asyncio.shield(leasing)
+            except asyncio.CancelledError:  # the lease is taken anyway: give it back when it is
+                leasing.add_done_callback(lambda f: f.cancelled() or f.exception() or store.release(f.result()))
+                raise
         return store, self._pull_header(store, snap.version, waited), snap
 
     def pull_finished(self, store: ShardStore, t0: float, waited: float) -> None:

@@ -97,11 +97,9 @@ class ShardStore:
         Answered at once while an update runs if a pull was reading the current version
         when the update started; otherwise waits for that update to end.
         """
-        with self._leases:
-            snap = self._snapshot
-            if snap is not None and snap.version == self._version:
-                snap.readers += 1
-                return snap
+        snap = self.try_lease()
+        if snap is not None:
+            return snap
         with self._lock:  # no update runs: the live weights are the current version
             with self._leases:
                 snap = self._snapshot
@@ -111,6 +109,15 @@ class ShardStore:
                     snap = self._snapshot = Snapshot(self._version, self._flat.detach())
                 snap.readers += 1
                 return snap
+
+    def try_lease(self) -> Snapshot | None:
+        """`lease` if it need not wait (the current version is already leased); else None."""
+        with self._leases:
+            snap = self._snapshot
+            if snap is not None and snap.version == self._version:
+                snap.readers += 1
+                return snap
+        return None
 
     def release(self, snap: Snapshot) -> None:
         """End a `lease`: an old version's buffer is reused once no pull reads it."""

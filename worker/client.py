@@ -359,6 +359,7 @@ class PSClient:
             t0 = time.perf_counter()
             head = await shard.pull(req, self._weights[spec.lo : spec.hi])
             i = shard.index
+            m.data_plane[i].set(shard.transport == "tcp")
             m.pulls[i].inc()
             m.pull_bytes[i].inc(spec.numel * 4)
             m.pull_seconds[i].observe(time.perf_counter() - t0)

@@ -51,6 +51,8 @@ class WorkerMetrics:
         self.push_seconds = shards(Histogram("asyncps_worker_push_duration_seconds",
                                              "Push RPC latency seen by the worker (until the shard answered).",
                                              per_shard, registry=r, buckets=LATENCY_BUCKETS))
+        self.data_plane = shards(Gauge("asyncps_worker_data_plane", "1 while pulls and pushes to this shard travel "
+                                       "over its TCP data plane, 0 over gRPC.", per_shard, registry=r))
 
         def one(kind: type, name: str, doc: str, **kw: Any) -> Any:
             return kind(name, doc, ["worker"], registry=r, **kw).labels(w)

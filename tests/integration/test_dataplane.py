@@ -13,6 +13,7 @@
 * PSClient: follows a data port that moved (a restarted server), falls back to gRPC
   under transport "auto" when the data port is unreachable but gRPC is not, fails under
   "tcp"; `--data-port off` serves gRPC only.
+* A pull waiting under the bound whose client hangs up is cancelled and leaves no lease.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ps_server.servicer import ServerConfig
 from worker import CallOptions, PSClient, RpcFailed
 from worker.dataplane import DataChannel
 
-from .support import FAST_FAIL, RPC_TIMEOUT, batches, grpc_pull, mlp, status, stub
+from .support import FAST_FAIL, RPC_TIMEOUT, batches, grpc_pull, mlp, poll, status, stub
 from .test_security import client, pki, tls_flags  # noqa: F401 (a fixture)
 from .test_wire_path import InProcessServer
 
@@ -266,6 +267,10 @@ def _refusing_port() -> socket.socket:
     return sock
 
 
+def on_data_plane(ps: PSClient) -> float | None:
+    return ps.metrics.registry.get_sample_value("asyncps_worker_data_plane", {"worker": ps.worker_id, "shard": "0"})
+
+
 def _train(ps: PSClient, model, steps: int) -> None:
     for x, y in batches(steps):
         ps.pull()
@@ -285,6 +290,7 @@ def test_psclient_follows_a_moved_data_port(start_server):
             _train(ps, model, 2)
         assert shard.transport == "tcp" and shard.data.port == real
         assert ps.status()[0].version == 2
+        assert on_data_plane(ps) == 1.0
 
 
 @pytest.mark.parametrize("transport", ["auto", "tcp"])
@@ -304,6 +310,7 @@ def test_unreachable_data_port_falls_back_to_grpc_only_under_auto(transport):
             _train(ps, model, 2)
             assert ps._shards[0].transport == "grpc"
             assert ps.status()[0].version == 2
+            assert on_data_plane(ps) == 0.0  # the metric tells the user
     finally:
         stale.close()
         srv.close()
@@ -316,3 +323,34 @@ def test_data_port_off_serves_grpc_only(start_server):
     with PSClient([server.address], model, optimizer={"name": "sgd", "lr": 0.01}, options=FAST_FAIL) as ps:
         _train(ps, model, 2)
         assert ps._shards[0].transport == "grpc"
+
+
+def test_a_client_gone_during_a_bound_wait_leaves_nothing_behind():
+    """A data-plane pull waiting under read-my-writes whose client hangs up is cancelled: it
+    waits no more, holds no lease (an update then runs in place, copying nothing), counts no pull."""
+    srv = InProcessServer(ServerConfig(heartbeat_timeout=600), data_plane=True)
+    try:
+        w0 = torch.randn(N, generator=torch.Generator().manual_seed(5))
+        head = pb.InitHeader(plan_hash=PLAN, shard_index=0, num_shards=1, numel=N,
+                             optimizer=default_config("sgd", lr=1.0), worker_id="w")
+        with stub(srv.address) as s:
+            assert s.Init(iter([wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(w0, 1 << 14)]),
+                          timeout=RPC_TIMEOUT).accepted
+            session = s.Register(pb.RegisterRequest(worker_id="w", plan_hash=PLAN), timeout=RPC_TIMEOUT).session
+        sv = srv.servicer
+        conn = connect(sv.data_port, token=None)
+        assert answer(conn).code == 0
+        conn.send(pb.DataRequest(pull=pull_request(session, clock=1)), deadline=deadline())  # needs w's clock 0
+        poll(lambda: len(sv.clocks._changed._waiters) == 1, 10, "the pull to wait under the bound")
+        conn.close()
+        poll(lambda: not sv.clocks._changed._waiters, 10, "the abandoned wait to be cancelled")
+        g = torch.ones(N)
+        with stub(srv.address) as s:
+            s.Push(iter([wire.encode_frame(pb.Frame(push=push_header(session))), *wire.chunk_frames(g, 1 << 14)]),
+                   timeout=RPC_TIMEOUT)
+        store = sv.store
+        assert store.version == 1 and torch.equal(store._flat.detach(), w0 - g)
+        assert store._snapshot is None or store._snapshot.readers == 0
+        assert sv.metrics.pulls._value.get() == 0
+    finally:
+        srv.close()
