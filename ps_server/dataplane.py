@@ -3,9 +3,10 @@
 gRPC's Python stack copies every message into a fresh `bytes` and cannot receive into
 a caller's buffer, which caps it at about half of raw TCP (README, "Wire speed"). This
 listener moves the same data with the same rules (protocol in ps.proto, "The TCP data
-plane"): a pull is answered with the version's immutable snapshot sent straight from
-tensor memory; a push is received straight into a reused gradient buffer and checked
-for NaN/Inf chunk by chunk while it arrives. Every decision (session, plan, clocks, the
+plane"): a pull is answered straight from the shard's weights (a lease: copy-on-write
+keeps them whole while they are sent, see ps_server/store.py); a push is received
+straight into a reused gradient buffer, then checked for NaN/Inf in one pass before the
+servicer applies it. Every decision (session, plan, clocks, the
 staleness bound, apply and clock advance as one step) is the servicer's, run on the
 server's event loop; the data plane only carries bytes, so the two paths cannot drift.
 
@@ -37,7 +38,7 @@ from ps_server.servicer import Servicer, rejection
 
 log = logging.getLogger(__name__)
 HANDSHAKE_SECONDS = 10.0  # a connection must say hello within this
-PAYLOAD_SECONDS = 120.0   # a push's payload must arrive within this once its header has
+PAYLOAD_SECONDS = 120.0   # a push's payload must arrive (a pull's be taken) within this once started
 
 
 class DataPlane:
@@ -213,7 +214,8 @@ class DataPlane:
             self._refused(conn, exc)
             return
         try:
-            conn.send(pb.DataResponse(pull=head, payload_bytes=snap.weights.numel() * 4), wire.tensor_bytes(snap.weights))
+            conn.send(pb.DataResponse(pull=head, payload_bytes=snap.weights.numel() * 4), wire.tensor_bytes(snap.weights),
+                      time.monotonic() + PAYLOAD_SECONDS)  # a client that stops reading frees the lease in time
         finally:
             store.release(snap)
         self.servicer.pull_finished(store, t0, head.waited_seconds)
@@ -251,7 +253,7 @@ class DataPlane:
             except Exception as exc:
                 self._refused(conn, exc)
                 return
-            conn.send(pb.DataResponse(push=resp))
+            conn.send(pb.DataResponse(push=resp), deadline=time.monotonic() + HANDSHAKE_SECONDS)
             ok = True
         finally:
             self.loop.call_soon_threadsafe(sv.push_finished, t0, ok)
