@@ -88,6 +88,9 @@ def build_parser() -> FlagParser:
     p.env_flag("n-layer", type=positive(int), default=2, help="transformer blocks")
     p.env_flag("n-head", type=positive(int), default=4, help="attention heads")
     p.env_flag("threads", type=non_negative(int), default=0, help="torch threads per process (0: cores / processes)")
+    p.env_switch("qk-norm", default=False, help="the built-in model with LayerNorm on queries and keys, in every system")
+    p.env_switch("flush-denormal", default=True, help="every process flushes denormal floats to zero on the CPU "
+                 "(ps-worker's default; --no-flush-denormal for torch's default)")
     p.env_flag("device", default="cpu", help="where workers compute: cpu or cuda[:N] (asyncps: ps-worker --device)")
     p.env_flag("data", help="text file or folder (default: this Python's standard library)")
     p.env_flag("seed", type=non_negative(int), default=0, help="seed of the initial weights and data order")
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for, but no CUDA GPU is available")
     try:
-        task = TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head)
+        task = TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
+                          qk_norm=args.qk_norm)
         corpus = Corpus.load(args.data or default_corpus_path(), context=args.context)
     except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
@@ -166,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     base = RunSpec(system="", scenario="", workers=args.workers, out="", budget=args.budget,
                    batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, task=task, data=args.data,
                    seed=args.seed, device=args.device, slowdown=args.slowdown, snapshot_every=args.snapshot_every,
-                   threads=args.threads)
+                   threads=args.threads, flush_denormal=args.flush_denormal)
     ev = Evaluator(base, corpus, args.eval_windows)
     rows: list[dict] = []
+    failures: list[str] = []
     started = time.monotonic()
     try:
         for scenario in scenarios:
@@ -178,7 +183,15 @@ def main(argv: list[str] | None = None) -> int:
                 spec = replace(base, system=system, scenario=scenario, out=str(work / f"{system}-{scenario}"),
                                workers=1 if system == "single" else args.workers)
                 log.info("%s, %s: training for %.0f s", system, scenario, spec.budget)
-                run_system(spec)
+                try:
+                    run_system(spec)
+                except RunFailed as exc:  # keep the other systems' rows; the exit status says it
+                    log.error("%s", exc)
+                    failures.append(str(exc))
+                    rows.append({"system": system, "scenario": scenario, "workers": spec.workers, "failed": str(exc),
+                                 "samples_per_second": None, "time_to_target_seconds": None,
+                                 "target_loss": args.target, "final_heldout_loss": None, "curve": []})
+                    continue
                 row = {"system": system, "scenario": scenario, "workers": spec.workers,
                        **evaluate(spec, ev, args.target, spec.budget)}
                 log.info("%s, %s: %s samples/s, target %.2f after %s s, held-out %.3f at the end", system, scenario,
@@ -214,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     sys.stdout.write(text)
-    return 0
+    for failure in failures:
+        sys.stderr.write(f"bench/peers.py: {failure}\n")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -67,9 +67,11 @@ def _training_argv(spec: RunSpec, v: Variant) -> list[str]:
             "--beta1", str(spec.beta1), "--beta2", str(spec.beta2), "--weight-decay", str(spec.weight_decay),
             "--warmup", str(spec.warmup), "--batch-size", str(spec.batch_size), "--context", str(t.context),
             "--d-model", str(t.d_model), "--n-layer", str(t.n_layer), "--n-head", str(t.n_head),
+            "--qk-norm" if t.qk_norm else "--no-qk-norm",
             "--device", spec.device, "--seed", str(spec.seed),
             "--average-gradients" if v.average else "--no-average-gradients",
-            "--staleness-aware-lr" if v.staleness_aware_lr else "--no-staleness-aware-lr"]
+            "--staleness-aware-lr" if v.staleness_aware_lr else "--no-staleness-aware-lr",
+            "--flush-denormal" if spec.flush_denormal else "--no-flush-denormal"]
     return argv + (["--data", spec.data] if spec.data else [])
 
 

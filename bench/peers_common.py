@@ -48,6 +48,7 @@ class RunSpec:
     slowdown: float = 3.0            # the straggler's factor (straggler scenario only)
     snapshot_every: float = 1.0
     threads: int = 0                 # torch threads per process (0: cores / processes)
+    flush_denormal: bool = True      # on the CPU, denormal floats become zero (ps-worker's default)
 
     def slowdown_of(self, rank: int) -> float:
         """The last worker is the straggler; everyone else runs at full speed."""
@@ -55,6 +56,12 @@ class RunSpec:
 
     def threads_for(self, processes: int) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // processes)
+
+    def prepare_process(self, processes: int) -> None:
+        """Set this process's torch threads (one of `processes` sharing the cores) and denormal mode."""
+        torch.set_num_threads(self.threads_for(processes))
+        if self.flush_denormal and self.device == "cpu":
+            torch.set_flush_denormal(True)
 
     def asdict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -57,7 +57,7 @@ def table(rows: list[dict]) -> str:
                 speedup = "not reached"
             else:
                 speedup = f"{ddp / ttt:.2f}" if ddp else "(DDP did not reach it)"
-            name = system + (" (n/a: uniform run)" if r.get("not_applicable") else "")
+            name = system + (" (n/a: uniform run)" if r.get("not_applicable") else "") + (" (failed)" if r.get("failed") else "")
             lines.append(f"| {name} | {scenario} | {r['workers']} | {_fmt(sps, 0)} | {ratio} | "
                          f"{_fmt(ttt)} | {speedup} | {_fmt(r['final_heldout_loss'], 3)} |")
     return "\n".join(lines) + "\n"

@@ -71,7 +71,7 @@ class ParameterServer:
 
 def run(spec: RunSpec, rank: int, port: int) -> None:
     warnings.filterwarnings("ignore", message="You are using a Backend")  # torch's own rpc shutdown path
-    torch.set_num_threads(spec.threads_for(spec.workers + 1))
+    spec.prepare_process(spec.workers + 1)
     opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=120,
                                            num_worker_threads=8)
     name = "ps" if rank == 0 else f"trainer{rank}"

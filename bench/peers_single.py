@@ -18,7 +18,7 @@ from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, set_lr
 
 
 def run(spec: RunSpec) -> None:
-    torch.set_num_threads(spec.threads_for(1))
+    spec.prepare_process(1)
     task = Task(spec, rank=0, world=1)
     model = task.model
     opt = make_optimizer(spec, model.parameters())

@@ -47,6 +47,10 @@ SWITCHES: list[tuple[str, bool, str]] = [
     ("staleness-aware-lr", False, "divide the lr by each update's staleness"),
     ("average-gradients", True, "one update per clock from the mean of all live workers' gradients (synchronous)"),
     ("pipeline", False, "request the next pull before computing (needs s >= 1)"),
+    ("qk-norm", False, "built-in model: LayerNorm on each head's queries and keys, which keeps stale "
+                       "updates from blowing up the attention logits (s > 0 without averaging)"),
+    ("flush-denormal", True, "on the CPU, flush denormal floats to zero (a stale model's saturated "
+                             "softmax makes them; each costs ~100 cycles)"),
 ]
 
 
@@ -91,7 +95,8 @@ def optimizer_config(args: argparse.Namespace):
 
 
 def task_config(args: argparse.Namespace) -> TaskConfig:
-    return TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head)
+    return TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
+                      qk_norm=args.qk_norm)
 
 
 def add_transport_flag(p: FlagParser) -> None:
@@ -144,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = WorkerConfig(
         servers=servers, optimizer=optimizer_config(args),
         task=task_config(args), data=args.data, rank=args.rank, world=args.world, worker_id=worker_id,
-        staleness=args.staleness, pipeline=args.pipeline, batch_size=args.batch_size, steps=args.steps,
+        staleness=args.staleness, pipeline=args.pipeline, flush_denormal=args.flush_denormal,
+        batch_size=args.batch_size, steps=args.steps,
         device=args.device, seed=args.seed, threads=args.threads, slowdown=args.slowdown, report=args.report,
         report_every=args.report_every, first_step=args.first_step,
         options=CallOptions(retry_seconds=args.retry_seconds, transport=args.transport), metrics=metrics, security=sec,

@@ -3,7 +3,11 @@
 Each child runs in its own session (so a terminal's Ctrl-C reaches only the
 launcher, which then stops the children in order) and is tied to the launcher's
 life with Linux's parent-death signal: even if the launcher is killed with SIGKILL,
-its children get SIGTERM and no orphan is left. Output goes to one log file per
+its children get SIGTERM and no orphan is left. The child arms that signal itself,
+first thing (`python -m worker.procs PARENT MODULE ARGS...`, see `_adopt`), rather
+than in a `preexec_fn`: a `preexec_fn` makes Python fork() instead of vfork(), and
+fork() runs gRPC's pre-fork handler, which can wait forever on the launcher's own
+gRPC threads (seen: a benchmark hung in `Popen` while it polled the servers). Output goes to one log file per
 child. `restart` runs a failed child again in place (same name, log appended, the
 arguments it is given), which is how `ps-cluster`'s restart policy works. Not
 thread-safe; used from the launcher's main thread.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -24,9 +29,21 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _guarded(args: list[str]) -> list[str]:
+    """`python -m MODULE ...` as `python -m worker.procs THIS_PID MODULE ...` (Linux)."""
+    if sys.platform != "linux" or args[1:2] != ["-m"]:
+        return args
+    return [args[0], "-m", "worker.procs", str(os.getpid()), *args[2:]]
+
+
+def _adopt(parent: int, module: str, argv: list[str]) -> None:
+    """In the child: SIGTERM when `parent` dies, then run `module` as __main__ with `argv`."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        sys.exit(f"{module}: the launcher (pid {parent}) is gone; not starting")
+    sys.argv = [module, *argv]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 @dataclass
@@ -92,9 +109,8 @@ class Children:
 
 def _spawn(args: list[str], log: Path, env: dict[str, str] | None) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        return subprocess.Popen(_guarded(args), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:
@@ -102,3 +118,7 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+if __name__ == "__main__":  # python -m worker.procs PARENT_PID MODULE ARGS...
+    _adopt(int(sys.argv[1]), sys.argv[2], sys.argv[3:])

@@ -7,7 +7,8 @@ Contents:
 * :class:`ByteGPT` -- token + learned position embeddings, pre-LayerNorm
   transformer blocks (causal self-attention via
   ``torch.nn.functional.scaled_dot_product_attention`` and a GELU MLP), a
-  final LayerNorm and an untied output head over the 256 byte values.
+  final LayerNorm and an untied output head over the 256 byte values;
+  ``qk_norm`` adds a LayerNorm on each head's queries and keys (off by default).
 * :func:`save_model` / :func:`load_model` -- safetensors checkpoints carrying
   the config in their metadata.
 * :func:`generate` -- seeded sampling of bytes from a model.
@@ -39,6 +40,9 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+_BOOL = {"True": True, "False": False}.__getitem__
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """Hyper-parameters of :class:`ByteGPT` (defaults: about 0.48 M parameters)."""
@@ -50,11 +54,15 @@ class TaskConfig:
     n_head: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.0
+    qk_norm: bool = False  # LayerNorm on each head's queries and keys (bounds the attention logits)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name != "dropout" and (not isinstance(value, int) or value <= 0):
+            if f.name == "qk_norm":
+                if not isinstance(value, bool):
+                    raise ValueError(f"TaskConfig.qk_norm must be a bool, got {value!r}")
+            elif f.name != "dropout" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"TaskConfig.{f.name} must be a positive int, got {value!r}")
         if self.d_model % self.n_head != 0:
             raise ValueError(f"TaskConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}")
@@ -71,10 +79,10 @@ class TaskConfig:
         kwargs: dict[str, int | float] = {}
         for f in dataclasses.fields(cls):
             if f.name in d:
-                convert = float if isinstance(f.default, float) else int
+                convert = _BOOL if isinstance(f.default, bool) else float if isinstance(f.default, float) else int
                 try:
                     kwargs[f.name] = convert(d[f.name])
-                except ValueError as exc:
+                except (ValueError, KeyError) as exc:
                     raise ValueError(f"bad metadata value {f.name}={d[f.name]!r}") from exc
         return cls(**kwargs)  # type: ignore[arg-type]
 
@@ -87,6 +95,9 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        head = config.d_model // config.n_head
+        self.q_norm = nn.LayerNorm(head) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head) if config.qk_norm else nn.Identity()
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.resid_drop = nn.Dropout(config.dropout)
 
@@ -95,6 +106,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(c, dim=2)
         shape = (b, t, self.n_head, c // self.n_head)
         q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
+        q, k = self.q_norm(q), self.k_norm(k)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )

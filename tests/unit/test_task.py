@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 import torch
@@ -116,3 +117,33 @@ def test_generate_restores_training_mode() -> None:
     model.train()
     generate(model, b"a", 2)
     assert model.training
+
+
+def test_qk_norm_config_round_trips_and_rejects_non_bools() -> None:
+    config = dataclasses_replace(SMALL, qk_norm=True)
+    assert TaskConfig.from_metadata(config.to_metadata()) == config
+    assert TaskConfig.from_metadata(SMALL.to_metadata()).qk_norm is False
+    with pytest.raises(ValueError):
+        TaskConfig(qk_norm=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        TaskConfig.from_metadata({"qk_norm": "yes"})
+    extra = sum(p.numel() for n, p in _model(config).named_parameters() if "_norm" in n)
+    assert extra == SMALL.n_layer * 2 * 2 * (SMALL.d_model // SMALL.n_head)  # q and k LayerNorm, weight and bias
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm: bool) -> None:
+    """Stale updates grew the attention logits 20x (README); with qk_norm their scale cannot matter."""
+    model = _model(dataclasses_replace(SMALL, qk_norm=qk_norm))
+    idx = torch.randint(0, 256, (2, SMALL.context))
+    before = model(idx)
+    d = SMALL.d_model
+    with torch.no_grad():
+        for block in model.blocks:  # queries and keys 30x larger, values untouched
+            block.attn.qkv.weight[: 2 * d].mul_(30)
+            block.attn.qkv.bias[: 2 * d].add_(0.5).mul_(30)
+    changed = (model(idx) - before).abs().max().item()
+    if qk_norm:
+        assert changed < 1e-3
+    else:
+        assert changed > 1e-2

@@ -1,0 +1,135 @@
+"""Staleness alone, without any system: the built-in task trained in one process with delayed gradients.
+
+    python bench/staleness.py --json bench/results/staleness.json
+    python bench/staleness.py --delays 0 1 2 --updates 1000 --qk-norm both
+
+Each run is plain `torch.optim.AdamW` with the peers comparison's settings (bench/peers.py:
+lr 6e-3, betas 0.9/0.95, 100 warm-up updates, batch 16, worker slices of 2 workers taken
+in turn) where update u applies the gradient computed on the weights of update u - d
+(d = 0: ordinary training). Delay d is what a push meets in asyncps without averaging when
+d other pushes land between its pull and its apply (2 workers, s >= 1: d is about 1). So
+it separates what staleness costs the algorithm from what any system costs. Every
+`--every` updates it records the held-out loss (peers' 64 windows) and, for each attention
+layer, the largest attention logit and the mean attention entropy on one fixed batch.
+Blocks; one process, `--threads` torch threads; denormals flushed as ps-worker does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from peers_common import RunSpec, Task, lr_at, make_optimizer, set_lr  # noqa: E402
+from peers_eval import Evaluator  # noqa: E402
+from worker.data import Corpus, default_corpus_path  # noqa: E402
+from worker.task import ByteGPT, TaskConfig  # noqa: E402
+
+
+@torch.no_grad()
+def attention_stats(model: ByteGPT, idx: torch.Tensor) -> list[dict]:
+    """Per layer: the largest |attention logit| and the mean entropy (nats) of the attention rows."""
+    out, (b, t) = [], idx.shape
+    x = model.tok_emb(idx) + model.pos_emb(torch.arange(t))
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    for block in model.blocks:
+        attn = block.attn
+        q, k, _ = attn.qkv(block.ln1(x)).split(x.shape[-1], dim=2)
+        shape = (b, t, attn.n_head, x.shape[-1] // attn.n_head)
+        q, k = (z.view(shape).transpose(1, 2) for z in (q, k))
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        logits = (q @ k.transpose(-1, -2) / math.sqrt(shape[-1])).masked_fill(~causal, float("-inf"))
+        p = logits.softmax(-1)
+        entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+        out.append({"max_logit": round(float(logits[:, :, causal].abs().max()), 2),
+                    "entropy": round(float(entropy), 4)})
+        x = block(x)
+    return out
+
+
+def run(delay: int, qk_norm: bool, args: argparse.Namespace, corpus: Corpus) -> dict:
+    task = TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
+                      qk_norm=qk_norm)
+    spec = RunSpec(system="staleness", scenario="uniform", workers=2, out="", lr=args.lr, warmup=args.warmup,
+                   batch_size=args.batch_size, task=task, data=args.data, seed=args.seed)
+    tasks = [Task(spec, rank=r, world=2, corpus=corpus) for r in range(2)]
+    model, probe = tasks[0].model, copy.deepcopy(tasks[0].model)  # probe: where gradients are taken
+    params, probe_params = list(model.parameters()), list(probe.parameters())
+    opt = make_optimizer(spec, params)
+    ev = Evaluator(spec, corpus, args.eval_windows)
+    torch.set_num_threads(args.threads)  # Evaluator sets 1
+    fixed = tasks[1].batch()[0]
+    history: list[list[torch.Tensor]] = []
+    points, t0 = [], time.perf_counter()
+    for u in range(args.updates):
+        history = (history + [[p.detach().clone() for p in params]])[-(delay + 1):]
+        with torch.no_grad():
+            for q, w in zip(probe_params, history[0]):  # the weights of update u - delay
+                q.copy_(w)
+        x, y = tasks[u % 2].batch()
+        for q in probe_params:
+            q.grad = None
+        probe.loss(x, y).backward()
+        for p, q in zip(params, probe_params):
+            p.grad = q.grad
+        set_lr(opt, lr_at(spec, u))
+        opt.step()
+        if (u + 1) % args.every == 0:
+            point = {"updates": u + 1, "heldout": round(ev.loss(model.state_dict()), 4),
+                     "attention": attention_stats(model, fixed), "seconds": round(time.perf_counter() - t0, 1)}
+            torch.set_num_threads(args.threads)
+            points.append(point)
+            print(f"delay {delay} qk_norm {qk_norm}: {point}", flush=True)
+    return {"delay": delay, "qk_norm": qk_norm, "points": points, "final_heldout": points[-1]["heldout"] if points else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/staleness.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2], help="gradient delays (updates) to run")
+    p.add_argument("--updates", type=int, default=1000, help="updates per run")
+    p.add_argument("--every", type=int, default=200, help="updates between measurements")
+    p.add_argument("--qk-norm", choices=["off", "on", "both"], default="both", help="the model's qk_norm")
+    p.add_argument("--lr", type=float, default=6e-3, help="AdamW learning rate (peers' default)")
+    p.add_argument("--warmup", type=int, default=100, help="updates of linear lr warm-up")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per update")
+    p.add_argument("--context", type=int, default=128, help="bytes of context")
+    p.add_argument("--d-model", type=int, default=128, help="model width")
+    p.add_argument("--n-layer", type=int, default=2, help="transformer blocks")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads")
+    p.add_argument("--data", help="text file or folder (default: this Python's standard library)")
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per evaluation")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if min(args.delays) < 0 or args.updates < 1 or args.every < 1:
+        p.error("--delays must be >= 0, --updates and --every >= 1")
+    torch.set_flush_denormal(True)
+    try:
+        TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head)
+        corpus = Corpus.load(args.data or default_corpus_path(), context=args.context)
+    except (ValueError, FileNotFoundError) as exc:
+        p.error(str(exc))
+    norms = {"off": [False], "on": [True], "both": [False, True]}[args.qk_norm]
+    runs = [run(d, qk, args, corpus) for qk in norms for d in args.delays]
+    print(f"{'qk_norm':>8} {'delay':>5} " + " ".join(f"{pt['updates']:>7}" for pt in runs[0]["points"]))
+    for r in runs:
+        print(f"{str(r['qk_norm']):>8} {r['delay']:>5} " + " ".join(f"{pt['heldout']:7.3f}" for pt in r["points"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "json"},
+                                               "torch": torch.__version__, "runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""bench/staleness.py on a tiny model: delayed gradients, held-out loss and attention figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_staleness_bench_tiny(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py"]:
+        (corpus / name).write_bytes((stdlib / name).read_bytes())
+    out = tmp_path / "staleness.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "staleness.py"), "--data", str(corpus),
+                        "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "4",
+                        "--warmup", "2", "--lr", "1e-2", "--threads", "1", "--eval-windows", "8",
+                        "--delays", "0", "2", "--updates", "8", "--every", "4", "--json", str(out)],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert [(x["delay"], x["qk_norm"]) for x in runs] == [(0, False), (2, False), (0, True), (2, True)]
+    for x in runs:
+        assert [pt["updates"] for pt in x["points"]] == [4, 8]
+        assert all(math.isfinite(pt["heldout"]) and 0 < pt["heldout"] < 6 for pt in x["points"])
+        assert len(x["points"][-1]["attention"]) == 1
+    assert runs[0]["final_heldout"] != runs[1]["final_heldout"]  # the delay is applied
+    head = 32 // 2
+    for x in runs[2:]:  # normalized queries and keys: |q.k|/sqrt(d) <= sqrt(d) x the LayerNorm gains (about 1)
+        assert all(a["max_logit"] <= 1.5 * math.sqrt(head) for pt in x["points"] for a in pt["attention"])
+
+
+def test_staleness_bench_bad_flags_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "staleness.py"), "--delays", "-1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--delays" in r.stderr and "Traceback" not in r.stderr
