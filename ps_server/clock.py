@@ -144,11 +144,12 @@ class ClockTable:
         self._notify()
 
     def advance_contributor(self, worker_id: str, clock: int) -> bool:
-        """An averaged update of `clock` that holds this worker's gradient was applied.
+        """An update that holds this worker's gradient of `clock` was applied (its own, or an average).
 
         Moves the worker's CURRENT session past `clock` even if the gradient came from an
-        earlier session (it re-registered while its gradient waited in the bucket; its
-        repeat of that clock was refused as a duplicate). False if the worker is gone.
+        earlier session (it re-registered while its gradient was applied or waited in an
+        averaging bucket; its repeat of that clock is then refused as a duplicate). False if
+        the worker is gone (evicted or left meanwhile: the update stands all the same).
         """
         entry = self._entries.get(worker_id)
         if entry is None:

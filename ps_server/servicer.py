@@ -31,6 +31,7 @@ from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import checkpoint
 from ps_server.aggregate import Aggregator
+from ps_server.atomic import to_the_end
 from ps_server import optimizer as optim
 from ps_server.clock import ClockTable, DuplicatePush, UnknownWorker
 from ps_server.metrics import ServerMetrics
@@ -194,8 +195,11 @@ class Servicer:
 
     async def _membership_changed(self) -> None:
         if self.store is not None and self.store.config.average_gradients and self._aggregator.pending:
-            async with self._apply_lock:
-                await self._apply_complete_buckets()
+            await to_the_end(self._apply_pending())
+
+    async def _apply_pending(self) -> None:
+        async with self._apply_lock:
+            await self._apply_complete_buckets()
 
     # -- helpers ----------------------------------------------------------------------
     def _store_for(self, plan_hash: str) -> ShardStore:
@@ -346,11 +350,8 @@ class Servicer:
                 raise
             # Once the gradient is whole, its commit runs to the end even if the call is cancelled
             # meanwhile (a client's deadline; gRPC also ends a stream broken by an oversized message
-            # like a complete one, then cancels the handler): an update applied without its clock
-            # advancing could be applied again by a retry.
-            commit = asyncio.ensure_future(self.commit_push(store, head, grad))
-            commit.add_done_callback(_settled)
-            return await asyncio.shield(commit)
+            # like a complete one, then cancels the handler): see commit_push.
+            return await self.commit_push(store, head, grad)
         try:
             resp = await self._guard(context, body())
         except BaseException:
@@ -391,8 +392,12 @@ class Servicer:
     async def commit_push(self, store: ShardStore, head: pb.PushHeader, grad: torch.Tensor) -> pb.PushResponse:
         """Apply a received gradient (or add it to its averaging bucket) and advance the clock, atomically.
 
-        Takes over `grad` (a buffer from `open_push`), whatever the outcome.
+        Takes over `grad` (a buffer from `open_push`), whatever the outcome. Once begun it runs
+        to the end even if the caller is cancelled (ps_server/atomic.py).
         """
+        return await to_the_end(self._commit_push(store, head, grad))
+
+    async def _commit_push(self, store: ShardStore, head: pb.PushHeader, grad: torch.Tensor) -> pb.PushResponse:
         m = self.metrics
         try:
             async with self._apply_lock:
@@ -404,7 +409,9 @@ class Servicer:
                     await self._apply_complete_buckets()
                     return pb.PushResponse(version=store.version, staleness=0)
                 version, staleness = await asyncio.to_thread(store.apply, grad, head.read_version)
-                self.clocks.advance(head.worker_id, head.session, head.clock)
+                # Applied, so it stands even if the worker was evicted or re-registered meanwhile:
+                # counted, and its current session moved past this clock (no retry applies it again).
+                self.clocks.advance_contributor(head.worker_id, head.clock)
                 self.pushes_applied += 1
                 m.push_bytes.inc(store.numel * 4)
                 m.updates.inc()
@@ -480,12 +487,6 @@ class Servicer:
             path, version = await self.checkpoint_now()
             return pb.CheckpointResponse(path=path, version=version)
         return await self._guard(context, body())
-
-
-def _settled(task: asyncio.Future) -> None:
-    """Retrieve a shielded commit's outcome (its caller may have been cancelled meanwhile)."""
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("commit of a cancelled push: %s", task.exception())
 
 
 async def _first_head(frames: AsyncIterator[bytes], kind: str):

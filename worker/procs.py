@@ -7,10 +7,10 @@ its children get SIGTERM and no orphan is left. The child arms that signal itsel
 first thing (`python -m worker.procs PARENT MODULE ARGS...`, see `_adopt`), rather
 than in a `preexec_fn`: a `preexec_fn` makes Python fork() instead of vfork(), and
 fork() runs gRPC's pre-fork handler, which can wait forever on the launcher's own
-gRPC threads (seen: a benchmark hung in `Popen` while it polled the servers). Output goes to one log file per
-child. `restart` runs a failed child again in place (same name, log appended, the
-arguments it is given), which is how `ps-cluster`'s restart policy works. Not
-thread-safe; used from the launcher's main thread.
+gRPC threads (seen: a benchmark hung in `Popen` while it polled the servers).
+Output goes to one log file per child. `restart` runs a failed child again in place
+(same name, log appended, the arguments it is given), which is how `ps-cluster`'s
+restart policy works. Not thread-safe; used from the launcher's main thread.
 """
 
 from __future__ import annotations
