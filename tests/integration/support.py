@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +19,10 @@ import torch
 
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server.dataplane import DataPlane
 from ps_server.security import NONE, Security
+from ps_server.server import build_server
+from ps_server.servicer import ServerConfig, Servicer
 from worker import CallOptions
 
 T = TypeVar("T")
@@ -152,3 +157,41 @@ def wait_exit(proc: subprocess.Popen, timeout: float, log: Path | None = None) -
     except subprocess.TimeoutExpired:
         tail = log.read_text()[-3000:] if log and log.exists() else ""
         raise AssertionError(f"process {proc.args[:4]} still running after {timeout}s\n{tail}") from None
+
+
+class InProcessServer:
+    """A Servicer on a real grpc.aio server in a background thread, for white-box tests.
+
+    With `data_plane`, its TCP data plane listens too (port in `servicer.data_port`).
+    """
+
+    def __init__(self, cfg: ServerConfig, data_plane: bool = False):
+        self.servicer = Servicer(cfg)
+        self.loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        started = threading.Event()
+
+        async def main() -> None:
+            server, self.port, _ = build_server("127.0.0.1:0", self.servicer)
+            data = DataPlane(self.servicer, asyncio.get_running_loop()) if data_plane else None
+            if data is not None:
+                self.servicer.data_port = data.start("127.0.0.1", 0)
+            await server.start()
+            self._stop = asyncio.Event()
+            started.set()
+            await self._stop.wait()
+            await server.stop(0)
+            if data is not None:
+                await data.stop(0)
+
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True)
+        self.thread.start()
+        assert started.wait(30), "in-process server did not start"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(timeout=10)

@@ -18,8 +18,7 @@ from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.optimizer import default_config
 from ps_server.servicer import ServerConfig
-from .support import RPC_TIMEOUT, clock_of, stub
-from .test_wire_path import InProcessServer
+from .support import RPC_TIMEOUT, InProcessServer, clock_of, poll, stub
 
 N = 1000
 PLAN = "p" * 64
@@ -78,6 +77,9 @@ def test_a_push_applied_while_its_worker_changes_or_its_call_ends_is_counted_onc
         if meanwhile != "cancel":
             assert outcome["response"].version == 1  # applied, so acknowledged
         with stub(srv.address) as s:
+            # a cancelled call's commit finishes on its own, after the call has ended
+            poll(lambda: s.Status(pb.StatusRequest(), timeout=RPC_TIMEOUT).pushes_applied >= 1, 30,
+                 "the held push to be committed")
             st = s.Status(pb.StatusRequest(), timeout=RPC_TIMEOUT)
             assert st.version == st.pushes_applied == 1, st
             snap = srv.servicer.store.lease()

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
@@ -27,13 +26,11 @@ import torch
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.optimizer import default_config
-from ps_server.dataplane import DataPlane
-from ps_server.server import build_server
-from ps_server.servicer import ServerConfig, Servicer
+from ps_server.servicer import ServerConfig
 from worker import CallOptions, PSClient
 from worker.dataplane import Abort, DataChannel
 
-from .support import RPC_TIMEOUT, grpc_pull, stub
+from .support import RPC_TIMEOUT, InProcessServer, grpc_pull, stub
 
 SIZES = [(7,), (1023,), (3, 5, 7), (10007,), (129, 31), (1,), (65537,)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float32]
@@ -104,44 +101,6 @@ def test_init_pull_push_round_trip_is_bit_exact(start_server, num_shards, chunk_
 
 
 # -- a pull during an apply --------------------------------------------------------------
-
-class InProcessServer:
-    """A Servicer on a real grpc.aio server in a background thread, for white-box tests.
-
-    With `data_plane`, its TCP data plane listens too (port in `servicer.data_port`).
-    """
-
-    def __init__(self, cfg: ServerConfig, data_plane: bool = False):
-        self.servicer = Servicer(cfg)
-        self.loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        started = threading.Event()
-
-        async def main() -> None:
-            server, self.port, _ = build_server("127.0.0.1:0", self.servicer)
-            data = DataPlane(self.servicer, asyncio.get_running_loop()) if data_plane else None
-            if data is not None:
-                self.servicer.data_port = data.start("127.0.0.1", 0)
-            await server.start()
-            self._stop = asyncio.Event()
-            started.set()
-            await self._stop.wait()
-            await server.stop(0)
-            if data is not None:
-                await data.stop(0)
-
-        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True)
-        self.thread.start()
-        assert started.wait(30), "in-process server did not start"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(timeout=10)
-
 
 N = 300_001
 
