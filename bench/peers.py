@@ -14,7 +14,8 @@ same number of workers in every system, each for `--budget` seconds of wall time
 * asyncps-s0       real ps-server / ps-worker processes: s = 0 with gradient averaging
                    (the project's default), asyncps-s2 (s = 2), asyncps-inf (s = inf),
                    asyncps-inf-salr (s = inf, --staleness-aware-lr); no averaging for
-                   the last three (bench/peers_asyncps.py).
+                   the last three; asyncps-s0-lb: s = 0 with averaging and
+                   --balance-batches, each worker's batch by its speed (bench/peers_asyncps.py).
 
 Scenarios: `uniform`, and `straggler` — the last worker sleeps (F-1) x its measured
 compute time after each forward+backward (F = --slowdown, 3), the same mechanism as

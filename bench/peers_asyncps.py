@@ -8,7 +8,8 @@ processes `ps-cluster` starts, then watches them from this process while they tr
 * t = 0 is when the first worker writes its report's "start" line (registered, Init
   done, its first step begins); polled every 20 ms.
 * samples: every 0.5 s one `Status` per shard (the cheap form, no checksum) gives every
-  worker's clock, i.e. the iterations applied; samples = sum of clocks x batch.
+  worker's clock, i.e. the iterations applied; samples = sum of clocks x batch (with
+  --balance-batches too: each clock's batches sum to the workers' combined batch).
 * held-out snapshots: the servers checkpoint every `snapshot_every` seconds
   (`--checkpoint-dir`, `--checkpoint-interval`; the shard's tick makes it about 1 s at
   best); each new checkpoint file is hard-linked under snapshots/ as soon as it is seen
@@ -47,6 +48,7 @@ class Variant:
     staleness: float
     average: bool
     staleness_aware_lr: bool = False
+    balance: bool = False
 
 
 VARIANTS = {
@@ -54,6 +56,7 @@ VARIANTS = {
     "asyncps-s2": Variant(2, False),
     "asyncps-inf": Variant(math.inf, False),
     "asyncps-inf-salr": Variant(math.inf, False, True),
+    "asyncps-s0-lb": Variant(0, True, balance=True),
 }
 
 
@@ -71,6 +74,7 @@ def _training_argv(spec: RunSpec, v: Variant) -> list[str]:
             "--device", spec.device, "--seed", str(spec.seed),
             "--average-gradients" if v.average else "--no-average-gradients",
             "--staleness-aware-lr" if v.staleness_aware_lr else "--no-staleness-aware-lr",
+            "--balance-batches" if v.balance else "--no-balance-batches",
             "--flush-denormal" if spec.flush_denormal else "--no-flush-denormal"]
     return argv + (["--data", spec.data] if spec.data else [])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-SYSTEM_ORDER = ["single", "ddp-gloo", "rpc-ps", "asyncps-s0", "asyncps-s2", "asyncps-inf", "asyncps-inf-salr"]
+SYSTEM_ORDER = ["single", "ddp-gloo", "rpc-ps", "asyncps-s0", "asyncps-s2", "asyncps-inf", "asyncps-inf-salr", "asyncps-s0-lb"]
 
 
 def machine() -> dict:

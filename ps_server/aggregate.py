@@ -7,6 +7,12 @@ servers). Until then the contributors' clocks do not advance, so the SSP rule ho
 their next pulls until the averaged update is in the weights. A worker evicted while
 a bucket waits no longer holds it back; its gradient, if already in, still counts.
 
+Each gradient comes with the number of samples it is the mean over. While every
+contribution has the same count the bucket is the plain sum and its divisor the number
+of contributors (exactly as without counts); once counts differ (load-balanced batches,
+ps_server/balance.py) it holds the sample-weighted sum and divides by the total samples,
+so the update is the mean gradient over every sample of the clock.
+
 Not thread-safe: the servicer uses it under its apply lock only.
 """
 
@@ -26,21 +32,40 @@ class Bucket:
     read_version: int
     contributors: dict[str, int] = field(default_factory=dict)  # worker -> session
     read_versions: list[int] = field(default_factory=list)  # each contribution's own read version
+    samples: list[int] = field(default_factory=list)  # each contribution's sample count (weight)
+    weighted: bool = False  # total is sum(samples_i * grad_i), not sum(grad_i)
+
+    @property
+    def divisor(self) -> int:
+        """What `total` is divided by to give the mean gradient."""
+        return sum(self.samples) if self.weighted else len(self.contributors)
 
 
 class Aggregator:
     def __init__(self) -> None:
         self._buckets: dict[int, Bucket] = {}
 
-    def add(self, worker_id: str, session: int, clock: int, grad: torch.Tensor, read_version: int) -> None:
-        """Fold one gradient into its clock's bucket (copied: `grad` may be reused by the caller)."""
+    def add(self, worker_id: str, session: int, clock: int, grad: torch.Tensor, read_version: int,
+            samples: int = 0) -> None:
+        """Fold one gradient, the mean over `samples` examples (0 counts as 1), into its clock's bucket.
+
+        `grad` is copied: the caller may reuse it.
+        """
+        samples = max(1, samples)
         bucket = self._buckets.get(clock)
         if bucket is None:
-            self._buckets[clock] = Bucket(clock, grad.clone(), read_version, {worker_id: session}, [read_version])
+            self._buckets[clock] = Bucket(clock, grad.clone(), read_version, {worker_id: session}, [read_version], [samples])
             return
         if worker_id in bucket.contributors:
             raise DuplicatePush(f"worker {worker_id!r} already pushed clock {clock}; it is waiting for the others")
-        bucket.total.add_(grad)
+        if not bucket.weighted and samples != bucket.samples[0]:
+            bucket.total.mul_(bucket.samples[0])  # every earlier contribution had this count
+            bucket.weighted = True
+        if bucket.weighted:
+            bucket.total.add_(grad, alpha=samples)
+        else:
+            bucket.total.add_(grad)
+        bucket.samples.append(samples)
         bucket.read_version = min(bucket.read_version, read_version)
         bucket.contributors[worker_id] = session
         bucket.read_versions.append(read_version)

@@ -38,6 +38,8 @@ def validate(cfg: pb.OptimizerConfig) -> None:
         raise ValueError("betas must lie in [0, 1)")
     if cfg.name != "sgd" and not cfg.eps > 0:
         raise ValueError("Adam eps must be positive (unset fields of an OptimizerConfig are 0)")
+    if cfg.balance_batches and not cfg.average_gradients:
+        raise ValueError("balance_batches needs average_gradients: balanced batches are weighted in the per-clock average")
 
 
 def build(cfg: pb.OptimizerConfig, flat: torch.nn.Parameter) -> torch.optim.Optimizer:

@@ -30,8 +30,10 @@ import torch
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import checkpoint
+from ps_server import streams
 from ps_server.aggregate import Aggregator
 from ps_server.atomic import to_the_end
+from ps_server.balance import Balancer
 from ps_server import optimizer as optim
 from ps_server.clock import ClockTable, DuplicatePush, UnknownWorker
 from ps_server.metrics import ServerMetrics
@@ -96,6 +98,7 @@ class Servicer:
         self.lost_updates = 0  # updates lost to restarts (earlier restarts' count comes from the checkpoint)
         self._lost_before = 0
         self._aggregator = Aggregator()  # used when the optimizer averages gradients across workers
+        self._balancer = Balancer()  # each worker's batch, when the optimizer balances batches
         self._apply_lock = asyncio.Lock()
         self._init_lock = asyncio.Lock()
         self._ckpt_lock = asyncio.Lock()
@@ -186,7 +189,7 @@ class Servicer:
         m = self.metrics
         for bucket in self._aggregator.complete({w: e.clock for w, e in self.clocks.clocks().items()}):
             before = self.store.version
-            await asyncio.to_thread(self.store.apply, bucket.total, bucket.read_version, len(bucket.contributors))
+            await asyncio.to_thread(self.store.apply, bucket.total, bucket.read_version, bucket.divisor)
             m.updates.inc()
             for read_version in bucket.read_versions:  # each gradient's own staleness
                 m.update_staleness.observe(max(0, before - read_version))
@@ -211,40 +214,6 @@ class Servicer:
                           "the worker's model or server count differs")
         return self.store
 
-    async def _receive_flat(self, frames: AsyncIterator[bytes], numel: int, buf: torch.Tensor | None = None) -> torch.Tensor:
-        """Read chunk frames into `buf` (fresh if None) that they must cover exactly once.
-
-        Each chunk is checked for NaN/Inf right after it is copied, while it is in cache.
-        """
-        if buf is None:
-            buf = torch.empty(numel, dtype=torch.float32)
-        ranges = []
-        async for raw in frames:
-            frame, payload = wire.decode_frame(raw)
-            if frame.WhichOneof("head") is not None:
-                raise _Reject(Code.INVALID_ARGUMENT, "a header frame may only come first in a stream")
-            chunk = wire.payload_tensor(frame, payload)
-            if chunk.dtype != torch.float32 or chunk.dim() != 1:
-                raise _Reject(Code.INVALID_ARGUMENT, f"chunks must be 1-D float32, got {chunk.dtype} of shape {list(chunk.shape)}")
-            lo, n = frame.tensor.offset, chunk.numel()
-            if lo + n > numel:
-                raise _Reject(Code.INVALID_ARGUMENT, f"chunk [{lo}, {lo + n}) runs past the shard's {numel} elements")
-            dest = buf[lo : lo + n]
-            dest.copy_(chunk)
-            if not wire.all_finite(dest):
-                raise _Reject(Code.INVALID_ARGUMENT, "tensor contains NaN or Inf: not applied")
-            ranges.append((lo, lo + n))
-        ranges.sort()
-        pos = 0
-        for lo, hi in ranges:
-            if lo != pos:
-                what = "overlap or repeat" if lo < pos else "leave a gap"
-                raise _Reject(Code.INVALID_ARGUMENT, f"chunks {what} at element {min(lo, pos)}")
-            pos = hi
-        if pos != numel:
-            raise _Reject(Code.INVALID_ARGUMENT, f"chunks cover {pos} of the shard's {numel} elements")
-        return buf
-
     async def _guard(self, context: grpc.aio.ServicerContext, coro):
         """Run a handler body, turning domain errors into gRPC statuses."""
         try:
@@ -265,6 +234,7 @@ class Servicer:
                 self._store_for(request.plan_hash)
             restored_clock = self.clocks.restored_clock(request.worker_id)
             session, clock = self.clocks.register(request.worker_id, request.start_clock)
+            self._balancer.register(request.worker_id, request.batch_size)
             self._count_lost(request)
             if restored_clock is not None and clock > restored_clock:
                 log.warning("worker %s re-registered after the restart at clock %d: its pushes of clocks %d..%d "
@@ -302,7 +272,7 @@ class Servicer:
 
     async def Init(self, frames: AsyncIterator[bytes], context) -> pb.InitResponse:
         async def body():
-            head = await _first_head(frames, "init")
+            head = await streams.first_head(frames, "init")
             if (head.shard_index, head.num_shards) != (self.cfg.shard_index, self.cfg.num_shards):
                 raise _Reject(Code.FAILED_PRECONDITION,
                               f"worker's plan sends shard {head.shard_index} of {head.num_shards} to this server, "
@@ -319,7 +289,7 @@ class Servicer:
                                   f"shard of {head.numel * 4} bytes exceeds this server's limit of {self.cfg.max_shard_bytes}")
                 if head.HasField("staleness") and not head.staleness >= 0:
                     raise _Reject(Code.INVALID_ARGUMENT, f"staleness must be >= 0, got {head.staleness}")
-                weights = await self._receive_flat(frames, head.numel)
+                weights = await streams.receive_flat(frames, head.numel)
                 self.store = ShardStore(head.plan_hash, weights, head.optimizer)
                 if self.cfg.staleness is None and head.HasField("staleness"):
                     self.clocks.staleness = head.staleness
@@ -341,10 +311,10 @@ class Servicer:
         t0 = time.perf_counter()
 
         async def body():
-            head = await _first_head(frames, "push")
+            head = await streams.first_head(frames, "push")
             store, buf = self.open_push(head)
             try:
-                grad = await self._receive_flat(frames, store.numel, buf)
+                grad = await streams.receive_flat(frames, store.numel, buf)
             except BaseException:
                 self._spare(buf)
                 raise
@@ -367,6 +337,8 @@ class Servicer:
         """
         store = self._store_for(head.plan_hash)
         self.clocks.check_push(head.worker_id, head.session, head.clock)
+        if not (head.busy_seconds >= 0 and math.isfinite(head.busy_seconds)):
+            raise _Reject(Code.INVALID_ARGUMENT, f"busy_seconds must be finite and >= 0, got {head.busy_seconds}")
         pool = self._grad_buffers
         buf = pool.pop() if pool and pool[-1].numel() == store.numel else torch.empty(store.numel)
         return store, buf
@@ -403,7 +375,9 @@ class Servicer:
             async with self._apply_lock:
                 self.clocks.check_push(head.worker_id, head.session, head.clock)
                 if store.config.average_gradients:
-                    self._aggregator.add(head.worker_id, head.session, head.clock, grad, head.read_version)
+                    self._aggregator.add(head.worker_id, head.session, head.clock, grad, head.read_version, head.samples)
+                    if store.config.balance_batches:
+                        self._balancer.observe(head.worker_id, head.samples, head.busy_seconds)
                     self.pushes_applied += 1
                     m.push_bytes.inc(store.numel * 4)
                     await self._apply_complete_buckets()
@@ -428,7 +402,7 @@ class Servicer:
             chunk = min(request.chunk_bytes or self.cfg.chunk_bytes, self.cfg.max_message_bytes - 1024)
             return store, waited, await asyncio.to_thread(store.frames, chunk)
         store, waited, (version, frames) = await self._guard(context, body())
-        yield wire.encode_frame(pb.Frame(pull=self._pull_header(store, version, waited)))
+        yield wire.encode_frame(pb.Frame(pull=self._pull_header(store, version, waited, request)))
         for frame in frames:  # encoded once per version, shared by every pull of it
             yield frame
         self.pull_finished(store, t0, waited)
@@ -438,8 +412,11 @@ class Servicer:
         waited = await self.clocks.wait_readable(request.worker_id, request.session, request.clock, request.own_lag)
         return store, waited
 
-    def _pull_header(self, store: ShardStore, version: int, waited: float) -> pb.PullHeader:
-        return pb.PullHeader(version=version, numel=store.numel, min_clock=self.clocks.min_clock(), waited_seconds=waited)
+    def _pull_header(self, store: ShardStore, version: int, waited: float, request: pb.PullRequest) -> pb.PullHeader:
+        balance = store.config.balance_batches
+        batch = self._balancer.batch_for(request.worker_id, request.clock, self.clocks.clocks()) if balance else 0
+        return pb.PullHeader(version=version, numel=store.numel, min_clock=self.clocks.min_clock(),
+                             waited_seconds=waited, batch_size=batch)
 
     async def open_pull(self, request: pb.PullRequest) -> tuple[ShardStore, pb.PullHeader, Snapshot]:
         """Wait until `request` may read (the staleness bound); returns the store, the header
@@ -453,7 +430,7 @@ class Servicer:
             except asyncio.CancelledError:  # the lease is taken anyway: give it back when it is
                 leasing.add_done_callback(lambda f: f.cancelled() or f.exception() or store.release(f.result()))
                 raise
-        return store, self._pull_header(store, snap.version, waited), snap
+        return store, self._pull_header(store, snap.version, waited, request), snap
 
     def pull_finished(self, store: ShardStore, t0: float, waited: float) -> None:
         """Count a pull whose weights were sent. Touches only metrics: thread-safe."""
@@ -487,14 +464,3 @@ class Servicer:
             path, version = await self.checkpoint_now()
             return pb.CheckpointResponse(path=path, version=version)
         return await self._guard(context, body())
-
-
-async def _first_head(frames: AsyncIterator[bytes], kind: str):
-    """The `kind` header of a stream's first frame; rejects anything else."""
-    async for raw in frames:
-        frame, payload = wire.decode_frame(raw)
-        if frame.WhichOneof("head") != kind or payload is not None:
-            raise _Reject(Code.INVALID_ARGUMENT, f"the first frame of this stream must be a bare {kind} header")
-        return getattr(frame, kind)
-    raise _Reject(Code.INVALID_ARGUMENT, "empty stream: expected a header frame")
-

@@ -61,16 +61,19 @@ class ShardStore:
     def version(self) -> int:
         return self._version
 
-    def apply(self, grad: torch.Tensor, read_version: int, live_workers: int = 1) -> tuple[int, int]:
+    def apply(self, grad: torch.Tensor, read_version: int, divisor: int = 1) -> tuple[int, int]:
         """Apply one gradient atomically; returns (new version, update staleness).
+
+        With averaging on, `grad` is a sum and is divided by `divisor` (contributors, or
+        samples when weighted) first.
 
         Blocks for the optimizer step. `grad` must be finite float32 of the shard's size
         (the caller validates; this checks again and raises ValueError, changing nothing).
         """
         if grad.shape != self._flat.shape or grad.dtype != torch.float32:
             raise ValueError(f"gradient must be float32 of {self.numel} elements")
-        if self.config.average_gradients and live_workers > 1:
-            grad = grad / live_workers
+        if self.config.average_gradients and divisor > 1:
+            grad = grad / divisor
         with self._lock:
             self._before_write()
             staleness = max(0, self._version - read_version)

@@ -46,6 +46,8 @@ SWITCHES: list[tuple[str, bool, str]] = [
     ("nesterov", False, "Nesterov momentum (SGD)"),
     ("staleness-aware-lr", False, "divide the lr by each update's staleness"),
     ("average-gradients", True, "one update per clock from the mean of all live workers' gradients (synchronous)"),
+    ("balance-batches", False, "with --average-gradients: the shards give each worker a batch in proportion to "
+                               "its speed, the workers' combined batch unchanged (LB-BSP; machines of unequal speed)"),
     ("pipeline", False, "request the next pull before computing (needs s >= 1)"),
     ("qk-norm", False, "built-in model: LayerNorm on each head's queries and keys, which keeps stale "
                        "updates from blowing up the attention logits (s > 0 without averaging)"),
@@ -91,7 +93,7 @@ def optimizer_config(args: argparse.Namespace):
     return default_config(args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                           weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2,
                           staleness_aware_lr=args.staleness_aware_lr, average_gradients=args.average_gradients,
-                          warmup_updates=args.warmup)
+                          balance_batches=args.balance_batches, warmup_updates=args.warmup)
 
 
 def task_config(args: argparse.Namespace) -> TaskConfig:

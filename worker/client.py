@@ -82,7 +82,8 @@ class PSClient:
     def __init__(self, servers: Sequence[str], model: torch.nn.Module, optimizer: dict | pb.OptimizerConfig | None = None,
                  staleness: float = math.inf, worker_id: str | None = None, pipeline: bool = False,
                  max_inflight: int = 2, options: CallOptions = CallOptions(), heartbeat_interval: float | None = None,
-                 initialize: bool = True, metrics: WorkerMetrics | None = None, security: Security = NONE):
+                 initialize: bool = True, metrics: WorkerMetrics | None = None, security: Security = NONE,
+                 batch_size: int = 0):
         if not servers:
             raise ValueError("PSClient needs at least one server address")
         if pipeline and staleness < 1:
@@ -105,6 +106,8 @@ class PSClient:
             ends.append(ends[-1] + p.numel())
         self._offsets = list(zip(ends[:-1], ends[1:]))  # each parameter's range in the flat vector
         self.clock = 0
+        self.own_batch_size = batch_size  # told to the shards at Register: what balancing splits
+        self.batch_size = batch_size      # the batch for the current clock: the shards' choice when they balance
         self.stats = ClientStats()
         self.metrics = metrics if metrics is not None else WorkerMetrics(self.worker_id, len(servers))
         pin = self.device.type == "cuda"
@@ -182,7 +185,8 @@ class PSClient:
         start = self.clock
         while True:
             resps = await asyncio.gather(*(
-                s.register(self.worker_id, self.plan.hash, start, self._seen_versions[s.index], self._incarnations[s.index])
+                s.register(self.worker_id, self.plan.hash, start, self._seen_versions[s.index], self._incarnations[s.index],
+                           self.own_batch_size)
                 for s in self._shards))
             clocks = {r.clock for r in resps}
             if len(clocks) == 1:
@@ -247,6 +251,7 @@ class PSClient:
                     if not again.evicted or attempt == 2:
                         raise
         self._read_versions = [h.version for h in heads]
+        self.batch_size = heads[0].batch_size or self.own_batch_size  # shard 0 decides for all
         self._seen_versions = [max(a, b) for a, b in zip(self._seen_versions, self._read_versions)]
         waited = max(h.waited_seconds for h in heads)
         self.stats.bound_wait_seconds += waited
@@ -261,9 +266,11 @@ class PSClient:
         self.stats.pulls += 1
         self.stats.pull_wait_seconds += time.perf_counter() - t0
 
-    def push(self) -> PushTicket:
+    def push(self, samples: int = 0, busy_seconds: float = 0.0) -> PushTicket:
         """Send the model's gradients for the current clock, advance the clock, and return at once.
 
+        `samples`: examples the gradients are the mean over (averaging weights them by it);
+        `busy_seconds`: the compute time they took (balancing measures speed by it).
         Gradients are copied out and zeroed (set to None) before returning. Raises
         ValueError (sending nothing) if any gradient is NaN or Inf.
         """
@@ -287,7 +294,7 @@ class PSClient:
         for p in self.params:
             p.grad = None
         clock, self.clock = self.clock, self.clock + 1
-        fut = self._submit(self._push_all(clock, buf))
+        fut = self._submit(self._push_all(clock, buf, samples, busy_seconds))
         ticket = PushTicket(clock, fut)
         self._inflight.append(ticket)
         if not self.pipeline:
@@ -366,13 +373,14 @@ class PSClient:
             return head
         return list(await asyncio.gather(*(one(s, sess) for s, sess in zip(self._shards, self._sessions))))
 
-    async def _push_all(self, clock: int, grad: torch.Tensor) -> list[pb.PushResponse | None]:
+    async def _push_all(self, clock: int, grad: torch.Tensor, samples: int = 0,
+                        busy_seconds: float = 0.0) -> list[pb.PushResponse | None]:
         m = self.metrics
 
         async def one(shard: ShardClient, session: int, read_version: int) -> pb.PushResponse | None:
             spec = self.plan.shards[shard.index]
             head = pb.PushHeader(worker_id=self.worker_id, session=session, plan_hash=self.plan.hash,
-                                 clock=clock, read_version=read_version)
+                                 clock=clock, read_version=read_version, samples=samples, busy_seconds=busy_seconds)
             t0 = time.perf_counter()
             try:
                 resp = await shard.push(head, grad[spec.lo : spec.hi])

@@ -200,10 +200,13 @@ class BatchStream:
         self._gen.manual_seed(seed)
         self._offsets = torch.arange(context + 1)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the next ``(x, y)`` batch."""
+    def next(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the next ``(x, y)`` batch, of ``batch_size`` windows if given (else the stream's)."""
+        n = self.batch_size if batch_size is None else batch_size
+        if n < 1:
+            raise ValueError(f"batch_size must be >= 1, got {n}")
         high = self.data.numel() - self.context
-        starts = torch.randint(0, high, (self.batch_size,), generator=self._gen)
+        starts = torch.randint(0, high, (n,), generator=self._gen)
         chunk = self.data[starts.unsqueeze(1) + self._offsets].long()
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 

@@ -66,6 +66,8 @@ class WorkerMetrics:
         self.steps = one(Counter, "asyncps_worker_steps_total", "Training iterations completed.")
         self.target_steps = one(Gauge, "asyncps_worker_target_steps", "Iterations this worker was asked to run (0: unknown).")
         self.samples = one(Counter, "asyncps_worker_samples_total", "Training samples (sequences) processed; rate() is samples/s.")
+        self.batch_size = one(Gauge, "asyncps_worker_batch_size", "Samples in the latest iteration's batch "
+                              "(the shards' choice when they balance batches by speed).")
         self.loss = one(Gauge, "asyncps_worker_loss", "Training loss of the latest iteration (nats per byte for the built-in task).")
         self.step_seconds = one(Histogram, "asyncps_worker_step_duration_seconds", "Wall time of one iteration.",
                                 buckets=STEP_BUCKETS)
@@ -80,6 +82,7 @@ class WorkerMetrics:
         """Record one finished iteration."""
         self.steps.inc()
         self.samples.inc(samples)
+        self.batch_size.set(samples)
         self.loss.set(loss)
         self.clock.set(clock)
         self.step_seconds.observe(step_seconds)

@@ -189,9 +189,9 @@ class ShardClient:
         return await self.call("Status", lambda: self.stub.Status(pb.StatusRequest(), timeout=self.opts.timeout))
 
     async def register(self, worker_id: str, plan_hash: str, start_clock: int = 0, seen_version: int = 0,
-                       seen_incarnation: int = 0) -> pb.RegisterResponse:
+                       seen_incarnation: int = 0, batch_size: int = 0) -> pb.RegisterResponse:
         req = pb.RegisterRequest(worker_id=worker_id, plan_hash=plan_hash, start_clock=start_clock,
-                                 seen_version=seen_version, seen_incarnation=seen_incarnation)
+                                 seen_version=seen_version, seen_incarnation=seen_incarnation, batch_size=batch_size)
         resp = await self.call("Register", lambda: self.stub.Register(req, timeout=self.opts.timeout))
         self._use_data_port(resp.data_port)
         return resp

@@ -94,6 +94,7 @@ def train(cfg: WorkerConfig) -> dict:
     stream = BatchStream(part, cfg.batch_size, cfg.task.context, seed=cfg.seed * 1000 + cfg.rank + 1 + 7919 * cfg.first_step)
     report = _Report(cfg.report)
     t_task = t_comm = 0.0
+    samples = 0
     losses: list[float] = []
     start = last_report = time.perf_counter()
     # A model trained on stale weights can saturate its softmax; the tiny probabilities it then
@@ -102,7 +103,7 @@ def train(cfg: WorkerConfig) -> dict:
     try:
         with PSClient(cfg.servers, model, optimizer=cfg.optimizer, staleness=cfg.staleness,
                       worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options, metrics=cfg.metrics,
-                      security=cfg.security) as ps:
+                      security=cfg.security, batch_size=cfg.batch_size) as ps:
             metrics = ps.metrics
             metrics.target_steps.set(cfg.steps)
             report.write(event="start", rank=cfg.rank, clock=ps.clock, first_step=cfg.first_step, device=str(device),
@@ -111,7 +112,8 @@ def train(cfg: WorkerConfig) -> dict:
                 t0 = time.perf_counter()
                 ps.pull()
                 t1 = time.perf_counter()
-                x, y = stream.next()
+                batch = ps.batch_size  # cfg.batch_size unless the shards balance batches by speed
+                x, y = stream.next(batch)
                 loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                 loss.backward()
                 loss_value = float(loss.detach())  # synchronizes the device
@@ -119,18 +121,19 @@ def train(cfg: WorkerConfig) -> dict:
                 if cfg.slowdown > 1:
                     time.sleep((cfg.slowdown - 1) * (t2 - t1))
                 t3 = time.perf_counter()
-                ps.push()
+                ps.push(samples=batch, busy_seconds=t3 - t1)
                 t4 = time.perf_counter()
+                samples += batch
                 t_task += t2 - t1
                 t_comm += (t1 - t0) + (t4 - t3)
                 losses.append(loss_value)
-                metrics.step(t4 - t0, t2 - t1, (t1 - t0) + (t4 - t3), loss_value, cfg.batch_size, ps.clock)
+                metrics.step(t4 - t0, t2 - t1, (t1 - t0) + (t4 - t3), loss_value, batch, ps.clock)
                 if t4 - last_report >= cfg.report_every or step == cfg.steps - 1:
                     last_report = t4
                     recent = losses[-20:]
                     report.write(event="progress", rank=cfg.rank, step=step + 1, clock=ps.clock,
                                  loss=sum(recent) / len(recent), t=t4 - start,
-                                 samples=(step + 1 - cfg.first_step) * cfg.batch_size, t_task=t_task, t_comm=t_comm)
+                                 samples=samples, batch=batch, t_task=t_task, t_comm=t_comm)
             t5 = time.perf_counter()
             ps.wait()
             t_comm += time.perf_counter() - t5
@@ -139,7 +142,7 @@ def train(cfg: WorkerConfig) -> dict:
         result = dict(event="done", rank=cfg.rank, steps=cfg.first_step + len(losses), t=time.perf_counter() - start,
                       t_task_seconds=t_task / n, t_comm_seconds=t_comm / n,
                       bound_wait_seconds=stats.bound_wait_seconds / n, final_loss=sum(losses[-20:]) / len(losses[-20:]) if losses else None,
-                      first_step=cfg.first_step, samples=len(losses) * cfg.batch_size, reregistrations=stats.reregistrations,
+                      first_step=cfg.first_step, samples=samples, reregistrations=stats.reregistrations,
                       pushes_dropped=stats.pushes_dropped, max_update_staleness=stats.max_update_staleness)
         report.write(**result)
         return result

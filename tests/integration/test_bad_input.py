@@ -55,9 +55,9 @@ def chunks(flat: torch.Tensor, step: int = CHUNK) -> list[bytes]:
 
 
 def init_frames(plan: str = PLAN, shard_index: int = 0, num_shards: int = 1, numel: int = N,
-                weights: torch.Tensor | None = None) -> list[bytes]:
+                weights: torch.Tensor | None = None, optimizer: pb.OptimizerConfig = OPTIMIZER) -> list[bytes]:
     head = pb.InitHeader(plan_hash=plan, shard_index=shard_index, num_shards=num_shards, numel=numel,
-                         optimizer=OPTIMIZER, worker_id="w")
+                         optimizer=optimizer, worker_id="w")
     w = torch.randn(numel, generator=torch.Generator().manual_seed(0)) if weights is None else weights
     return [wire.encode_frame(pb.Frame(init=head))] + chunks(w)
 
@@ -178,6 +178,12 @@ CASES = [
      lambda t, st: ("Push", [push_head(t, st)] + chunks(_with_value(float("inf")))), None),
     ("push-minus-inf", "ready", Code.INVALID_ARGUMENT,
      lambda t, st: ("Push", [push_head(t, st)] + chunks(_with_value(float("-inf")))), None),
+    ("push-busy-seconds-nan", "ready", Code.INVALID_ARGUMENT,
+     lambda t, st: ("Push", [push_head(t, st, busy_seconds=float("nan"))] + chunks(grad())), None),
+    ("push-busy-seconds-negative", "ready", Code.INVALID_ARGUMENT,
+     lambda t, st: ("Push", [push_head(t, st, busy_seconds=-1.0)] + chunks(grad())), None),
+    ("init-balance-without-averaging-blank", "blank", Code.INVALID_ARGUMENT,
+     lambda t, st: ("Init", init_frames(optimizer=default_config("sgd", lr=0.1, balance_batches=True))), None),
     ("init-nan-weights-blank", "blank", Code.INVALID_ARGUMENT,
      lambda t, st: ("Init", init_frames(weights=_with_value(float("nan")))), None),
     # -- malformed streams and frames: INVALID_ARGUMENT

@@ -63,3 +63,40 @@ def test_a_worker_whose_clock_jumped_past_a_bucket_no_longer_holds_it():
     assert agg.complete({"a": 3, "b": 3}) == []  # b is at clock 3 and has not pushed it yet
     (bucket,) = agg.complete({"a": 3, "b": 5})  # b re-registered at clock 5: it will never push 3
     assert bucket.clock == 3 and set(bucket.contributors) == {"a"}
+
+
+def test_equal_sample_counts_give_the_plain_sum_bit_for_bit():
+    g1, g2 = torch.randn(50), torch.randn(50)
+    agg = Aggregator()
+    agg.add("a", 1, 0, g1, read_version=0, samples=7)
+    agg.add("b", 1, 0, g2, read_version=0, samples=7)
+    (bucket,) = agg.complete({"a": 0, "b": 0})
+    assert torch.equal(bucket.total, g1 + g2) and bucket.divisor == 2 and not bucket.weighted
+
+
+def test_unequal_sample_counts_weight_each_gradient_by_its_samples():
+    """Two workers' mean gradients over 3 and 1 samples average to the gradient of the mean
+    loss over all 4 samples: the update one process would make on the union of the batches."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    x, y = torch.randn(4, 5), torch.randn(4, 1)
+
+    def grad(xs, ys):
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+
+    agg = Aggregator()
+    agg.add("a", 1, 0, grad(x[:3], y[:3]), read_version=0, samples=3)
+    agg.add("b", 1, 0, grad(x[3:], y[3:]), read_version=0, samples=1)
+    (bucket,) = agg.complete({"a": 0, "b": 0})
+    assert bucket.weighted and bucket.divisor == 4
+    torch.testing.assert_close(bucket.total / bucket.divisor, grad(x, y))
+
+
+def test_a_zero_sample_count_counts_as_one():
+    agg = Aggregator()
+    agg.add("a", 1, 0, torch.ones(2), read_version=0, samples=0)
+    agg.add("b", 1, 0, torch.full((2,), 3.0), read_version=0, samples=3)
+    (bucket,) = agg.complete({"a": 0, "b": 0})
+    assert bucket.divisor == 4 and torch.equal(bucket.total, torch.full((2,), 10.0))

@@ -140,7 +140,7 @@ def test_average_gradients_divides_by_live_workers(average: bool, live: int, div
     g = grads(store.numel, 1)[0]
     g_copy = g.clone()
     before = weights(store).clone()
-    store.apply(g, read_version=0, live_workers=live)
+    store.apply(g, read_version=0, divisor=live)
     torch.testing.assert_close(weights(store), before - lr * g / divisor, rtol=1e-6, atol=1e-7)
     assert torch.equal(g, g_copy)  # the caller's gradient is not modified
 
@@ -294,7 +294,7 @@ def test_checkpoint_round_trip_continues_exactly(tmp_path, case: str, aware: boo
     store = make_store(cfg, n=33)
     gs = grads(33, 12)
     for i, g in enumerate(gs[:7]):
-        store.apply(g, read_version=max(0, i - 2), live_workers=2)
+        store.apply(g, read_version=max(0, i - 2), divisor=2)
     clocks = ClockTable(2, 10.0)
     session, _ = clocks.register("w0")
     clocks.advance("w0", session, 0)
@@ -321,7 +321,7 @@ def test_checkpoint_round_trip_continues_exactly(tmp_path, case: str, aware: boo
     # The restored store goes on exactly like the original.
     for i, g in enumerate(gs[7:]):
         rv = store.version - (i % 3)
-        assert store.apply(g, rv, live_workers=3) == restored.apply(g, rv, live_workers=3)
+        assert store.apply(g, rv, divisor=3) == restored.apply(g, rv, divisor=3)
         assert torch.equal(weights(store), weights(restored))
 
 

@@ -33,7 +33,7 @@ UINT8: DType
 BOOL: DType
 
 class OptimizerConfig(_message.Message):
-    __slots__ = ("name", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "staleness_aware_lr", "average_gradients", "warmup_updates")
+    __slots__ = ("name", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "staleness_aware_lr", "average_gradients", "warmup_updates", "balance_batches")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class OptimizerConfig(_message.Message):
     STALENESS_AWARE_LR_FIELD_NUMBER: _ClassVar[int]
     AVERAGE_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     WARMUP_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_BATCHES_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     momentum: float
@@ -58,7 +59,8 @@ class OptimizerConfig(_message.Message):
     staleness_aware_lr: bool
     average_gradients: bool
     warmup_updates: int
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., staleness_aware_lr: _Optional[bool] = ..., average_gradients: _Optional[bool] = ..., warmup_updates: _Optional[int] = ...) -> None: ...
+    balance_batches: bool
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., staleness_aware_lr: _Optional[bool] = ..., average_gradients: _Optional[bool] = ..., warmup_updates: _Optional[int] = ..., balance_batches: _Optional[bool] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("offset", "dtype", "shape")
@@ -89,30 +91,36 @@ class InitHeader(_message.Message):
     def __init__(self, plan_hash: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., numel: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., worker_id: _Optional[str] = ..., staleness: _Optional[float] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "session", "plan_hash", "clock", "read_version")
+    __slots__ = ("worker_id", "session", "plan_hash", "clock", "read_version", "samples", "busy_seconds")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     READ_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session: int
     plan_hash: str
     clock: int
     read_version: int
-    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[int] = ..., plan_hash: _Optional[str] = ..., clock: _Optional[int] = ..., read_version: _Optional[int] = ...) -> None: ...
+    samples: int
+    busy_seconds: float
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[int] = ..., plan_hash: _Optional[str] = ..., clock: _Optional[int] = ..., read_version: _Optional[int] = ..., samples: _Optional[int] = ..., busy_seconds: _Optional[float] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("version", "numel", "min_clock", "waited_seconds")
+    __slots__ = ("version", "numel", "min_clock", "waited_seconds", "batch_size")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUMEL_FIELD_NUMBER: _ClassVar[int]
     MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
     WAITED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     version: int
     numel: int
     min_clock: int
     waited_seconds: float
-    def __init__(self, version: _Optional[int] = ..., numel: _Optional[int] = ..., min_clock: _Optional[int] = ..., waited_seconds: _Optional[float] = ...) -> None: ...
+    batch_size: int
+    def __init__(self, version: _Optional[int] = ..., numel: _Optional[int] = ..., min_clock: _Optional[int] = ..., waited_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("init", "push", "pull", "tensor", "data")
@@ -129,18 +137,20 @@ class Frame(_message.Message):
     def __init__(self, init: _Optional[_Union[InitHeader, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "plan_hash", "start_clock", "seen_version", "seen_incarnation")
+    __slots__ = ("worker_id", "plan_hash", "start_clock", "seen_version", "seen_incarnation", "batch_size")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     START_CLOCK_FIELD_NUMBER: _ClassVar[int]
     SEEN_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEEN_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     plan_hash: str
     start_clock: int
     seen_version: int
     seen_incarnation: int
-    def __init__(self, worker_id: _Optional[str] = ..., plan_hash: _Optional[str] = ..., start_clock: _Optional[int] = ..., seen_version: _Optional[int] = ..., seen_incarnation: _Optional[int] = ...) -> None: ...
+    batch_size: int
+    def __init__(self, worker_id: _Optional[str] = ..., plan_hash: _Optional[str] = ..., start_clock: _Optional[int] = ..., seen_version: _Optional[int] = ..., seen_incarnation: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("session", "clock", "staleness", "heartbeat_timeout_seconds", "incarnation", "data_port")
