@@ -67,11 +67,13 @@ def test_one_worker_s0_equals_torch_optim(start_server, case):
         assert err < 1e-5, f"{case}: {name} differs from torch.optim by {err:.2e} (relative)"
 
 
-def test_two_workers_averaging_equals_one_large_batch(start_server):
-    """With average_gradients, each clock is ONE update: the mean of both workers' gradients.
+@pytest.mark.parametrize("rows", [(32, 32), (24, 8)], ids=["equal-batches", "unequal-batches"])
+def test_two_workers_averaging_equals_one_large_batch(start_server, rows):
+    """With average_gradients, each clock is ONE update: the mean gradient over both workers' samples.
 
-    Two PSClients train concurrently (two threads, s = 0) on different data; the servers
-    must end where a local AdamW stepping on the mean gradient of both batches ends, and
+    Two PSClients train concurrently (two threads, s = 0) on different data, using `rows`
+    samples of their batches and saying so with each push (as with --balance-batches); the
+    servers must end where a local AdamW stepping on the union of the batches ends, and
     each shard's version must count clocks, not pushes.
     """
     import threading
@@ -91,10 +93,11 @@ def test_two_workers_averaging_equals_one_large_batch(start_server):
             with PSClient(addresses, models[rank], optimizer=cfg, staleness=0, worker_id=f"avg-{rank}",
                           options=FAST_FAIL) as ps:
                 registered.wait()
+                n = rows[rank]
                 for x, y in data[rank]:
                     ps.pull()
-                    torch.nn.functional.mse_loss(models[rank](x), y).backward()
-                    ps.push()
+                    torch.nn.functional.mse_loss(models[rank](x[:n]), y[:n]).backward()
+                    ps.push(samples=n)
                 ps.wait()
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
@@ -109,8 +112,8 @@ def test_two_workers_averaging_equals_one_large_batch(start_server):
 
     for (x0, y0), (x1, y1) in zip(*data):
         opt.zero_grad()
-        loss = (torch.nn.functional.mse_loss(ref(x0), y0) + torch.nn.functional.mse_loss(ref(x1), y1)) / 2
-        loss.backward()
+        x, y = torch.cat([x0[:rows[0]], x1[:rows[1]]]), torch.cat([y0[:rows[0]], y1[:rows[1]]])
+        torch.nn.functional.mse_loss(ref(x), y).backward()
         opt.step()
 
     final = mlp()
