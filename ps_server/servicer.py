@@ -41,6 +41,7 @@ from ps_server.store import ShardStore, Snapshot
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
+MAX_SAMPLES = 1 << 20  # PushHeader.samples above this is refused
 
 
 @dataclass
@@ -339,6 +340,8 @@ class Servicer:
         self.clocks.check_push(head.worker_id, head.session, head.clock)
         if not (head.busy_seconds >= 0 and math.isfinite(head.busy_seconds)):
             raise _Reject(Code.INVALID_ARGUMENT, f"busy_seconds must be finite and >= 0, got {head.busy_seconds}")
+        if head.samples > MAX_SAMPLES:  # a weight in the average: an absurd one could overflow it
+            raise _Reject(Code.INVALID_ARGUMENT, f"samples must be at most {MAX_SAMPLES}, got {head.samples}")
         pool = self._grad_buffers
         buf = pool.pop() if pool and pool[-1].numel() == store.numel else torch.empty(store.numel)
         return store, buf

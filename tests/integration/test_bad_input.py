@@ -182,6 +182,8 @@ CASES = [
      lambda t, st: ("Push", [push_head(t, st, busy_seconds=float("nan"))] + chunks(grad())), None),
     ("push-busy-seconds-negative", "ready", Code.INVALID_ARGUMENT,
      lambda t, st: ("Push", [push_head(t, st, busy_seconds=-1.0)] + chunks(grad())), None),
+    ("push-samples-absurd", "ready", Code.INVALID_ARGUMENT,
+     lambda t, st: ("Push", [push_head(t, st, samples=(1 << 20) + 1)] + chunks(grad())), None),
     ("init-balance-without-averaging-blank", "blank", Code.INVALID_ARGUMENT,
      lambda t, st: ("Init", init_frames(optimizer=default_config("sgd", lr=0.1, balance_batches=True))), None),
     ("init-nan-weights-blank", "blank", Code.INVALID_ARGUMENT,
