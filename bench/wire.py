@@ -7,6 +7,8 @@ Measures, each repeated `--reps` times after one warm-up:
 
 * tcp:        raw TCP between two processes on 127.0.0.1, one direction, 4 MB
               `sendall` from / `recv_into` a preallocated buffer (the ceiling);
+* tcp_streams: the same payload cut in `--tcp-streams` parts (default 2), each over its
+              own connection and thread, all at once: what one stream leaves unused;
 * pull, push: asyncps through real `ps-server` processes and the real worker client
               (`PSClient`'s all-shards-at-once pull and push of its flat fp32 buffers),
               one worker and 1, 2, 4 servers, over each transport (`--transports`):
@@ -36,6 +38,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,42 +64,78 @@ def summary(samples: list[float]) -> dict:
 
 # -- (a) raw TCP --------------------------------------------------------------------------
 
-def _tcp_sink(port_conn, nbytes: int) -> None:
-    """Child: accept one connection, then per round receive `nbytes` and answer one byte."""
+def _parts(nbytes: int, streams: int) -> list[tuple[int, int]]:
+    step = -(-nbytes // streams)
+    return [(lo, min(nbytes, lo + step)) for lo in range(0, nbytes, step)]
+
+
+def _in_threads(fn, items) -> list:
+    """fn(item) for every item, each in its own thread (one item: in this thread); their results."""
+    if len(items) == 1:
+        return [fn(items[0])]
+    out: list = [None] * len(items)
+
+    def run(i: int) -> None:
+        out[i] = fn(items[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _tcp_sink(port_conn, nbytes: int, streams: int) -> None:
+    """Child: accept `streams` connections, then per round receive `nbytes` (stream i its i-th
+    part, each in its own thread, into one buffer) and answer one byte."""
     srv = socket.create_server(("127.0.0.1", 0))
     port_conn.send(srv.getsockname()[1])
-    conn, _ = srv.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conns = [srv.accept()[0] for _ in range(streams)]
+    for conn in conns:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = memoryview(bytearray(nbytes))
-    while True:
-        got = 0
-        while got < nbytes:
-            n = conn.recv_into(buf[got:], min(TCP_CHUNK, nbytes - got))
+
+    def receive(job) -> bool:
+        conn, (got, hi) = job
+        while got < hi:
+            n = conn.recv_into(buf[got:hi], min(TCP_CHUNK, hi - got))
             if n == 0:
-                return
+                return False
             got += n
-        conn.sendall(b"k")
+        return True
+    jobs = list(zip(conns, _parts(nbytes, streams)))
+    while all(_in_threads(receive, jobs)):
+        conns[0].sendall(b"k")
 
 
-def bench_tcp(nbytes: int, reps: int) -> list[float]:
+def bench_tcp(nbytes: int, reps: int, streams: int = 1) -> list[float]:
+    """Raw TCP, one direction; with `streams` > 1 the payload is cut into that many parts,
+    each sent over its own connection by its own thread, all at once."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_tcp_sink, args=(child, nbytes), daemon=True)
+    proc = ctx.Process(target=_tcp_sink, args=(child, nbytes, streams), daemon=True)
     proc.start()
     try:
         port = parent.recv()
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
+        for sock in socks:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         data = memoryview(bytearray(os.urandom(1024) * (nbytes // 1024)))
+
+        def send(job) -> None:
+            sock, (lo, hi) = job
+            for a in range(lo, hi, TCP_CHUNK):
+                sock.sendall(data[a : min(hi, a + TCP_CHUNK)])
+        jobs = list(zip(socks, _parts(nbytes, streams)))
         out = []
         for i in range(reps + 1):
             t0 = time.perf_counter()
-            for lo in range(0, nbytes, TCP_CHUNK):
-                sock.sendall(data[lo : lo + TCP_CHUNK])
-            assert sock.recv(1) == b"k"
+            _in_threads(send, jobs)
+            assert socks[0].recv(1) == b"k"
             if i:  # the first round warms up
                 out.append(nbytes / (time.perf_counter() - t0) / GB)
-        sock.close()
+        for sock in socks:
+            sock.close()
         return out
     finally:
         proc.join(timeout=10)
@@ -270,11 +309,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="asyncps transports to measure (default: tcp grpc); the first gives pull_gbps/push_gbps")
     p.add_argument("--chunk-bytes", type=int, default=None, help="asyncps gRPC chunk size (default: the product's)")
     p.add_argument("--tp-transports", default="", help="TensorPipe transports, e.g. 'uv' (default: its own choice)")
+    p.add_argument("--tcp-streams", type=int, default=2,
+                   help="also raw TCP over this many connections at once (1: not measured)")
     p.add_argument("--skip", nargs="*", default=[], choices=["tcp", "grpc", "asyncps", "apply", "tensorpipe"])
     p.add_argument("--json", metavar="PATH", help="write the results here")
     args = p.parse_args(argv)
-    if args.mb <= 0 or args.reps <= 0:
-        p.error("--mb and --reps must be positive")
+    if args.mb <= 0 or args.reps <= 0 or args.tcp_streams <= 0:
+        p.error("--mb, --reps and --tcp-streams must be positive")
     nbytes = args.mb << 20
     torch.manual_seed(0)
     res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -285,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     if "tcp" not in args.skip:
         res["tcp"] = summary(bench_tcp(nbytes, args.reps))
         res["tcp_gbps"] = res["tcp"]["median"]
+        if args.tcp_streams > 1:
+            res["tcp_streams"] = {"streams": args.tcp_streams, **summary(bench_tcp(nbytes, args.reps, args.tcp_streams))}
     if "grpc" not in args.skip:
         res["grpc_raw"] = {f"{k}_gbps": summary(v) for k, v in bench_grpc_raw(nbytes, args.reps, 4 << 20).items()}
     if "apply" not in args.skip:
@@ -305,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.mb} MB fp32 payload, {args.reps} repetitions, {os.cpu_count()} CPUs; GB/s, median (min-max)")
     if "tcp" in res:
         print(f"  raw TCP, 1 direction, 4 MB chunks   {fmt(res['tcp'])}")
+    if "tcp_streams" in res:
+        t = res["tcp_streams"]
+        print(f"  raw TCP, {t['streams']} streams at once         {fmt(t)}   {t['median'] / res['tcp_gbps']:.2f}x TCP")
     for kind, s in res.get("grpc_raw", {}).items():
         print(f"  raw gRPC {kind[:4]}, prebuilt 4 MB msgs  {fmt(s)}")
     if "tensorpipe" in res:

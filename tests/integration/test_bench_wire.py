@@ -24,6 +24,8 @@ def test_wire_benchmark_writes_every_row(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["tcp_gbps"] > 0 and res["transport"] == "tcp"
+    assert res["tcp_streams"]["streams"] == 2 and len(res["tcp_streams"]["samples"]) == 2
+    assert res["tcp_streams"]["median"] > 0
     rows = {(row["transport"], row["servers"]): row for row in res["rows"]}
     assert set(rows) == {("tcp", 1), ("tcp", 2), ("grpc", 1), ("grpc", 2)}
     for row in rows.values():
