@@ -71,6 +71,11 @@ class Balancer:
         else:
             self._batch.pop(worker_id, None)
 
+    def forget(self, worker_id: str) -> None:
+        """A worker left for good: drop its batch size and speed (its old splits expire)."""
+        self._batch.pop(worker_id, None)
+        self._speed.pop(worker_id, None)
+
     def observe(self, worker_id: str, samples: int, busy_seconds: float) -> None:
         """Fold one clock's compute (samples in busy_seconds) into the worker's speed."""
         if samples <= 0 or not (busy_seconds > 0 and math.isfinite(busy_seconds)):

@@ -266,6 +266,7 @@ class Servicer:
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
         async def body():
             self.clocks.leave(request.worker_id, request.session)
+            self._balancer.forget(request.worker_id)
             log.info("worker %s left", request.worker_id)
             await self._membership_changed()
             return pb.LeaveResponse()

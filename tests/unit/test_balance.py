@@ -124,3 +124,13 @@ def test_a_worker_missing_from_a_clocks_split_gets_a_fresh_one():
     assert b.batch_for("a", 3, ["a"]) == 16
     b.register("b", 8)  # joined after the split of clock 3 was made
     assert b.batch_for("b", 3, ["a", "b"]) == 8
+
+
+def test_a_worker_that_left_is_forgotten():
+    b = Balancer()
+    for w in "ab":
+        b.register(w, 16)
+        b.observe(w, 16, 1.0)
+    b.forget("b")
+    assert b.batch_for("b", 0, "ab") == 0  # no batch size any more: not balanced
+    assert b.batch_for("a", 0, "ab") == 16  # and it no longer counts in a's split
