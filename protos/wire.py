@@ -194,6 +194,27 @@ def unpack_header(body: bytes, cls):
         raise FrameError(f"header does not parse as {cls.DESCRIPTOR.full_name}: {exc}") from exc
 
 
+MAX_STRIPES = 16  # most parts one striped data-plane exchange may have
+STRIPE_MIN_BYTES = 4 << 20  # no part smaller than this: below it a second stream costs more than it gives
+
+
+def stripe_count(numel: int, streams: int, min_bytes: int = STRIPE_MIN_BYTES) -> int:
+    """How many parts to cut a shard of `numel` float32 into for `streams` connections:
+    `streams`, but fewer when parts would be under `min_bytes`, and at least 1."""
+    return max(1, min(streams, MAX_STRIPES, numel * 4 // max(1, min_bytes)))
+
+
+def stripes(numel: int, count: int) -> list[tuple[int, int]]:
+    """Cut `numel` elements into `count` contiguous ranges `(lo, hi)`, in order, their
+    sizes differing by at most one element (the first ones larger). Both ends of a
+    striped exchange compute the same ranges from the same two numbers."""
+    if count < 1 or numel < 0:
+        raise ValueError(f"cannot cut {numel} elements into {count} parts")
+    step, extra = divmod(numel, count)
+    bounds = [i * step + min(i, extra) for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """True if no element of a float tensor is NaN or +-Inf (other dtypes: always True).
 

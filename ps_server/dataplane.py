@@ -10,6 +10,11 @@ servicer applies it. Every decision (session, plan, clocks, the
 staleness bound, apply and clock advance as one step) is the servicer's, run on the
 server's event loop; the data plane only carries bytes, so the two paths cannot drift.
 
+A client may stripe one pull or push over several connections at once (ps.proto,
+"Striping"); the parts meet in an `ps_server.stripes.Assembly`: the first part opens
+the exchange, a striped pull is answered from one version and one lease, a striped push
+is committed by the part that completes it, once, and every part gets the same answer.
+
 Threads: one accept thread, one thread per connection doing blocking socket I/O (the
 GIL is released while it waits), calling into the servicer with
 `asyncio.run_coroutine_threadsafe`. Security is the gRPC port's: the token is checked in
@@ -35,6 +40,7 @@ from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import Code, DataConn, DataError, Truncated, tune
 from ps_server.security import NONE, Security
 from ps_server.servicer import Servicer, rejection
+from ps_server.stripes import Assembly, StripeError, Stripes
 
 log = logging.getLogger(__name__)
 HANDSHAKE_SECONDS = 10.0  # a connection must say hello within this
@@ -56,6 +62,7 @@ class DataPlane:
         self._busy = 0  # exchanges in progress
         self._lock = threading.Lock()
         self._closing = False
+        self._stripes = Stripes(PAYLOAD_SECONDS)
 
     def start(self, host: str, port: int) -> int:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -83,6 +90,7 @@ class DataPlane:
         end = time.monotonic() + grace
         while self._busy and time.monotonic() < end:
             await asyncio.sleep(0.02)
+        self._stripes.close()  # parts still waiting for others: answered UNAVAILABLE
         with self._lock:
             conns = list(self._conns)
         for conn in conns:
@@ -163,7 +171,9 @@ class DataPlane:
                 self._busy += 1
             try:
                 op = req.WhichOneof("op")
-                if op == "pull" and not req.payload_bytes:
+                if req.HasField("stripe") and (op == "push" or op == "pull" and not req.payload_bytes):
+                    self._striped(conn, req, op)
+                elif op == "pull" and not req.payload_bytes:
                     self._pull(conn, req.pull)
                 elif op == "push":
                     self._push(conn, req.push, req.payload_bytes)
@@ -197,12 +207,16 @@ class DataPlane:
                     orphan(fut.result())
                 raise DataError(Code.CANCELLED, "client went away") from None
 
-    def _refused(self, conn: DataConn, exc: Exception) -> None:
+    @staticmethod
+    def _status(conn: DataConn, exc: Exception) -> tuple[Code, str, str]:
         status = rejection(exc)
         if status is None:
-            log.exception("data-plane exchange with %s failed", conn.peer)
+            log.error("data-plane exchange with %s failed", conn.peer, exc_info=exc)
             status = (Code.INTERNAL, f"internal error: {type(exc).__name__}", "")
-        self._answer(conn, *status)
+        return status
+
+    def _refused(self, conn: DataConn, exc: Exception) -> None:
+        self._answer(conn, *self._status(conn, exc))
 
     def _pull(self, conn: DataConn, req: pb.PullRequest) -> None:
         t0 = time.perf_counter()
@@ -257,6 +271,133 @@ class DataPlane:
             ok = True
         finally:
             self.loop.call_soon_threadsafe(sv.push_finished, t0, ok)
+
+    # -- striped exchanges (ps_server/stripes.py) ---------------------------------------
+    def _striped(self, conn: DataConn, req: pb.DataRequest, op: str) -> None:
+        head, stripe = getattr(req, op), req.stripe
+        key = (op, head.worker_id, head.session, stripe.id)
+        try:
+            asm, first = self._stripes.join(key, stripe.index, stripe.count, head)
+        except StripeError as exc:
+            if op == "push":
+                self._skip(conn, req.payload_bytes, self._part_limit(stripe.count))
+            self._answer(conn, *exc.status)
+            return
+        try:
+            if op == "push":
+                self._push_part(conn, asm, first, head, stripe.index, req.payload_bytes)
+            else:
+                self._pull_part(conn, asm, first, head, stripe.index)
+        finally:
+            if asm.ended:
+                self._stripes.end(key)
+
+    def _part_limit(self, count: int) -> int:
+        """The most bytes a part of a striped push may carry (0 before Init)."""
+        store = self.servicer.store
+        return -(-store.numel // max(1, count)) * 4 if store is not None else 0
+
+    def _push_part(self, conn: DataConn, asm: Assembly, first: bool, head: pb.PushHeader, index: int,
+                   nbytes: int) -> None:
+        """Receive part `index` of a striped push into the shared gradient buffer; the part
+        that completes it commits it; every part answers with the outcome. At DEBUG it logs
+        its phases (`phases push part=...`, read by `bench/wire.py --phases`)."""
+        sv = self.servicer
+        t = [time.perf_counter()] + [0.0] * 4  # start, opened, received, checked, committed
+        if first:
+            try:
+                asm.open(self._call(_run(sv.open_push, head)))
+            except Exception as exc:
+                asm.fail(self._status(conn, exc))
+        else:
+            asm.wait(lambda: asm.opened is not None, "the first part's opening", asm.deadline)
+        consumed = last = False
+        t[1] = time.perf_counter()
+        if asm.opened is not None and asm.begin():
+            store, buf = asm.opened  # on failure the buffer is dropped, not pooled: a part may still write it
+            lo, hi = wire.stripes(store.numel, asm.count)[index]
+            moved = False
+            try:
+                if nbytes != (hi - lo) * 4:
+                    asm.fail((Code.INVALID_ARGUMENT, f"push part {index} of {asm.count} carries {nbytes} bytes, "
+                              f"its range holds {hi - lo} float32 ({(hi - lo) * 4} bytes)", ""))
+                else:
+                    conn.recv_into(wire.tensor_bytes(buf[lo:hi]), asm.deadline)
+                    consumed, t[2] = True, time.perf_counter()
+                    moved = wire.all_finite(buf[lo:hi])
+                    t[3] = time.perf_counter()
+                    if not moved:
+                        asm.fail((Code.INVALID_ARGUMENT, "tensor contains NaN or Inf: not applied", ""))
+            except DataError as exc:
+                lost = (Code.INVALID_ARGUMENT, f"push payload truncated: {exc.details()}", "") \
+                    if isinstance(exc, Truncated) else (exc.code(), f"push part {index} lost: {exc.details()}", "")
+                asm.fail(lost)
+                with contextlib.suppress(DataError):  # a half-closed client can still read the answer
+                    self._answer(conn, *lost)
+                raise
+            finally:
+                last = asm.finish(moved)
+            if last:
+                try:
+                    asm.succeed(self._call(sv.commit_push(store, head, buf)))
+                except Exception as exc:
+                    asm.fail(self._status(conn, exc), commit=True)
+                t[4] = time.perf_counter()
+        if not consumed:
+            self._skip(conn, nbytes, self._part_limit(asm.count))
+        asm.wait(lambda: asm.result is not None, "every part of the push", asm.deadline, gone=conn.readable)
+        try:
+            if asm.result is not None:
+                conn.send(pb.DataResponse(push=asm.result), deadline=time.monotonic() + HANDSHAKE_SECONDS)
+                if log.isEnabledFor(logging.DEBUG) and t[3]:
+                    ms = [(b - a) * 1e3 for a, b in zip(t, t[1:])]
+                    log.debug("phases push part=%d/%d open_ms=%.2f receive_ms=%.2f check_ms=%.2f commit_ms=%.2f "
+                              "total_ms=%.2f", index, asm.count, ms[0], ms[1], ms[2], ms[3] if t[4] else 0.0,
+                              (time.perf_counter() - t[0]) * 1e3)
+            else:
+                self._answer(conn, *asm.failure)
+        finally:
+            if asm.ended and asm.count_once():
+                self.loop.call_soon_threadsafe(sv.push_finished, asm.t0, asm.result is not None)
+
+    def _pull_part(self, conn: DataConn, asm: Assembly, first: bool, req: pb.PullRequest, index: int) -> None:
+        """Send part `index` of a striped pull. The first part opens it (waiting under the
+        staleness bound) and holds the lease until every part has been sent."""
+        if first:
+            try:
+                asm.open(self._call(self.servicer.open_pull(req), conn, lambda r: r[0].release(r[2])),
+                         timeout=PAYLOAD_SECONDS)
+            except DataError as exc:  # this part's client went away
+                asm.fail((exc.code(), f"pull part {index}: {exc.details()}", ""))
+                raise
+            except Exception as exc:
+                asm.fail(self._status(conn, exc))
+        else:
+            asm.wait(lambda: asm.opened is not None, "the pull's opening", None, gone=conn.readable)
+        try:
+            if asm.opened is not None and asm.begin():
+                store, head, snap = asm.opened
+                lo, hi = wire.stripes(snap.weights.numel(), asm.count)[index]
+                moved = False
+                try:
+                    conn.send(pb.DataResponse(pull=head, payload_bytes=(hi - lo) * 4),
+                              wire.tensor_bytes(snap.weights[lo:hi]), asm.deadline)
+                    moved = True
+                except DataError as exc:
+                    asm.fail((exc.code(), f"pull part {index} lost: {exc.details()}", ""))
+                    raise
+                finally:
+                    if asm.finish(moved):
+                        asm.succeed(head)
+            else:
+                self._answer(conn, *asm.failure)
+        finally:
+            if first and asm.opened is not None:
+                store, head, snap = asm.opened
+                sent = asm.settle()
+                store.release(snap)
+                if sent:
+                    self.servicer.pull_finished(store, asm.t0, head.waited_seconds)
 
     @staticmethod
     def _skip(conn: DataConn, nbytes: int, limit: int) -> None:

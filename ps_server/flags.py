@@ -85,3 +85,14 @@ def non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
         return value
     convert.__name__ = kind.__name__
     return convert
+
+
+def int_range(lo: int, hi: int) -> Callable[[str], int]:
+    """A type converter accepting only integers from `lo` to `hi`."""
+    def convert(text: str) -> int:
+        value = int(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be {lo} to {hi}, got {text}")
+        return value
+    convert.__name__ = "int"
+    return convert

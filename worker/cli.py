@@ -15,11 +15,12 @@ import sys
 
 from ps_server import security
 from ps_server.cli import staleness_flag
-from ps_server.flags import FlagParser, non_negative, positive
+from protos import wire
+from ps_server.flags import FlagParser, int_range, non_negative, positive
 from ps_server.metrics import OFF, add_metrics_flags, serve_metrics
 from ps_server.optimizer import OPTIMIZERS, default_config, validate
 from worker.metrics import WorkerMetrics
-from worker.rpc import TRANSPORTS, CallOptions
+from worker.rpc import DATA_STREAMS, TRANSPORTS, CallOptions
 from worker.task import TaskConfig
 from worker.trainer import WorkerConfig, pick_device, train
 
@@ -104,6 +105,9 @@ def task_config(args: argparse.Namespace) -> TaskConfig:
 def add_transport_flag(p: FlagParser) -> None:
     p.env_flag("transport", default="auto", choices=list(TRANSPORTS),
                help="pulls and pushes: auto (the servers' TCP data plane when reachable, else gRPC), tcp, grpc")
+    p.env_flag("data-streams", type=int_range(1, wire.MAX_STRIPES), default=DATA_STREAMS,
+               help="data-plane connections a pull or push of the model uses at once: each of S shards "
+                    f"is striped over ceil(N/S) (parts of at least {wire.STRIPE_MIN_BYTES >> 20} MiB; 1: no striping)")
 
 
 def build_parser() -> FlagParser:
@@ -155,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, steps=args.steps,
         device=args.device, seed=args.seed, threads=args.threads, slowdown=args.slowdown, report=args.report,
         report_every=args.report_every, first_step=args.first_step,
-        options=CallOptions(retry_seconds=args.retry_seconds, transport=args.transport), metrics=metrics, security=sec,
+        options=CallOptions(retry_seconds=args.retry_seconds, transport=args.transport,
+                            data_streams=args.data_streams), metrics=metrics, security=sec,
     )
     try:
         result = train(cfg)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import os
@@ -158,7 +159,9 @@ class PSClient:
         self._heartbeat = asyncio.run_coroutine_threadsafe(self._heartbeat_loop(), self._loop)
 
     async def _start(self) -> None:
-        self._shards = [ShardClient(a, i, self.options, self.security) for i, a in enumerate(self._servers)]
+        # data_streams counts connections for the whole model: S shards already make S streams
+        per_shard = dataclasses.replace(self.options, data_streams=-(-self.options.data_streams // len(self._servers)))
+        self._shards = [ShardClient(a, i, per_shard, self.security) for i, a in enumerate(self._servers)]
         flat = self._flatten([p.detach() for p in self.params])
         statuses = await asyncio.gather(*(s.status() for s in self._shards))
         async def init(shard: ShardClient, st: pb.StatusResponse) -> None:

@@ -141,7 +141,8 @@ class Cluster:
             workers.append(self.children.start(f"worker-{r}", "worker.cli", [
                 "--servers", ",".join(self.addresses), "--rank", str(r), "--world", str(a.workers),
                 "--worker-id", f"worker-{r}", "--steps", str(max(1, steps)), "--threads", str(threads),
-                "--report", str(report), "--report-every", "0", "--transport", a.transport,
+                "--report", str(report), "--report-every", "0",
+                "--transport", a.transport, "--data-streams", str(a.data_streams),
                 *self._metrics_argv(f"worker-{r}"),
                 *self._worker_tls_argv, *training_argv(a)]))
         return workers

@@ -40,6 +40,7 @@ from ps_server.security import NONE, Security
 from worker.dataplane import CONNECT_FAILED, Abort, DataChannel
 
 TRANSPORTS = ("auto", "tcp", "grpc")
+DATA_STREAMS = 2  # bench/wire.py: two streams move ~1.3-1.6x what one does on loopback
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +59,11 @@ class CallOptions:
     chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 8 << 20
     transport: str = "auto"        # pulls and pushes: "auto" (data plane if offered), "tcp" or "grpc"
+    # data-plane connections a pull or push of the whole model uses at once: PSClient stripes
+    # each of S shards over ceil(data_streams / S) (a ShardClient alone: over data_streams),
+    # in parts of at least stripe_min_bytes
+    data_streams: int = DATA_STREAMS
+    stripe_min_bytes: int = wire.STRIPE_MIN_BYTES
 
 
 class RpcFailed(Exception):
@@ -90,6 +96,8 @@ class ShardClient:
         self.stub = service.Stub(self._channel, metadata=security.metadata)
         if opts.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {opts.transport!r}")
+        if not 1 <= opts.data_streams <= wire.MAX_STRIPES:
+            raise ValueError(f"data_streams must be 1 to {wire.MAX_STRIPES}, got {opts.data_streams}")
         self.security = security
         self.data: DataChannel | None = None  # the shard's data plane, once Register offered one
         self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix=f"asyncps-data-{index}")
@@ -113,7 +121,8 @@ class ShardClient:
             return
         if self.data is not None:
             self.data.close()
-        self.data = DataChannel(split_host(self.address), port, self.security) if port else None
+        self.data = DataChannel(split_host(self.address), port, self.security, self.opts.data_streams,
+                                self.opts.stripe_min_bytes) if port else None
         if port:
             log.info("shard %d: pulls and pushes over the data plane at %s", self.index, self.data.peer)
 

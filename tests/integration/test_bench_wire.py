@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_wire_benchmark_writes_every_row(tmp_path):
     out = tmp_path / "wire.json"
-    r = subprocess.run([sys.executable, "bench/wire.py", "--mb", "1", "--reps", "2", "--servers", "1", "2",
+    r = subprocess.run([sys.executable, "bench/wire.py", "--mb", "16", "--reps", "2", "--servers", "1", "2",
                         "--skip", "tensorpipe", "grpc", "--json", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -26,17 +26,23 @@ def test_wire_benchmark_writes_every_row(tmp_path):
     assert res["tcp_gbps"] > 0 and res["transport"] == "tcp"
     assert res["tcp_streams"]["streams"] == 2 and len(res["tcp_streams"]["samples"]) == 2
     assert res["tcp_streams"]["median"] > 0
-    rows = {(row["transport"], row["servers"]): row for row in res["rows"]}
-    assert set(rows) == {("tcp", 1), ("tcp", 2), ("grpc", 1), ("grpc", 2)}
+    rows = {(row["transport"], row["servers"], row["data_streams"]): row for row in res["rows"]}
+    assert set(rows) == {("tcp", 1, 2), ("tcp", 2, 2), ("tcp", 1, 1), ("tcp", 2, 1), ("grpc", 1, 1), ("grpc", 2, 1)}
+    # 16 MB on one shard, 8 MB on each of two: cut in two parts of at least 4 MiB when striped
+    assert rows[("tcp", 1, 2)]["parts_per_shard"] == [2] and rows[("tcp", 2, 2)]["parts_per_shard"] == [2, 2]
+    assert rows[("tcp", 1, 1)]["parts_per_shard"] == [1]
     for row in rows.values():
         for kind in ("pull_gbps", "push_gbps"):
             assert row[kind]["median"] > 0 and len(row[kind]["samples"]) == 2
-    assert res["pull_gbps"] == rows[("tcp", 1)]["pull_gbps"]["median"]
+    assert res["pull_gbps"] == rows[("tcp", 1, 2)]["pull_gbps"]["median"]
     assert set(res["apply"]) == {"sgd", "sgd_momentum", "adam", "adamw"}
-    assert "x TCP" in r.stdout
+    assert "x TCP" in r.stdout and "tcp x2" in r.stdout
 
 
 def test_wire_benchmark_bad_flag_is_one_line():
     r = subprocess.run([sys.executable, "bench/wire.py", "--transports", "carrier-pigeon"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "bench/wire.py", "--data-streams", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--data-streams must be 1 to 16" in r.stderr and "Traceback" not in r.stderr

@@ -319,16 +319,28 @@ class DataHello(_message.Message):
     def __init__(self, token: _Optional[str] = ...) -> None: ...
 
 class DataRequest(_message.Message):
-    __slots__ = ("hello", "pull", "push", "payload_bytes")
+    __slots__ = ("hello", "pull", "push", "payload_bytes", "stripe")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_FIELD_NUMBER: _ClassVar[int]
     hello: DataHello
     pull: PullRequest
     push: PushHeader
     payload_bytes: int
-    def __init__(self, hello: _Optional[_Union[DataHello, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    stripe: Stripe
+    def __init__(self, hello: _Optional[_Union[DataHello, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., stripe: _Optional[_Union[Stripe, _Mapping]] = ...) -> None: ...
+
+class Stripe(_message.Message):
+    __slots__ = ("id", "index", "count")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    index: int
+    count: int
+    def __init__(self, id: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class DataResponse(_message.Message):
     __slots__ = ("code", "message", "reason", "pull", "push", "payload_bytes")
