@@ -13,7 +13,9 @@ Measures, each repeated `--reps` times after one warm-up:
               (`PSClient`'s all-shards-at-once pull and push of its flat fp32 buffers),
               one worker and 1, 2, 4 servers, over each transport (`--transports`):
               `tcp`, the servers' TCP data plane (the default), and `grpc`, the gRPC
-              streams; a push is timed until every shard has answered, i.e. including
+              streams; the data plane once per `--data-streams` value (default: the
+              product's 2, then 1: each shard's exchange striped over that many
+              connections, parts of at least 4 MiB, and not striped, for comparison); a push is timed until every shard has answered, i.e. including
               the server's validation and optimizer step (plain SGD here; the other
               optimizers' apply rate is measured apart); every pull is of a new version
               (the one the push before it made), as in training;
@@ -255,6 +257,7 @@ def bench_grpc_raw(nbytes: int, reps: int, chunk: int) -> dict[str, list[float]]
 # -- (c) optimizer apply rate, (b) asyncps: servers and model shared with the cost probes --
 
 from worker.cost.servers import FlatModel as Model, apply_rates, start_servers, stop_servers  # noqa: E402
+from worker.rpc import DATA_STREAMS  # noqa: E402
 
 
 def bench_apply(nbytes: int, reps: int) -> dict[str, list[float]]:
@@ -262,10 +265,11 @@ def bench_apply(nbytes: int, reps: int) -> dict[str, list[float]]:
 
 
 def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_bytes: int | None,
-                  transport: str = "tcp") -> dict:
+                  transport: str = "tcp", streams: int = 1, server_args: list[str] | None = None) -> dict:
     from worker import CallOptions, PSClient
-    procs, addrs = start_servers(servers, workdir, chunk_bytes)
-    opts = CallOptions(transport=transport, **({"chunk_bytes": chunk_bytes} if chunk_bytes else {}))
+    from protos import wire
+    procs, addrs = start_servers(servers, workdir, chunk_bytes, server_args)
+    opts = CallOptions(transport=transport, data_streams=streams, **({"chunk_bytes": chunk_bytes} if chunk_bytes else {}))
     try:
         model = Model(nbytes)
         with PSClient(addrs, model, optimizer={"name": "sgd", "lr": 1e-3}, options=opts,
@@ -273,6 +277,7 @@ def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_byt
             used = {s.transport for s in ps._shards}
             if used != {transport}:
                 raise RuntimeError(f"asked for transport {transport}, the client uses {used}")
+            parts = [wire.stripe_count(spec.numel, streams) if transport == "tcp" else 1 for spec in ps.plan.shards]
             pulls, pushes = [], []
             grad = ps._free_grads.pop()  # the client's own preallocated gradient buffer
             grad.normal_(0, 1e-3)
@@ -288,9 +293,29 @@ def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_byt
                     pulls.append(nbytes / (t1 - t0) / GB)
                     pushes.append(nbytes / (t2 - t1) / GB)
             ps._free_grads.append(grad)
-        return {"servers": servers, "transport": transport, "pull_gbps": summary(pulls), "push_gbps": summary(pushes)}
+        return {"servers": servers, "transport": transport, "data_streams": streams if transport == "tcp" else 1,
+                "parts_per_shard": parts, "pull_gbps": summary(pulls), "push_gbps": summary(pushes)}
     finally:
         stop_servers(procs)
+
+
+def bench_push_phases(nbytes: int, reps: int, workdir: Path, streams: int) -> dict:
+    """Where a one-server striped push spends its time, as the server itself logs it at
+    DEBUG (ps_server/dataplane.py `_push_part`): per part, waiting for the exchange to be
+    opened, receiving, the NaN/Inf check, and (the part that completes it) the commit:
+    apply and clock advance on the event loop. Medians in ms over `reps` pushes."""
+    bench_asyncps(nbytes, 1, reps, workdir, None, "tcp", streams, ["--log-level", "DEBUG"])
+    rows = [dict(kv.split("=") for kv in line.split("phases push ", 1)[1].split())
+            for line in (workdir / "s1-0.log").read_text().splitlines() if "phases push " in line]
+    if not rows:
+        raise RuntimeError("the server logged no push phases (pushes not striped?)")
+    out = {}
+    for who, committed in (("committing_part", True), ("other_parts", False)):
+        chosen = [r for r in rows if (r["commit_ms"] != "0.00") == committed][-reps * (streams - 1 if not committed else 1):]
+        out[who] = {k: statistics.median(float(r[k]) for r in chosen) for k in
+                    ("open_ms", "receive_ms", "check_ms", "commit_ms", "total_ms")} if chosen else {}
+    out["parts"] = int(rows[-1]["part"].split("/")[1])
+    return out
 
 
 # -- report -------------------------------------------------------------------------------
@@ -307,15 +332,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4], help="server counts (default 1 2 4)")
     p.add_argument("--transports", nargs="+", default=["tcp", "grpc"], choices=["tcp", "grpc"],
                    help="asyncps transports to measure (default: tcp grpc); the first gives pull_gbps/push_gbps")
+    p.add_argument("--data-streams", type=int, nargs="+", default=None,
+                   help=f"data-plane connections per shard exchange, one row each (default: {DATA_STREAMS} 1); "
+                        "the first gives pull_gbps/push_gbps")
     p.add_argument("--chunk-bytes", type=int, default=None, help="asyncps gRPC chunk size (default: the product's)")
     p.add_argument("--tp-transports", default="", help="TensorPipe transports, e.g. 'uv' (default: its own choice)")
     p.add_argument("--tcp-streams", type=int, default=2,
                    help="also raw TCP over this many connections at once (1: not measured)")
+    p.add_argument("--phases", action="store_true",
+                   help="also time a one-server striped push's phases inside the server (its DEBUG log)")
     p.add_argument("--skip", nargs="*", default=[], choices=["tcp", "grpc", "asyncps", "apply", "tensorpipe"])
     p.add_argument("--json", metavar="PATH", help="write the results here")
     args = p.parse_args(argv)
     if args.mb <= 0 or args.reps <= 0 or args.tcp_streams <= 0:
         p.error("--mb, --reps and --tcp-streams must be positive")
+    streams = args.data_streams or list(dict.fromkeys([DATA_STREAMS, 1]))
+    if not all(1 <= k <= 16 for k in streams):
+        p.error("--data-streams must be 1 to 16")
     nbytes = args.mb << 20
     torch.manual_seed(0)
     res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -334,8 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         res["apply"] = {k: summary(v) for k, v in bench_apply(nbytes, args.reps).items()}
     if "asyncps" not in args.skip:
         with tempfile.TemporaryDirectory(prefix="asyncps-bench-") as tmp:
-            res["rows"] = [bench_asyncps(nbytes, s, args.reps, Path(tmp), args.chunk_bytes, t)
-                           for t in args.transports for s in args.servers]
+            res["rows"] = [bench_asyncps(nbytes, s, args.reps, Path(tmp), args.chunk_bytes, t, k)
+                           for t in args.transports for k in (streams if t == "tcp" else [1]) for s in args.servers]
+            if args.phases:
+                res["push_phases_ms"] = bench_push_phases(nbytes, args.reps, Path(tmp), max(streams))
         res["transport"] = args.transports[0]
         one = next((r for r in res["rows"] if r["servers"] == 1), res["rows"][0])
         res["pull_gbps"], res["push_gbps"] = one["pull_gbps"]["median"], one["push_gbps"]["median"]
@@ -360,12 +395,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in res.get("rows", []):
         for kind in ("pull", "push"):
             s = r[f"{kind}_gbps"]
-            line = f"  asyncps {kind}, {r['transport']:<4}, {r['servers']} server(s) {fmt(s)}"
+            via = f"tcp x{r['data_streams']}" if r["transport"] == "tcp" else r["transport"]
+            line = f"  asyncps {kind}, {via:<6}, {r['servers']} server(s) {fmt(s)}"
             if "tcp" in res:
                 line += f"   {s['median'] / res['tcp_gbps']:.2f}x TCP"
             if "tensorpipe" in res:
                 line += f"   {s['median'] / res['tensorpipe_gbps']:.2f}x TensorPipe"
             print(line)
+    if "push_phases_ms" in res:
+        ph = res["push_phases_ms"]
+        for who in ("committing_part", "other_parts"):
+            if ph[who]:
+                print(f"  push phases in the server, {who.replace('_', ' ')} (of {ph['parts']}), ms: "
+                      + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in ph[who].items()))
     if "rows" in res and "tcp" in res:
         res["ratios"] = {f"{k}_vs_tcp": res[f"{k}_gbps"] / res["tcp_gbps"] for k in ("pull", "push")}
         if "tensorpipe" in res:
