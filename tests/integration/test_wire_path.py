@@ -63,6 +63,24 @@ def awkward_values(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Genera
     return t.reshape(shape)
 
 
+
+def push_exact(ps: PSClient, model: torch.nn.Module) -> None:
+    """Push a gradient of awkward values (a -0.0 in each) through `ps` (SGD, lr 1, no
+    momentum) and pull back: every parameter must be w - g to the bit, as fp32 computes it."""
+    gen = torch.Generator().manual_seed(99)
+    weights = [p.detach().float().clone() for p in model.parameters()]
+    grads = []
+    for p in model.parameters():
+        g = (torch.randn(p.shape, generator=gen) * 1e-3).to(p.dtype)
+        g.view(-1)[0] = -0.0
+        p.grad = g.clone()
+        grads.append(g)
+    ps.push().wait(timeout=60)
+    ps.pull()
+    for p, w, g in zip(model.parameters(), weights, grads):
+        assert raw(p) == raw((w - g.float()).to(p.dtype))  # SGD at lr 1 in fp32
+
+
 def raw(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -85,19 +103,7 @@ def test_init_pull_push_round_trip_is_bit_exact(start_server, num_shards, chunk_
         ps.pull()
         assert [raw(p) for p in model.parameters()] == original
 
-        gen = torch.Generator().manual_seed(99)
-        weights = [p.detach().float().clone() for p in model.parameters()]
-        grads = []
-        for p in model.parameters():
-            g = (torch.randn(p.shape, generator=gen) * 1e-3).to(p.dtype)
-            g.view(-1)[0] = -0.0
-            p.grad = g.clone()
-            grads.append(g)
-        ps.push().wait(timeout=60)
-        ps.pull()
-        for p, w, g in zip(model.parameters(), weights, grads):
-            expected = (w - g.float()).to(p.dtype)  # what SGD (lr 1, no momentum) computes in fp32
-            assert raw(p) == raw(expected)
+        push_exact(ps, model)
 
 
 # -- a pull during an apply --------------------------------------------------------------
