@@ -173,7 +173,15 @@ class DataChannel:
             sid = secrets.randbits(63) + 1
             jobs = [(conns[i], pb.Stripe(id=sid, index=i, count=count), lo, hi)
                     for i, (lo, hi) in enumerate(wire.stripes(numel, count))]
-            futures = [self._parts.submit(self._part, part, job, conns) for job in jobs[1:]]
+            futures = []
+            try:
+                for job in jobs[1:]:
+                    futures.append(self._parts.submit(self._part, part, job, conns))
+            except RuntimeError:  # closed meanwhile (the shard moved its data port): as `_take` when closed
+                for conn in conns:
+                    conn.abort()
+                concurrent.futures.wait(futures)
+                raise DataError(Code.CANCELLED, "data channel closed") from None
             try:
                 results = [self._part(part, jobs[0], conns)]
             finally:  # no part may still touch the caller's tensor once this returns

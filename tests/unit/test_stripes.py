@@ -19,11 +19,13 @@ Waiting is exercised with real threads; nothing sleeps to wait for readiness.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
 import grpc
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +33,8 @@ from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import stripes as stripes_mod
 from ps_server.stripes import Assembly, StripeError, Stripes
-from worker.dataplane import DataChannel
+from protos.datasock import DataConn, DataError
+from worker.dataplane import Abort, DataChannel
 
 Code = grpc.StatusCode
 FAR = 60.0  # a timeout no test reaches unless the code under test hangs
@@ -353,3 +356,20 @@ def test_count_once_is_true_for_exactly_one_caller():
         t.join(FAR)
     assert sorted(results) == [False] * 7 + [True]
     assert asm.count_once() is False
+
+
+def test_a_channel_closed_between_taking_connections_and_sending_fails_cleanly():
+    channel = DataChannel("127.0.0.1", 1, streams=2, min_part_bytes=4)
+    pairs = [socket.socketpair() for _ in range(2)]
+    conns = iter(DataConn(a, "test") for a, _ in pairs)
+    channel._take = lambda deadline: next(conns)  # two live connections, as if pooled
+    channel.close()  # its part threads are gone before the exchange hands them a part
+    try:
+        with pytest.raises(DataError) as err:
+            channel.push(pb.PushHeader(worker_id="w"), torch.zeros(8), time.monotonic() + 5, Abort())
+        assert err.value.code() == Code.CANCELLED
+        assert all(b.recv(1) == b"" for _, b in pairs)  # nothing was sent: both connections were shut
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
