@@ -161,7 +161,8 @@ class DataChannel:
         `numel` elements: one part on one connection, or a striped exchange over
         `stripe_count` connections at once (all opened before any byte is sent, so a
         connect failure leaves the server untouched). Returns the parts' results in order;
-        if any part fails, the others are aborted and the most telling error is raised."""
+        if any part fails, the most telling error is raised (see `_part` for when the
+        others are aborted)."""
         count = wire.stripe_count(numel, self.streams, self.min_part_bytes)
         conns: list[DataConn] = []
         try:
