@@ -15,10 +15,13 @@ Measures, each repeated `--reps` times after one warm-up:
               `tcp`, the servers' TCP data plane (the default), and `grpc`, the gRPC
               streams; the data plane once per `--data-streams` value (default: the
               product's 2, then 1: each shard's exchange striped over that many
-              connections, parts of at least 4 MiB, and not striped, for comparison); a push is timed until every shard has answered, i.e. including
-              the server's validation and optimizer step (plain SGD here; the other
-              optimizers' apply rate is measured apart); every pull is of a new version
-              (the one the push before it made), as in training;
+              connections, parts of at least 4 MiB, and not striped, for comparison);
+              a push is timed until every shard has answered, i.e. including the
+              server's validation and optimizer step (plain SGD here; the other
+              optimizers' apply rate is measured apart); every pull is of a new
+              version (the one the push before it made), as in training;
+* phases:     with `--phases`, where a one-server striped push spends its time, as the
+              server logs it at DEBUG (open, receive, check, commit; medians in ms);
 * apply:      the shard store's optimizer step (GB/s of gradient applied), in-process;
 * grpc_raw:   the ceiling gRPC itself sets: grpc.aio streaming prebuilt 4 MB `bytes`
               messages between two processes, no asyncps code at all;
@@ -311,7 +314,7 @@ def bench_push_phases(nbytes: int, reps: int, workdir: Path, streams: int) -> di
         raise RuntimeError("the server logged no push phases (pushes not striped?)")
     out = {}
     for who, committed in (("committing_part", True), ("other_parts", False)):
-        chosen = [r for r in rows if (r["commit_ms"] != "0.00") == committed][-reps * (streams - 1 if not committed else 1):]
+        chosen = [r for r in rows if (r["committed"] == "1") == committed][-reps * (1 if committed else streams - 1):]
         out[who] = {k: statistics.median(float(r[k]) for r in chosen) for k in
                     ("open_ms", "receive_ms", "check_ms", "commit_ms", "total_ms")} if chosen else {}
     out["parts"] = int(rows[-1]["part"].split("/")[1])

@@ -345,15 +345,15 @@ class DataPlane:
                 t[4] = time.perf_counter()
         if not consumed:
             self._skip(conn, nbytes, self._part_limit(asm.count))
-        asm.wait(lambda: asm.result is not None, "every part of the push", asm.deadline, gone=conn.readable)
+        asm.wait(lambda: asm.result is not None, "the rest of the push's parts", asm.deadline, gone=conn.readable)
         try:
             if asm.result is not None:
                 conn.send(pb.DataResponse(push=asm.result), deadline=time.monotonic() + HANDSHAKE_SECONDS)
                 if log.isEnabledFor(logging.DEBUG) and t[3]:
                     ms = [(b - a) * 1e3 for a, b in zip(t, t[1:])]
-                    log.debug("phases push part=%d/%d open_ms=%.2f receive_ms=%.2f check_ms=%.2f commit_ms=%.2f "
-                              "total_ms=%.2f", index, asm.count, ms[0], ms[1], ms[2], ms[3] if t[4] else 0.0,
-                              (time.perf_counter() - t[0]) * 1e3)
+                    log.debug("phases push part=%d/%d committed=%d open_ms=%.2f receive_ms=%.2f check_ms=%.2f "
+                              "commit_ms=%.2f total_ms=%.2f", index, asm.count, bool(t[4]), ms[0], ms[1], ms[2],
+                              ms[3] if t[4] else 0.0, (time.perf_counter() - t[0]) * 1e3)
             else:
                 self._answer(conn, *asm.failure)
         finally:

@@ -132,7 +132,8 @@ class Assembly:
                     return False
                 left = None if deadline is None or self._sealed else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    self._fail((Code.DEADLINE_EXCEEDED, f"striped exchange: {what} within {self.timeout:g} s", ""))
+                    self._fail((Code.DEADLINE_EXCEEDED, f"striped exchange timed out: {what} did not come within "
+                                f"{self.timeout:g} s (a part's client stalled or died)", ""))
                     return False
                 if gone is not None and not self._sealed and gone():
                     self._fail((Code.CANCELLED, "striped exchange: a part's client went away", ""))
@@ -149,7 +150,8 @@ class Assembly:
             while not (self.active == 0 and (self.failure is not None or self.finished == self.count)):
                 left = self.deadline - time.monotonic()
                 if left <= 0:
-                    self._fail((Code.DEADLINE_EXCEEDED, f"striped exchange: not every part within {self.timeout:g} s", ""))
+                    self._fail((Code.DEADLINE_EXCEEDED, "striped exchange timed out: not every part was sent "
+                                f"within {self.timeout:g} s (a part's client stalled or died)", ""))
                 self._cond.wait(max(0.01, min(left, POLL_SECONDS)))
             return self.failure is None
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_wire_benchmark_writes_every_row(tmp_path):
     out = tmp_path / "wire.json"
     r = subprocess.run([sys.executable, "bench/wire.py", "--mb", "16", "--reps", "2", "--servers", "1", "2",
-                        "--skip", "tensorpipe", "grpc", "--json", str(out)],
+                        "--skip", "tensorpipe", "grpc", "--phases", "--json", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -37,6 +37,11 @@ def test_wire_benchmark_writes_every_row(tmp_path):
     assert res["pull_gbps"] == rows[("tcp", 1, 2)]["pull_gbps"]["median"]
     assert set(res["apply"]) == {"sgd", "sgd_momentum", "adam", "adamw"}
     assert "x TCP" in r.stdout and "tcp x2" in r.stdout
+    phases = res["push_phases_ms"]  # timed by the server itself, per part of a striped push
+    assert phases["parts"] == 2
+    for who in ("committing_part", "other_parts"):
+        assert phases[who]["receive_ms"] > 0 and phases[who]["total_ms"] >= phases[who]["receive_ms"]
+    assert phases["committing_part"]["commit_ms"] > 0 and phases["other_parts"]["commit_ms"] == 0
 
 
 def test_wire_benchmark_bad_flag_is_one_line():
