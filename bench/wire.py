@@ -9,6 +9,10 @@ Measures, each repeated `--reps` times after one warm-up:
               `sendall` from / `recv_into` a preallocated buffer (the ceiling);
 * tcp_streams: the same payload cut in `--tcp-streams` parts (default 2), each over its
               own connection and thread, all at once: what one stream leaves unused;
+* push_floor: the least work a push must do, with no asyncps code: raw TCP over as many
+              streams as the first `--data-streams` value, then each receiving thread
+              checks its part for NaN/Inf (`protos.wire.all_finite`) and one SGD step
+              (the servers' own optimizer, as below) is applied before the answer byte;
 * pull, push: asyncps through real `ps-server` processes and the real worker client
               (`PSClient`'s all-shards-at-once pull and push of its flat fp32 buffers),
               one worker and 1, 2, 4 servers, over each transport (`--transports`):
@@ -90,42 +94,57 @@ def _in_threads(fn, items) -> list:
     return out
 
 
-def _tcp_sink(port_conn, nbytes: int, streams: int) -> None:
+def _tcp_sink(port_conn, nbytes: int, streams: int, apply: bool) -> None:
     """Child: accept `streams` connections, then per round receive `nbytes` (stream i its i-th
-    part, each in its own thread, into one buffer) and answer one byte."""
+    part, each in its own thread, into one buffer) and answer one byte. With `apply`, as a
+    push must: each thread then checks its part for NaN/Inf, and one SGD step (the servers'
+    optimizer, lr 1e-3) applies the buffer as a gradient before the answer."""
+    from protos import wire
+    from ps_server import optimizer
     srv = socket.create_server(("127.0.0.1", 0))
     port_conn.send(srv.getsockname()[1])
     conns = [srv.accept()[0] for _ in range(streams)]
     for conn in conns:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = memoryview(bytearray(nbytes))
+    grad = torch.empty(nbytes // 4)
+    buf = wire.tensor_bytes(grad)
+    weights = torch.nn.Parameter(torch.randn(grad.numel()), requires_grad=False)
+    opt = optimizer.build(optimizer.default_config("sgd", lr=1e-3), weights)
 
     def receive(job) -> bool:
         conn, (got, hi) = job
+        lo = got
         while got < hi:
             n = conn.recv_into(buf[got:hi], min(TCP_CHUNK, hi - got))
             if n == 0:
                 return False
             got += n
-        return True
+        return not apply or wire.all_finite(grad[lo // 4 : hi // 4])
     jobs = list(zip(conns, _parts(nbytes, streams)))
     while all(_in_threads(receive, jobs)):
+        if apply:
+            weights.grad = grad
+            with torch.no_grad():
+                opt.step()
         conns[0].sendall(b"k")
 
 
-def bench_tcp(nbytes: int, reps: int, streams: int = 1) -> list[float]:
+def bench_tcp(nbytes: int, reps: int, streams: int = 1, apply: bool = False) -> list[float]:
     """Raw TCP, one direction; with `streams` > 1 the payload is cut into that many parts,
-    each sent over its own connection by its own thread, all at once."""
+    each sent over its own connection by its own thread, all at once. With `apply` the
+    receiver also checks and applies it as a push must (`_tcp_sink`): a push's floor."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_tcp_sink, args=(child, nbytes, streams), daemon=True)
+    proc = ctx.Process(target=_tcp_sink, args=(child, nbytes, streams, apply), daemon=True)
     proc.start()
     try:
         port = parent.recv()
         socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
         for sock in socks:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        data = memoryview(bytearray(os.urandom(1024) * (nbytes // 1024)))
+        from protos import wire
+        payload = torch.randn(nbytes // 4)  # finite floats: the floor's check passes
+        data = wire.tensor_bytes(payload)
 
         def send(job) -> None:
             sock, (lo, hi) = job
@@ -364,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         res["tcp_gbps"] = res["tcp"]["median"]
         if args.tcp_streams > 1:
             res["tcp_streams"] = {"streams": args.tcp_streams, **summary(bench_tcp(nbytes, args.reps, args.tcp_streams))}
+        res["push_floor"] = {"streams": streams[0], **summary(bench_tcp(nbytes, args.reps, streams[0], apply=True))}
     if "grpc" not in args.skip:
         res["grpc_raw"] = {f"{k}_gbps": summary(v) for k, v in bench_grpc_raw(nbytes, args.reps, 4 << 20).items()}
     if "apply" not in args.skip:
@@ -389,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     if "tcp_streams" in res:
         t = res["tcp_streams"]
         print(f"  raw TCP, {t['streams']} streams at once         {fmt(t)}   {t['median'] / res['tcp_gbps']:.2f}x TCP")
+    if "push_floor" in res:
+        t = res["push_floor"]
+        print(f"  push floor: TCP x{t['streams']}, check, SGD step {fmt(t)}   {t['median'] / res['tcp_gbps']:.2f}x TCP")
     for kind, s in res.get("grpc_raw", {}).items():
         print(f"  raw gRPC {kind[:4]}, prebuilt 4 MB msgs  {fmt(s)}")
     if "tensorpipe" in res:
@@ -415,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         res["ratios"] = {f"{k}_vs_tcp": res[f"{k}_gbps"] / res["tcp_gbps"] for k in ("pull", "push")}
         if "tensorpipe" in res:
             res["ratios"].update({f"{k}_vs_tensorpipe": res[f"{k}_gbps"] / res["tensorpipe_gbps"] for k in ("pull", "push")})
+        if "push_floor" in res:
+            res["ratios"]["push_vs_floor"] = res["push_gbps"] / res["push_floor"]["median"]
+            if "tensorpipe" in res:
+                res["ratios"]["floor_vs_tensorpipe"] = res["push_floor"]["median"] / res["tensorpipe_gbps"]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))

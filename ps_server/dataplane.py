@@ -362,7 +362,8 @@ class DataPlane:
 
     def _pull_part(self, conn: DataConn, asm: Assembly, first: bool, req: pb.PullRequest, index: int) -> None:
         """Send part `index` of a striped pull. The first part opens it (waiting under the
-        staleness bound) and holds the lease until every part has been sent."""
+        staleness bound) and holds the lease until every part has been sent, or the
+        exchange failed (its own client hanging up fails it)."""
         if first:
             try:
                 asm.open(self._call(self.servicer.open_pull(req), conn, lambda r: r[0].release(r[2])),
@@ -394,7 +395,7 @@ class DataPlane:
         finally:
             if first and asm.opened is not None:
                 store, head, snap = asm.opened
-                sent = asm.settle()
+                sent = asm.settle(gone=conn.readable)  # a client that hangs up frees the lease at once
                 store.release(snap)
                 if sent:
                     self.servicer.pull_finished(store, asm.t0, head.waited_seconds)

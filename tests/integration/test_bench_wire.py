@@ -26,6 +26,10 @@ def test_wire_benchmark_writes_every_row(tmp_path):
     assert res["tcp_gbps"] > 0 and res["transport"] == "tcp"
     assert res["tcp_streams"]["streams"] == 2 and len(res["tcp_streams"]["samples"]) == 2
     assert res["tcp_streams"]["median"] > 0
+    # the push floor: raw TCP over the product's default streams, checked and applied
+    assert res["push_floor"]["streams"] == 2 and len(res["push_floor"]["samples"]) == 2
+    assert res["ratios"]["push_vs_floor"] == res["push_gbps"] / res["push_floor"]["median"]
+    assert "push floor: TCP x2" in r.stdout
     rows = {(row["transport"], row["servers"], row["data_streams"]): row for row in res["rows"]}
     assert set(rows) == {("tcp", 1, 2), ("tcp", 2, 2), ("tcp", 1, 1), ("tcp", 2, 1), ("grpc", 1, 1), ("grpc", 2, 1)}
     # 16 MB on one shard, 8 MB on each of two: cut in two parts of at least 4 MiB when striped

@@ -266,6 +266,29 @@ def test_settle_fails_deadline_exceeded_when_parts_never_come():
     assert asm.failure[0] == Code.DEADLINE_EXCEEDED
 
 
+def test_settle_fails_cancelled_when_its_client_hangs_up_and_waits_for_the_active_part():
+    asm = Assembly(3, HEAD, FAR)
+    assert asm.begin() and asm.begin()
+    asm.finish(True)  # the first part sent its bytes; the third part never comes
+    gone = threading.Event()
+    settling = Waiter(lambda: asm.settle(gone=gone.is_set))
+    assert not settling.done.wait(0.05)  # client still there: a pull's lease stays held
+    gone.set()
+    assert not settling.done.wait(0.4)  # failed at the next poll, but the second part still moves bytes
+    assert asm.failure[0] == Code.CANCELLED
+    asm.finish(True)
+    assert settling.result() is False
+
+
+def test_settle_does_not_ask_a_finished_exchange_whether_its_client_is_gone():
+    asm = Assembly(2, HEAD, FAR)
+    assert asm.begin() and asm.begin()
+    asm.finish(True)
+    assert asm.finish(True)
+    assert asm.settle(gone=lambda: True) is True
+    assert asm.failure is None
+
+
 def test_open_with_a_timeout_moves_the_deadline():
     asm = Assembly(2, HEAD, FAR)
     asm.open("opened", timeout=0.05)
