@@ -144,16 +144,17 @@ class Assembly:
     def settle(self, gone: Callable[[], bool] | None = None) -> bool:
         """Block until no part is moving bytes and none will: all moved them, or the
         exchange failed (at the deadline it fails; CANCELLED when `gone()` says the
-        caller's client hung up or moved on) and the parts under way stopped. True if
-        every part moved its bytes. Whoever holds what the parts read or write (a pull's
-        lease) gives it back after this."""
+        caller's client hung up or moved on while no part moves bytes and one never
+        came: a client only reuses a connection once its exchange ended) and the parts
+        under way stopped. True if every part moved its bytes. Whoever holds what the
+        parts read or write (a pull's lease) gives it back after this."""
         with self._cond:
             while not (self.active == 0 and (self.failure is not None or self.finished == self.count)):
                 left = self.deadline - time.monotonic()
                 if left <= 0:
                     self._fail((Code.DEADLINE_EXCEEDED, "striped exchange timed out: not every part was sent "
                                 f"within {self.timeout:g} s (a part's client stalled or died)", ""))
-                elif self.failure is None and gone is not None and gone():
+                elif self.failure is None and self.active == 0 and gone is not None and gone():
                     self._fail((Code.CANCELLED, "striped exchange: a part's client went away", ""))
                 self._cond.wait(max(0.01, min(left, POLL_SECONDS)))
             return self.failure is None

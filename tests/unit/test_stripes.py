@@ -266,7 +266,7 @@ def test_settle_fails_deadline_exceeded_when_parts_never_come():
     assert asm.failure[0] == Code.DEADLINE_EXCEEDED
 
 
-def test_settle_fails_cancelled_when_its_client_hangs_up_and_waits_for_the_active_part():
+def test_settle_fails_cancelled_when_its_client_hangs_up_and_no_part_moves():
     asm = Assembly(3, HEAD, FAR)
     assert asm.begin() and asm.begin()
     asm.finish(True)  # the first part sent its bytes; the third part never comes
@@ -274,10 +274,12 @@ def test_settle_fails_cancelled_when_its_client_hangs_up_and_waits_for_the_activ
     settling = Waiter(lambda: asm.settle(gone=gone.is_set))
     assert not settling.done.wait(0.05)  # client still there: a pull's lease stays held
     gone.set()
-    assert not settling.done.wait(0.4)  # failed at the next poll, but the second part still moves bytes
-    assert asm.failure[0] == Code.CANCELLED
-    asm.finish(True)
+    # while a part still moves bytes its client may have them all and have moved on: not a failure
+    assert not settling.done.wait(0.4)
+    assert asm.failure is None
+    asm.finish(True)  # now nothing moves, and the third part never came
     assert settling.result() is False
+    assert asm.failure[0] == Code.CANCELLED
 
 
 def test_settle_does_not_ask_a_finished_exchange_whether_its_client_is_gone():
