@@ -399,6 +399,9 @@ class DataPlane:
                 store.release(snap)
                 if sent:
                     self.servicer.pull_finished(store, asm.t0, head.waited_seconds)
+                else:
+                    log.info("striped pull by %s (%d parts) ended unsent, its version %d given back: %s",
+                             conn.peer, asm.count, head.version, asm.failure[1])
 
     @staticmethod
     def _skip(conn: DataConn, nbytes: int, limit: int) -> None:

@@ -13,7 +13,9 @@ elements (prime: no part count divides it), worker "w" registered.
   header mismatch, count 1 or 17, an index >= count, id 0, a stale session, a wrong plan;
   every part answered gets the refusal's code, and the server then applies the next push.
 * A part of an exchange that already ended is ABORTED; a client that sends only part 0
-  of 2 and hangs up gets nothing applied, and a new exchange works.
+  of 2 and hangs up gets nothing applied, and a new exchange works; a client that reads
+  part 0 of a striped pull of 2 and hangs up has the lease given back at once (the
+  server logs it), not after the exchange's 120 s.
 * PSClient striping a few SGD steps over two shards (6 streams for the model: 3 per
   shard, small parts) ends with the very bits of an unstriped run (2 streams for the
   model: one per shard, no striping), and a striped pull of odd-sized parameters of every
@@ -264,6 +266,26 @@ def test_a_client_leaving_after_one_part_gets_nothing_applied(shard):
     assert late[0] in (Code.ABORTED, Code.CANCELLED), late
     assert state(server.address) == before
     assert_push_works(server.address, port, session, sid=42)
+
+
+def test_a_striped_pull_whose_client_hangs_up_gives_its_lease_back_at_once(shard):
+    server, session, w0 = shard
+    port = data_port(server.address)
+    conn = ready(port)
+    try:  # part 0 of 2, read whole; part 1 never comes
+        conn.send(pb.DataRequest(pull=pull_request(session), stripe=pb.Stripe(id=61, index=0, count=2)),
+                  deadline=deadline())
+        resp = answer(conn)
+        assert resp.code == 0 and resp.payload_bytes == wire.stripes(N, 2)[0][1] * 4
+        conn.recv_exact(resp.payload_bytes, deadline())
+    finally:
+        conn.close()
+    # the server would otherwise hold the lease until the exchange's 120 s deadline
+    poll(lambda: "ended unsent" in server.log.read_text(), 10, "the abandoned striped pull to give its lease back")
+    line = next(x for x in server.log.read_text().splitlines() if "ended unsent" in x)
+    assert "its version 0 given back" in line and "client went away" in line, line
+    heads, got = striped_pull(port, session, 0, 2, sid=62)  # the next striped pull is whole
+    assert [h.version for h in heads] == [0, 0] and torch.equal(bits(got), bits(w0))
 
 
 def test_a_connection_lost_mid_part_fails_the_exchange(shard):
