@@ -46,16 +46,20 @@ class Aggregator:
         self._buckets: dict[int, Bucket] = {}
 
     def add(self, worker_id: str, session: int, clock: int, grad: torch.Tensor, read_version: int,
-            samples: int = 0) -> None:
+            samples: int = 0, adopt: bool = False) -> bool:
         """Fold one gradient, the mean over `samples` examples (0 counts as 1), into its clock's bucket.
 
-        `grad` is copied: the caller may reuse it.
+        `grad` is copied, so the caller may reuse it, unless `adopt`: then the first
+        gradient of a clock becomes its bucket's sum itself (no shard-sized copy) and
+        True is returned; the caller must not touch it again (it comes back as
+        `Bucket.total` from `complete`). False: `grad` was only read.
         """
         samples = max(1, samples)
         bucket = self._buckets.get(clock)
         if bucket is None:
-            self._buckets[clock] = Bucket(clock, grad.clone(), read_version, {worker_id: session}, [read_version], [samples])
-            return
+            total = grad if adopt else grad.clone()
+            self._buckets[clock] = Bucket(clock, total, read_version, {worker_id: session}, [read_version], [samples])
+            return adopt
         if worker_id in bucket.contributors:
             raise DuplicatePush(f"worker {worker_id!r} already pushed clock {clock}; it is waiting for the others")
         if not bucket.weighted and samples != bucket.samples[0]:
@@ -69,6 +73,7 @@ class Aggregator:
         bucket.read_version = min(bucket.read_version, read_version)
         bucket.contributors[worker_id] = session
         bucket.read_versions.append(read_version)
+        return False
 
     def complete(self, live: dict[str, int]) -> list[Bucket]:
         """Remove and return, in clock order, the buckets every live worker has contributed to.

@@ -190,7 +190,8 @@ class Servicer:
         m = self.metrics
         for bucket in self._aggregator.complete({w: e.clock for w, e in self.clocks.clocks().items()}):
             before = self.store.version
-            await asyncio.to_thread(self.store.apply, bucket.total, bucket.read_version, bucket.divisor)
+            await asyncio.to_thread(self.store.apply, bucket.total, bucket.read_version, bucket.divisor, True)
+            self._spare(bucket.total)  # a push's buffer adopted by the bucket: reused by the next pushes
             m.updates.inc()
             for read_version in bucket.read_versions:  # each gradient's own staleness
                 m.update_staleness.observe(max(0, before - read_version))
@@ -375,11 +376,13 @@ class Servicer:
 
     async def _commit_push(self, store: ShardStore, head: pb.PushHeader, grad: torch.Tensor) -> pb.PushResponse:
         m = self.metrics
+        adopted = False  # the clock's first gradient becomes its averaging bucket: no copy
         try:
             async with self._apply_lock:
                 self.clocks.check_push(head.worker_id, head.session, head.clock)
                 if store.config.average_gradients:
-                    self._aggregator.add(head.worker_id, head.session, head.clock, grad, head.read_version, head.samples)
+                    adopted = self._aggregator.add(head.worker_id, head.session, head.clock, grad, head.read_version,
+                                                   head.samples, adopt=True)
                     if store.config.balance_batches:
                         self._balancer.observe(head.worker_id, head.samples, head.busy_seconds)
                     self.pushes_applied += 1
@@ -396,7 +399,8 @@ class Servicer:
                 m.update_staleness.observe(staleness)
                 return pb.PushResponse(version=version, staleness=staleness)
         finally:
-            self._spare(grad)
+            if not adopted:
+                self._spare(grad)
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[bytes]:
         t0 = time.perf_counter()

@@ -61,11 +61,13 @@ class ShardStore:
     def version(self) -> int:
         return self._version
 
-    def apply(self, grad: torch.Tensor, read_version: int, divisor: int = 1) -> tuple[int, int]:
+    def apply(self, grad: torch.Tensor, read_version: int, divisor: int = 1, consume: bool = False) -> tuple[int, int]:
         """Apply one gradient atomically; returns (new version, update staleness).
 
         With averaging on, `grad` is a sum and is divided by `divisor` (contributors, or
-        samples when weighted) first.
+        samples when weighted) first: in place when the caller gives `grad` up
+        (`consume`, e.g. a spent averaging bucket), else into a new tensor (a shard-sized
+        allocation: ~15 ms of page faults for 64 MB, against ~1.5 ms in place).
 
         Blocks for the optimizer step. `grad` must be finite float32 of the shard's size
         (the caller validates; this checks again and raises ValueError, changing nothing).
@@ -73,7 +75,7 @@ class ShardStore:
         if grad.shape != self._flat.shape or grad.dtype != torch.float32:
             raise ValueError(f"gradient must be float32 of {self.numel} elements")
         if self.config.average_gradients and divisor > 1:
-            grad = grad / divisor
+            grad = grad.div_(divisor) if consume else grad / divisor
         with self._lock:
             self._before_write()
             staleness = max(0, self._version - read_version)

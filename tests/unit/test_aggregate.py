@@ -28,6 +28,19 @@ def test_gradient_is_copied_not_aliased():
     assert torch.equal(bucket.total, torch.ones(3))
 
 
+def test_an_adopted_gradient_becomes_the_bucket_and_later_ones_are_only_read():
+    agg = Aggregator()
+    first, second, other = torch.ones(3), torch.full((3,), 2.0), torch.full((3,), 5.0)
+    assert agg.add("a", 1, 0, first, read_version=0, adopt=True) is True  # no copy: the caller gives it up
+    assert agg.add("b", 2, 0, second, read_version=0, adopt=True) is False
+    assert agg.add("a", 1, 1, other, read_version=0) is False  # without adopt a new bucket copies
+    assert torch.equal(second, torch.full((3,), 2.0)) and torch.equal(other, torch.full((3,), 5.0))
+    (bucket,) = agg.complete({"a": 0, "b": 0})
+    assert bucket.total is first and torch.equal(bucket.total, torch.full((3,), 3.0))
+    with pytest.raises(DuplicatePush):  # a refused gradient is not adopted either
+        agg.add("a", 1, 1, torch.ones(3), read_version=0, adopt=True)
+
+
 def test_duplicate_push_for_a_clock_is_refused_and_changes_nothing():
     agg = Aggregator()
     agg.add("a", 1, 7, torch.ones(2), read_version=0)

@@ -145,6 +145,17 @@ def test_average_gradients_divides_by_live_workers(average: bool, live: int, div
     assert torch.equal(g, g_copy)  # the caller's gradient is not modified
 
 
+def test_a_consumed_sum_is_divided_in_place_with_the_same_result() -> None:
+    cfg = optim.default_config("adamw", 0.01, average_gradients=True)
+    a, b = make_store(cfg), make_store(cfg)
+    g = grads(a.numel, 1)[0] * 3
+    kept, given = g.clone(), g.clone()
+    a.apply(kept, read_version=0, divisor=3)
+    b.apply(given, read_version=0, divisor=3, consume=True)
+    assert torch.equal(weights(a), weights(b))
+    assert torch.equal(kept, g) and torch.equal(given, g / 3)  # only the consumed one was divided, in place
+
+
 def test_apply_does_not_modify_or_keep_the_callers_gradient() -> None:
     store = make_store(optim.default_config("sgd", 0.1, momentum=0.9, weight_decay=0.1))
     g = grads(store.numel, 1)[0]
