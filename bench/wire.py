@@ -108,8 +108,9 @@ def _tcp_sink(port_conn, nbytes: int, streams: int, apply: bool) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     grad = torch.empty(nbytes // 4)
     buf = wire.tensor_bytes(grad)
-    weights = torch.nn.Parameter(torch.randn(grad.numel()), requires_grad=False)
-    opt = optimizer.build(optimizer.default_config("sgd", lr=1e-3), weights)
+    if apply:
+        weights = torch.nn.Parameter(torch.randn(grad.numel()), requires_grad=False)
+        opt = optimizer.build(optimizer.default_config("sgd", lr=1e-3), weights)
 
     def receive(job) -> bool:
         conn, (got, hi) = job

@@ -190,7 +190,7 @@ class Servicer:
         m = self.metrics
         for bucket in self._aggregator.complete({w: e.clock for w, e in self.clocks.clocks().items()}):
             before = self.store.version
-            await asyncio.to_thread(self.store.apply, bucket.total, bucket.read_version, bucket.divisor, True)
+            await asyncio.to_thread(self.store.apply, bucket.total, bucket.read_version, bucket.divisor, consume=True)
             self._spare(bucket.total)  # a push's buffer adopted by the bucket: reused by the next pushes
             m.updates.inc()
             for read_version in bucket.read_versions:  # each gradient's own staleness
