@@ -126,6 +126,9 @@ def build_parser() -> FlagParser:
     p.env_flag("retry-seconds", type=non_negative(float), default=60.0, help="how long to retry an unavailable server")
     add_transport_flag(p)
     add_metrics_flags(p, "127.0.0.1", "address for /metrics (0.0.0.0: every interface)")
+    p.env_flag("metrics-linger", type=non_negative(float), default=0.0,
+               help="after the last step, keep /metrics up until a scrape has read asyncps_worker_finished 1, "
+                    "at most this many seconds (so the AsyncpsWorkerDown alert knows it finished; 0: exit at once)")
     security.add_security_flags(p, "client")
     p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     add_training_flags(p)
@@ -167,8 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"ps-worker: error: {exc}\n")
         return 2
-    logging.getLogger(__name__).info("done: %d steps, T_task %.4fs, T_comm %.4fs, loss %.3f", result["steps"],
-                                     result["t_task_seconds"], result["t_comm_seconds"], result["final_loss"] or float("nan"))
+    log = logging.getLogger(__name__)
+    log.info("done: %d steps, T_task %.4fs, T_comm %.4fs, loss %.3f", result["steps"],
+             result["t_task_seconds"], result["t_comm_seconds"], result["final_loss"] or float("nan"))
+    metrics.finish()
+    if args.metrics_port != OFF and args.metrics_linger > 0:
+        if metrics.wait_scraped(args.metrics_linger):
+            log.info("final metrics scraped (asyncps_worker_finished 1 received); exiting")
+        else:
+            log.warning("no scrape of /metrics within --metrics-linger %gs after the last step; exiting anyway",
+                        args.metrics_linger)
     return 0
 
 

@@ -9,13 +9,22 @@ of it is a handful of pre-labelled counter adds per RPC or step, never per chunk
 Names: `asyncps_worker_*`, labelled `worker` (and `shard` for RPCs). Serve them with
 `ps_server.metrics.serve_metrics(metrics.registry, host, port)`; `ps-worker` does so
 when given `--metrics-port`.
+
+`asyncps_worker_finished` is 0 while the worker trains and 1 once it has run all its
+steps (`finish()`); `wait_scraped(seconds)` then blocks until a scrape has surely
+received that 1, so Prometheus knows a worker that is gone finished rather than died
+(the AsyncpsWorkerDown alert in deploy/alerts.yml tells the two apart by it).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from ps_server.metrics import LATENCY_BUCKETS
 
@@ -25,6 +34,34 @@ from ps_server.metrics import LATENCY_BUCKETS
 # ~1-10 ms, a large model's seconds.
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0,
                 10.0, 60.0)
+
+
+class _Finished(Collector):
+    """`asyncps_worker_finished{worker}`; `scraped` is set once a scrape is known to have received 1.
+
+    A collect happens before its answer is written, and a process that exits then cuts the
+    answer off; so the proof is the second collect that reads 1: a scraper asks a target
+    one request at a time, hence the first such answer was whole. Thread-safe.
+    """
+
+    def __init__(self, worker_id: str):
+        self.worker = worker_id
+        self.done = False
+        self.reads = 0  # collects that served 1 (from the metrics server's threads, under _lock)
+        self._lock = threading.Lock()
+        self.scraped = threading.Event()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        done = self.done  # read once: the value served and the count agree
+        family = GaugeMetricFamily("asyncps_worker_finished", "1 once this worker has run all its steps (it "
+                                   "exits soon after), 0 while it trains.", labels=["worker"])
+        family.add_metric([self.worker], 1.0 if done else 0.0)
+        if done:
+            with self._lock:
+                self.reads += 1
+                if self.reads >= 2:
+                    self.scraped.set()
+        yield family
 
 
 class WorkerMetrics:
@@ -76,6 +113,17 @@ class WorkerMetrics:
         self.communication_seconds = one(Histogram, "asyncps_worker_communication_duration_seconds",
                                          "Time one iteration was blocked on pull and push (exposed T_comm).",
                                          buckets=STEP_BUCKETS)
+        self._finished = _Finished(worker_id)
+        r.register(self._finished)
+
+    def finish(self) -> None:
+        """Mark every step done: `asyncps_worker_finished` reads 1 from now on."""
+        self._finished.done = True
+
+    def wait_scraped(self, timeout: float) -> bool:
+        """Block until a scrape has received `asyncps_worker_finished` 1 (after `finish`; that takes
+        a second scrape, see `_Finished`), at most `timeout` seconds; True if one did."""
+        return self._finished.scraped.wait(timeout)
 
     def step(self, step_seconds: float, compute_seconds: float, communication_seconds: float, loss: float,
              samples: int, clock: int) -> None:

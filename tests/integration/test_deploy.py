@@ -64,6 +64,49 @@ def test_promtool_accepts_config_and_rules():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_worker_down_alert_fires_for_a_worker_that_died_not_for_one_that_finished(tmp_path):
+    """`promtool test rules` on deploy/alerts.yml: three workers stop being scraped at 2m15s.
+
+    `finished` said asyncps_worker_finished 1 in its last scrape (ps-worker --metrics-linger
+    holds it up for that scrape); `crashed` never did; `rerun` finished once, was started
+    again (0 again) and then died at 5m45s.
+    """
+    rule = next(r for r in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"][0]["rules"]
+                if r.get("alert") == "AsyncpsWorkerDown")
+    job = 'job="asyncps-worker"'
+
+    def series(instance: str, up: str, finished: str) -> list[dict]:
+        return [{"series": f'up{{{job}, instance="{instance}"}}', "values": up},
+                {"series": f'asyncps_worker_finished{{{job}, instance="{instance}", worker="{instance}"}}',
+                 "values": finished}]
+
+    def firing(*instances: str) -> list[dict]:
+        return [{"exp_labels": {"job": "asyncps-worker", "instance": i, **rule["labels"]},
+                 "exp_annotations": {k: v.replace("{{ $labels.instance }}", i) for k, v in rule["annotations"].items()}}
+                for i in instances]
+    cases = {
+        "rule_files": [str(DEPLOY / "alerts.yml")],
+        "evaluation_interval": "15s",
+        "tests": [{
+            "interval": "15s",
+            "input_series": series("finished", "1x8 0x40", "0x7 1 stale")
+            + series("crashed", "1x8 0x40", "0x8 stale")
+            + series("rerun", "1x8 0x4 1x8 0x30", "0x7 1 stale _x4 0x8 stale"),
+            "alert_rule_test": [
+                {"eval_time": "1m30s", "alertname": "AsyncpsWorkerDown", "exp_alerts": []},
+                {"eval_time": "3m", "alertname": "AsyncpsWorkerDown", "exp_alerts": []},  # down < 1m: pending
+                {"eval_time": "4m", "alertname": "AsyncpsWorkerDown", "exp_alerts": firing("crashed")},
+                {"eval_time": "9m", "alertname": "AsyncpsWorkerDown", "exp_alerts": firing("crashed", "rerun")},
+            ],
+        }],
+    }
+    spec = tmp_path / "worker_down_test.yml"
+    spec.write_text(yaml.safe_dump(cases, sort_keys=False))
+    r = run([tool("promtool"), "test", "rules", str(spec)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout + r.stderr
+
+
 def parse_service(monkeypatch, svc: dict, capsys):
     """Parse a service's command with exactly its environment; returns (parser, args)."""
     for var in [v for v in os.environ if v.startswith(ENV_PREFIX)]:

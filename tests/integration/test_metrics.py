@@ -94,6 +94,29 @@ def prometheus_config(targets: dict[str, str], path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg))
 
 
+def start_prometheus(tmp_path: Path, procs, binary: str, targets: dict[str, str]) -> str:
+    """A real Prometheus scraping `targets` (see prometheus_config); returns its URL once ready."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    config = tmp_path / "prometheus.yml"
+    prometheus_config(targets, config)
+    log = tmp_path / "prometheus.log"
+    with open(log, "wb") as f:
+        prom = procs.popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                           stdout=f, stderr=subprocess.STDOUT)
+
+    def ready():
+        assert prom.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{base}/-/ready", timeout=HTTP_TIMEOUT) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+    poll(ready, 30, "Prometheus to be ready")
+    return base
+
+
 @pytest.fixture
 def prometheus_binary() -> str:
     path = shutil.which("prometheus")
@@ -116,24 +139,7 @@ def test_live_cluster_feeds_every_dashboard_and_alert_expression(tmp_path, corpu
     targets = poll(announced, 120, "ps-cluster to announce 4 metrics endpoints")
     assert set(targets) == {"server-0", "server-1", "worker-0", "worker-1"}
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    config = tmp_path / "prometheus.yml"
-    prometheus_config(targets, config)
-    log = tmp_path / "prometheus.log"
-    with open(log, "wb") as f:
-        prom = procs.popen([prometheus_binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                           stdout=f, stderr=subprocess.STDOUT)
-
-    def ready():
-        assert prom.poll() is None, log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(f"{base}/-/ready", timeout=HTTP_TIMEOUT) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-    poll(ready, 30, "Prometheus to be ready")
+    base = start_prometheus(tmp_path, procs, prometheus_binary, targets)
 
     def all_up():
         active = http_json(f"{base}/api/v1/targets")["data"]["activeTargets"]
@@ -193,3 +199,63 @@ def test_cluster_summary_lists_each_process_metrics_endpoint(tmp_path, corpus, p
     assert summary["metrics"] == printed
     assert set(printed) == {"server-0", "server-1", "worker-0", "worker-1"}
     assert len({urllib.parse.urlparse(u).port for u in printed.values()}) == 4  # a port each
+
+
+def test_worker_down_alert_spares_a_worker_that_finished_and_names_one_that_was_killed(
+        tmp_path, corpus, procs, start_server, prometheus_binary):
+    """Two real ps-workers scraped by a real Prometheus: `done` runs 4 steps and waits
+    (--metrics-linger 60) for a scrape to read asyncps_worker_finished 1, then exits at once;
+    `killed` is SIGKILLed mid-training. Once both are down, AsyncpsWorkerDown's condition
+    holds for `killed` only."""
+    server = start_server(staleness="inf", metrics_port=0, metrics_port_file=tmp_path / "server.mport")
+    workers, logs, ports = {}, {}, {}
+    for name, steps in (("done", 4), ("killed", 100000)):
+        logs[name] = tmp_path / f"{name}.log"
+        ports[name] = tmp_path / f"{name}.mport"
+        with open(logs[name], "wb") as out:
+            workers[name] = procs.popen([
+                sys.executable, "-m", "worker.cli", "--servers", server.address, "--worker-id", name,
+                "--steps", str(steps), "--staleness", "inf", "--no-average-gradients", "--data", str(corpus),
+                "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "4",
+                "--threads", "1", "--metrics-port", "0", "--metrics-port-file", str(ports[name]),
+                "--metrics-linger", "60", "--log-level", "INFO"], stdout=out, stderr=subprocess.STDOUT)
+
+    def port_of(path: Path, proc) -> int | None:
+        assert proc.poll() is None, path
+        return int(path.read_text()) if path.exists() else None
+    targets = {"server-0": f"http://127.0.0.1:{poll(lambda: port_of(tmp_path / 'server.mport', server.proc), 30, 'server metrics port')}/metrics"}
+    for i, name in enumerate(workers):
+        port = poll(lambda: port_of(ports[name], workers[name]), 60, f"{name}'s metrics port")
+        targets[f"worker-{i}"] = f"http://127.0.0.1:{port}/metrics"
+    base = start_prometheus(tmp_path, procs, prometheus_binary, targets)
+    instance = {name: urllib.parse.urlparse(targets[f"worker-{i}"]).netloc for i, name in enumerate(workers)}
+
+    # `done` exits as soon as Prometheus has read its final state, long before its 60 s linger
+    assert support.wait_exit(workers["done"], 30, logs["done"]) == 0
+    assert "final metrics scraped" in logs["done"].read_text()
+    poll(lambda: has_data(query(base, f'asyncps_worker_steps_total{{instance="{instance["killed"]}"}} > 0')), 60,
+         "Prometheus to scrape killed's first steps")
+    support.kill_group(workers["killed"])
+    workers["killed"].wait(timeout=10)
+
+    def both_down():
+        result = query(base, 'up{job="asyncps-worker"} == 0')["data"]["result"]
+        return len(result) == 2
+    poll(both_down, 30, "Prometheus to see both workers down")
+    rule = next(r for r in alert_rules() if r["alert"] == "AsyncpsWorkerDown")
+    answer = query(base, rule["expr"])
+    assert answer["status"] == "success", answer
+    assert {r["metric"]["instance"] for r in answer["data"]["result"]} == {instance["killed"]}
+
+
+def test_a_finished_worker_nobody_scrapes_exits_after_its_linger(tmp_path, corpus, procs, start_server):
+    server = start_server(staleness="inf")
+    log = tmp_path / "w.log"
+    with open(log, "wb") as out:
+        proc = procs.popen([sys.executable, "-m", "worker.cli", "--servers", server.address, "--worker-id", "w",
+                            "--steps", "2", "--staleness", "inf", "--no-average-gradients", "--data", str(corpus),
+                            "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "4",
+                            "--threads", "1", "--metrics-port", "0", "--metrics-linger", "0.5", "--log-level", "INFO"],
+                           stdout=out, stderr=subprocess.STDOUT)
+    assert support.wait_exit(proc, 60, log) == 0
+    assert "no scrape of /metrics within --metrics-linger 0.5s after the last step" in log.read_text()

@@ -33,6 +33,18 @@ def test_two_workers_in_one_process_do_not_collide():
     assert 'shard="1"' not in generate_latest(b.registry).decode()
 
 
+def test_a_worker_says_it_finished_and_knows_when_a_scrape_has_read_it():
+    m = WorkerMetrics("w", 1)
+    assert 'asyncps_worker_finished{worker="w"} 0.0' in generate_latest(m.registry).decode()
+    assert not m.wait_scraped(0.01)  # scraped while training: not the final state
+    m.finish()
+    assert not m.wait_scraped(0.01)  # finished, but nobody has read it yet
+    assert 'asyncps_worker_finished{worker="w"} 1.0' in generate_latest(m.registry).decode()
+    assert not m.wait_scraped(0.01)  # that answer may not have reached the scraper before an exit
+    generate_latest(m.registry)  # the scraper's next request: the one before was whole
+    assert m.wait_scraped(0.01)
+
+
 @pytest.mark.parametrize("s, live, averaging, bound", [
     (0, 2, False, 1), (2, 2, False, 6), (1, 3, False, 7), (0, 1, False, 0), (2, 3, True, 2), (math.inf, 2, False, math.inf),
 ])
