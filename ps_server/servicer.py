@@ -42,6 +42,7 @@ from ps_server.store import ShardStore, Snapshot
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
 MAX_SAMPLES = 1 << 20  # PushHeader.samples above this is refused
+MAX_SPARE_GRADS = 8  # gradient buffers kept for reuse, at most (see Servicer._spare)
 
 
 @dataclass
@@ -363,7 +364,9 @@ class Servicer:
             m.pushes_rejected.inc()
 
     def _spare(self, buf: torch.Tensor) -> None:
-        if len(self._grad_buffers) < 2:  # keep at most two spare buffers
+        # as many spares as pushes can be in flight at once in a clock (one per live worker, and
+        # an averaging bucket), at least 2 and at most MAX_SPARE_GRADS: beyond that, memory wins
+        if len(self._grad_buffers) < min(MAX_SPARE_GRADS, max(2, self.clocks.live + 1)):
             self._grad_buffers.append(buf)
 
     async def commit_push(self, store: ShardStore, head: pb.PushHeader, grad: torch.Tensor) -> pb.PushResponse:

@@ -113,3 +113,42 @@ def test_a_zero_sample_count_counts_as_one():
     agg.add("b", 1, 0, torch.full((2,), 3.0), read_version=0, samples=3)
     (bucket,) = agg.complete({"a": 0, "b": 0})
     assert bucket.divisor == 4 and torch.equal(bucket.total, torch.full((2,), 10.0))
+
+
+def test_a_shard_reuses_one_gradient_buffer_per_worker_pushing_at_once():
+    """Three workers push each clock at the same time (all received before any commit): after
+    the first clock every push is received into a pooled buffer, never a fresh allocation,
+    and every clock applies the mean."""
+    import asyncio
+
+    from protos.asyncps.v1 import ps_pb2 as pb
+    from ps_server import optimizer as optim
+    from ps_server.servicer import ServerConfig, Servicer
+    from ps_server.store import ShardStore
+
+    plan, n, workers = "e" * 64, 1000, ["a", "b", "c"]
+    sv = Servicer(ServerConfig(staleness=0))
+    sv.store = ShardStore(plan, torch.zeros(n), optim.default_config("sgd", 1.0, average_gradients=True))
+    sessions = {w: sv.clocks.register(w)[0] for w in workers}
+    seen: list[set[int]] = []
+    kept: list[torch.Tensor] = []  # every buffer stays alive, so a fresh one cannot take a freed one's address
+
+    async def clock(c: int) -> None:
+        opened = []
+        for i, w in enumerate(workers):
+            head = pb.PushHeader(worker_id=w, session=sessions[w], plan_hash=plan, clock=c, read_version=c)
+            store, buf = sv.open_push(head)
+            buf.fill_(float(i + 1))
+            opened.append((store, head, buf))
+        seen.append({buf.data_ptr() for _, _, buf in opened})
+        kept.extend(buf for _, _, buf in opened)
+        for store, head, buf in opened:
+            await sv.commit_push(store, head, buf)
+
+    for c in range(4):
+        asyncio.run(clock(c))
+        assert sv.store.version == c + 1
+        snap = sv.store.lease()
+        assert torch.allclose(snap.weights, torch.full((n,), -2.0 * (c + 1)))  # lr 1, mean of 1, 2, 3
+        sv.store.release(snap)
+    assert all(later == seen[0] for later in seen[1:]), seen
