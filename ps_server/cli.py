@@ -19,7 +19,7 @@ from ps_server.clock import parse_staleness
 from ps_server.flags import FlagParser, non_negative, positive
 from ps_server.metrics import OFF, add_metrics_flags, serve_metrics
 from ps_server.server import serve
-from ps_server.servicer import ServerConfig, Servicer
+from ps_server.servicer import ServerConfig, Servicer, ShardFailed
 
 
 def staleness_flag(text: str) -> float:
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"ps-server: error: {exc}\n")
         return 2
+    except ShardFailed as exc:  # logged with its cause where it happened
+        sys.stderr.write(f"ps-server: {exc}\n")
+        return 1
     return 0
 
 

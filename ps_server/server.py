@@ -8,6 +8,9 @@ background work (eviction, periodic checkpoints), the TCP data plane beside it
 (ps_server/dataplane.py; `data_port` 0 picks a free port, None turns it off), and a
 graceful stop on SIGTERM/SIGINT: health goes NOT_SERVING, the data plane stops
 accepting, in-flight calls get `grace` seconds, then a final checkpoint is written.
+If an update fails part-way (`Servicer.failed`), it stops at once instead, writes no
+checkpoint (the last good one stays) and raises ShardFailed: `ps-server` exits 1, and
+`ps-cluster` or compose restart it from that checkpoint (README, "Guarantees").
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from protos import service
 from protos.datasock import split_host
 from ps_server.dataplane import DataPlane
 from ps_server.security import NONE, Security
-from ps_server.servicer import Servicer
+from ps_server.servicer import Servicer, ShardFailed
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,8 @@ async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file:
                 security: Security = NONE, data_port: int | None = 0) -> None:
     """Run until SIGTERM/SIGINT; blocks (asynchronously) for the server's whole life.
 
-    Call `servicer.restore()` first to resume from a checkpoint.
+    Call `servicer.restore()` first to resume from a checkpoint. Raises ShardFailed after
+    stopping if an update failed part-way.
     """
     server, port, health_servicer = build_server(address, servicer, security)
     data = None
@@ -84,8 +88,11 @@ async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     background = asyncio.create_task(servicer.run_background())
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(servicer.failed.wait())]
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if servicer.failure is not None:
+            grace = 0.0  # the calls in flight fail now; workers retry until the restarted shard answers
         log.info("stopping: %.1fs grace for calls in flight", grace)
         await health_servicer.enter_graceful_shutdown()
         if data is not None:
@@ -95,5 +102,9 @@ async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file:
             await server.stop(grace)
     finally:
         background.cancel()
-        if servicer.checkpoint_file and servicer.store is not None:
+        for w in waits:
+            w.cancel()
+        if servicer.checkpoint_file and servicer.store is not None and servicer.failure is None:
             await servicer.checkpoint_now()
+    if servicer.failure is not None:
+        raise servicer.failure

@@ -64,6 +64,11 @@ class _Reject(Exception):
         self.code, self.message = code, message
 
 
+class ShardFailed(Exception):
+    """An update failed part-way (an averaged clock lost, weights maybe half-stepped): the shard
+    must not serve or checkpoint this state; `serve` stops the process to restart from its checkpoint."""
+
+
 def rejection(exc: BaseException) -> tuple[grpc.StatusCode, str, str] | None:
     """(status code, message, asyncps-reason) for a domain error; None for anything else.
 
@@ -71,6 +76,8 @@ def rejection(exc: BaseException) -> tuple[grpc.StatusCode, str, str] | None:
     """
     if isinstance(exc, _Reject):
         return exc.code, exc.message, ""
+    if isinstance(exc, ShardFailed):  # retried by workers until the restarted shard answers
+        return Code.UNAVAILABLE, str(exc), ""
     if isinstance(exc, UnknownWorker):
         return Code.FAILED_PRECONDITION, str(exc), service.UNKNOWN_WORKER
     if isinstance(exc, DuplicatePush):
@@ -106,6 +113,8 @@ class Servicer:
         self._ckpt_lock = asyncio.Lock()
         self._grad_buffers: list[torch.Tensor] = []  # reused by pushes: no fresh 64 MB (page faults) per call
         self.data_port = 0  # the TCP data plane's port once it listens (ps_server.dataplane); 0: none
+        self.failure: ShardFailed | None = None  # an update failed part-way; `failed` is then set
+        self.failed = asyncio.Event()
         self.metrics = metrics if metrics is not None else ServerMetrics(cfg.shard_index)
         self.metrics.bind(self)
 
@@ -137,6 +146,8 @@ class Servicer:
 
     async def checkpoint_now(self) -> tuple[str, int]:
         """Write the shard's checkpoint atomically; returns (path, version). Serialized."""
+        if self.failure is not None:  # never overwrite the last good checkpoint with a broken state
+            raise self.failure
         path = self.checkpoint_file
         if path is None:
             raise _Reject(Code.FAILED_PRECONDITION, "this server has no --checkpoint-dir")
@@ -173,7 +184,7 @@ class Servicer:
                 log.warning("evicted worker %s after %.1fs of silence", w, self.cfg.heartbeat_timeout)
             await self._membership_changed()
             now = asyncio.get_running_loop().time()
-            if self.checkpoint_file and self.store and now - last_ckpt >= self.cfg.checkpoint_interval:
+            if self.checkpoint_file and self.store and not self.failure and now - last_ckpt >= self.cfg.checkpoint_interval:
                 last_ckpt = now
                 if self.store.version != self.checkpoint_version:
                     try:
@@ -183,6 +194,18 @@ class Servicer:
                 else:  # nothing unsaved: the checkpoint on disk is current
                     self.metrics.last_checkpoint.set(time.time())
 
+    async def _apply(self, store: ShardStore, *args, **kwargs) -> tuple[int, int]:
+        """`store.apply` in a thread; if it fails, the shard fails (ShardFailed: logged, kept, raised)."""
+        try:
+            return await asyncio.to_thread(store.apply, *args, **kwargs)
+        except Exception as exc:
+            if self.failure is None:
+                self.failure = ShardFailed(f"shard {self.cfg.shard_index} failed an update ({exc!r}) and is "
+                                           "restarting from its last checkpoint")
+                log.critical("%s", self.failure, exc_info=exc)
+                self.failed.set()
+            raise self.failure from exc
+
     async def _apply_complete_buckets(self) -> None:
         """Averaging mode: apply every clock all live workers have pushed, then advance them.
 
@@ -191,7 +214,7 @@ class Servicer:
         m = self.metrics
         for bucket in self._aggregator.complete({w: e.clock for w, e in self.clocks.clocks().items()}):
             before = self.store.version
-            await asyncio.to_thread(self.store.apply, bucket.total, bucket.read_version, bucket.divisor, consume=True)
+            await self._apply(self.store, bucket.total, bucket.read_version, bucket.divisor, consume=True)
             self._spare(bucket.total)  # a push's buffer adopted by the bucket: reused by the next pushes
             m.updates.inc()
             for read_version in bucket.read_versions:  # each gradient's own staleness
@@ -392,7 +415,7 @@ class Servicer:
                     m.push_bytes.inc(store.numel * 4)
                     await self._apply_complete_buckets()
                     return pb.PushResponse(version=store.version, staleness=0)
-                version, staleness = await asyncio.to_thread(store.apply, grad, head.read_version)
+                version, staleness = await self._apply(store, grad, head.read_version)
                 # Applied, so it stands even if the worker was evicted or re-registered meanwhile:
                 # counted, and its current session moved past this clock (no retry applies it again).
                 self.clocks.advance_contributor(head.worker_id, head.clock)
