@@ -10,12 +10,12 @@ processes `ps-cluster` starts, then watches them from this process while they tr
 * samples: every 0.5 s one `Status` per shard (the cheap form, no checksum) gives every
   worker's clock, i.e. the iterations applied; samples = sum of clocks x batch (with
   --balance-batches too: each clock's batches sum to the workers' combined batch).
-* held-out snapshots: the servers checkpoint every `snapshot_every` seconds
-  (`--checkpoint-dir`, `--checkpoint-interval`; the shard's tick makes it about 1 s at
-  best); each new checkpoint file is hard-linked under snapshots/ as soon as it is seen
-  (no copy, and the server's next atomic rename leaves the link intact). After the run,
-  peers_eval.py rebuilds the model from shard 0's and shard 1's checkpoints nearest in
-  time, with the project's plan.
+* held-out snapshots: worker 0 saves the weights it has just pulled every
+  `snapshot_every` seconds (`ps-worker --snapshot-dir`, one safetensors file each, no
+  fsync), as DDP's rank 0 copies its own. Not the servers' checkpoints: those write the
+  optimizer state too and fsync, which cost asyncps about 3 % of its samples/s on two
+  cores (README, "Side by side with the peers"). The servers run without checkpoints,
+  as DDP does.
 
 When the budget is over, every process is stopped (SIGTERM, as ps-cluster does).
 Blocks for the whole run; not thread-safe.
@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
+from safetensors import safe_open
 
 from peers_common import RunSpec
 from protos import service
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.checkpoint import checkpoint_path
 from worker.procs import Children
 from worker.rpc import wait_serving
 
@@ -99,23 +98,23 @@ def _wait_file(path: Path, children: Children, timeout: float = 120) -> str:
 def run(spec: RunSpec, variant: str) -> None:
     v = VARIANTS[variant]
     out = Path(spec.out)
-    logs, ckpts, snaps = out / "logs", out / "checkpoints", out / "snapshots"
-    for d in (logs, ckpts, snaps):
+    logs, snaps = out / "logs", out / "snapshots"
+    for d in (logs, snaps):
         d.mkdir(parents=True, exist_ok=True)
     children = Children(logs)
     try:
-        _run(spec, v, children, logs, ckpts, snaps, out)
+        _run(spec, v, children, logs, snaps, out)
     finally:
         children.stop_all(grace=10)
 
 
-def _run(spec: RunSpec, v: Variant, children: Children, logs: Path, ckpts: Path, snaps: Path, out: Path) -> None:
+def _run(spec: RunSpec, v: Variant, children: Children, logs: Path, snaps: Path, out: Path) -> None:
     addresses = []
     for i in range(SERVERS):
         children.start(f"server-{i}", "ps_server.cli", [
             "--host", "127.0.0.1", "--port", "0", "--port-file", str(logs / f"server-{i}.port"),
             "--shard-index", str(i), "--num-shards", str(SERVERS), "--staleness", str(v.staleness),
-            "--checkpoint-dir", str(ckpts), "--checkpoint-interval", str(spec.snapshot_every), "--log-level", "WARNING"])
+            "--log-level", "WARNING"])
     for i in range(SERVERS):
         address = f"127.0.0.1:{_wait_file(logs / f'server-{i}.port', children)}"
         wait_serving(address, timeout=120, is_alive=lambda c=children.items[i]: c.exited() is None)
@@ -127,19 +126,17 @@ def _run(spec: RunSpec, v: Variant, children: Children, logs: Path, ckpts: Path,
             "--servers", ",".join(addresses), "--rank", str(r), "--world", str(spec.workers),
             "--worker-id", f"worker-{r}", "--steps", str(10**9), "--threads", str(threads),
             "--slowdown", str(spec.slowdown_of(r)), "--report", str(reports[r]),
+            *(["--snapshot-dir", str(snaps), "--snapshot-every", str(spec.snapshot_every)] if r == 0 else []),
             "--log-level", "WARNING", *_training_argv(spec, v)])
     t_start = _wait_start(reports, children)
     deadline = t_start + spec.budget
     channels = [grpc.insecure_channel(a) for a in addresses]
     stubs = [service.Stub(c) for c in channels]
     trace: list[tuple[float, int]] = [(t_start, 0)]
-    seen: dict[int, tuple[int, int]] = {}
-    snapshots: list[list[tuple[float, str]]] = [[] for _ in range(SERVERS)]
     next_status = 0.0
     try:
         while True:
             now = time.time()
-            _link_checkpoints(ckpts, snaps, seen, snapshots)
             if now >= next_status or now >= deadline:
                 next_status = now + 0.5
                 trace.append(_samples(stubs, spec.batch_size))
@@ -152,7 +149,7 @@ def _run(spec: RunSpec, v: Variant, children: Children, logs: Path, ckpts: Path,
         for c in channels:
             c.close()
     children.stop(children.items[SERVERS:], grace=10)  # workers first; then the servers
-    torch.save({"t_start": t_start, "trace": trace, "shard_snapshots": snapshots, "servers": SERVERS,
+    torch.save({"t_start": t_start, "trace": trace, "snapshots": _snapshots(snaps), "servers": SERVERS,
                 "updates": max(versions)}, out / "raw-0.pt")
 
 
@@ -179,23 +176,11 @@ def _samples(stubs: list, batch_size: int) -> tuple[float, int]:
     return time.time(), min(counts) * batch_size
 
 
-def _link_checkpoints(ckpts: Path, snaps: Path, seen: dict, snapshots: list) -> None:
-    for i in range(SERVERS):
-        path = checkpoint_path(ckpts, i, SERVERS)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            continue
-        key = (st.st_ino, st.st_mtime_ns)
-        if seen.get(i) == key:
-            continue
-        seen[i] = key
-        link = snaps / f"shard-{i}-{len(snapshots[i]):04d}.pt"
-        try:
-            os.link(path, link)
-        except FileNotFoundError:  # replaced between stat and link: the next pass takes the new one
-            seen.pop(i)
-            continue
-        st = os.stat(link)  # the file actually linked (a newer one if it was replaced meanwhile)
-        seen[i] = (st.st_ino, st.st_mtime_ns)
-        snapshots[i].append((st.st_mtime_ns / 1e9, str(link)))
+def _snapshots(snaps: Path) -> list[tuple[float, dict[str, torch.Tensor]]]:
+    """(time of the pull, state dict) of every snapshot worker 0 wrote, in time order."""
+    out = []
+    for path in snaps.glob("weights-*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            out.append((float(f.metadata()["time"]), {k: f.get_tensor(k) for k in f.keys()}))
+    return sorted(out, key=lambda item: item[0])
+

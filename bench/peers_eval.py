@@ -2,10 +2,10 @@
 
 Runs in peers.py's own process between runs, never while a system trains. Every
 system's snapshots are evaluated the same way: `heldout_loss` on the same fixed
-held-out windows. asyncps snapshots are the shards' checkpoint files, put back
-together into one model with the project's plan (`worker/plan.py`); each model is
-dated by shard 0's checkpoint, paired with the other shards' checkpoints nearest in
-time. The curve starts at (0, loss of the initial weights), the same for every system.
+held-out windows: each is a state dict with the time it was taken (in-process copies for
+single, DDP rank 0 and the rpc PS; for asyncps, the weights worker 0 had just pulled,
+saved by `ps-worker --snapshot-dir`). The curve starts at (0, loss of the initial
+weights), the same for every system.
 Blocking, single-threaded.
 """
 
@@ -18,7 +18,6 @@ import torch
 
 from peers_common import RunSpec, merge_traces, samples_per_second
 from worker.data import Corpus, heldout_loss
-from worker.plan import make_plan, param_specs
 from worker.task import ByteGPT
 
 
@@ -37,41 +36,18 @@ class Evaluator:
         self.model.load_state_dict(state)
         return heldout_loss(self.model, self.corpus.heldout, self.model.config.context, max_windows=self.windows)
 
-    def shards_to_state(self, paths: list[str]) -> dict[str, torch.Tensor]:
-        plan = make_plan(param_specs(self.model.named_parameters()), len(paths))
-        flat = {name: torch.empty(p.numel()) for name, p in self.model.named_parameters()}
-        for shard, path in zip(plan.shards, paths):
-            weights = torch.load(path, map_location="cpu", weights_only=True)["store"]["weights"]
-            for piece in shard.pieces:
-                n = piece.stop - piece.start
-                flat[piece.name][piece.start:piece.stop] = weights[piece.shard_offset:piece.shard_offset + n]
-        return {name: flat[name].view_as(p) for name, p in self.model.named_parameters()}
-
-
-def _nearest(items: list[tuple[float, str]], t: float) -> str:
-    return min(items, key=lambda item: abs(item[0] - t))[1]
-
 
 def evaluate(spec: RunSpec, ev: Evaluator, target: float, budget: float) -> dict:
     """Read the run's raw-*.pt files and return its row (without system/scenario labels)."""
     raws = [torch.load(p, map_location="cpu", weights_only=False) for p in sorted(Path(spec.out).glob("raw-*.pt"))]
     main = raws[0]
     t_start = main["t_start"]
-    points: list[tuple[float, dict | None, list[str] | None]] = []
-    if "shard_snapshots" in main:
-        per_shard = main["shard_snapshots"]
-        for t, path in per_shard[0]:
-            if all(per_shard):
-                points.append((t, None, [path] + [_nearest(s, t) for s in per_shard[1:]]))
-    else:
-        points = [(t, state, None) for t, state in main["snapshots"]]
     curve = [[0.0, round(ev.loss(ev.initial), 4)]]
-    for t, state, paths in points:
+    for t, state in main["snapshots"]:
         rel = t - t_start
         if rel <= 0 or rel > budget + 1.0:
             continue
-        loss = ev.loss(state if state is not None else ev.shards_to_state(paths))
-        curve.append([round(rel, 3), round(loss, 4)])
+        curve.append([round(rel, 3), round(ev.loss(state), 4)])
     trace = merge_traces([r["trace"] for r in raws])
     sps = samples_per_second(trace, t_start)
     reached = next((t for t, loss in curve if loss <= target), None)

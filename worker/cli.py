@@ -121,6 +121,8 @@ def build_parser() -> FlagParser:
     p.env_flag("slowdown", type=positive(float), default=1.0, help="straggler factor: sleep (F-1) x compute per step")
     p.env_flag("report", help="append JSON-lines progress to this file")
     p.env_flag("report-every", type=non_negative(float), default=0.5, help="seconds between progress lines (0: every step)")
+    p.env_flag("snapshot-dir", help="save the weights just pulled here as safetensors files, every --snapshot-every seconds")
+    p.env_flag("snapshot-every", type=non_negative(float), default=1.0, help="seconds between weight snapshots (with --snapshot-dir)")
     p.env_flag("first-step", type=non_negative(int), default=0,
                help="steps an earlier life of this worker already did (a restart runs --steps minus these)")
     p.env_flag("retry-seconds", type=non_negative(float), default=60.0, help="how long to retry an unavailable server")
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, steps=args.steps,
         device=args.device, seed=args.seed, threads=args.threads, slowdown=args.slowdown, report=args.report,
         report_every=args.report_every, first_step=args.first_step,
+        snapshot_dir=args.snapshot_dir, snapshot_every=args.snapshot_every,
         options=CallOptions(retry_seconds=args.retry_seconds, transport=args.transport,
                             data_streams=args.data_streams), metrics=metrics, security=sec,
     )

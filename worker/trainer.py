@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.security import NONE, Security
@@ -49,6 +52,8 @@ class WorkerConfig:
     slowdown: float = 1.0            # >1: sleep (slowdown-1) x compute time per step (a straggler)
     report: str | None = None        # JSON-lines progress file
     report_every: float = 0.5        # seconds between progress lines
+    snapshot_dir: str | None = None  # write the pulled weights here every `snapshot_every` seconds
+    snapshot_every: float = 0.0
     first_step: int = 0              # steps done by an earlier life of this worker (ps-cluster restarted it)
     metrics: WorkerMetrics | None = None  # Prometheus metrics to record into (PSClient makes its own if None)
     options: CallOptions = field(default_factory=CallOptions)
@@ -77,6 +82,30 @@ class _Report:
     def close(self) -> None:
         if self._f:
             self._f.close()
+
+
+class _Snapshots:
+    """The weights just pulled, saved every `every` seconds as `weights-<rank>-<clock>.safetensors`
+    in `directory` (metadata: `time`, Unix seconds of the pull; written whole or not at all),
+    so others can evaluate the model over time without reading the servers. Costs one 4-bytes-
+    per-parameter write, no fsync, per snapshot."""
+
+    def __init__(self, directory: str | None, every: float, rank: int):
+        self.dir = Path(directory) if directory and every > 0 else None
+        self.every, self.rank, self.last = every, rank, -math.inf
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def maybe(self, model: torch.nn.Module, clock: int) -> None:
+        now = time.time()
+        if self.dir is None or now - self.last < self.every:
+            return
+        self.last = now
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        path = self.dir / f"weights-{self.rank}-{clock:08d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(state, str(tmp), metadata={"time": repr(now), "clock": str(clock)})
+        os.replace(tmp, path)
 
 
 def train(cfg: WorkerConfig) -> dict:
@@ -108,9 +137,11 @@ def train(cfg: WorkerConfig) -> dict:
             metrics.target_steps.set(cfg.steps)
             report.write(event="start", rank=cfg.rank, clock=ps.clock, first_step=cfg.first_step, device=str(device),
                          params=sum(p.numel() for p in model.parameters()), t=0.0)
+            snapshots = _Snapshots(cfg.snapshot_dir, cfg.snapshot_every, cfg.rank)
             for step in range(cfg.first_step, cfg.steps):
                 t0 = time.perf_counter()
                 ps.pull()
+                snapshots.maybe(model, ps.clock)
                 t1 = time.perf_counter()
                 batch = ps.batch_size  # cfg.batch_size unless the shards balance batches by speed
                 x, y = stream.next(batch)
