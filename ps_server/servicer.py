@@ -65,8 +65,7 @@ class _Reject(Exception):
 
 
 class ShardFailed(Exception):
-    """An update failed part-way (an averaged clock lost, weights maybe half-stepped): the shard
-    must not serve or checkpoint this state; `serve` stops the process to restart from its checkpoint."""
+    """An update failed part-way (weights maybe half-stepped, an averaged clock lost): not to serve or save."""
 
 
 def rejection(exc: BaseException) -> tuple[grpc.StatusCode, str, str] | None:
@@ -196,12 +195,14 @@ class Servicer:
 
     async def _apply(self, store: ShardStore, *args, **kwargs) -> tuple[int, int]:
         """`store.apply` in a thread; if it fails, the shard fails (ShardFailed: logged, kept, raised)."""
+        if self.failure is not None:  # nothing more is applied to a broken state
+            raise self.failure
         try:
             return await asyncio.to_thread(store.apply, *args, **kwargs)
         except Exception as exc:
             if self.failure is None:
-                self.failure = ShardFailed(f"shard {self.cfg.shard_index} failed an update ({exc!r}) and is "
-                                           "restarting from its last checkpoint")
+                self.failure = ShardFailed(f"shard {self.cfg.shard_index} failed an update ({exc!r}) and stops without "
+                                           "saving that state: restart it to resume from its last checkpoint")
                 log.critical("%s", self.failure, exc_info=exc)
                 self.failed.set()
             raise self.failure from exc
@@ -387,8 +388,7 @@ class Servicer:
             m.pushes_rejected.inc()
 
     def _spare(self, buf: torch.Tensor) -> None:
-        # as many spares as pushes can be in flight at once in a clock (one per live worker, and
-        # an averaging bucket), at least 2 and at most MAX_SPARE_GRADS: beyond that, memory wins
+        # one per push that can be in flight in a clock (live workers) plus a bucket; 2..MAX_SPARE_GRADS
         if len(self._grad_buffers) < min(MAX_SPARE_GRADS, max(2, self.clocks.live + 1)):
             self._grad_buffers.append(buf)
 
