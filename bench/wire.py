@@ -29,10 +29,15 @@ Measures, each repeated `--reps` times after one warm-up:
 * apply:      the shard store's optimizer step (GB/s of gradient applied), in-process;
 * grpc_raw:   the ceiling gRPC itself sets: grpc.aio streaming prebuilt 4 MB `bytes`
               messages between two processes, no asyncps code at all;
-* tensorpipe: torch.distributed.rpc (TensorPipe backend) sending the tensor to another
-              process and back; GB/s counts the bytes of both directions.
+* tensorpipe: torch.distributed.rpc (TensorPipe backend), `bench/wire_tp.py`: the echo
+              SPEC quotes (the tensor to another process and back, GB/s of the tensor ÷
+              the round trip: `tensorpipe_gbps`), and one way each: `send` (the tensor
+              there, its size back), `fetch` (a pull: the peer's tensor back) and `push`
+              (the tensor there, checked for NaN/Inf and applied by one step of the
+              servers' SGD: a parameter server on torch.distributed.rpc).
 
-Prints medians with min-max and the ratios of asyncps to raw TCP and TensorPipe;
+Prints medians with min-max and the ratios of asyncps to raw TCP and TensorPipe (its echo,
+as the issue's target reads; and per direction: pull to `fetch`, push to `push`);
 `--json PATH` writes every sample. Loopback only, free ports only.
 """
 
@@ -168,52 +173,6 @@ def bench_tcp(nbytes: int, reps: int, streams: int = 1, apply: bool = False) -> 
             proc.kill()
 
 
-# -- (d) TensorPipe -----------------------------------------------------------------------
-
-def _echo(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _tp_env() -> None:
-    os.environ["TP_SOCKET_IFNAME"] = "lo"  # TensorPipe's TCP transport: loopback only
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-
-
-def _tp_peer(port: int, transports: list[str] | None) -> None:
-    _tp_env()
-    import torch.distributed.rpc as rpc
-    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", num_worker_threads=4,
-                                           _transports=transports)
-    rpc.init_rpc("peer", rank=1, world_size=2, rpc_backend_options=opts)
-    rpc.shutdown()
-
-
-def bench_tensorpipe(nbytes: int, reps: int, transports: list[str] | None) -> list[float]:
-    _tp_env()
-    import torch.distributed.rpc as rpc
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=_tp_peer, args=(port, transports), daemon=True)
-    proc.start()
-    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", num_worker_threads=4,
-                                           _transports=transports)
-    rpc.init_rpc("main", rank=0, world_size=2, rpc_backend_options=opts)
-    try:
-        t = torch.randn(nbytes // 4)
-        out = []
-        for i in range(reps + 1):
-            t0 = time.perf_counter()
-            back = rpc.rpc_sync("peer", _echo, args=(t,))
-            dt = time.perf_counter() - t0
-            assert back.numel() == t.numel()
-            if i:
-                out.append(2 * nbytes / dt / GB)
-        return out
-    finally:
-        rpc.shutdown()
-        proc.join(timeout=30)
-
-
 # -- (e) the gRPC ceiling: grpc.aio streaming prebuilt frames, no asyncps code ------------------
 
 _GRPC_OPTS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
@@ -281,6 +240,9 @@ def bench_grpc_raw(nbytes: int, reps: int, chunk: int) -> dict[str, list[float]]
 
 from worker.cost.servers import FlatModel as Model, apply_rates, start_servers, stop_servers  # noqa: E402
 from worker.rpc import DATA_STREAMS  # noqa: E402
+from wire_tp import bench_tensorpipe  # noqa: E402  (bench/, the script's own folder)
+
+_TP_SAME_WAY = {"pull": "fetch", "push": "push"}  # TensorPipe's call doing what each does, one way
 
 
 def bench_apply(nbytes: int, reps: int) -> dict[str, list[float]]:
@@ -400,8 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         res["pull_gbps"], res["push_gbps"] = one["pull_gbps"]["median"], one["push_gbps"]["median"]
     if "tensorpipe" not in args.skip:
         transports = args.tp_transports.split(",") if args.tp_transports else None
-        res["tensorpipe"] = summary(bench_tensorpipe(nbytes, args.reps, transports))
+        tp = {k: summary(v) for k, v in bench_tensorpipe(nbytes, args.reps, free_port(), transports).items()}
+        res["tensorpipe"] = tp.pop("echo")  # SPEC's figure: the tensor's bytes / the round trip
         res["tensorpipe_gbps"] = res["tensorpipe"]["median"]
+        res["tensorpipe_both_ways_gbps"] = 2 * res["tensorpipe_gbps"]
+        res["tensorpipe_one_way"] = tp  # send, fetch, push
         res["tensorpipe_transports"] = transports or "default"
 
     print(f"{args.mb} MB fp32 payload, {args.reps} repetitions, {os.cpu_count()} CPUs; GB/s, median (min-max)")
@@ -416,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind, s in res.get("grpc_raw", {}).items():
         print(f"  raw gRPC {kind[:4]}, prebuilt 4 MB msgs  {fmt(s)}")
     if "tensorpipe" in res:
-        print(f"  TensorPipe rpc echo (both ways)     {fmt(res['tensorpipe'])}")
+        print(f"  TensorPipe rpc echo (÷ round trip)  {fmt(res['tensorpipe'])}   (both ways: "
+              f"{res['tensorpipe_both_ways_gbps']:.2f})")
+        for kind, s in res["tensorpipe_one_way"].items():
+            print(f"  TensorPipe rpc one way, {kind:<11} {fmt(s)}")
     for name, s in res.get("apply", {}).items():
         print(f"  server apply, {name:<21} {fmt(s)}")
     for r in res.get("rows", []):
@@ -427,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
             if "tcp" in res:
                 line += f"   {s['median'] / res['tcp_gbps']:.2f}x TCP"
             if "tensorpipe" in res:
-                line += f"   {s['median'] / res['tensorpipe_gbps']:.2f}x TensorPipe"
+                same_way = res["tensorpipe_one_way"][_TP_SAME_WAY[kind]]["median"]
+                line += f"   {s['median'] / res['tensorpipe_gbps']:.2f}x TensorPipe echo" \
+                        f"   {s['median'] / same_way:.2f}x its {_TP_SAME_WAY[kind]}"
             print(line)
     if "push_phases_ms" in res:
         ph = res["push_phases_ms"]
@@ -438,11 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     if "rows" in res and "tcp" in res:
         res["ratios"] = {f"{k}_vs_tcp": res[f"{k}_gbps"] / res["tcp_gbps"] for k in ("pull", "push")}
         if "tensorpipe" in res:
-            res["ratios"].update({f"{k}_vs_tensorpipe": res[f"{k}_gbps"] / res["tensorpipe_gbps"] for k in ("pull", "push")})
+            for k in ("pull", "push"):
+                res["ratios"][f"{k}_vs_tensorpipe"] = res[f"{k}_gbps"] / res["tensorpipe_gbps"]
+                res["ratios"][f"{k}_vs_tensorpipe_{_TP_SAME_WAY[k]}"] = \
+                    res[f"{k}_gbps"] / res["tensorpipe_one_way"][_TP_SAME_WAY[k]]["median"]
         if "push_floor" in res:
             res["ratios"]["push_vs_floor"] = res["push_gbps"] / res["push_floor"]["median"]
             if "tensorpipe" in res:
                 res["ratios"]["floor_vs_tensorpipe"] = res["push_floor"]["median"] / res["tensorpipe_gbps"]
+                res["ratios"]["floor_vs_tensorpipe_push"] = \
+                    res["push_floor"]["median"] / res["tensorpipe_one_way"]["push"]["median"]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))

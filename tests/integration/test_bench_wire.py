@@ -48,6 +48,28 @@ def test_wire_benchmark_writes_every_row(tmp_path):
     assert phases["committing_part"]["commit_ms"] > 0 and phases["other_parts"]["commit_ms"] == 0
 
 
+def test_wire_benchmark_sets_asyncps_against_tensorpipe_echo_and_each_direction(tmp_path):
+    out = tmp_path / "wire.json"
+    r = subprocess.run([sys.executable, "bench/wire.py", "--mb", "4", "--reps", "2", "--servers", "1",
+                        "--transports", "tcp", "--data-streams", "1", "--skip", "grpc", "apply", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    # SPEC's figure: the tensor's bytes over the round trip of the echo
+    assert res["tensorpipe_gbps"] == res["tensorpipe"]["median"] > 0 and len(res["tensorpipe"]["samples"]) == 2
+    assert res["tensorpipe_both_ways_gbps"] == 2 * res["tensorpipe_gbps"]
+    one_way = res["tensorpipe_one_way"]
+    assert set(one_way) == {"send", "fetch", "push"}
+    assert all(s["median"] > 0 and len(s["samples"]) == 2 for s in one_way.values())
+    ratios = res["ratios"]
+    assert ratios["pull_vs_tensorpipe"] == res["pull_gbps"] / res["tensorpipe_gbps"]
+    assert ratios["push_vs_tensorpipe"] == res["push_gbps"] / res["tensorpipe_gbps"]
+    assert ratios["pull_vs_tensorpipe_fetch"] == res["pull_gbps"] / one_way["fetch"]["median"]
+    assert ratios["push_vs_tensorpipe_push"] == res["push_gbps"] / one_way["push"]["median"]
+    assert ratios["floor_vs_tensorpipe_push"] == res["push_floor"]["median"] / one_way["push"]["median"]
+    assert "x TensorPipe echo" in r.stdout and "x its fetch" in r.stdout and "x its push" in r.stdout
+
+
 def test_wire_benchmark_bad_flag_is_one_line():
     r = subprocess.run([sys.executable, "bench/wire.py", "--transports", "carrier-pigeon"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
