@@ -17,7 +17,7 @@ from protos import wire
 from ps_server import security
 from ps_server.clock import parse_staleness
 from ps_server.flags import FlagParser, non_negative, positive
-from ps_server.metrics import OFF, add_metrics_flags, serve_metrics
+from ps_server.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from ps_server.server import serve
 from ps_server.servicer import ServerConfig, Servicer, ShardFailed
 
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.chunk_bytes + 1024 > args.max_message_bytes:
         parser.error("--chunk-bytes must be at least 1 KiB below --max-message-bytes")
     sec = security.from_args(parser, args, "server")
+    metrics_ssl = metrics_tls(parser, args)  # checked even with the endpoint off: a wrong file is a mistake
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s ps-server[{args.shard_index}] %(levelname)s %(message)s")
     servicer = Servicer(config_from_args(args))
     try:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port != OFF:
         try:
             serve_metrics(servicer.metrics.registry, args.metrics_host or args.host, args.metrics_port,
-                          args.metrics_port_file)
+                          args.metrics_port_file, metrics_ssl)
         except OSError as exc:
             parser.error(f"cannot serve metrics on {args.metrics_host or args.host}:{args.metrics_port}: "
                          f"{exc.strerror or exc}")

@@ -11,27 +11,21 @@ times are in seconds, sizes in bytes; every series carries `shard`, per-worker c
 also `worker`. The bucket choices are explained at their definitions; they fit the
 ranges measured on a default `ps-cluster` run (README, "Metrics and deployment").
 
-`add_metrics_flags` and `serve_metrics` are shared with `ps-worker`: `--metrics-port`
-(-1, the default: off; 0: a free port, written to `--metrics-port-file`) starts
-prometheus-client's HTTP server on its own daemon thread.
+The `/metrics` endpoint itself, shared with `ps-worker` (plain HTTP or TLS), is
+`ps_server/metrics_http.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import os
 import time
-from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger(__name__)
-
-OFF = -1  # --metrics-port value (and default) that disables the endpoint
 
 # Seconds for one pull or push RPC, fitted to a default ps-cluster run measured on the 2-core VM
 # (1000 iterations, 2 servers, 2 workers, s=0 with averaging; README "Metrics and deployment"):
@@ -163,35 +157,3 @@ class _ShardState:
         for worker, entry in sorted(entries.items()):
             per_worker.add_metric([self.shard, worker], entry.clock)
         yield per_worker
-
-
-# -- the /metrics endpoint, shared by ps-server and ps-worker ---------------------------------------
-def metrics_port(text: str) -> int:
-    """--metrics-port: a port number, 0 for a free one, -1 for off."""
-    value = int(text)
-    if not OFF <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port 0-65535, or -1 for off, got {text}")
-    return value
-
-
-def add_metrics_flags(p: Any, host_default: str | None, host_help: str) -> None:
-    """Add --metrics-port, --metrics-host and --metrics-port-file to a FlagParser."""
-    p.env_flag("metrics-port", type=metrics_port, default=OFF,
-               help="serve Prometheus /metrics on this port (0: a free one; -1: off)")
-    p.env_flag("metrics-host", default=host_default, help=host_help)
-    p.env_flag("metrics-port-file", help="write the bound metrics port to this file once serving")
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int, port_file: str | None = None) -> int:
-    """Serve `registry` at http://host:port/metrics on a daemon thread; returns the bound port.
-
-    Raises OSError when the address cannot be bound.
-    """
-    httpd, _thread = start_http_server(port, addr=host, registry=registry)
-    bound = int(httpd.server_port)
-    if port_file:
-        tmp = Path(f"{port_file}.tmp")
-        tmp.write_text(f"{bound}\n")
-        os.replace(tmp, port_file)
-    log.info("metrics at http://%s:%d/metrics", host, bound)
-    return bound

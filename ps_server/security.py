@@ -194,7 +194,7 @@ def add_security_flags(p: Any, role: str) -> None:
         p.env_flag("tls-client-key", help="private key (PEM) of --tls-client-cert")
 
 
-def _read(p: Any, flag: str, path: str | None, marker: bytes) -> bytes | None:
+def read_pem(p: Any, flag: str, path: str | None, marker: bytes) -> bytes | None:
     """The PEM file at `path` (None if no path); exit 2 if unreadable or without `marker`."""
     if not path:
         return None
@@ -234,14 +234,14 @@ def from_args(p: Any, args: argparse.Namespace, role: str) -> Security:
     cert_path, key_path = args.tls_cert or None, args.tls_key or None
     if bool(cert_path) != bool(key_path):
         p.error("--tls-cert and --tls-key go together")
-    cert = _read(p, "tls-cert", cert_path, CERT)
-    key = _read(p, "tls-key", key_path, KEY)
+    cert = read_pem(p, "tls-cert", cert_path, CERT)
+    key = read_pem(p, "tls-key", key_path, KEY)
     if role == "server":
-        client_ca = _read(p, "tls-client-ca", args.tls_client_ca or None, CERT)
+        client_ca = read_pem(p, "tls-client-ca", args.tls_client_ca or None, CERT)
         if client_ca is not None and cert is None:
             p.error("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS runs over TLS")
         return Security(token=token, cert=cert, key=key, client_ca=client_ca)
-    ca = _read(p, "tls-ca", args.tls_ca or None, CERT)
+    ca = read_pem(p, "tls-ca", args.tls_ca or None, CERT)
     if cert is not None and ca is None:
         p.error("--tls-cert needs --tls-ca: a client certificate is only sent over TLS")
     return Security(token=token, ca=ca, cert=cert, key=key)
@@ -259,12 +259,12 @@ def cluster_children(p: Any, args: argparse.Namespace) -> tuple[Security, list[s
         p.error("--tls-cert and --tls-key go together")
     if bool(args.tls_client_cert) != bool(args.tls_client_key):
         p.error("--tls-client-cert and --tls-client-key go together")
-    _read(p, "tls-cert", args.tls_cert, CERT)
-    _read(p, "tls-key", args.tls_key, KEY)
-    client_ca = _read(p, "tls-client-ca", args.tls_client_ca, CERT)
-    ca = _read(p, "tls-ca", args.tls_ca, CERT)
-    cert = _read(p, "tls-client-cert", args.tls_client_cert, CERT)
-    key = _read(p, "tls-client-key", args.tls_client_key, KEY)
+    read_pem(p, "tls-cert", args.tls_cert, CERT)
+    read_pem(p, "tls-key", args.tls_key, KEY)
+    client_ca = read_pem(p, "tls-client-ca", args.tls_client_ca, CERT)
+    ca = read_pem(p, "tls-ca", args.tls_ca, CERT)
+    cert = read_pem(p, "tls-client-cert", args.tls_client_cert, CERT)
+    key = read_pem(p, "tls-client-key", args.tls_client_key, KEY)
     if args.tls_cert:
         if ca is None:
             p.error("--tls-cert needs --tls-ca: the CA workers verify the servers' certificate with")

@@ -17,7 +17,7 @@ from ps_server import security
 from ps_server.cli import staleness_flag
 from protos import wire
 from ps_server.flags import FlagParser, int_range, non_negative, positive
-from ps_server.metrics import OFF, add_metrics_flags, serve_metrics
+from ps_server.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from ps_server.optimizer import OPTIMIZERS, default_config, validate
 from worker.metrics import WorkerMetrics
 from worker.rpc import DATA_STREAMS, TRANSPORTS, CallOptions
@@ -152,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     servers = [a.strip() for a in args.servers.split(",") if a.strip()]
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     metrics = WorkerMetrics(worker_id, len(servers))
+    metrics_ssl = metrics_tls(p, args)  # checked even with the endpoint off: a wrong file is a mistake
     if args.metrics_port != OFF:
         try:
-            serve_metrics(metrics.registry, args.metrics_host, args.metrics_port, args.metrics_port_file)
+            serve_metrics(metrics.registry, args.metrics_host, args.metrics_port, args.metrics_port_file,
+                          metrics_ssl)
         except OSError as exc:
             p.error(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror or exc}")
     cfg = WorkerConfig(

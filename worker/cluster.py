@@ -89,7 +89,9 @@ class Cluster:
             return []
         port_file = self.out / "logs" / f"{name}.metrics-port"
         port_file.unlink(missing_ok=True)
-        return ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--metrics-port-file", str(port_file)]
+        # plain HTTP on loopback, as announced, whatever ASYNCPS_METRICS_TLS_* the environment holds
+        return ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--metrics-port-file", str(port_file),
+                "--metrics-tls-cert=", "--metrics-tls-key=", "--metrics-tls-client-ca="]
 
     def _wait_port_file(self, child, port_file: Path, timeout: float = 120) -> int:
         end = time.monotonic() + timeout

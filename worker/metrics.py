@@ -7,7 +7,7 @@ bound held its pulls back; the built-in trainer records each step with `step()`.
 of it is a handful of pre-labelled counter adds per RPC or step, never per chunk.
 
 Names: `asyncps_worker_*`, labelled `worker` (and `shard` for RPCs). Serve them with
-`ps_server.metrics.serve_metrics(metrics.registry, host, port)`; `ps-worker` does so
+`ps_server.metrics_http.serve_metrics(metrics.registry, host, port)`; `ps-worker` does so
 when given `--metrics-port`.
 
 `asyncps_worker_finished` is 0 while the worker trains and 1 once it has run all its

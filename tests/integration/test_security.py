@@ -237,6 +237,15 @@ def _cli_cases(pki: dict[str, Path], tmp: Path) -> dict[str, tuple[str, list[str
         "server-token-with-space": ("ps_server.cli", ["--token", "a b"], {}),
         "worker-cert-without-ca": ("worker.cli", ["--servers", "127.0.0.1:1", "--tls-cert", cert, "--tls-key", key], {}),
         "worker-ca-missing": ("worker.cli", ["--servers", "127.0.0.1:1", "--tls-ca", str(tmp / "nope")], {}),
+        "server-metrics-key-without-cert": ("ps_server.cli", ["--metrics-tls-key", key], {}),
+        "server-metrics-client-ca-without-cert": ("ps_server.cli", ["--metrics-port", "0",
+                                                                     "--metrics-tls-client-ca", ca], {}),
+        "server-metrics-key-of-another-cert": ("ps_server.cli", ["--metrics-port", "0", "--metrics-tls-cert", cert,
+                                                                  "--metrics-tls-key", str(pki["other-server.key"])], {}),
+        "worker-metrics-cert-not-pem": ("worker.cli", ["--servers", "127.0.0.1:1", "--metrics-tls-cert",
+                                                       str(tmp / "not-pem"), "--metrics-tls-key", key], {}),
+        "worker-metrics-cert-env-missing": ("worker.cli", ["--servers", "127.0.0.1:1", "--metrics-tls-key", key],
+                                            {"ASYNCPS_METRICS_TLS_CERT": str(tmp / "nope.crt")}),
         "cluster-cert-without-ca": ("worker.cluster", ["--tls-cert", cert, "--tls-key", key], {}),
         "cluster-client-ca-without-client-cert": ("worker.cluster", ["--tls-cert", cert, "--tls-key", key,
                                                                      "--tls-ca", ca, "--tls-client-ca", ca], {}),
@@ -246,7 +255,9 @@ def _cli_cases(pki: dict[str, Path], tmp: Path) -> dict[str, tuple[str, list[str
 CLI_CASES = ["server-cert-missing", "server-key-without-cert", "server-client-ca-without-cert", "server-cert-not-pem",
              "server-key-is-a-cert", "server-token-file-env-missing", "server-token-file-empty", "server-token-and-file",
              "server-token-with-space", "worker-cert-without-ca", "worker-ca-missing", "cluster-cert-without-ca",
-             "cluster-client-ca-without-client-cert"]
+             "cluster-client-ca-without-client-cert", "server-metrics-key-without-cert",
+             "server-metrics-client-ca-without-cert", "server-metrics-key-of-another-cert", "worker-metrics-cert-not-pem",
+             "worker-metrics-cert-env-missing"]
 
 
 @pytest.mark.parametrize("name", CLI_CASES)

@@ -7,7 +7,8 @@ import math
 import pytest
 from prometheus_client import generate_latest
 
-from ps_server.metrics import metrics_port, update_staleness_bound
+from ps_server.metrics import update_staleness_bound
+from ps_server.metrics_http import metrics_port
 from ps_server.servicer import ServerConfig, Servicer
 from worker.metrics import WorkerMetrics
 
