@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                     failures.append(str(exc))
                     rows.append({"system": system, "scenario": scenario, "workers": spec.workers, "failed": str(exc),
                                  "samples_per_second": None, "time_to_target_seconds": None,
+                                 "time_to_target_interpolated_seconds": None,
                                  "target_loss": args.target, "final_heldout_loss": None, "curve": []})
                     continue
                 row = {"system": system, "scenario": scenario, "workers": spec.workers,

@@ -39,11 +39,13 @@ def _fmt(value, digits: int = 1) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown table: one line per system and scenario, with the ratios the targets are about."""
     by = {(r["system"], r["scenario"]): r for r in rows}
-    lines = ["| system | scenario | workers | samples/s | × single | time to target (s) | DDP's time ÷ this | held-out at end |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| system | scenario | workers | samples/s | × single | time to target (s) | DDP's time ÷ this "
+             "| interpolated: time (s), DDP's ÷ this | held-out at end |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for scenario in ("uniform", "straggler"):
         single = by.get(("single", "uniform"), {}).get("samples_per_second")
         ddp = by.get(("ddp-gloo", scenario), {}).get("time_to_target_seconds")
+        ddp_line = by.get(("ddp-gloo", scenario), {}).get("time_to_target_interpolated_seconds")
         for system in SYSTEM_ORDER:
             r = by.get((system, scenario))
             if r is None:
@@ -57,9 +59,11 @@ def table(rows: list[dict]) -> str:
                 speedup = "not reached"
             else:
                 speedup = f"{ddp / ttt:.2f}" if ddp else "(DDP did not reach it)"
+            line = r.get("time_to_target_interpolated_seconds")
+            interpolated = "—" if line is None else f"{line:.1f}" + (f", {ddp_line / line:.2f}" if ddp_line else "")
             name = system + (" (n/a: uniform run)" if r.get("not_applicable") else "") + (" (failed)" if r.get("failed") else "")
             lines.append(f"| {name} | {scenario} | {r['workers']} | {_fmt(sps, 0)} | {ratio} | "
-                         f"{_fmt(ttt)} | {speedup} | {_fmt(r['final_heldout_loss'], 3)} |")
+                         f"{_fmt(ttt)} | {speedup} | {interpolated} | {_fmt(r['final_heldout_loss'], 3)} |")
     return "\n".join(lines) + "\n"
 
 

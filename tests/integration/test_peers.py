@@ -49,6 +49,10 @@ def test_peers_tiny_end_to_end(tmp_path, procs):
         assert all(math.isfinite(x) and x > 0 for x in losses), r["curve"]
         assert losses[-1] < losses[0] - 0.3, f"{r['system']} did not train: {r['curve']}"
         assert r["updates"] > 0 and r["samples"] > 0
+        line = r["time_to_target_interpolated_seconds"]  # between the snapshot before and the first at the target
+        assert (line is None) == (ttt is None), r
+        if ttt is not None:
+            assert max([t for t in times if t < ttt], default=0.0) <= line <= ttt, r
     table = (tmp_path / "results" / "peers.md").read_text()
     assert "| ddp-gloo | straggler | 2 |" in table and "| asyncps-s2 | straggler | 2 |" in table
     png = (tmp_path / "results" / "peers-straggler.png").read_bytes()
