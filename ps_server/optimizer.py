@@ -2,17 +2,23 @@
 
 SGD (momentum, dampening, Nesterov, weight decay), Adam and AdamW are element-wise,
 so running them on the concatenation of a shard's pieces gives exactly the weights
-`torch.optim` gives on the model's own tensors. Not thread-safe: the shard store
-serializes every step.
+`torch.optim` gives on the model's own tensors. Parameter groups (`pb.ParamGroup`,
+torch.optim's param_groups) cut the flat vector into contiguous ranges, each its own
+torch param group over a view of the vector, with its own lr, weight decay, momentum
+and betas. Not thread-safe: the shard store serializes every step.
 """
 
 from __future__ import annotations
 
 import torch
 
+from collections.abc import Sequence
+
 from protos.asyncps.v1 import ps_pb2 as pb
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# settings of the whole shard, not of a group: every group's must equal the shard's
+SHARD_WIDE = ("name", "staleness_aware_lr", "average_gradients", "warmup_updates", "balance_batches")
 
 
 def default_config(name: str = "sgd", lr: float = 0.01, **kw: float | bool) -> pb.OptimizerConfig:
@@ -24,8 +30,10 @@ def default_config(name: str = "sgd", lr: float = 0.01, **kw: float | bool) -> p
     return pb.OptimizerConfig(name=name, lr=lr, **base)
 
 
-def validate(cfg: pb.OptimizerConfig) -> None:
-    """Raise ValueError with a readable reason if `cfg` cannot build an optimizer."""
+def validate(cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup] = (), numel: int = 0) -> None:
+    """Raise ValueError with a readable reason if `cfg` (with `groups` over `numel` elements) cannot build an optimizer."""
+    if groups:
+        validate_groups(cfg, groups, numel)
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
     if not cfg.lr > 0:
@@ -42,15 +50,80 @@ def validate(cfg: pb.OptimizerConfig) -> None:
         raise ValueError("balance_batches needs average_gradients: balanced batches are weighted in the per-clock average")
 
 
-def build(cfg: pb.OptimizerConfig, flat: torch.nn.Parameter) -> torch.optim.Optimizer:
-    """The torch optimizer `cfg` describes, over the single flat parameter `flat`."""
-    validate(cfg)
+def validate_groups(cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup], numel: int) -> None:
+    """Raise ValueError unless `groups` (if any) cover [0, numel) in order, each valid and shard-wide equal to `cfg`."""
+    end = 0
+    for i, g in enumerate(groups):
+        if g.start != end or g.stop <= g.start:
+            raise ValueError(f"parameter group {i} covers [{g.start}, {g.stop}); groups must be non-empty, "
+                             f"contiguous and in order from element {end}")
+        end = g.stop
+        validate(g.optimizer)
+        for name in SHARD_WIDE:
+            if getattr(g.optimizer, name) != getattr(cfg, name):
+                raise ValueError(f"parameter group {i} sets {name}={getattr(g.optimizer, name)!r}, which is the whole "
+                                 f"shard's setting ({getattr(cfg, name)!r}), not a group's")
+    if groups and end != numel:
+        raise ValueError(f"parameter groups cover {end} of the shard's {numel} elements")
+
+
+def _torch_optimizer(cfg: pb.OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
     # fused: one vectorized pass over the shard, 2-6x the apply rate of the default
     # per-op implementation on CPU (bench/wire.py), same results to fp32 round-off.
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            [flat], lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
-            nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=True,
-        )
+        return torch.optim.SGD(groups, lr=cfg.lr, fused=True)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls([flat], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
+    return cls(groups, lr=cfg.lr, fused=True)
+
+
+def _group(cfg: pb.OptimizerConfig, param: torch.Tensor) -> dict:
+    if cfg.name == "sgd":
+        return dict(params=[param], lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
+                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return dict(params=[param], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+class FlatOptimizer:
+    """The torch optimizer of one shard's flat vector `flat`, cut into `groups` (none: one group)."""
+
+    def __init__(self, cfg: pb.OptimizerConfig, flat: torch.nn.Parameter, groups: Sequence[pb.ParamGroup] = ()):
+        validate(cfg)
+        validate_groups(cfg, groups, flat.numel())
+        self.flat, self.ranges = flat, [(int(g.start), int(g.stop)) for g in groups]
+        configs = [g.optimizer for g in groups] or [cfg]
+        if groups:  # leaf views of the flat vector: torch.optim steps them in place
+            self.parts = [torch.nn.Parameter(flat.data[a:b], requires_grad=False) for a, b in self.ranges]
+        else:
+            self.parts = [flat]
+        self.base_lrs = [c.lr for c in configs]
+        self.torch = _torch_optimizer(cfg, [_group(c, p) for c, p in zip(configs, self.parts)])
+
+    def rebind(self) -> None:
+        """After `flat.data` moved to another buffer: point every group's view at it."""
+        for part, (a, b) in zip(self.parts, self.ranges):
+            part.data = self.flat.data[a:b]
+
+    def step(self, grad: torch.Tensor, lr_scale: float) -> None:
+        """One update of the whole vector by `grad`, every group's lr times `lr_scale`."""
+        for group, lr in zip(self.torch.param_groups, self.base_lrs):
+            group["lr"] = lr * lr_scale
+        if self.ranges:
+            for part, (a, b) in zip(self.parts, self.ranges):
+                part.grad = grad[a:b]
+        else:
+            self.flat.grad = grad
+        with torch.no_grad():
+            self.torch.step()
+        for part in self.parts:
+            part.grad = None
+
+    def state_dict(self) -> dict:
+        return self.torch.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.torch.load_state_dict(state)
+
+
+def build(cfg: pb.OptimizerConfig, flat: torch.nn.Parameter) -> torch.optim.Optimizer:
+    """The torch optimizer `cfg` describes, over the single flat parameter `flat`."""
+    return FlatOptimizer(cfg, flat).torch

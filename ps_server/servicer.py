@@ -309,7 +309,7 @@ class Servicer:
                 if self.store is not None:
                     self._store_for(head.plan_hash)
                     return self._init_response(accepted=False)
-                optim.validate(head.optimizer)
+                optim.validate(head.optimizer, head.groups, head.numel)
                 if head.numel == 0:
                     raise _Reject(Code.INVALID_ARGUMENT, "a shard must own at least one element")
                 if head.numel * 4 > self.cfg.max_shard_bytes:
@@ -318,7 +318,7 @@ class Servicer:
                 if head.HasField("staleness") and not head.staleness >= 0:
                     raise _Reject(Code.INVALID_ARGUMENT, f"staleness must be >= 0, got {head.staleness}")
                 weights = await streams.receive_flat(frames, head.numel)
-                self.store = ShardStore(head.plan_hash, weights, head.optimizer)
+                self.store = ShardStore(head.plan_hash, weights, head.optimizer, groups=head.groups)
                 if self.cfg.staleness is None and head.HasField("staleness"):
                     self.clocks.staleness = head.staleness
                 log.info("shard %d initialized by %s: %d elements, %s", self.cfg.shard_index, head.worker_id,
@@ -333,7 +333,7 @@ class Servicer:
 
     def _init_response(self, accepted: bool) -> pb.InitResponse:
         return pb.InitResponse(accepted=accepted, plan_hash=self.store.plan_hash, version=self.store.version,
-                               optimizer=self.store.config, staleness=self.clocks.staleness)
+                               optimizer=self.store.config, staleness=self.clocks.staleness, groups=self.store.groups)
 
     async def Push(self, frames: AsyncIterator[bytes], context) -> pb.PushResponse:
         t0 = time.perf_counter()

@@ -19,6 +19,7 @@ An update is applied whole or not at all: gradients are validated before the ste
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,13 +40,16 @@ class Snapshot:
 class ShardStore:
     """Weights and optimizer state of one initialized shard."""
 
-    def __init__(self, plan_hash: str, weights: torch.Tensor, cfg: pb.OptimizerConfig, version: int = 0):
+    def __init__(self, plan_hash: str, weights: torch.Tensor, cfg: pb.OptimizerConfig, version: int = 0,
+                 groups: Sequence[pb.ParamGroup] = ()):
         if weights.dtype != torch.float32 or weights.dim() != 1:
             raise ValueError("shard weights must be a 1-D float32 tensor")
         self.plan_hash = plan_hash
         self.config = cfg
         self._flat = torch.nn.Parameter(weights.clone(), requires_grad=False)
-        self._opt = optim.build(cfg, self._flat)
+        self.groups = list(groups)  # parameter groups cutting the shard (empty: `cfg` for all of it)
+        self._stepper = optim.FlatOptimizer(cfg, self._flat, self.groups)
+        self._opt = self._stepper.torch
         self._version = version
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
@@ -79,17 +83,17 @@ class ShardStore:
         with self._lock:
             self._before_write()
             staleness = max(0, self._version - read_version)
-            self._opt.param_groups[0]["lr"] = self.learning_rate(staleness)
-            self._flat.grad = grad
-            with torch.no_grad():
-                self._opt.step()
-            self._flat.grad = None
+            self._stepper.step(grad, self.lr_scale(staleness))
             self._version += 1
             return self._version, staleness
 
     def learning_rate(self, staleness: int) -> float:
-        """The lr for the next update: warmed up over the first updates, divided by staleness if asked."""
-        lr = self.config.lr
+        """The (first group's) lr for the next update: see `lr_scale`."""
+        return self.config.lr * self.lr_scale(staleness)
+
+    def lr_scale(self, staleness: int) -> float:
+        """Every group's lr is multiplied by this: warmed up over the first updates, divided by staleness if asked."""
+        lr = 1.0
         if self.config.warmup_updates:
             lr *= min(1.0, (self._version + 1) / self.config.warmup_updates)
         if self.config.staleness_aware_lr:
@@ -147,6 +151,7 @@ class ShardStore:
         with self._leases:
             snap.live = False
         self._flat.data = buf
+        self._stepper.rebind()
 
     def _recycle(self, buf: torch.Tensor) -> None:
         if len(self._spare) < 2:  # call with the lease lock held
@@ -183,6 +188,7 @@ class ShardStore:
             return {
                 "plan_hash": self.plan_hash,
                 "optimizer_config": self.config.SerializeToString(),
+                "groups": [g.SerializeToString() for g in self.groups],
                 "weights": self._flat.detach().clone(),
                 "optimizer": opt_state,
                 "version": self._version,
@@ -191,6 +197,7 @@ class ShardStore:
     @classmethod
     def from_state_dict(cls, state: dict) -> "ShardStore":
         cfg = pb.OptimizerConfig.FromString(state["optimizer_config"])
-        store = cls(state["plan_hash"], state["weights"], cfg, version=int(state["version"]))
+        groups = [pb.ParamGroup.FromString(g) for g in state.get("groups", [])]
+        store = cls(state["plan_hash"], state["weights"], cfg, version=int(state["version"]), groups=groups)
         store._opt.load_state_dict(state["optimizer"])
         return store

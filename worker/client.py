@@ -7,6 +7,12 @@
             loss_fn(model(x), y).backward()
             ps.push()                           # gradients go out in the background
 
+Under `ps-cluster -- CMD` or Kubernetes, give no servers: `PSClient(model, optimizer=...,
+staleness=...)` reads the servers, worker id, token and TLS files from the environment
+(worker/environment.py), and serves /metrics if ASYNCPS_METRICS_PORT asks. Instead of
+a model, parameter groups as torch.optim takes them give groups their own lr, weight
+decay, momentum or betas (worker/groups.py).
+
 The client maps the model's parameters to shards with the plan, talks to all shards
 concurrently from one I/O thread running an asyncio (uvloop) event loop, and keeps
 communication in flight while the caller computes: `push()` returns a `PushTicket`
@@ -42,6 +48,8 @@ from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.optimizer import default_config
 from ps_server.security import NONE, Security
+from worker import environment
+from worker import groups as param_groups
 from worker.metrics import WorkerMetrics
 from worker.plan import Plan, make_plan, param_specs
 from worker.rpc import CallOptions, RpcFailed, ShardClient
@@ -80,21 +88,35 @@ class PushTicket:
 class PSClient:
     """A worker's connection to all shards of one model. See the module docstring."""
 
-    def __init__(self, servers: Sequence[str], model: torch.nn.Module, optimizer: dict | pb.OptimizerConfig | None = None,
+    def __init__(self, servers: Sequence[str] | Any = None, model: Any = None,
+                 optimizer: dict | pb.OptimizerConfig | None = None,
                  staleness: float = math.inf, worker_id: str | None = None, pipeline: bool = False,
                  max_inflight: int = 2, options: CallOptions = CallOptions(), heartbeat_interval: float | None = None,
-                 initialize: bool = True, metrics: WorkerMetrics | None = None, security: Security = NONE,
+                 initialize: bool = True, metrics: WorkerMetrics | None = None, security: Security | None = None,
                  batch_size: int = 0):
-        if not servers:
-            raise ValueError("PSClient needs at least one server address")
+        """`servers` may be left out (`PSClient(model, ...)`): then they, the worker id, the token and
+        TLS come from the environment. `model`: an nn.Module, or torch.optim-style parameter groups."""
+        if model is None and servers is not None and not _is_addresses(servers):
+            servers, model = None, servers  # PSClient(model_or_groups, ...)
+        if model is None:
+            raise ValueError("PSClient needs a model or parameter groups")
+        if isinstance(servers, str):
+            servers = environment.split_servers(servers)
+        from_env = not servers
+        if from_env:
+            where = environment.placement(None, worker_id)
+            servers, worker_id = where.servers, where.worker_id
+            security = security if security is not None else environment.security_from_env()
         if pipeline and staleness < 1:
             raise ValueError("pipeline=True needs a staleness bound of at least 1")
-        self.model = model
-        self.params = [p for p in model.parameters()]
-        self.plan: Plan = make_plan(param_specs(model.named_parameters()), len(servers))
         if isinstance(optimizer, dict):
             optimizer = default_config(**optimizer)
         self.optimizer = optimizer or default_config()
+        groups = param_groups.parse(model, self.optimizer)
+        self.model = model if isinstance(model, torch.nn.Module) else None
+        self.params = [t for _, t in groups.named]
+        self.group_configs = groups.configs  # each parameter group's settings, in group order
+        self.plan: Plan = make_plan(param_specs(groups.named, groups.group_of), len(servers))
         self.staleness = staleness
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.pipeline = pipeline
@@ -111,6 +133,8 @@ class PSClient:
         self.batch_size = batch_size      # the batch for the current clock: the shards' choice when they balance
         self.stats = ClientStats()
         self.metrics = metrics if metrics is not None else WorkerMetrics(self.worker_id, len(servers))
+        if from_env and metrics is None:
+            environment.serve_metrics_from_env(self.metrics.registry)
         pin = self.device.type == "cuda"
         self._weights = torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin)
         self._free_grads = [torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin) for _ in range(self.max_inflight)]
@@ -128,7 +152,7 @@ class PSClient:
         self._evicted = False
         self._heartbeat: concurrent.futures.Future | None = None
         self.initialize = initialize
-        self.security = security  # TLS and token for every shard's channel (ps_server/security.py)
+        self.security = security or NONE  # TLS and token for every shard's channel (ps_server/security.py)
 
     # -- lifecycle --------------------------------------------------------------------
     def __enter__(self) -> "PSClient":
@@ -172,7 +196,8 @@ class PSClient:
                 raise RuntimeError(f"shard {shard.index} at {shard.address} holds no model with this plan")
             head = pb.InitHeader(plan_hash=self.plan.hash, shard_index=shard.index, num_shards=len(self._shards),
                                  numel=spec.numel, optimizer=self.optimizer, worker_id=self.worker_id,
-                                 staleness=self.staleness)
+                                 staleness=self.staleness,
+                                 groups=param_groups.segments(self.plan, shard.index, self.group_configs))
             resp = await shard.init(head, flat[spec.lo : spec.hi])
             if not resp.accepted and resp.optimizer != self.optimizer:
                 log.warning("shard %d keeps the optimizer settings of the first worker: %s", shard.index, resp.optimizer)
@@ -426,6 +451,13 @@ class PSClient:
                     self._evicted = True
                 elif isinstance(r, Exception):
                     log.debug("heartbeat failed: %s", r)
+
+
+def _is_addresses(value: Any) -> bool:
+    """True for a list of "host:port" strings (or one comma-separated string)."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
 
 
 async def _gather(coros, return_exceptions: bool = False) -> list:

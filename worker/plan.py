@@ -10,6 +10,12 @@ plan from the same parameter list without asking anyone; servers compare its has
 
 Weights travel and are stored as float32 whatever the parameters' own dtype, so the
 byte balance is the element balance.
+
+Parameter groups (torch.optim's param_groups) are part of the plan: each parameter
+names its group, and `Shard.segments` are the contiguous runs of one group in a
+shard, which its server updates with that group's settings. A plan with more than
+one group hashes its layout too, so workers whose groups differ are refused; a plan
+of one group hashes exactly as before groups existed.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class ParamSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str
+    group: int = 0  # index of its parameter group
 
     @property
     def numel(self) -> int:
@@ -64,6 +71,18 @@ class Shard:
     def numel(self) -> int:
         return self.hi - self.lo
 
+    def segments(self, params: Sequence[ParamSpec]) -> list[tuple[int, int, int]]:
+        """(start, stop, group): the runs of one parameter group in this shard, in shard offsets."""
+        group_of = {p.name: p.group for p in params}
+        runs: list[tuple[int, int, int]] = []
+        for piece in self.pieces:
+            g, a, b = group_of[piece.name], piece.shard_offset, piece.shard_offset + piece.stop - piece.start
+            if runs and runs[-1][2] == g:
+                runs[-1] = (runs[-1][0], b, g)
+            else:
+                runs.append((a, b, g))
+        return runs
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -82,12 +101,17 @@ class Plan:
             "params": [[p.name, list(p.shape), p.dtype] for p in self.params],
             "num_shards": len(self.shards),
         }
+        if any(p.group for p in self.params):
+            doc["groups"] = [p.group for p in self.params]
         return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
 
 
-def param_specs(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[ParamSpec, ...]:
-    """ParamSpecs of `module.named_parameters()` (or any (name, tensor) pairs), in order."""
-    return tuple(ParamSpec(name, tuple(int(d) for d in t.shape), str(t.dtype).removeprefix("torch.")) for name, t in named)
+def param_specs(named: Iterable[tuple[str, torch.Tensor]], groups: Sequence[int] | None = None) -> tuple[ParamSpec, ...]:
+    """ParamSpecs of `module.named_parameters()` (or any (name, tensor) pairs), in order; `groups`: each one's group."""
+    named = list(named)
+    groups = list(groups) if groups is not None else [0] * len(named)
+    return tuple(ParamSpec(name, tuple(int(d) for d in t.shape), str(t.dtype).removeprefix("torch."), g)
+                 for (name, t), g in zip(named, groups, strict=True))
 
 
 def make_plan(params: Sequence[ParamSpec], num_shards: int) -> Plan:

@@ -73,7 +73,7 @@ class TensorHeader(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InitHeader(_message.Message):
-    __slots__ = ("plan_hash", "shard_index", "num_shards", "numel", "optimizer", "worker_id", "staleness")
+    __slots__ = ("plan_hash", "shard_index", "num_shards", "numel", "optimizer", "worker_id", "staleness", "groups")
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class InitHeader(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     plan_hash: str
     shard_index: int
     num_shards: int
@@ -88,7 +89,18 @@ class InitHeader(_message.Message):
     optimizer: OptimizerConfig
     worker_id: str
     staleness: float
-    def __init__(self, plan_hash: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., numel: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., worker_id: _Optional[str] = ..., staleness: _Optional[float] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[ParamGroup]
+    def __init__(self, plan_hash: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., numel: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., worker_id: _Optional[str] = ..., staleness: _Optional[float] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ...) -> None: ...
+
+class ParamGroup(_message.Message):
+    __slots__ = ("start", "stop", "optimizer")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    stop: int
+    optimizer: OptimizerConfig
+    def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
     __slots__ = ("worker_id", "session", "plan_hash", "clock", "read_version", "samples", "busy_seconds")
@@ -197,18 +209,20 @@ class LeaveResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class InitResponse(_message.Message):
-    __slots__ = ("accepted", "plan_hash", "version", "optimizer", "staleness")
+    __slots__ = ("accepted", "plan_hash", "version", "optimizer", "staleness", "groups")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     plan_hash: str
     version: int
     optimizer: OptimizerConfig
     staleness: float
-    def __init__(self, accepted: _Optional[bool] = ..., plan_hash: _Optional[str] = ..., version: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., staleness: _Optional[float] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[ParamGroup]
+    def __init__(self, accepted: _Optional[bool] = ..., plan_hash: _Optional[str] = ..., version: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., staleness: _Optional[float] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("version", "staleness")
