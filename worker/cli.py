@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 
 from ps_server import security
@@ -19,6 +18,7 @@ from protos import wire
 from ps_server.flags import FlagParser, int_range, non_negative, positive
 from ps_server.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from ps_server.optimizer import OPTIMIZERS, default_config, validate
+from worker.environment import default_worker_id, resolve_rank
 from worker.metrics import WorkerMetrics
 from worker.rpc import DATA_STREAMS, TRANSPORTS, CallOptions
 from worker.task import TaskConfig
@@ -49,6 +49,8 @@ SWITCHES: list[tuple[str, bool, str]] = [
     ("average-gradients", True, "one update per clock from the mean of all live workers' gradients (synchronous)"),
     ("balance-batches", False, "with --average-gradients: the shards give each worker a batch in proportion to "
                                "its speed, the workers' combined batch unchanged (LB-BSP; machines of unequal speed)"),
+    ("decay-all", False, "with --weight-decay, decay every parameter (default: biases, LayerNorm weights "
+                         "and embeddings undecayed, as transformer recipes do)"),
     ("pipeline", False, "request the next pull before computing (needs s >= 1)"),
     ("qk-norm", False, "built-in model: LayerNorm on each head's queries and keys, which keeps stale "
                        "updates from blowing up the attention logits (s > 0 without averaging)"),
@@ -114,7 +116,9 @@ def build_parser() -> FlagParser:
     p = FlagParser(prog="ps-worker", description="Run one asyncps worker of the built-in byte-level LM task.")
     p.env_flag("servers", required=False, help="comma-separated server addresses host:port, in shard order")
     p.env_flag("steps", type=positive(int), default=1000, help="iterations this worker runs")
-    p.env_flag("rank", type=non_negative(int), default=0, help="this worker's index (selects its data slice)")
+    p.env_flag("rank", type=non_negative(int), default=None,
+               help="this worker's index (selects its data slice); default: $JOB_COMPLETION_INDEX (a Kubernetes "
+                    "Indexed Job's), or 0 when --world is 1")
     p.env_flag("world", type=positive(int), default=1, help="number of workers (data slices)")
     p.env_flag("worker-id", help="name for this worker (default: host-pid)")
     p.env_flag("threads", type=non_negative(int), default=0, help="torch threads (0: torch's default)")
@@ -142,15 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.servers:
         p.error("--servers is required (comma-separated host:port list)")
-    if args.rank >= args.world:
-        p.error(f"--rank {args.rank} must be below --world {args.world}")
+    try:
+        args.rank, rank_from_index = resolve_rank(args.rank, args.world)
+    except ValueError as exc:
+        p.error(str(exc))
     check_training_args(p, args)
     if args.first_step >= args.steps:
         p.error(f"--first-step {args.first_step} leaves nothing of --steps {args.steps} to do")
     sec = security.from_args(p, args, "client")
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s ps-worker[{args.rank}] %(levelname)s %(message)s")
     servers = [a.strip() for a in args.servers.split(",") if a.strip()]
-    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    worker_id = args.worker_id or default_worker_id(args.rank, rank_from_index)
     metrics = WorkerMetrics(worker_id, len(servers))
     metrics_ssl = metrics_tls(p, args)  # checked even with the endpoint off: a wrong file is a mistake
     if args.metrics_port != OFF:
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         servers=servers, optimizer=optimizer_config(args),
         task=task_config(args), data=args.data, rank=args.rank, world=args.world, worker_id=worker_id,
         staleness=args.staleness, pipeline=args.pipeline, flush_denormal=args.flush_denormal,
-        batch_size=args.batch_size, steps=args.steps,
+        batch_size=args.batch_size, steps=args.steps, decay_all=args.decay_all,
         device=args.device, seed=args.seed, threads=args.threads, slowdown=args.slowdown, report=args.report,
         report_every=args.report_every, first_step=args.first_step,
         snapshot_dir=args.snapshot_dir, snapshot_every=args.snapshot_every,

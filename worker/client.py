@@ -103,9 +103,11 @@ class PSClient:
         if isinstance(servers, str):
             servers = environment.split_servers(servers)
         from_env = not servers
+        self.rank, self.world = 0, 1  # from the environment when launched (ps-cluster -- CMD, Kubernetes)
         if from_env:
             where = environment.placement(None, worker_id)
             servers, worker_id = where.servers, where.worker_id
+            self.rank, self.world = where.rank, where.world
             security = security if security is not None else environment.security_from_env()
         if pipeline and staleness < 1:
             raise ValueError("pipeline=True needs a staleness bound of at least 1")

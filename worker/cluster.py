@@ -50,7 +50,8 @@ class ClusterFailed(Exception):
 
 
 def build_parser() -> FlagParser:
-    p = FlagParser(prog="ps-cluster", description="Train the built-in byte-level LM on a local asyncps cluster.")
+    p = FlagParser(prog="ps-cluster", description="Train the built-in byte-level LM on a local asyncps cluster. "
+                   "Your own script instead: ps-cluster [flags] -- python train.py ARGS (flags: ps-cluster --help --).")
     p.env_flag("servers", type=positive(int), default=2, help="parameter-server shards (S)")
     p.env_flag("workers", type=positive(int), default=2, help="worker processes (P)")
     p.env_flag("steps", type=positive(int), default=3000, help="total iterations, all workers together (M)")
@@ -114,6 +115,9 @@ class Cluster:
             sys.stdout.write(f"metrics  {child.name:<10} {self.metrics[child.name]}\n")
         sys.stdout.flush()
 
+    def _staleness_argv(self) -> list[str]:
+        return ["--staleness", str(self.args.staleness)]
+
     def _start_servers(self) -> None:
         a = self.args
         for i in range(a.servers):
@@ -121,7 +125,7 @@ class Cluster:
             port_file.unlink(missing_ok=True)
             self.children.start(f"server-{i}", "ps_server.cli", [*self._metrics_argv(f"server-{i}"),
                 "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--shard-index", str(i),
-                "--num-shards", str(a.servers), "--staleness", str(a.staleness),
+                "--num-shards", str(a.servers), *self._staleness_argv(),
                 "--checkpoint-dir", str(self.out / "checkpoints"), "--checkpoint-interval", str(a.checkpoint_interval),
                 "--heartbeat-timeout", str(a.heartbeat_timeout), *self._server_tls_argv])
         for i, child in enumerate(self.children.items):
@@ -252,6 +256,11 @@ def _steps_reported(report: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" in argv:  # ps-cluster [flags] -- CMD: the user's own script as the workers (worker/launch.py)
+        from worker import launch
+        cut = argv.index("--")
+        return launch.main(argv[:cut], argv[cut + 1:])
     p = build_parser()
     args = p.parse_args(argv)
     check_training_args(p, args)

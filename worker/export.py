@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from ps_server.security import NONE, Security
 from worker.client import PSClient
 from worker.rpc import CallOptions
 
 
-def pull_into(servers: list[str], model: torch.nn.Module, options: CallOptions = CallOptions(),
+def pull_into(servers: list[str], model, options: CallOptions = CallOptions(),
               security: Security = NONE) -> int:
-    """Load the servers' current weights into `model`; returns the sum of shard versions."""
+    """Load the servers' current weights into `model` (a module, or the parameter groups the
+    workers trained with: the plan must match); returns the sum of shard versions."""
     client = PSClient(servers, model, worker_id=f"exporter-{os.getpid()}", options=options, initialize=False,
                       security=security)
     with client:

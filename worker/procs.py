@@ -8,7 +8,9 @@ first thing (`python -m worker.procs PARENT MODULE ARGS...`, see `_adopt`), rath
 than in a `preexec_fn`: a `preexec_fn` makes Python fork() instead of vfork(), and
 fork() runs gRPC's pre-fork handler, which can wait forever on the launcher's own
 gRPC threads (seen: a benchmark hung in `Popen` while it polled the servers).
-Output goes to one log file per child. `restart` runs a failed child again in place
+Any other command (`start_command`, a user's training script) is run the same way,
+`python -m worker.procs PARENT --exec CMD...`, which arms the signal and then exec()s
+CMD (the signal survives exec). Output goes to one log file per child. `restart` runs a failed child again in place
 (same name, log appended, the arguments it is given), which is how `ps-cluster`'s
 restart policy works. Not thread-safe; used from the launcher's main thread.
 """
@@ -29,21 +31,41 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
-def _guarded(args: list[str]) -> list[str]:
-    """`python -m MODULE ...` as `python -m worker.procs THIS_PID MODULE ...` (Linux)."""
-    if sys.platform != "linux" or args[1:2] != ["-m"]:
+def _guarded(args: list[str], command: bool = False) -> list[str]:
+    """`python -m MODULE ...` as `python -m worker.procs THIS_PID MODULE ...`, and any
+    `command` as `python -m worker.procs THIS_PID --exec COMMAND...` (Linux)."""
+    if sys.platform != "linux":
+        return args
+    if command:
+        return [sys.executable, "-m", "worker.procs", str(os.getpid()), "--exec", *args]
+    if args[1:2] != ["-m"]:
         return args
     return [args[0], "-m", "worker.procs", str(os.getpid()), *args[2:]]
 
 
-def _adopt(parent: int, module: str, argv: list[str]) -> None:
-    """In the child: SIGTERM when `parent` dies, then run `module` as __main__ with `argv`."""
+def _arm(parent: int, what: str) -> None:
+    """In the child: SIGTERM when `parent` dies; exit at once if it already has."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the launcher died before the signal was armed
-        sys.exit(f"{module}: the launcher (pid {parent}) is gone; not starting")
+        sys.exit(f"{what}: the launcher (pid {parent}) is gone; not starting")
+
+
+def _adopt(parent: int, module: str, argv: list[str]) -> None:
+    """In the child: SIGTERM when `parent` dies, then run `module` as __main__ with `argv`."""
+    _arm(parent, module)
     sys.argv = [module, *argv]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def _exec(parent: int, command: list[str]) -> None:
+    """In the child: SIGTERM when `parent` dies, then become `command` (exit 127 if it cannot run)."""
+    _arm(parent, command[0])
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        sys.stderr.write(f"cannot run {command[0]}: {exc.strerror or exc}\n")
+        sys.exit(127)
 
 
 @dataclass
@@ -53,6 +75,7 @@ class Child:
     log: Path
     proc: subprocess.Popen
     env: dict[str, str] | None = None
+    command: bool = False  # `args` is any command (start_command), not `python -m MODULE`
 
     def exited(self) -> int | None:
         return self.proc.poll()
@@ -79,6 +102,13 @@ class Children:
         self.items.append(child)
         return child
 
+    def start_command(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Child:
+        """Start any command (e.g. `python train.py ...`) as a child, tied to the launcher like the others."""
+        log = self.log_dir / f"{name}.log"
+        child = Child(name, list(command), log, _spawn(command, log, env, command=True), env, command=True)
+        self.items.append(child)
+        return child
+
     def restart(self, child: Child, args: list[str] | None = None) -> None:
         """Start `child` again (it must have exited) with `args` (default: its last ones)."""
         if child.proc.poll() is None:
@@ -86,7 +116,7 @@ class Children:
         child.args = args or child.args
         with open(child.log, "ab") as out:
             out.write(f"--- restarted at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(child.args[1:])}\n".encode())
-        child.proc = _spawn(child.args, child.log, child.env)
+        child.proc = _spawn(child.args, child.log, child.env, command=child.command)
 
     def stop(self, children: list[Child], grace: float) -> None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left (whole process groups)."""
@@ -107,9 +137,9 @@ class Children:
         self.stop(self.items, grace)
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str] | None) -> subprocess.Popen:
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None, command: bool = False) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen(_guarded(args), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(_guarded(args, command), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
@@ -120,5 +150,8 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-if __name__ == "__main__":  # python -m worker.procs PARENT_PID MODULE ARGS...
-    _adopt(int(sys.argv[1]), sys.argv[2], sys.argv[3:])
+if __name__ == "__main__":  # python -m worker.procs PARENT_PID (MODULE | --exec COMMAND) ARGS...
+    if sys.argv[2] == "--exec":
+        _exec(int(sys.argv[1]), sys.argv[3:])
+    else:
+        _adopt(int(sys.argv[1]), sys.argv[2], sys.argv[3:])

@@ -21,6 +21,7 @@ from worker.data import Corpus, default_corpus_path, heldout_loss
 from ps_server.security import NONE, Security
 from worker.export import pull_into
 from worker.task import ByteGPT, TaskConfig, save_model
+from worker.trainer import model_params
 
 
 class Monitor:
@@ -83,7 +84,7 @@ def final_report(args: argparse.Namespace, out: Path, servers: list[str], mon: M
     """Export the model, measure held-out loss, and assemble the summary (without wall time)."""
     torch.manual_seed(args.seed)
     model = ByteGPT(task)
-    pull_into(servers, model, security=security)
+    pull_into(servers, model_params(model, args.weight_decay, args.decay_all), security=security)
     model_path = out / "model.safetensors"
     save_model(model, task, model_path)
     corpus = Corpus.load(args.data or default_corpus_path(), context=task.context)

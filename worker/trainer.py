@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.security import NONE, Security
 from worker.client import PSClient
+from worker.groups import no_decay_groups
 from worker.metrics import WorkerMetrics
 from worker.data import BatchStream, Corpus, default_corpus_path, worker_slice
 from worker.rpc import CallOptions
@@ -58,6 +59,15 @@ class WorkerConfig:
     metrics: WorkerMetrics | None = None  # Prometheus metrics to record into (PSClient makes its own if None)
     options: CallOptions = field(default_factory=CallOptions)
     security: Security = NONE        # TLS and auth token (ps_server/security.py)
+    decay_all: bool = False          # weight decay on every parameter (default: not on biases, norms, embeddings)
+
+
+def model_params(model: torch.nn.Module, weight_decay: float, decay_all: bool = False):
+    """What the built-in task hands PSClient (and the exporter, whose plan must match):
+    with weight decay, two groups leaving biases, LayerNorm weights and embeddings undecayed."""
+    if decay_all or weight_decay <= 0:
+        return model
+    return no_decay_groups(model, weight_decay)
 
 
 def pick_device(name: str) -> torch.device:
@@ -130,7 +140,8 @@ def train(cfg: WorkerConfig) -> dict:
     # makes are denormal floats, which took forward+backward from 56 to 109 ms on this CPU.
     flushing = device.type == "cpu" and cfg.flush_denormal and torch.set_flush_denormal(True)
     try:
-        with PSClient(cfg.servers, model, optimizer=cfg.optimizer, staleness=cfg.staleness,
+        params = model_params(model, cfg.optimizer.weight_decay, cfg.decay_all)
+        with PSClient(cfg.servers, params, optimizer=cfg.optimizer, staleness=cfg.staleness,
                       worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options, metrics=cfg.metrics,
                       security=cfg.security, batch_size=cfg.batch_size) as ps:
             metrics = ps.metrics
