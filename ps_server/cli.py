@@ -48,6 +48,9 @@ def build_parser() -> FlagParser:
     p.env_flag("port-file", help="write the bound port to this file once serving")
     p.env_flag("data-port", type=data_port_flag, default=0,
                help="port of the TCP data plane, the fast path for pulls and pushes (0: a free one; off: none)")
+    p.env_flag("health-port", type=data_port_flag, default=None,
+               help="also serve the gRPC health service alone, in plaintext, on this port (off: not), for "
+                    "orchestrators whose probes cannot speak TLS (Kubernetes' gRPC probe)")
     p.env_flag("shard-index", type=non_negative(int), default=0, help="which shard this server holds")
     p.env_flag("num-shards", type=positive(int), default=1, help="how many shards the model is cut into")
     p.env_flag("staleness", type=staleness_flag, help="staleness bound s (a number or inf); unset: the first worker's")
@@ -108,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             check_can_listen(args.host, args.data_port)
         except OSError as exc:
             parser.error(f"cannot listen on {host}:{args.data_port} (--data-port): {exc.strerror or exc}")
+    if args.health_port:
+        try:
+            check_can_listen(args.host, args.health_port)
+        except OSError as exc:
+            parser.error(f"cannot listen on {host}:{args.health_port} (--health-port): {exc.strerror or exc}")
     if args.metrics_port != OFF:
         try:
             serve_metrics(servicer.metrics.registry, args.metrics_host or args.host, args.metrics_port,
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{exc.strerror or exc}")
     try:
         uvloop.run(serve(servicer, f"{host}:{args.port}", grace=args.grace, port_file=args.port_file, security=sec,
-                         data_port=args.data_port))
+                         data_port=args.data_port, health_port=args.health_port))
     except OSError as exc:
         sys.stderr.write(f"ps-server: error: {exc}\n")
         return 2

@@ -8,6 +8,8 @@ background work (eviction, periodic checkpoints), the TCP data plane beside it
 (ps_server/dataplane.py; `data_port` 0 picks a free port, None turns it off), and a
 graceful stop on SIGTERM/SIGINT: health goes NOT_SERVING, the data plane stops
 accepting, in-flight calls get `grace` seconds, then a final checkpoint is written.
+With `health_port`, the same health service is also served alone, in plaintext, on a
+second port: Kubernetes' native gRPC probe speaks neither TLS nor mutual TLS.
 If an update fails part-way (`Servicer.failed`), it stops at once instead, writes no
 checkpoint (the last good one stays) and raises ShardFailed: `ps-server` exits 1, and
 `ps-cluster` or compose restart it from that checkpoint (README, "Guarantees").
@@ -62,7 +64,7 @@ def _write_port_file(path: str, port: int) -> None:
 
 
 async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file: str | None = None,
-                security: Security = NONE, data_port: int | None = 0) -> None:
+                security: Security = NONE, data_port: int | None = 0, health_port: int | None = None) -> None:
     """Run until SIGTERM/SIGINT; blocks (asynchronously) for the server's whole life.
 
     Call `servicer.restore()` first to resume from a checkpoint. Raises ShardFailed after
@@ -74,6 +76,12 @@ async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file:
         data = DataPlane(servicer, asyncio.get_running_loop(), security)
         servicer.data_port = data.start(split_host(address), data_port)
     await server.start()
+    probe = None
+    if health_port:  # the health service alone: no asyncps RPC is reachable there
+        probe = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe)
+        probe.add_insecure_port(f"{address.rsplit(':', 1)[0]}:{health_port}")
+        await probe.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(service.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     if port_file:
@@ -100,6 +108,8 @@ async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file:
             await asyncio.gather(server.stop(grace), data.stop(grace))
         else:
             await server.stop(grace)
+        if probe is not None:
+            await probe.stop(0)
     finally:
         background.cancel()
         for w in waits:
