@@ -13,11 +13,17 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 $PY -m pip install -q -e ".[test]"
-# The metrics tests run a real Prometheus (and promtool) and check deploy/ with docker-compose.
+# The metrics tests run a real Prometheus (and promtool) and check deploy/ with docker-compose;
+# the Kubernetes tests render deploy/k8s with kubectl's kustomize (kubernetes-client; a kubectl
+# already on PATH, e.g. Google Cloud SDK's, is kept: the package would conflict with it).
+# Debian 12's kubernetes-client is 1.20, whose kustomize (v2.0.3) predates inline `patches`:
+# tests/integration/test_k8s.py needs kubectl >= 1.21 (tested with 1.32, kustomize v5.5).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-   && ! { command -v prometheus && command -v promtool && command -v docker-compose; } >/dev/null 2>&1; then
+   && ! { command -v prometheus && command -v promtool && command -v docker-compose && command -v kubectl; } >/dev/null 2>&1; then
   apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus docker-compose
+  pkgs="prometheus docker-compose"
+  command -v kubectl >/dev/null 2>&1 || pkgs="$pkgs kubernetes-client"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $pkgs
 fi
 # pyenv only puts new console scripts (ps-server, ps-worker, ps-cluster, ps-sample) on PATH after a rehash
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
