@@ -53,6 +53,7 @@ class Child:
     log: Path
     proc: subprocess.Popen
     env: dict[str, str] | None = None
+    wrap: tuple[str, ...] = ()  # runs the process inside this prefix (e.g. `ip netns exec NS`)
 
     def exited(self) -> int | None:
         return self.proc.poll()
@@ -72,10 +73,13 @@ class Children:
         self.log_dir = log_dir
         self.items: list[Child] = []
 
-    def start(self, name: str, module: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    def start(self, name: str, module: str, argv: list[str], env: dict[str, str] | None = None,
+              wrap: tuple[str, ...] = ()) -> Child:
+        """Start `python -m module argv`; `wrap` is a prefix it runs under (one that execs it,
+        keeping its pid, e.g. `ip netns exec NS`: the parent-death signal still reaches it)."""
         log = self.log_dir / f"{name}.log"
         args = [sys.executable, "-m", module, *argv]
-        child = Child(name, args, log, _spawn(args, log, env), env)
+        child = Child(name, args, log, _spawn(args, log, env, wrap), env, tuple(wrap))
         self.items.append(child)
         return child
 
@@ -86,7 +90,7 @@ class Children:
         child.args = args or child.args
         with open(child.log, "ab") as out:
             out.write(f"--- restarted at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(child.args[1:])}\n".encode())
-        child.proc = _spawn(child.args, child.log, child.env)
+        child.proc = _spawn(child.args, child.log, child.env, child.wrap)
 
     def stop(self, children: list[Child], grace: float) -> None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left (whole process groups)."""
@@ -107,9 +111,9 @@ class Children:
         self.stop(self.items, grace)
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str] | None) -> subprocess.Popen:
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None, wrap: tuple[str, ...] = ()) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen(_guarded(args), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen([*wrap, *_guarded(args)], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
