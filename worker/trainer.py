@@ -58,6 +58,7 @@ class WorkerConfig:
     metrics: WorkerMetrics | None = None  # Prometheus metrics to record into (PSClient makes its own if None)
     options: CallOptions = field(default_factory=CallOptions)
     security: Security = NONE        # TLS and auth token (ps_server/security.py)
+    compression: str = "none"         # bytes on the wire: none, bf16, fp16, onebit (protos/compress.py)
 
 
 def pick_device(name: str) -> torch.device:
@@ -132,7 +133,7 @@ def train(cfg: WorkerConfig) -> dict:
     try:
         with PSClient(cfg.servers, model, optimizer=cfg.optimizer, staleness=cfg.staleness,
                       worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options, metrics=cfg.metrics,
-                      security=cfg.security, batch_size=cfg.batch_size) as ps:
+                      security=cfg.security, batch_size=cfg.batch_size, compression=cfg.compression) as ps:
             metrics = ps.metrics
             metrics.target_steps.set(cfg.steps)
             report.write(event="start", rank=cfg.rank, clock=ps.clock, first_step=cfg.first_step, device=str(device),
