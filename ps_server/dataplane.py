@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from protos import wire
+from protos import compress, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import Code, DataConn, DataError, Truncated, tune
 from ps_server.security import NONE, Security
@@ -221,6 +221,7 @@ class DataPlane:
     def _pull(self, conn: DataConn, req: pb.PullRequest) -> None:
         t0 = time.perf_counter()
         try:
+            dtype = compress.pull_dtype(req.compression)  # ValueError: INVALID_ARGUMENT
             store, head, snap = self._call(self.servicer.open_pull(req), conn, lambda r: r[0].release(r[2]))
         except DataError:
             raise
@@ -228,7 +229,8 @@ class DataPlane:
             self._refused(conn, exc)
             return
         try:
-            conn.send(pb.DataResponse(pull=head, payload_bytes=snap.weights.numel() * 4), wire.tensor_bytes(snap.weights),
+            out = snap.weights.to(dtype)  # the weights themselves for float32, else exactly w.to(dtype)
+            conn.send(pb.DataResponse(pull=head, payload_bytes=out.numel() * out.element_size()), wire.tensor_bytes(out),
                       time.monotonic() + PAYLOAD_SECONDS)  # a client that stops reading frees the lease in time
         finally:
             store.release(snap)
@@ -239,20 +241,21 @@ class DataPlane:
         sv, ok = self.servicer, False
         try:
             try:
+                compress.check(head.compression)  # ValueError: INVALID_ARGUMENT
                 store, buf = self._call(_run(sv.open_push, head))
             except Exception as exc:
                 self._skip(conn, nbytes, sv.store.numel * 4 if sv.store is not None else 0)
                 self._refused(conn, exc)
                 return
-            want = store.numel * 4
+            want = compress.push_bytes(head.compression, store.numel)
             if nbytes != want:
                 self.loop.call_soon_threadsafe(sv.release, buf)
                 self._skip(conn, nbytes, want)
-                self._answer(conn, Code.INVALID_ARGUMENT,
-                             f"push carries {nbytes} bytes, the shard holds {store.numel} float32 ({want} bytes)")
+                self._answer(conn, Code.INVALID_ARGUMENT, f"push carries {nbytes} bytes, the shard holds "
+                             f"{store.numel} elements ({want} bytes as {compress.check(head.compression)})")
                 return
             try:
-                self._receive(conn, buf)
+                self._receive(conn, buf, head.compression)
             except BaseException as exc:
                 self.loop.call_soon_threadsafe(sv.release, buf)
                 if isinstance(exc, _Invalid):
@@ -277,11 +280,14 @@ class DataPlane:
         head, stripe = getattr(req, op), req.stripe
         key = (op, head.worker_id, head.session, stripe.id)
         try:
+            if op == "push" and not compress.elementwise(head.compression):
+                raise StripeError(Code.INVALID_ARGUMENT, f"{head.compression} pushes cannot be striped")
+            compress.check(head.compression)
             asm, first = self._stripes.join(key, stripe.index, stripe.count, head)
-        except StripeError as exc:
+        except (StripeError, ValueError) as exc:
             if op == "push":
                 self._skip(conn, req.payload_bytes, self._part_limit(stripe.count))
-            self._answer(conn, *exc.status)
+            self._answer(conn, *(exc.status if isinstance(exc, StripeError) else (Code.INVALID_ARGUMENT, str(exc), "")))
             return
         try:
             if op == "push":
@@ -318,11 +324,12 @@ class DataPlane:
             lo, hi = wire.stripes(store.numel, asm.count)[index]
             moved = False
             try:
-                if nbytes != (hi - lo) * 4:
+                want = compress.push_bytes(head.compression, hi - lo)
+                if nbytes != want:
                     asm.fail((Code.INVALID_ARGUMENT, f"push part {index} of {asm.count} carries {nbytes} bytes, "
-                              f"its range holds {hi - lo} float32 ({(hi - lo) * 4} bytes)", ""))
+                              f"its range holds {hi - lo} elements ({want} bytes)", ""))
                 else:
-                    conn.recv_into(wire.tensor_bytes(buf[lo:hi]), asm.deadline)
+                    _recv_decoded(conn, buf[lo:hi], head.compression, asm.deadline)
                     consumed, t[2] = True, time.perf_counter()
                     moved = wire.all_finite(buf[lo:hi])
                     t[3] = time.perf_counter()
@@ -381,8 +388,9 @@ class DataPlane:
                 lo, hi = wire.stripes(snap.weights.numel(), asm.count)[index]
                 moved = False
                 try:
-                    conn.send(pb.DataResponse(pull=head, payload_bytes=(hi - lo) * 4),
-                              wire.tensor_bytes(snap.weights[lo:hi]), asm.deadline)
+                    out = snap.weights[lo:hi].to(compress.pull_dtype(req.compression))
+                    conn.send(pb.DataResponse(pull=head, payload_bytes=out.numel() * out.element_size()),
+                              wire.tensor_bytes(out), asm.deadline)
                     moved = True
                 except DataError as exc:
                     asm.fail((exc.code(), f"pull part {index} lost: {exc.details()}", ""))
@@ -412,11 +420,11 @@ class DataPlane:
         else:
             conn.broken = True
 
-    def _receive(self, conn: DataConn, buf: torch.Tensor) -> None:
+    def _receive(self, conn: DataConn, buf: torch.Tensor, compression: str) -> None:
         """Receive a push's gradient into `buf` (exactly its size); a NaN or Inf in it raises
         `_Invalid`. One check of the whole gradient once it is in: checking chunk by chunk
         while receiving interleaves torch's threads with the socket copy and costs ~25%."""
-        conn.recv_into(wire.tensor_bytes(buf), time.monotonic() + PAYLOAD_SECONDS)
+        _recv_decoded(conn, buf, compression, time.monotonic() + PAYLOAD_SECONDS)
         if not wire.all_finite(buf):
             raise _Invalid("tensor contains NaN or Inf: not applied")
 
@@ -448,6 +456,17 @@ class _Handoff:
 
 class _Invalid(ValueError):
     """A push payload that arrived whole but is refused (INVALID_ARGUMENT)."""
+
+
+def _recv_decoded(conn: DataConn, out: torch.Tensor, compression: str, deadline: float) -> None:
+    """Receive a push payload into float32 `out`: straight into it for float32, else into a
+    staging buffer decoded into it (protos/compress.py; the caller checked the length)."""
+    if compress.check(compression) == "none":
+        conn.recv_into(wire.tensor_bytes(out), deadline)
+        return
+    stage = torch.empty(compress.push_bytes(compression, out.numel()), dtype=torch.uint8)
+    conn.recv_into(wire.tensor_bytes(stage), deadline)
+    compress.decode_into(compression, stage, out)
 
 
 async def _run(fn, *args):

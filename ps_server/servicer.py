@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from protos import service, wire
+from protos import compress, service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import checkpoint
 from ps_server import streams
@@ -257,6 +257,7 @@ class Servicer:
         async def body():
             if not request.worker_id:
                 raise _Reject(Code.INVALID_ARGUMENT, "worker_id must not be empty")
+            wire_codec = compress.check(request.compression)  # ValueError: INVALID_ARGUMENT
             if self.store is not None:
                 self._store_for(request.plan_hash)
             restored_clock = self.clocks.restored_clock(request.worker_id)
@@ -269,7 +270,7 @@ class Servicer:
             log.info("worker %s registered (session %d) at clock %d", request.worker_id, session, clock)
             return pb.RegisterResponse(session=session, clock=clock, staleness=self.clocks.staleness,
                                        heartbeat_timeout_seconds=self.cfg.heartbeat_timeout,
-                                       incarnation=self.incarnation, data_port=self.data_port)
+                                       incarnation=self.incarnation, data_port=self.data_port, compression=wire_codec)
         return await self._guard(context, body())
 
     def _count_lost(self, request: pb.RegisterRequest) -> None:
@@ -360,9 +361,7 @@ class Servicer:
 
     def open_push(self, head: pb.PushHeader) -> tuple[ShardStore, torch.Tensor]:
         """Check a push's header; returns the store and a buffer to receive its gradient into.
-
-        Give the buffer back with `release` unless `commit_push` gets it.
-        """
+        Give the buffer back with `release` unless `commit_push` gets it."""
         store = self._store_for(head.plan_hash)
         self.clocks.check_push(head.worker_id, head.session, head.clock)
         if not (head.busy_seconds >= 0 and math.isfinite(head.busy_seconds)):

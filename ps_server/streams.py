@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from protos import wire
+from protos import compress, wire
 from protos.wire import FrameError
 
 
@@ -20,6 +20,8 @@ async def first_head(frames: AsyncIterator[bytes], kind: str):
         frame, payload = wire.decode_frame(raw)
         if frame.WhichOneof("head") != kind or payload is not None:
             raise FrameError(f"the first frame of this stream must be a bare {kind} header")
+        if kind == "push" and compress.check(frame.push.compression) != "none":
+            raise FrameError(f"{frame.push.compression} pushes travel on the data plane; gRPC pushes are float32")
         return getattr(frame, kind)
     raise FrameError("empty stream: expected a header frame")
 

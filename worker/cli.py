@@ -14,7 +14,7 @@ import sys
 
 from ps_server import security
 from ps_server.cli import staleness_flag
-from protos import wire
+from protos import compress, wire
 from ps_server.flags import FlagParser, int_range, non_negative, positive
 from ps_server.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from ps_server.optimizer import OPTIMIZERS, default_config, validate
@@ -23,6 +23,13 @@ from worker.metrics import WorkerMetrics
 from worker.rpc import DATA_STREAMS, TRANSPORTS, CallOptions
 from worker.task import TaskConfig
 from worker.trainer import WorkerConfig, pick_device, train
+
+def compression_flag(text: str) -> str:
+    try:
+        return compress.check(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 # (flag, type, default, help) shared by ps-worker and ps-cluster, passed through verbatim.
 TRAINING_FLAGS: list[tuple[str, object, object, str]] = [
@@ -42,6 +49,8 @@ TRAINING_FLAGS: list[tuple[str, object, object, str]] = [
     ("device", str, "auto", "auto (CUDA when present), cpu or cuda[:N]"),
     ("seed", non_negative(int), 0, "seed for the model's initial weights and the data order"),
     ("data", str, None, "text file or folder to train on (default: this Python's standard library)"),
+    ("compression", compression_flag, "none", "tensors on the wire: none (float32), bf16 or fp16 (pulls and "
+                                              "pushes), onebit (pushes: signs + scales, error feedback)"),
 ]
 SWITCHES: list[tuple[str, bool, str]] = [
     ("nesterov", False, "Nesterov momentum (SGD)"),
@@ -173,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device, seed=args.seed, threads=args.threads, slowdown=args.slowdown, report=args.report,
         report_every=args.report_every, first_step=args.first_step,
         snapshot_dir=args.snapshot_dir, snapshot_every=args.snapshot_every,
+        compression=args.compression,
         options=CallOptions(retry_seconds=args.retry_seconds, transport=args.transport,
                             data_streams=args.data_streams), metrics=metrics, security=sec,
     )

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import uvloop
 
-from protos import wire
+from protos import compress, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.optimizer import default_config
 from ps_server.security import NONE, Security
@@ -93,7 +93,7 @@ class PSClient:
                  staleness: float = math.inf, worker_id: str | None = None, pipeline: bool = False,
                  max_inflight: int = 2, options: CallOptions = CallOptions(), heartbeat_interval: float | None = None,
                  initialize: bool = True, metrics: WorkerMetrics | None = None, security: Security | None = None,
-                 batch_size: int = 0):
+                 batch_size: int = 0, compression: str = "none"):
         """`servers` may be left out (`PSClient(model, ...)`): then they, the worker id, the token and
         TLS come from the environment. `model`: an nn.Module, or torch.optim-style parameter groups."""
         if model is None and servers is not None and not _is_addresses(servers):
@@ -155,6 +155,9 @@ class PSClient:
         self._heartbeat: concurrent.futures.Future | None = None
         self.initialize = initialize
         self.security = security or NONE  # TLS and token for every shard's channel (ps_server/security.py)
+        # bytes on the wire (protos/compress.py); onebit keeps its error-feedback residual here
+        self.compression = compress.check(compression)
+        self._feedback = compress.ErrorFeedback(self.plan.numel) if self.compression == "onebit" else None
 
     # -- lifecycle --------------------------------------------------------------------
     def __enter__(self) -> "PSClient":
@@ -216,8 +219,10 @@ class PSClient:
         while True:
             resps = await asyncio.gather(*(
                 s.register(self.worker_id, self.plan.hash, start, self._seen_versions[s.index], self._incarnations[s.index],
-                           self.own_batch_size)
+                           self.own_batch_size, self.compression)
                 for s in self._shards))
+            if any(r.compression != self.compression for r in resps):  # a server that predates compression
+                raise RuntimeError(f"the servers do not accept compression {self.compression!r}")
             clocks = {r.clock for r in resps}
             if len(clocks) == 1:
                 break
@@ -318,13 +323,14 @@ class PSClient:
                 buf.copy_(self._flatten(grads))
             if not wire.all_finite(buf):
                 raise ValueError(f"gradient at clock {self.clock} contains NaN or Inf; not pushed")
+            payloads = self._compress(buf)
         except BaseException:
             self._free_grads.append(buf)
             raise
         for p in self.params:
             p.grad = None
         clock, self.clock = self.clock, self.clock + 1
-        fut = self._submit(self._push_all(clock, buf, samples, busy_seconds))
+        fut = self._submit(self._push_all(clock, buf, samples, busy_seconds, payloads))
         ticket = PushTicket(clock, fut)
         self._inflight.append(ticket)
         if not self.pipeline:
@@ -354,6 +360,21 @@ class PSClient:
         return sum(s.retries for s in self._shards)
 
     # -- internals --------------------------------------------------------------------
+    def _compress(self, buf: torch.Tensor) -> list[torch.Tensor] | None:
+        """Each shard's push payload under this client's compression (None: float32), and `buf`
+        overwritten with exactly the values they decode to (what a gRPC push then sends)."""
+        ranges = [(s.lo, s.hi) for s in self.plan.shards]
+        if self.compression == "none":
+            return None
+        if self._feedback is not None:
+            return self._feedback.compress(buf, ranges)
+        payloads = [compress.encode(self.compression, buf[lo:hi]) for lo, hi in ranges]
+        if not all(wire.all_finite(p) for p in payloads):
+            raise ValueError(f"gradient at clock {self.clock} overflows {self.compression}; not pushed")
+        for p, (lo, hi) in zip(payloads, ranges):
+            buf[lo:hi].copy_(p)
+        return payloads
+
     def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if not tensors:
             return torch.empty(0)
@@ -378,6 +399,8 @@ class PSClient:
             self._next_pull[1].cancel()
             self._next_pull = None
         self._run(self._register())
+        if self._feedback is not None:  # what was owed to the forgotten session is not pushed later
+            self._feedback.reset()
         self.stats.reregistrations += 1
         self.metrics.reregistrations.inc()
         log.warning("worker %s was evicted; rejoined at clock %d", self.worker_id, self.clock)
@@ -388,32 +411,36 @@ class PSClient:
 
     async def _pull_all(self, clock: int, own_lag: int) -> list[pb.PullHeader]:
         m = self.metrics
+        pull_codec = self.compression if self.compression in ("bf16", "fp16") else ""
+        itemsize = compress.pull_dtype(pull_codec).itemsize
 
         async def one(shard: ShardClient, session: int) -> pb.PullHeader:
             spec = self.plan.shards[shard.index]
             req = pb.PullRequest(worker_id=self.worker_id, session=session, plan_hash=self.plan.hash,
-                                 clock=clock, own_lag=own_lag)
+                                 clock=clock, own_lag=own_lag, compression=pull_codec)
             t0 = time.perf_counter()
             head = await shard.pull(req, self._weights[spec.lo : spec.hi])
             i = shard.index
             m.data_plane[i].set(shard.transport == "tcp")
             m.pulls[i].inc()
-            m.pull_bytes[i].inc(spec.numel * 4)
+            m.pull_bytes[i].inc(spec.numel * (itemsize if shard.transport == "tcp" else 4))
             m.pull_seconds[i].observe(time.perf_counter() - t0)
             return head
         return list(await asyncio.gather(*(one(s, sess) for s, sess in zip(self._shards, self._sessions))))
 
-    async def _push_all(self, clock: int, grad: torch.Tensor, samples: int = 0,
-                        busy_seconds: float = 0.0) -> list[pb.PushResponse | None]:
+    async def _push_all(self, clock: int, grad: torch.Tensor, samples: int = 0, busy_seconds: float = 0.0,
+                        payloads: list[torch.Tensor] | None = None) -> list[pb.PushResponse | None]:
         m = self.metrics
 
         async def one(shard: ShardClient, session: int, read_version: int) -> pb.PushResponse | None:
             spec = self.plan.shards[shard.index]
             head = pb.PushHeader(worker_id=self.worker_id, session=session, plan_hash=self.plan.hash,
-                                 clock=clock, read_version=read_version, samples=samples, busy_seconds=busy_seconds)
+                                 clock=clock, read_version=read_version, samples=samples, busy_seconds=busy_seconds,
+                                 compression="" if payloads is None else self.compression)
+            payload = None if payloads is None else payloads[shard.index]
             t0 = time.perf_counter()
             try:
-                resp = await shard.push(head, grad[spec.lo : spec.hi])
+                resp = await shard.push(head, grad[spec.lo : spec.hi], payload)
             except RpcFailed as exc:
                 if exc.evicted:
                     self.stats.pushes_dropped += 1
@@ -428,7 +455,8 @@ class PSClient:
                 raise
             i = shard.index
             m.pushes[i].inc()
-            m.push_bytes[i].inc(spec.numel * 4)
+            m.push_bytes[i].inc(payload.numel() * payload.element_size()
+                                if payload is not None and shard.transport == "tcp" else spec.numel * 4)
             m.push_seconds[i].observe(time.perf_counter() - t0)
             if resp is not None:
                 self.stats.max_update_staleness = max(self.stats.max_update_staleness, resp.staleness)

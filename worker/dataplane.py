@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from protos import wire
+from protos import compress, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import Code, DataConn, DataError, status_code, tune
 from ps_server.security import NONE, Security
@@ -132,38 +132,47 @@ class DataChannel:
 
     # -- exchanges ----------------------------------------------------------------------
     def pull_into(self, req: pb.PullRequest, out: torch.Tensor, deadline: float, abort: Abort) -> pb.PullHeader:
-        """Pull the shard's weights into `out` (contiguous 1-D float32, the shard's size)."""
+        """Pull the shard's weights into `out` (contiguous 1-D float32, the shard's size); with
+        `req.compression` bf16/fp16 they arrive in that dtype and are widened into `out` exactly."""
+        dtype = compress.pull_dtype(req.compression)
+        stage = out if dtype == torch.float32 else torch.empty(out.numel(), dtype=dtype)
+
         def part(conn: DataConn, stripe: pb.Stripe | None, lo: int, hi: int) -> pb.PullHeader:
             conn.send(pb.DataRequest(pull=req, stripe=stripe), deadline=deadline)
             resp = _answer(conn, conn.recv_header(pb.DataResponse, deadline))
-            if resp.pull.numel != out.numel() or resp.payload_bytes != (hi - lo) * 4:
+            if resp.pull.numel != out.numel() or resp.payload_bytes != (hi - lo) * dtype.itemsize:
                 conn.broken = True
                 raise DataError(Code.FAILED_PRECONDITION, f"shard holds {resp.pull.numel} elements "
                                 f"({resp.payload_bytes} bytes sent for elements {lo}:{hi}), the plan expects {out.numel()}")
-            conn.recv_into(wire.tensor_bytes(out[lo:hi]), deadline)
+            conn.recv_into(wire.tensor_bytes(stage[lo:hi]), deadline)
+            if stage is not out:
+                out[lo:hi].copy_(stage[lo:hi])
             return resp.pull
-        heads = self._exchange(out.numel(), part, deadline, abort)
+        heads = self._exchange(out.numel(), part, deadline, abort, True, dtype.itemsize)
         if any(h.version != heads[0].version for h in heads):  # the server answers every part from one version
             raise DataError(Code.INTERNAL, f"striped pull from {self.peer} got parts of versions "
                             f"{sorted({h.version for h in heads})}")
         return heads[0]
 
     def push(self, head: pb.PushHeader, grad: torch.Tensor, deadline: float, abort: Abort) -> pb.PushResponse:
-        """Push one gradient (contiguous 1-D float32, the shard's size); returns the server's answer."""
+        """Push one gradient: contiguous 1-D, the shard's size in float32, or the payload of
+        `head.compression` (protos/compress.py; a onebit one is never striped). Returns the answer."""
         def part(conn: DataConn, stripe: pb.Stripe | None, lo: int, hi: int) -> pb.PushResponse:
             payload = wire.tensor_bytes(grad[lo:hi])
             conn.send(pb.DataRequest(push=head, payload_bytes=payload.nbytes, stripe=stripe), payload, deadline)
             return _answer(conn, conn.recv_header(pb.DataResponse, deadline)).push
-        return self._exchange(grad.numel(), part, deadline, abort)[0]
+        striped = compress.elementwise(head.compression)
+        return self._exchange(grad.numel(), part, deadline, abort, striped, grad.element_size())[0]
 
-    def _exchange(self, numel: int, part, deadline: float, abort: Abort) -> list:
+    def _exchange(self, numel: int, part, deadline: float, abort: Abort, striped: bool = True,
+                  itemsize: int = 4) -> list:
         """Run `part(conn, stripe, lo, hi)` for each part of one exchange of a shard of
         `numel` elements: one part on one connection, or a striped exchange over
         `stripe_count` connections at once (all opened before any byte is sent, so a
         connect failure leaves the server untouched). Returns the parts' results in order;
         if any part fails, the most telling error is raised (see `_part` for when the
         others are aborted)."""
-        count = wire.stripe_count(numel, self.streams, self.min_part_bytes)
+        count = wire.stripe_count(numel * itemsize // 4, self.streams, self.min_part_bytes) if striped else 1
         conns: list[DataConn] = []
         try:
             for _ in range(count):

@@ -76,6 +76,7 @@ class Child:
     proc: subprocess.Popen
     env: dict[str, str] | None = None
     command: bool = False  # `args` is any command (start_command), not `python -m MODULE`
+    wrap: tuple[str, ...] = ()  # runs the process inside this prefix (e.g. `ip netns exec NS`)
 
     def exited(self) -> int | None:
         return self.proc.poll()
@@ -95,10 +96,13 @@ class Children:
         self.log_dir = log_dir
         self.items: list[Child] = []
 
-    def start(self, name: str, module: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    def start(self, name: str, module: str, argv: list[str], env: dict[str, str] | None = None,
+              wrap: tuple[str, ...] = ()) -> Child:
+        """Start `python -m module argv`; `wrap` is a prefix it runs under (one that execs it,
+        keeping its pid, e.g. `ip netns exec NS`: the parent-death signal still reaches it)."""
         log = self.log_dir / f"{name}.log"
         args = [sys.executable, "-m", module, *argv]
-        child = Child(name, args, log, _spawn(args, log, env), env)
+        child = Child(name, args, log, _spawn(args, log, env, wrap=wrap), env, wrap=tuple(wrap))
         self.items.append(child)
         return child
 
@@ -116,7 +120,7 @@ class Children:
         child.args = args or child.args
         with open(child.log, "ab") as out:
             out.write(f"--- restarted at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(child.args[1:])}\n".encode())
-        child.proc = _spawn(child.args, child.log, child.env, command=child.command)
+        child.proc = _spawn(child.args, child.log, child.env, command=child.command, wrap=child.wrap)
 
     def stop(self, children: list[Child], grace: float) -> None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left (whole process groups)."""
@@ -137,9 +141,10 @@ class Children:
         self.stop(self.items, grace)
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str] | None, command: bool = False) -> subprocess.Popen:
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None, command: bool = False,
+           wrap: tuple[str, ...] = ()) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen(_guarded(args, command), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen([*wrap, *_guarded(args, command)], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 

@@ -33,7 +33,7 @@ from typing import TypeVar
 import grpc
 import torch
 
-from protos import service, wire
+from protos import compress, service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import DataError, split_host
 from ps_server.security import NONE, Security
@@ -198,9 +198,10 @@ class ShardClient:
         return await self.call("Status", lambda: self.stub.Status(pb.StatusRequest(), timeout=self.opts.timeout))
 
     async def register(self, worker_id: str, plan_hash: str, start_clock: int = 0, seen_version: int = 0,
-                       seen_incarnation: int = 0, batch_size: int = 0) -> pb.RegisterResponse:
+                       seen_incarnation: int = 0, batch_size: int = 0, compression: str = "") -> pb.RegisterResponse:
         req = pb.RegisterRequest(worker_id=worker_id, plan_hash=plan_hash, start_clock=start_clock,
-                                 seen_version=seen_version, seen_incarnation=seen_incarnation, batch_size=batch_size)
+                                 seen_version=seen_version, seen_incarnation=seen_incarnation, batch_size=batch_size,
+                                 compression=compression)
         resp = await self.call("Register", lambda: self.stub.Register(req, timeout=self.opts.timeout))
         self._use_data_port(resp.data_port)
         return resp
@@ -228,13 +229,23 @@ class ShardClient:
         frame = pb.Frame(init=head)
         return await self.call("Init", lambda: self.stub.Init(self._frames(frame, weights), timeout=self.opts.push_timeout))
 
-    async def push(self, head: pb.PushHeader, grad: torch.Tensor) -> pb.PushResponse | None:
-        """Send one gradient (1-D float32 CPU tensor); None if the server had already applied it."""
-        frame = pb.Frame(push=head)
+    async def push(self, head: pb.PushHeader, grad: torch.Tensor, payload: torch.Tensor | None = None
+                   ) -> pb.PushResponse | None:
+        """Send one gradient (1-D float32 CPU tensor); None if the server had already applied it.
+
+        With `head.compression` set, `payload` is its encoding (protos/compress.py) and `grad`
+        holds exactly the values it decodes to: the data plane sends `payload`, gRPC `grad` as
+        float32 (so the shard applies the same values either way)."""
+        plain = pb.PushHeader()
+        plain.CopyFrom(head)
+        plain.compression = ""
+        frame = pb.Frame(push=plain)
+        data_head, data_grad = (head, payload) if payload is not None else (plain, grad)
 
         def attempt() -> Awaitable[pb.PushResponse]:
             return self._data_or_grpc(
-                "Push", lambda: self._on_data(self.data.push, head, grad, time.monotonic() + self.opts.push_timeout),
+                "Push", lambda: self._on_data(self.data.push, data_head, data_grad,
+                                              time.monotonic() + self.opts.push_timeout),
                 lambda: self.stub.Push(self._frames(frame, grad), timeout=self.opts.push_timeout))
         try:
             return await self.call("Push", attempt)
@@ -244,8 +255,10 @@ class ShardClient:
             raise
 
     async def pull(self, req: pb.PullRequest, out: torch.Tensor) -> pb.PullHeader:
-        """Stream this shard's weights into `out` (1-D float32 CPU tensor, the shard's size)."""
+        """Stream this shard's weights into `out` (1-D float32 CPU tensor, the shard's size); with
+        `req.compression` bf16/fp16 they are exactly the shard's weights rounded to that dtype."""
         req.chunk_bytes = req.chunk_bytes or self.opts.chunk_bytes
+        dtype = compress.pull_dtype(req.compression)
 
         async def over_data() -> pb.PullHeader:
             async with self._pull_lock:
@@ -269,6 +282,8 @@ class ShardClient:
             if head is None or received != out.numel():
                 raise RpcFailed(self.address, "Pull", grpc.StatusCode.DATA_LOSS,
                                 f"pull stream ended after {received} of {out.numel()} elements")
+            if dtype != torch.float32:  # gRPC sends float32: round here, as the data plane's server does
+                out.copy_(out.to(dtype))
             return head
 
         return await self.call("Pull", lambda: self._data_or_grpc("Pull", over_data, over_grpc))

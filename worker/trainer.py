@@ -60,6 +60,7 @@ class WorkerConfig:
     options: CallOptions = field(default_factory=CallOptions)
     security: Security = NONE        # TLS and auth token (ps_server/security.py)
     decay_all: bool = False          # weight decay on every parameter (default: not on biases, norms, embeddings)
+    compression: str = "none"         # bytes on the wire: none, bf16, fp16, onebit (protos/compress.py)
 
 
 def model_params(model: torch.nn.Module, weight_decay: float, decay_all: bool = False):
@@ -143,7 +144,7 @@ def train(cfg: WorkerConfig) -> dict:
         params = model_params(model, cfg.optimizer.weight_decay, cfg.decay_all)
         with PSClient(cfg.servers, params, optimizer=cfg.optimizer, staleness=cfg.staleness,
                       worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options, metrics=cfg.metrics,
-                      security=cfg.security, batch_size=cfg.batch_size) as ps:
+                      security=cfg.security, batch_size=cfg.batch_size, compression=cfg.compression) as ps:
             metrics = ps.metrics
             metrics.target_steps.set(cfg.steps)
             report.write(event="start", rank=cfg.rank, clock=ps.clock, first_step=cfg.first_step, device=str(device),

@@ -103,7 +103,7 @@ class ParamGroup(_message.Message):
     def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "session", "plan_hash", "clock", "read_version", "samples", "busy_seconds")
+    __slots__ = ("worker_id", "session", "plan_hash", "clock", "read_version", "samples", "busy_seconds", "compression")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class PushHeader(_message.Message):
     READ_VERSION_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session: int
     plan_hash: str
@@ -118,7 +119,8 @@ class PushHeader(_message.Message):
     read_version: int
     samples: int
     busy_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[int] = ..., plan_hash: _Optional[str] = ..., clock: _Optional[int] = ..., read_version: _Optional[int] = ..., samples: _Optional[int] = ..., busy_seconds: _Optional[float] = ...) -> None: ...
+    compression: str
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[int] = ..., plan_hash: _Optional[str] = ..., clock: _Optional[int] = ..., read_version: _Optional[int] = ..., samples: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "numel", "min_clock", "waited_seconds", "batch_size")
@@ -149,36 +151,40 @@ class Frame(_message.Message):
     def __init__(self, init: _Optional[_Union[InitHeader, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "plan_hash", "start_clock", "seen_version", "seen_incarnation", "batch_size")
+    __slots__ = ("worker_id", "plan_hash", "start_clock", "seen_version", "seen_incarnation", "batch_size", "compression")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     START_CLOCK_FIELD_NUMBER: _ClassVar[int]
     SEEN_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEEN_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     plan_hash: str
     start_clock: int
     seen_version: int
     seen_incarnation: int
     batch_size: int
-    def __init__(self, worker_id: _Optional[str] = ..., plan_hash: _Optional[str] = ..., start_clock: _Optional[int] = ..., seen_version: _Optional[int] = ..., seen_incarnation: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    compression: str
+    def __init__(self, worker_id: _Optional[str] = ..., plan_hash: _Optional[str] = ..., start_clock: _Optional[int] = ..., seen_version: _Optional[int] = ..., seen_incarnation: _Optional[int] = ..., batch_size: _Optional[int] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("session", "clock", "staleness", "heartbeat_timeout_seconds", "incarnation", "data_port")
+    __slots__ = ("session", "clock", "staleness", "heartbeat_timeout_seconds", "incarnation", "data_port", "compression")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     session: int
     clock: int
     staleness: float
     heartbeat_timeout_seconds: float
     incarnation: int
     data_port: int
-    def __init__(self, session: _Optional[int] = ..., clock: _Optional[int] = ..., staleness: _Optional[float] = ..., heartbeat_timeout_seconds: _Optional[float] = ..., incarnation: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
+    compression: str
+    def __init__(self, session: _Optional[int] = ..., clock: _Optional[int] = ..., staleness: _Optional[float] = ..., heartbeat_timeout_seconds: _Optional[float] = ..., incarnation: _Optional[int] = ..., data_port: _Optional[int] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "session")
@@ -233,20 +239,22 @@ class PushResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., staleness: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "session", "plan_hash", "clock", "own_lag", "chunk_bytes")
+    __slots__ = ("worker_id", "session", "plan_hash", "clock", "own_lag", "chunk_bytes", "compression")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     OWN_LAG_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session: int
     plan_hash: str
     clock: int
     own_lag: int
     chunk_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[int] = ..., plan_hash: _Optional[str] = ..., clock: _Optional[int] = ..., own_lag: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    compression: str
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[int] = ..., plan_hash: _Optional[str] = ..., clock: _Optional[int] = ..., own_lag: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class WorkerClock(_message.Message):
     __slots__ = ("worker_id", "clock", "seconds_since_seen")
