@@ -269,6 +269,45 @@ def tcp_rate_mbit(net: ShapedNet, src: str, dst: str, seconds: float = 1.5) -> f
     return float(out.split()[-1])
 
 
+def tcp_rtt_ms(net: ShapedNet, src: str, dst: str, rounds: int = 200) -> float:
+    """Median round trip (ms) of a 1-byte TCP ping-pong from `src` to `dst` (no Nagle delay)."""
+    import sys
+
+    port = 5202
+    echo = net.popen(dst, [sys.executable, "-c", _ECHO, net.address(dst), str(port)],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if echo.stdout.readline().strip() != "ready":
+        echo.kill()
+        raise NetError(f"echo server did not start: {echo.stderr.read()[-500:]}")
+    ping = net.popen(src, [sys.executable, "-c", _PING, net.address(dst), str(port), str(rounds)],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = ping.communicate(timeout=60)
+        echo.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise NetError("TCP round-trip measurement timed out") from None
+    if ping.returncode:
+        raise NetError(f"ping failed: {err[-500:]}")
+    return float(out.split()[-1])
+
+
+_ECHO = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while (b := c.recv(1)): c.sendall(b)
+"""
+_PING = """
+import socket, statistics, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1); t = []
+for _ in range(int(sys.argv[3])):
+    t0 = time.perf_counter(); c.sendall(b"x"); c.recv(1); t.append(time.perf_counter() - t0)
+print(statistics.median(t) * 1e3)
+"""
+
+
 # The receiver times from the first byte after a 0.3 s warm-up (TCP slow start) to the end.
 _RECEIVER = """
 import socket, sys, time

@@ -23,6 +23,7 @@ from ps_server.cli import staleness_flag
 from ps_server.flags import FlagParser, positive
 from worker.cost.calibrate import FORMAT, PRESETS, ModelSpec, Settings, calibrate, from_summaries
 from worker.cost.model import CostModel, Job, recommend
+from worker.cost import network_cli
 from worker.cost.validate import plot, table, validate, write_json
 
 DEFAULT_CALIBRATION = "runs/cost/calibration.json"
@@ -102,6 +103,7 @@ def build_parser() -> FlagParser:
     v.env_flag("servers", type=int_list, default="1,2", help="server counts S")
     v.env_flag("out", default=None, help="folder for the runs' outputs (default: a folder next to --json)")
     v.env_flag("data", default=None, help="ps-cluster --data (default: the standard library)")
+    network_cli.add_flags(c, q, v)
     return p
 
 
@@ -122,6 +124,8 @@ def load_calibration(p: FlagParser, path: str) -> dict:
 
 
 def cmd_calibrate(p: FlagParser, a: argparse.Namespace) -> int:
+    if a.network:
+        return network_cli.cmd_calibrate(p, a, DEFAULT_CALIBRATION)
     if a.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -159,6 +163,9 @@ def job_from(a: argparse.Namespace, cal: dict) -> Job:
 def cmd_predict(p: FlagParser, a: argparse.Namespace) -> int:
     if a.pipeline and a.staleness < 1:
         p.error("--pipeline needs --staleness of at least 1")
+    if network_cli.wants_network(a):
+        job = job_from(a, {})
+        return network_cli.cmd_predict(p, a, job.params, a.batch_size)
     cal = load_calibration(p, a.calibration)
     try:
         job = job_from(a, cal)
@@ -186,6 +193,8 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace) -> int:
 
 
 def cmd_validate(p: FlagParser, a: argparse.Namespace) -> int:
+    if a.network:
+        return network_cli.cmd_validate(p, a)
     if len(a.steps) == 1:
         a.steps = a.steps * len(a.models)
     if len(a.steps) != len(a.models):

@@ -1,0 +1,201 @@
+"""The cost model on real links: communication time from bytes, P, S, link rate and compression.
+
+Pure arithmetic (plus `measure_link`, which builds a two-host shaped network to measure
+one). Every host has one full-duplex link of rate B (goodput: B × the measured TCP
+efficiency) and one-way latency L to the switch; a model of n parameters:
+
+* asyncps, per clock (one pull and one push per worker): a worker's link carries its push
+  out (`push_bytes`) and its pull in (`pull_bytes`); each of S servers, holding 1/S of the
+  model, takes P pushes in and sends P pulls out, P/S of each direction's bytes. A direction
+  lasts as long as its busiest link: max(bytes/B, P·bytes/(S·B)). Without --pipeline the
+  push and the pull follow each other (T_comm = push + pull + 2 round trips); with it the
+  next pull is under way while the push goes out, on the other direction of the same links
+  (T_comm = max(push, pull) + a round trip): the BytePS bound, M bytes each way per step.
+* DDP ring all-reduce (gloo): every link moves 2(P−1)/P · M in each direction, in 2(P−1)
+  steps of a round trip each: T_comm = 2(P−1)/P · M/B + 2(P−1) · 2L.
+* Compression changes the bytes: bf16/fp16 halve both directions; onebit pushes
+  `protos.compress.push_bytes` (≈ n/8 + 4n/1024), pulls stay fp32. DDP with bf16 halves M.
+
+A clock: asyncps pipelined overlaps the wire with compute (the links wait, the cores do
+not): max(compute, T_comm); otherwise compute + T_comm. DDP overlaps the all-reduce with
+the backward pass (about 2/3 of compute): compute/3 + max(2·compute/3, T_comm).
+Samples/s = P × batch / clock. Immutable and thread-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from protos import compress
+
+log = logging.getLogger(__name__)
+FORMAT = "asyncps-network-calibration-1"
+BACKWARD_SHARE = 2 / 3  # of forward + backward: the part DDP's all-reduce can hide behind
+
+
+@dataclass(frozen=True)
+class Link:
+    gbit: float              # the link's rate
+    latency_s: float = 0.0   # one way, host to switch
+    efficiency: float = 0.95  # TCP payload / link rate (measured: raw TCP over the shaped link)
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.gbit * 1e9 / 8 * self.efficiency
+
+
+def wire_bytes(params: int, compression: str) -> tuple[int, int]:
+    """(push, pull) bytes of one worker for one clock."""
+    name = compress.check(compression)
+    return compress.push_bytes(name, params), params * compress.pull_dtype(name).itemsize
+
+
+def asyncps_comm(params: int, workers: int, servers: int, link: Link, compression: str = "none",
+                 pipeline: bool = True) -> float:
+    """Seconds of communication of one asyncps clock (see the module docstring)."""
+    push, pull = wire_bytes(params, compression)
+    fan_in = max(1.0, workers / servers)  # the busiest link: a worker's own, or a server's share of P
+    b = link.bytes_per_second
+    t_push, t_pull = fan_in * push / b, fan_in * pull / b
+    rtt = 4 * link.latency_s  # host -> switch -> host and back
+    return max(t_push, t_pull) + rtt if pipeline else t_push + t_pull + 2 * rtt
+
+
+def ddp_comm(params: int, workers: int, link: Link, compression: str = "none") -> float:
+    """Seconds of one ring all-reduce of the gradients (fp32, or bf16 with the compress hook)."""
+    if workers == 1:
+        return 0.0
+    nbytes = params * (2 if compression == "bf16" else 4)
+    return 2 * (workers - 1) / workers * nbytes / link.bytes_per_second + 2 * (workers - 1) * 4 * link.latency_s
+
+
+def clock_seconds(system: str, compute: float, comm: float, pipeline: bool = True) -> float:
+    if system == "ddp-gloo":
+        return (1 - BACKWARD_SHARE) * compute + max(BACKWARD_SHARE * compute, comm)
+    return max(compute, comm) if pipeline else compute + comm
+
+
+class NetworkModel:
+    """Predictions from a network calibration (`ps-cost calibrate --network`)."""
+
+    def __init__(self, cal: dict):
+        if cal.get("format") != FORMAT:
+            raise ValueError(f"not a network calibration (format {FORMAT})")
+        self.cal = cal
+        self.link = Link(cal["link"]["gbit"], cal["link"]["latency_ms"] / 1e3, cal["link"]["efficiency"])
+        self.compute = {r["model"]: r for r in cal.get("compute", [])}
+
+    def with_rate(self, gbit: float) -> "NetworkModel":
+        """The same calibration on links of another rate (efficiency and latency kept)."""
+        cal = json.loads(json.dumps(self.cal))
+        cal["link"]["gbit"] = gbit
+        return NetworkModel(cal)
+
+    def comm(self, system: str, params: int, workers: int, servers: int, compression: str,
+             pipeline: bool = True) -> float:
+        if system == "ddp-gloo":
+            return ddp_comm(params, workers, self.link, compression)
+        return asyncps_comm(params, workers, servers, self.link, compression, pipeline)
+
+    def samples_per_second(self, system: str, model: str, workers: int, servers: int, compression: str,
+                           pipeline: bool = True) -> tuple[float, float]:
+        """(samples/s, T_comm per clock) of a run of the calibrated `model` on these links."""
+        c = self.compute[model]
+        comm = self.comm(system, c["params"], workers, servers, compression, pipeline)
+        return workers * c["batch_size"] / clock_seconds(system, c["compute_seconds"], comm, pipeline), comm
+
+
+def measure_link(gbit: float, delay_ms: float) -> dict:
+    """Raw TCP goodput and round trip over a two-host shaped network of this rate (needs root)."""
+    import sys
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    import shaped
+
+    with shaped.ShapedNet(["a", "b"], rate_mbit=gbit * 1000, delay_ms=delay_ms) as net:
+        goodput = statistics.median(shaped.tcp_rate_mbit(net, "a", "b", seconds=1.0) for _ in range(2))
+        rtt = shaped.tcp_rtt_ms(net, "a", "b")
+        return {"gbit": gbit, "efficiency": round(goodput / (gbit * 1000), 4), "latency_ms": round(rtt / 4, 4),
+                "rtt_ms": round(rtt, 4), "delay_applied": net.delay_applied, "measured": True}
+
+
+def predicted_scaleout(cal: dict, result: dict) -> dict:
+    """{model: {S: samples/s}} for bench/network.py's asyncps rows (no compression), at its link rate."""
+    nm = NetworkModel(cal).with_rate(result["link_gbit"])
+    servers = sorted({r["servers"] for r in result["rows"] if r["system"] == "asyncps" and r["servers"]})
+    out = {}
+    for model in sorted({r["model"] for r in result["rows"]}):
+        if model in nm.compute:
+            out[model] = {s: round(nm.samples_per_second("asyncps", model, result["workers"], s, "none",
+                                                         result["asyncps"]["pipeline"])[0], 2) for s in servers}
+    return out
+
+
+def compare(cal: dict, result: dict) -> dict:
+    """Predicted against measured samples/s for every group of bench/network.py's rows (median of runs)."""
+    nm = NetworkModel(cal).with_rate(result["link_gbit"])
+    groups: dict[tuple, list[float]] = {}
+    for r in result["rows"]:
+        if "samples_per_second" in r and r["model"] in nm.compute:
+            groups.setdefault((r["model"], r["system"], r["servers"] or 0, r["compression"]), []).append(
+                r["samples_per_second"])
+    rows = []
+    for (model, system, servers, comp), values in groups.items():
+        measured = statistics.median(values)
+        pred, comm = nm.samples_per_second(system, model, result["workers"], servers, comp,
+                                           result["asyncps"]["pipeline"])
+        rows.append({"model": model, "system": system, "servers": servers or None, "compression": comp,
+                     "measured_samples_per_second": round(measured, 3), "predicted_samples_per_second": round(pred, 3),
+                     "predicted_comm_seconds": round(comm, 4), "error": round(pred / measured - 1, 4),
+                     "runs": len(values)})
+    errs = [abs(r["error"]) for r in rows]
+    summary = {"median_abs": round(statistics.median(errs), 4), "max_abs": round(max(errs), 4)} if errs else {}
+    return {"rows": rows, "errors": summary, "link_gbit": result["link_gbit"]}
+
+
+def calibrate_network(models: list, workers: int, gbit: float, delay_ms: float, latency_ms: float | None = None,
+                      efficiency: float = 0.95, iters: int = 8) -> dict:
+    """A network calibration: the link (measured on the shaped harness, or `latency_ms` and
+    `efficiency` taken as given) and each model's compute per iteration with `workers`
+    processes computing at once (bench/network.py's threads: one each on a small machine)."""
+    import os
+
+    from worker.cost.calibrate import ProbePool, Settings, machine, probe_compute
+
+    if latency_ms is None:
+        link = measure_link(gbit, delay_ms)
+    else:
+        link = {"gbit": gbit, "efficiency": efficiency, "latency_ms": latency_ms, "measured": False}
+    log.info("link: %s", link)
+    cores = os.cpu_count() or 1
+    pool = ProbePool(workers, [workers])
+    try:
+        rows = probe_compute(pool, Settings(models=models, workers=[workers], rounds=1, iters=iters), cores)
+    finally:
+        pool.close()
+    compute = [{"model": _bench_name(m.name), "params": m.params, "batch_size": m.batch_size, "tokens": m.tokens,
+                "workers": workers, "compute_seconds": r["lockstep_seconds"]} for m, r in zip(models, rows)]
+    return {"format": FORMAT, "machine": machine(), "link": link, "compute": compute}
+
+
+def _bench_name(name: str) -> str:
+    """bench/network.py calls ps-cost's `small` preset `builtin` (ps-worker's default model)."""
+    return "builtin" if name == "small" else name
+
+
+def table(cmp: dict) -> str:
+    lines = [f"{'model':<8} {'system':<9} {'S':>2} {'compr.':<7} {'measured':>9} {'predicted':>10} {'error':>6}  samples/s"]
+    for r in cmp["rows"]:
+        lines.append(f"{r['model']:<8} {r['system']:<9} {r['servers'] or '-':>2} {r['compression']:<7} "
+                     f"{r['measured_samples_per_second']:>9.2f} {r['predicted_samples_per_second']:>10.2f} "
+                     f"{100 * r['error']:>+5.0f}%")
+    e = cmp["errors"]
+    if e:
+        lines.append(f"absolute error, median / worst: {100 * e['median_abs']:.0f}% / {100 * e['max_abs']:.0f}%")
+    return "\n".join(lines) + "\n"
