@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server import delay
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -24,8 +25,8 @@ def default_config(name: str = "sgd", lr: float = 0.01, **kw: float | bool) -> p
     return pb.OptimizerConfig(name=name, lr=lr, **base)
 
 
-def validate(cfg: pb.OptimizerConfig) -> None:
-    """Raise ValueError with a readable reason if `cfg` cannot build an optimizer."""
+def validate(cfg: pb.OptimizerConfig, staleness: float | None = None) -> None:
+    """Raise ValueError with a readable reason if `cfg` cannot build an optimizer (under bound `staleness`)."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
     if not cfg.lr > 0:
@@ -38,8 +39,9 @@ def validate(cfg: pb.OptimizerConfig) -> None:
         raise ValueError("betas must lie in [0, 1)")
     if cfg.name != "sgd" and not cfg.eps > 0:
         raise ValueError("Adam eps must be positive (unset fields of an OptimizerConfig are 0)")
-    if cfg.balance_batches and not cfg.average_gradients:
+    if cfg.balance_batches and not cfg.average_gradients and not cfg.local_steps:
         raise ValueError("balance_batches needs average_gradients: balanced batches are weighted in the per-clock average")
+    delay.validate(cfg, staleness)
 
 
 def build(cfg: pb.OptimizerConfig, flat: torch.nn.Parameter) -> torch.optim.Optimizer:
@@ -47,6 +49,8 @@ def build(cfg: pb.OptimizerConfig, flat: torch.nn.Parameter) -> torch.optim.Opti
     validate(cfg)
     # fused: one vectorized pass over the shard, 2-6x the apply rate of the default
     # per-op implementation on CPU (bench/wire.py), same results to fp32 round-off.
+    if delay.rule_of(cfg) == "delayed-nesterov":
+        return delay.DelayedNesterov([flat], lr=cfg.lr, momentum=cfg.momentum, period=cfg.outer_period or 1)
     if cfg.name == "sgd":
         return torch.optim.SGD(
             [flat], lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
