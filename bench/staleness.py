@@ -17,7 +17,6 @@ Blocks; one process, `--threads` torch threads; denormals flushed as ps-worker d
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -29,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peers_common import RunSpec, Task, lr_at, make_optimizer, set_lr  # noqa: E402
+from peers_common import RunSpec, Task  # noqa: E402
 from peers_eval import Evaluator  # noqa: E402
+from staleness_rules import VARIANTS, Runner, eval_model  # noqa: E402
 from worker.data import Corpus, default_corpus_path  # noqa: E402
 from worker.task import ByteGPT, TaskConfig  # noqa: E402
 
@@ -56,46 +56,37 @@ def attention_stats(model: ByteGPT, idx: torch.Tensor) -> list[dict]:
     return out
 
 
-def run(delay: int, qk_norm: bool, args: argparse.Namespace, corpus: Corpus) -> dict:
+def run(delay: int | str, qk_norm: bool, args: argparse.Namespace, corpus: Corpus, rule: str = "plain") -> dict:
     task = TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
                       qk_norm=qk_norm)
     spec = RunSpec(system="staleness", scenario="uniform", workers=2, out="", lr=args.lr, warmup=args.warmup,
                    batch_size=args.batch_size, task=task, data=args.data, seed=args.seed)
-    tasks = [Task(spec, rank=r, world=2, corpus=corpus) for r in range(2)]
-    model, probe = tasks[0].model, copy.deepcopy(tasks[0].model)  # probe: where gradients are taken
-    params, probe_params = list(model.parameters()), list(probe.parameters())
-    opt = make_optimizer(spec, params)
+    runner = Runner(rule, delay, spec, corpus, seed=args.seed)
     ev = Evaluator(spec, corpus, args.eval_windows)
     torch.set_num_threads(args.threads)  # Evaluator sets 1
-    fixed = tasks[1].batch()[0]
-    history: list[list[torch.Tensor]] = []
-    points, t0 = [], time.perf_counter()
-    for u in range(args.updates):
-        history = (history + [[p.detach().clone() for p in params]])[-(delay + 1):]
-        with torch.no_grad():
-            for q, w in zip(probe_params, history[0]):  # the weights of update u - delay
-                q.copy_(w)
-        x, y = tasks[u % 2].batch()
-        for q in probe_params:
-            q.grad = None
-        probe.loss(x, y).backward()
-        for p, q in zip(params, probe_params):
-            p.grad = q.grad
-        set_lr(opt, lr_at(spec, u))
-        opt.step()
-        if (u + 1) % args.every == 0:
-            point = {"updates": u + 1, "heldout": round(ev.loss(model.state_dict()), 4),
+    fixed = Task(spec, rank=1, world=2, corpus=corpus).batch()[0]
+    points, t0, mark = [], time.perf_counter(), args.every
+    while runner.batches < args.updates:
+        runner.step()
+        if runner.batches >= mark or runner.batches >= args.updates:
+            mark += args.every
+            model = eval_model(runner)
+            point = {"updates": runner.batches, "heldout": round(ev.loss(model.state_dict()), 4),
                      "attention": attention_stats(model, fixed), "seconds": round(time.perf_counter() - t0, 1)}
             torch.set_num_threads(args.threads)
             points.append(point)
-            print(f"delay {delay} qk_norm {qk_norm}: {point}", flush=True)
-    return {"delay": delay, "qk_norm": qk_norm, "points": points, "final_heldout": points[-1]["heldout"] if points else None}
+            print(f"rule {rule} delay {delay} qk_norm {qk_norm}: {point}", flush=True)
+    return {"rule": rule, "delay": delay, "qk_norm": qk_norm, "points": points,
+            "final_heldout": points[-1]["heldout"] if points else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/staleness.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2], help="gradient delays (updates) to run")
+    p.add_argument("--random", action="store_true", help="also run delays drawn uniformly from 0..4 (seeded)")
+    p.add_argument("--rules", nargs="+", default=["plain"], choices=list(VARIANTS), metavar="RULE",
+                   help=f"update rules to run: {', '.join(VARIANTS)}")
     p.add_argument("--updates", type=int, default=1000, help="updates per run")
     p.add_argument("--every", type=int, default=200, help="updates between measurements")
     p.add_argument("--qk-norm", choices=["off", "on", "both"], default="both", help="the model's qk_norm")
@@ -121,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
     norms = {"off": [False], "on": [True], "both": [False, True]}[args.qk_norm]
-    runs = [run(d, qk, args, corpus) for qk in norms for d in args.delays]
-    print(f"{'qk_norm':>8} {'delay':>5} " + " ".join(f"{pt['updates']:>7}" for pt in runs[0]["points"]))
+    delays = list(args.delays) + (["random"] if args.random else [])
+    runs = [run(d, qk, args, corpus, rule) for qk in norms for rule in args.rules for d in delays]
+    print(f"{'rule':>16} {'qk_norm':>8} {'delay':>6} " + " ".join(f"{pt['updates']:>7}" for pt in runs[0]["points"]))
     for r in runs:
-        print(f"{str(r['qk_norm']):>8} {r['delay']:>5} " + " ".join(f"{pt['heldout']:7.3f}" for pt in r["points"]))
+        print(f"{r['rule']:>16} {str(r['qk_norm']):>8} {r['delay']:>6} "
+              + " ".join(f"{pt['heldout']:7.3f}" for pt in r["points"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "json"},
                                                "torch": torch.__version__, "runs": runs}, indent=1))

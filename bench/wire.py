@@ -272,7 +272,7 @@ def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_byt
                 t0 = time.perf_counter()
                 ps._run(ps._pull_all(ps.clock, own_lag=0))
                 t1 = time.perf_counter()
-                ps._run(ps._push_all(ps.clock, grad))  # hands `grad` back to _free_grads
+                ps._run(ps._push_all(ps.clock, grad, 0, 0.0, list(ps.stats.versions)))  # hands `grad` back to _free_grads
                 t2 = time.perf_counter()
                 ps._free_grads.pop()
                 ps.clock += 1

@@ -38,6 +38,9 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.035
 # with s=2, 2 workers, no averaging (bound 6). Every whole number to 8, so a quantile never
 # overshoots a small bound (the alert compares it with one), then wider.
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64, 128)
+# Delay compensation relative to the gradient (ps_server/delay.py): 0 when fresh; the correction
+# is a few percent of the gradient at the delays SSP allows, more only when staleness runs away.
+COMPENSATION_BUCKETS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 # A checkpoint write (torch.save + fsync): milliseconds for the built-in model, seconds for GBs.
 CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -89,6 +92,10 @@ class ServerMetrics:
         self.update_staleness = histogram("asyncps_server_update_staleness",
                                           "Update staleness of each pushed gradient: shard version when applied "
                                           "minus the version it was computed from.", STALENESS_BUCKETS)
+        self.compensation = histogram("asyncps_server_compensation_ratio",
+                                      "Size of each update's delay compensation (update rule dc): "
+                                      "||correction|| / ||gradient||; 0 for a gradient read at the current version.",
+                                      COMPENSATION_BUCKETS)
         self.evictions = counter("asyncps_server_evictions_total", "Workers evicted after the heartbeat timeout.")
         self.lost_updates = counter("asyncps_server_lost_updates_total",
                                     "Updates this shard applied, then lost in a restart (missing from the restored "
@@ -152,6 +159,9 @@ class _ShardState:
         yield gauge("asyncps_server_update_staleness_bound",
                     "Largest update staleness (versions) the bound allows with the live workers now.",
                     update_staleness_bound(clocks.staleness, live, averaging))
+        yield gauge("asyncps_server_compensation_history_misses",
+                    "Pushes (update rule dc) older than every kept version of the weights, compensated "
+                    "against the oldest one.", store.history_missed if store else 0)
         per_worker = GaugeMetricFamily("asyncps_server_worker_clock", "Each live worker's clock on this shard.",
                                        labels=["shard", "worker"])
         for worker, entry in sorted(entries.items()):

@@ -15,10 +15,12 @@ import torch
 from collections.abc import Sequence
 
 from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server import delay
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # settings of the whole shard, not of a group: every group's must equal the shard's
-SHARD_WIDE = ("name", "staleness_aware_lr", "average_gradients", "warmup_updates", "balance_batches")
+SHARD_WIDE = ("name", "staleness_aware_lr", "average_gradients", "warmup_updates", "balance_batches",
+              "update_rule", "dc_lambda", "history_versions", "local_steps", "outer_period")
 
 
 def default_config(name: str = "sgd", lr: float = 0.01, **kw: float | bool) -> pb.OptimizerConfig:
@@ -30,8 +32,9 @@ def default_config(name: str = "sgd", lr: float = 0.01, **kw: float | bool) -> p
     return pb.OptimizerConfig(name=name, lr=lr, **base)
 
 
-def validate(cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup] = (), numel: int = 0) -> None:
-    """Raise ValueError with a readable reason if `cfg` (with `groups` over `numel` elements) cannot build an optimizer."""
+def validate(cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup] = (), numel: int = 0,
+             staleness: float | None = None) -> None:
+    """Raise ValueError with a readable reason if `cfg` (with `groups` over `numel` elements) cannot build an optimizer (under bound `staleness`)."""
     if groups:
         validate_groups(cfg, groups, numel)
     if cfg.name not in OPTIMIZERS:
@@ -46,8 +49,9 @@ def validate(cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup] = (), nume
         raise ValueError("betas must lie in [0, 1)")
     if cfg.name != "sgd" and not cfg.eps > 0:
         raise ValueError("Adam eps must be positive (unset fields of an OptimizerConfig are 0)")
-    if cfg.balance_batches and not cfg.average_gradients:
+    if cfg.balance_batches and not cfg.average_gradients and not cfg.local_steps:
         raise ValueError("balance_batches needs average_gradients: balanced batches are weighted in the per-clock average")
+    delay.validate(cfg, staleness)
 
 
 def validate_groups(cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup], numel: int) -> None:
@@ -70,6 +74,8 @@ def validate_groups(cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup], nu
 def _torch_optimizer(cfg: pb.OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
     # fused: one vectorized pass over the shard, 2-6x the apply rate of the default
     # per-op implementation on CPU (bench/wire.py), same results to fp32 round-off.
+    if delay.rule_of(cfg) == "delayed-nesterov":
+        return delay.DelayedNesterov(groups, lr=cfg.lr, momentum=cfg.momentum, period=cfg.outer_period or 1)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, fused=True)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW

@@ -29,8 +29,7 @@ import torch
 
 from protos import compress, service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server import checkpoint
-from ps_server import streams
+from ps_server import checkpoint, delay, streams
 from ps_server.aggregate import Aggregator
 from ps_server.atomic import to_the_end
 from ps_server.balance import Balancer
@@ -136,6 +135,7 @@ class Servicer:
                 f"this server is shard {self.cfg.shard_index} of {self.cfg.num_shards}"
             )
         self.store = ShardStore.from_state_dict(state["store"])
+        self.store.observe_compensation = self.metrics.compensation.observe
         self.clocks.load_state_dict(state["clocks"])
         self.checkpoint_version = self.restored_version = self.store.version
         self.lost_updates = self._lost_before = int(state.get("lost_updates", 0))
@@ -310,20 +310,21 @@ class Servicer:
                 if self.store is not None:
                     self._store_for(head.plan_hash)
                     return self._init_response(accepted=False)
-                optim.validate(head.optimizer, head.groups, head.numel)
+                if head.HasField("staleness") and not head.staleness >= 0:
+                    raise _Reject(Code.INVALID_ARGUMENT, f"staleness must be >= 0, got {head.staleness}")
+                bound = head.staleness if self.cfg.staleness is None and head.HasField("staleness") else self.clocks.staleness
+                optim.validate(head.optimizer, head.groups, head.numel, bound)  # the update rule's history is checked against the bound
                 if head.numel == 0:
                     raise _Reject(Code.INVALID_ARGUMENT, "a shard must own at least one element")
                 if head.numel * 4 > self.cfg.max_shard_bytes:
                     raise _Reject(Code.RESOURCE_EXHAUSTED,
                                   f"shard of {head.numel * 4} bytes exceeds this server's limit of {self.cfg.max_shard_bytes}")
-                if head.HasField("staleness") and not head.staleness >= 0:
-                    raise _Reject(Code.INVALID_ARGUMENT, f"staleness must be >= 0, got {head.staleness}")
                 weights = await streams.receive_flat(frames, head.numel)
-                self.store = ShardStore(head.plan_hash, weights, head.optimizer, groups=head.groups)
-                if self.cfg.staleness is None and head.HasField("staleness"):
-                    self.clocks.staleness = head.staleness
-                log.info("shard %d initialized by %s: %d elements, %s", self.cfg.shard_index, head.worker_id,
-                         head.numel, head.optimizer.name)
+                self.store = ShardStore(head.plan_hash, weights, head.optimizer, groups=head.groups,
+                                        history=delay.history_size(head.optimizer, bound))
+                self.store.observe_compensation = self.metrics.compensation.observe
+                self.clocks.staleness = bound
+                log.info("shard %d initialized by %s: %d elements, %s", self.cfg.shard_index, head.worker_id, head.numel, head.optimizer.name)
                 if self.checkpoint_file:  # a restart before the first periodic checkpoint keeps the model
                     try:
                         await self.checkpoint_now()
@@ -405,11 +406,11 @@ class Servicer:
         try:
             async with self._apply_lock:
                 self.clocks.check_push(head.worker_id, head.session, head.clock)
+                if store.config.balance_batches:  # balanced batches, or dynamic local steps (samples: steps)
+                    self._balancer.observe(head.worker_id, head.samples, head.busy_seconds)
                 if store.config.average_gradients:
                     adopted = self._aggregator.add(head.worker_id, head.session, head.clock, grad, head.read_version,
                                                    head.samples, adopt=True)
-                    if store.config.balance_batches:
-                        self._balancer.observe(head.worker_id, head.samples, head.busy_seconds)
                     self.pushes_applied += 1
                     m.push_bytes.inc(store.numel * 4)
                     await self._apply_complete_buckets()

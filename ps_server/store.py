@@ -14,6 +14,8 @@ pull path's form of it: the weights of one version already encoded as wire frame
 made with one copy and shared by every pull of that version; while an update is being
 applied, the previous version's frames are answered without waiting for the lock.
 An update is applied whole or not at all: gradients are validated before the step starts.
+With the `dc` update rule (ps_server/delay.py) the store also keeps the weights of its last
+`history` versions and corrects each gradient for the updates since the version it read.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
+from ps_server import delay
 from ps_server import optimizer as optim
 
 
@@ -41,7 +44,7 @@ class ShardStore:
     """Weights and optimizer state of one initialized shard."""
 
     def __init__(self, plan_hash: str, weights: torch.Tensor, cfg: pb.OptimizerConfig, version: int = 0,
-                 groups: Sequence[pb.ParamGroup] = ()):
+                 groups: Sequence[pb.ParamGroup] = (), history: int = 0):
         if weights.dtype != torch.float32 or weights.dim() != 1:
             raise ValueError("shard weights must be a 1-D float32 tensor")
         self.plan_hash = plan_hash
@@ -51,6 +54,11 @@ class ShardStore:
         self._stepper = optim.FlatOptimizer(cfg, self._flat, self.groups)
         self._opt = self._stepper.torch
         self._version = version
+        self._dc = delay.DelayCompensation(cfg.dc_lambda or delay.DEFAULT_DC_LAMBDA) if delay.rule_of(cfg) == "dc" else None
+        self._history = delay.History(history or 1) if self._dc is not None else None
+        if self._history is not None:
+            self._history.add(version, self._flat.detach())
+        self.observe_compensation = None  # called with each update's compensation size (metrics)
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self._leases = threading.Lock()  # guards _snapshot, readers counts and spare buffers; never held long
@@ -83,9 +91,21 @@ class ShardStore:
         with self._lock:
             self._before_write()
             staleness = max(0, self._version - read_version)
+            if self._dc is not None:
+                w_now = self._flat.detach()
+                grad = self._dc(grad, w_now, self._history.get(read_version) if staleness else None)
+                if self.observe_compensation is not None:
+                    self.observe_compensation(self._dc.last)
             self._stepper.step(grad, self.lr_scale(staleness))
             self._version += 1
+            if self._history is not None:
+                self._history.add(self._version, self._flat.detach())
             return self._version, staleness
+
+    @property
+    def history_missed(self) -> int:
+        """Pushes compensated against the oldest kept version: the one they read was gone."""
+        return self._history.missed if self._history is not None else 0
 
     def learning_rate(self, staleness: int) -> float:
         """The (first group's) lr for the next update: see `lr_scale`."""
@@ -192,12 +212,17 @@ class ShardStore:
                 "weights": self._flat.detach().clone(),
                 "optimizer": opt_state,
                 "version": self._version,
+                "history": self._history.size if self._history is not None else 0,
+                "dc": self._dc.state_dict() if self._dc is not None else None,
             }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "ShardStore":
         cfg = pb.OptimizerConfig.FromString(state["optimizer_config"])
         groups = [pb.ParamGroup.FromString(g) for g in state.get("groups", [])]
-        store = cls(state["plan_hash"], state["weights"], cfg, version=int(state["version"]), groups=groups)
+        store = cls(state["plan_hash"], state["weights"], cfg, version=int(state["version"]), groups=groups,
+                    history=int(state.get("history", 0)))
         store._opt.load_state_dict(state["optimizer"])
+        if store._dc is not None and state.get("dc"):
+            store._dc.load_state_dict(state["dc"])
         return store

@@ -17,6 +17,7 @@ from ps_server.cli import staleness_flag
 from protos import compress, wire
 from ps_server.flags import FlagParser, int_range, non_negative, positive
 from ps_server.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
+from ps_server.delay import DEFAULT_DC_LAMBDA, RULES, UNBOUNDED_HISTORY
 from ps_server.optimizer import OPTIMIZERS, default_config, validate
 from worker.environment import default_worker_id, resolve_rank
 from worker.metrics import WorkerMetrics
@@ -31,6 +32,7 @@ def compression_flag(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+OUTER = ("sgd", "nesterov", "delayed-nesterov")  # outer optimizers of --local-steps
 # (flag, type, default, help) shared by ps-worker and ps-cluster, passed through verbatim.
 TRAINING_FLAGS: list[tuple[str, object, object, str]] = [
     ("staleness", staleness_flag, 0.0, "staleness bound s: a whole number, or inf for fully asynchronous"),
@@ -51,6 +53,21 @@ TRAINING_FLAGS: list[tuple[str, object, object, str]] = [
     ("data", str, None, "text file or folder to train on (default: this Python's standard library)"),
     ("compression", compression_flag, "none", "tensors on the wire: none (float32), bf16 or fp16 (pulls and "
                                               "pushes), onebit (pushes: signs + scales, error feedback)"),
+    ("update-rule", str, "plain", f"how the servers apply a stale gradient: {', '.join(RULES[:2])} (delay "
+                                  "compensation with the weights each gradient read; docs/asynchrony.md)"),
+    ("dc-lambda", non_negative(float), DEFAULT_DC_LAMBDA, "update rule dc: the adaptive lambda"),
+    ("dc-history", non_negative(int), 0, "update rule dc: versions of the weights each shard keeps "
+                                         f"(0: s + 1, or {UNBOUNDED_HISTORY} with s = inf); at least s + 1"),
+    ("local-steps", non_negative(int), 0, "H > 0: each worker runs H steps of its own optimizer (the flags above) "
+                                          "per push and pushes the change of its weights; the servers apply the "
+                                          "outer optimizer (--outer-*); --steps counts batches"),
+    ("outer-optimizer", str, None, f"with --local-steps: {', '.join(OUTER)} (default sgd)"),
+    ("outer-lr", positive(float), None, "with --local-steps: outer lr (default 1 with --average-gradients, "
+                                        "else 1/--world: each push applied at 1/P)"),
+    ("outer-momentum", non_negative(float), None, "with --local-steps: outer momentum (default 0.9 for nesterov "
+                                                  "and delayed-nesterov)"),
+    ("outer-period", positive(int), None, "with --outer-optimizer delayed-nesterov: pushes per momentum step "
+                                          "(default --world)"),
 ]
 SWITCHES: list[tuple[str, bool, str]] = [
     ("nesterov", False, "Nesterov momentum (SGD)"),
@@ -60,6 +77,8 @@ SWITCHES: list[tuple[str, bool, str]] = [
                                "its speed, the workers' combined batch unchanged (LB-BSP; machines of unequal speed)"),
     ("decay-all", False, "with --weight-decay, decay every parameter (default: biases, LayerNorm weights "
                          "and embeddings undecayed, as transformer recipes do)"),
+    ("dynamic-local-steps", False, "with --local-steps: the servers split the workers' combined H in proportion "
+                                   "to their measured speed, so a slow worker pushes on time"),
     ("pipeline", False, "request the next pull before computing (needs s >= 1)"),
     ("qk-norm", False, "built-in model: LayerNorm on each head's queries and keys, which keeps stale "
                        "updates from blowing up the attention logits (s > 0 without averaging)"),
@@ -89,8 +108,25 @@ def training_argv(args: argparse.Namespace) -> list[str]:
 
 def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
     """Turn inconsistent training flags into one-line errors (exit 2)."""
+    outer = [f"--{n}" for n in ("outer-optimizer", "outer-lr", "outer-momentum", "outer-period")
+             if getattr(args, n.replace("-", "_")) is not None]
+    if outer and not args.local_steps:
+        p.error(f"{outer[0]} sets an outer optimizer, which needs --local-steps H")
+    if args.dynamic_local_steps and not args.local_steps:
+        p.error("--dynamic-local-steps needs --local-steps H")
+    if args.outer_optimizer is not None and args.outer_optimizer not in OUTER:
+        p.error(f"--outer-optimizer {args.outer_optimizer!r}: choose one of {', '.join(OUTER)}")
+    if args.update_rule not in RULES[:2]:
+        p.error(f"--update-rule {args.update_rule!r}: choose one of {', '.join(RULES[:2])}"
+                " (delayed-nesterov is an --outer-optimizer)")
+    if args.local_steps and args.update_rule == "dc":
+        p.error("--update-rule dc needs plain gradients: it cannot be used with --local-steps")
+    if args.outer_period is not None and args.outer_optimizer != "delayed-nesterov":
+        p.error("--outer-period is for --outer-optimizer delayed-nesterov")
     try:
-        validate(optimizer_config(args))
+        validate(optimizer_config(args), args.staleness)
+        if args.local_steps:
+            validate(inner_config(args))
         task_config(args)
         pick_device(args.device)
     except ValueError as exc:
@@ -101,11 +137,29 @@ def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
         p.error(f"--data {args.data}: no such file or folder")
 
 
-def optimizer_config(args: argparse.Namespace):
+def inner_config(args: argparse.Namespace):
+    """The optimizer the training flags describe: the servers' (gradients) or each worker's own (local steps)."""
     return default_config(args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                           weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2,
                           staleness_aware_lr=args.staleness_aware_lr, average_gradients=args.average_gradients,
                           balance_batches=args.balance_batches, warmup_updates=args.warmup)
+
+
+def optimizer_config(args: argparse.Namespace):
+    """The servers' OptimizerConfig: the training flags' optimizer, or with --local-steps the outer one."""
+    if not args.local_steps:
+        cfg = inner_config(args)
+        cfg.update_rule, cfg.history_versions = args.update_rule, args.dc_history
+        cfg.dc_lambda = args.dc_lambda if args.update_rule == "dc" else 0.0
+        return cfg
+    kind = args.outer_optimizer or "sgd"
+    lr = args.outer_lr or (1.0 if args.average_gradients else 1.0 / max(1, getattr(args, "world", 1)))
+    momentum = args.outer_momentum if args.outer_momentum is not None else (0.0 if kind == "sgd" else 0.9)
+    return default_config("sgd", lr=lr, momentum=momentum, nesterov=kind == "nesterov",
+                          update_rule=kind if kind == "delayed-nesterov" else args.update_rule,
+                          outer_period=(args.outer_period or max(1, getattr(args, "world", 1))) if kind == "delayed-nesterov" else 0,
+                          local_steps=args.local_steps, average_gradients=args.average_gradients,
+                          balance_batches=args.dynamic_local_steps, staleness_aware_lr=args.staleness_aware_lr)
 
 
 def task_config(args: argparse.Namespace) -> TaskConfig:
@@ -175,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             p.error(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror or exc}")
     cfg = WorkerConfig(
-        servers=servers, optimizer=optimizer_config(args),
+        servers=servers, optimizer=optimizer_config(args), local_steps=args.local_steps,
+        inner=inner_config(args) if args.local_steps else None,
         task=task_config(args), data=args.data, rank=args.rank, world=args.world, worker_id=worker_id,
         staleness=args.staleness, pipeline=args.pipeline, flush_denormal=args.flush_denormal,
         batch_size=args.batch_size, steps=args.steps, decay_all=args.decay_all,

@@ -301,11 +301,13 @@ class PSClient:
         self.stats.pulls += 1
         self.stats.pull_wait_seconds += time.perf_counter() - t0
 
-    def push(self, samples: int = 0, busy_seconds: float = 0.0) -> PushTicket:
+    def push(self, samples: int = 0, busy_seconds: float = 0.0, read_versions: Sequence[int] | None = None) -> PushTicket:
         """Send the model's gradients for the current clock, advance the clock, and return at once.
 
         `samples`: examples the gradients are the mean over (averaging weights them by it);
-        `busy_seconds`: the compute time they took (balancing measures speed by it).
+        `busy_seconds`: the compute time they took (balancing measures speed by it);
+        `read_versions`: each shard's version the gradients were computed on (default: the
+        last pull's; an older pull's when computing on older weights, e.g. to inject delays).
         Gradients are copied out and zeroed (set to None) before returning. Raises
         ValueError (sending nothing) if any gradient is NaN or Inf.
         """
@@ -330,7 +332,8 @@ class PSClient:
         for p in self.params:
             p.grad = None
         clock, self.clock = self.clock, self.clock + 1
-        fut = self._submit(self._push_all(clock, buf, samples, busy_seconds, payloads))
+        versions = list(self._read_versions if read_versions is None else read_versions)
+        fut = self._submit(self._push_all(clock, buf, samples, busy_seconds, versions, payloads))
         ticket = PushTicket(clock, fut)
         self._inflight.append(ticket)
         if not self.pipeline:
@@ -428,8 +431,9 @@ class PSClient:
             return head
         return list(await asyncio.gather(*(one(s, sess) for s, sess in zip(self._shards, self._sessions))))
 
-    async def _push_all(self, clock: int, grad: torch.Tensor, samples: int = 0, busy_seconds: float = 0.0,
-                        payloads: list[torch.Tensor] | None = None) -> list[pb.PushResponse | None]:
+    async def _push_all(self, clock: int, grad: torch.Tensor, samples: int, busy_seconds: float,
+                        read_versions: list[int], payloads: list[torch.Tensor] | None = None
+                        ) -> list[pb.PushResponse | None]:
         m = self.metrics
 
         async def one(shard: ShardClient, session: int, read_version: int) -> pb.PushResponse | None:
@@ -465,7 +469,7 @@ class PSClient:
             return resp
         try:
             return list(await asyncio.gather(*(one(s, sess, v) for s, sess, v in
-                                               zip(self._shards, self._sessions, self._read_versions))))
+                                               zip(self._shards, self._sessions, read_versions))))
         finally:
             self._free_grads.append(grad)
 

@@ -105,6 +105,8 @@ class WorkerMetrics:
         self.samples = one(Counter, "asyncps_worker_samples_total", "Training samples (sequences) processed; rate() is samples/s.")
         self.batch_size = one(Gauge, "asyncps_worker_batch_size", "Samples in the latest iteration's batch "
                               "(the shards' choice when they balance batches by speed).")
+        self.local_steps = one(Gauge, "asyncps_worker_local_steps", "Inner-optimizer steps in this worker's latest "
+                               "push (--local-steps; the servers' choice with dynamic local steps; 0: gradients).")
         self.loss = one(Gauge, "asyncps_worker_loss", "Training loss of the latest iteration (nats per byte for the built-in task).")
         self.step_seconds = one(Histogram, "asyncps_worker_step_duration_seconds", "Wall time of one iteration.",
                                 buckets=STEP_BUCKETS)

@@ -27,6 +27,7 @@ from worker.client import PSClient
 from worker.groups import no_decay_groups
 from worker.metrics import WorkerMetrics
 from worker.data import BatchStream, Corpus, default_corpus_path, worker_slice
+from worker.local_steps import LocalSteps
 from worker.rpc import CallOptions
 from worker.task import ByteGPT, TaskConfig
 
@@ -61,6 +62,8 @@ class WorkerConfig:
     security: Security = NONE        # TLS and auth token (ps_server/security.py)
     decay_all: bool = False          # weight decay on every parameter (default: not on biases, norms, embeddings)
     compression: str = "none"         # bytes on the wire: none, bf16, fp16, onebit (protos/compress.py)
+    local_steps: int = 0             # > 0: inner-optimizer steps per push (worker/local_steps.py); `optimizer` is then
+    inner: pb.OptimizerConfig | None = None  # the servers' outer one and this the worker's own
 
 
 def model_params(model: torch.nn.Module, weight_decay: float, decay_all: bool = False):
@@ -141,40 +144,51 @@ def train(cfg: WorkerConfig) -> dict:
     # makes are denormal floats, which took forward+backward from 56 to 109 ms on this CPU.
     flushing = device.type == "cpu" and cfg.flush_denormal and torch.set_flush_denormal(True)
     try:
+        local = LocalSteps(model, cfg.inner or cfg.optimizer, cfg.local_steps, cfg.first_step) if cfg.local_steps else None
         params = model_params(model, cfg.optimizer.weight_decay, cfg.decay_all)
         with PSClient(cfg.servers, params, optimizer=cfg.optimizer, staleness=cfg.staleness,
                       worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options, metrics=cfg.metrics,
-                      security=cfg.security, batch_size=cfg.batch_size, compression=cfg.compression) as ps:
+                      security=cfg.security, batch_size=cfg.local_steps or cfg.batch_size,
+                      compression=cfg.compression) as ps:
             metrics = ps.metrics
             metrics.target_steps.set(cfg.steps)
             report.write(event="start", rank=cfg.rank, clock=ps.clock, first_step=cfg.first_step, device=str(device),
                          params=sum(p.numel() for p in model.parameters()), t=0.0)
             snapshots = _Snapshots(cfg.snapshot_dir, cfg.snapshot_every, cfg.rank)
-            for step in range(cfg.first_step, cfg.steps):
+            step = cfg.first_step
+            while step < cfg.steps:
                 t0 = time.perf_counter()
                 ps.pull()
                 snapshots.maybe(model, ps.clock)
                 t1 = time.perf_counter()
-                batch = ps.batch_size  # cfg.batch_size unless the shards balance batches by speed
-                x, y = stream.next(batch)
-                loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                loss.backward()
-                loss_value = float(loss.detach())  # synchronizes the device
+                if local is None:
+                    batch = ps.batch_size  # cfg.batch_size unless the shards balance batches by speed
+                    x, y = stream.next(batch)
+                    loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    loss.backward()
+                    loss_value, done, weight = float(loss.detach()), 1, batch  # float() synchronizes the device
+                else:  # H inner steps (the servers' share of H with dynamic local steps), then the pseudo-gradient
+                    batch = cfg.batch_size
+                    done = min(ps.batch_size, cfg.steps - step)
+                    loss_value = local.run(model, stream, batch, device, done)
+                    metrics.local_steps.set(done)
+                    weight = done
                 t2 = time.perf_counter()
                 if cfg.slowdown > 1:
                     time.sleep((cfg.slowdown - 1) * (t2 - t1))
                 t3 = time.perf_counter()
-                ps.push(samples=batch, busy_seconds=t3 - t1)
+                ps.push(samples=weight, busy_seconds=t3 - t1)
                 t4 = time.perf_counter()
-                samples += batch
+                step += done
+                samples += batch * done
                 t_task += t2 - t1
                 t_comm += (t1 - t0) + (t4 - t3)
                 losses.append(loss_value)
-                metrics.step(t4 - t0, t2 - t1, (t1 - t0) + (t4 - t3), loss_value, batch, ps.clock)
-                if t4 - last_report >= cfg.report_every or step == cfg.steps - 1:
+                metrics.step(t4 - t0, t2 - t1, (t1 - t0) + (t4 - t3), loss_value, batch * done, ps.clock)
+                if t4 - last_report >= cfg.report_every or step >= cfg.steps:
                     last_report = t4
                     recent = losses[-20:]
-                    report.write(event="progress", rank=cfg.rank, step=step + 1, clock=ps.clock,
+                    report.write(event="progress", rank=cfg.rank, step=step, clock=ps.clock,
                                  loss=sum(recent) / len(recent), t=t4 - start,
                                  samples=samples, batch=batch, t_task=t_task, t_comm=t_comm)
             t5 = time.perf_counter()
@@ -182,7 +196,7 @@ def train(cfg: WorkerConfig) -> dict:
             t_comm += time.perf_counter() - t5
             stats = ps.stats
         n = max(1, len(losses))
-        result = dict(event="done", rank=cfg.rank, steps=cfg.first_step + len(losses), t=time.perf_counter() - start,
+        result = dict(event="done", rank=cfg.rank, steps=step, t=time.perf_counter() - start,
                       t_task_seconds=t_task / n, t_comm_seconds=t_comm / n,
                       bound_wait_seconds=stats.bound_wait_seconds / n, final_loss=sum(losses[-20:]) / len(losses[-20:]) if losses else None,
                       first_step=cfg.first_step, samples=samples, reregistrations=stats.reregistrations,

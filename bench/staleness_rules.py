@@ -1,0 +1,160 @@
+"""The update rules bench/staleness.py compares, run through the servers' own code.
+
+Every rule trains the built-in task in one process on a real `ps_server.store.ShardStore`
+(the shard's optimizer, update rule and version history, exactly what a server runs) with
+deterministically injected delays:
+
+- gradient rules: update u applies the gradient computed on the weights of version
+  u - d (`read_version` u - d, as a push names it), d fixed or drawn uniformly from
+  0..4 ("random") with a seeded generator; the two workers' slices taken in turn.
+- local-steps rules: P = d + 1 workers (d = 0: one) take turns; each pulls the shard's
+  weights, runs H steps of its own AdamW (worker/local_steps.py) and pushes the
+  pseudo-gradient, so every push meets d other pushes between its pull and its apply.
+  "random": 3 workers, the next to push drawn uniformly. The budget counts batches: a
+  run of U updates takes U / H pushes.
+
+`VARIANTS` names each rule's settings; the bench's table reports them side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from peers_common import RunSpec, Task
+from ps_server.optimizer import default_config
+from ps_server.store import ShardStore
+from worker.local_steps import LocalSteps
+
+
+@dataclass
+class Variant:
+    local_steps: int = 0                 # 0: gradients
+    outer: dict = field(default_factory=dict)  # OptimizerConfig fields of the shard's optimizer
+    outer_lr_per_worker: bool = False    # local steps: the outer lr is divided by the number of workers
+
+
+VARIANTS: dict[str, Variant] = {
+    "plain": Variant(),
+    "dc": Variant(outer=dict(update_rule="dc")),
+    "dc-8": Variant(outer=dict(update_rule="dc", dc_lambda=8.0)),
+    "beta1-0.5": Variant(outer=dict(beta1=0.5)),
+    "beta1-0": Variant(outer=dict(beta1=0.0)),
+    "dc-beta1-0.5": Variant(outer=dict(update_rule="dc", beta1=0.5)),
+    "salr": Variant(outer=dict(staleness_aware_lr=True)),
+    "local1-avg": Variant(1, dict(lr=1.0), True),
+    "local4-avg": Variant(4, dict(lr=1.0), True),
+    "local4-lr1": Variant(4, dict(lr=1.0)),
+    "local4-half": Variant(4, dict(lr=0.5)),
+    "local4-nesterov": Variant(4, dict(lr=0.7, momentum=0.9, nesterov=True), True),
+    "local4-dn": Variant(4, dict(update_rule="delayed-nesterov", lr=1.0, momentum=0.5), True),
+    "local2-avg": Variant(2, dict(lr=1.0), True),
+}
+
+
+def inner_config(spec: RunSpec):
+    return default_config("adamw", lr=spec.lr, beta1=spec.beta1, beta2=spec.beta2, weight_decay=spec.weight_decay,
+                          warmup_updates=spec.warmup)
+
+
+def flat_of(model: torch.nn.Module) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
+def load_flat(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(flat, model.parameters())
+
+
+def grads_of(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()])
+
+
+class Runner:
+    """One rule at one delay: `step()` spends one push; `weights()` is the shard's model now."""
+
+    def __init__(self, name: str, delay: int | str, spec: RunSpec, corpus, seed: int = 0):
+        self.v = VARIANTS[name]
+        self.delay, self.spec = delay, spec
+        self.rng = random.Random(seed)
+        rand = delay == "random"
+        if self.v.local_steps:
+            self.workers = 3 if rand else int(delay) + 1
+            self.tasks = [Task(spec, rank=r, world=self.workers, corpus=corpus) for r in range(self.workers)]
+        else:
+            self.workers = 2
+            self.tasks = [Task(spec, rank=r, world=2, corpus=corpus) for r in range(2)]
+        self.model = self.tasks[0].model
+        flat0 = flat_of(self.model)
+        fields = dict(self.v.outer)
+        if self.v.local_steps:
+            lr = fields.pop("lr", 1.0) / (self.workers if self.v.outer_lr_per_worker else 1)
+            cfg = default_config("sgd", lr=lr, local_steps=self.v.local_steps, **fields)
+        else:
+            base = dict(lr=spec.lr, beta1=spec.beta1, beta2=spec.beta2, eps=1e-8, weight_decay=spec.weight_decay,
+                        warmup_updates=spec.warmup)
+            cfg = default_config("adamw", **{**base, **fields})
+        history = 5 if rand else int(delay) + 1
+        self.store = ShardStore("bench", flat0, cfg, history=history)
+        self.history = [flat0.clone()]  # gradient rules: the weights of the last versions
+        self.batches = 0
+        if self.v.local_steps:
+            self.locals = [LocalSteps(t.model, inner_config(spec), self.v.local_steps) for t in self.tasks]
+            self.read = [0] * self.workers
+            for t in self.tasks:
+                load_flat(t.model, flat0)
+            self.turn = 0
+
+    def weights(self) -> torch.Tensor:
+        snap = self.store.lease()
+        try:
+            return snap.weights.clone()
+        finally:
+            self.store.release(snap)
+
+    def step(self) -> None:
+        if self.v.local_steps:
+            self._local_push()
+        else:
+            self._gradient_update()
+
+    def _gradient_update(self) -> None:
+        u = self.store.version
+        d = self.rng.randint(0, 4) if self.delay == "random" else int(self.delay)
+        read = max(0, u - d)
+        load_flat(self.model, self.history[read - u - 1] if read - u - 1 >= -len(self.history) else self.history[0])
+        x, y = self.tasks[u % 2].batch()
+        self.model.zero_grad(set_to_none=True)
+        self.model.loss(x, y).backward()
+        self.store.apply(grads_of(self.model), read)
+        self.history = (self.history + [self.weights()])[-6:]
+        self.batches += 1
+
+    def _local_push(self) -> None:
+        if self.delay == "random":
+            k = self.rng.randrange(self.workers)
+        else:
+            k = self.turn
+            self.turn = (self.turn + 1) % self.workers
+        task, local = self.tasks[k], self.locals[k]
+        local.begin()
+        for _ in range(local.steps):
+            x, y = task.batch()
+            task.model.zero_grad(set_to_none=True)
+            task.model.loss(x, y).backward()
+            local.step()
+        local.finish()
+        self.store.apply(grads_of(task.model), self.read[k])
+        task.model.zero_grad(set_to_none=True)
+        load_flat(task.model, self.weights())  # the worker's next pull
+        self.read[k] = self.store.version
+        self.batches += local.steps
+
+
+def eval_model(runner: Runner) -> torch.nn.Module:
+    model = copy.deepcopy(runner.model)
+    load_flat(model, runner.weights())
+    return model

@@ -1,0 +1,233 @@
+"""Update rules for stale pushes and local steps: exact against in-process references.
+
+Real ps-server shards (two, so one tensor straddles the cut); a PSClient worker injects
+delays deterministically: it pulls every step, but computes on the weights it pulled
+`DELAY` steps earlier and names that pull's versions in its push. With s = 0 every
+pull waits for the worker's own previous push, so the shards' versions, and with them
+each push's staleness, are exactly those of the in-process reference written here
+(independently of ps_server/delay.py): delay compensation (DC-ASGD-a) on AdamW, and
+local steps (inner AdamW on the worker) under outer SGD, Nesterov and Delayed Nesterov.
+Two workers with s = 0 and averaging run synchronous local steps: DiLoCo.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from ps_server.optimizer import default_config
+from worker import PSClient
+from worker.local_steps import LocalSteps
+
+from .support import FAST_FAIL, batches, mlp, rel_err, status
+
+STEPS, DELAY, H = 12, 2, 3
+INNER = default_config("adamw", lr=1e-2, weight_decay=0.01)
+
+
+def loss_of(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def set_params(model, values):
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), values):
+            p.copy_(v)
+
+
+def dc_reference(model, data, lam: float) -> list[torch.Tensor]:
+    """AdamW on gradients DELAY updates stale, each corrected by DC-ASGD-a (Zheng et al. 2017)."""
+    ref = copy.deepcopy(model)
+    params = list(ref.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    probe = copy.deepcopy(model)
+    history = [[p.detach().clone() for p in params]]
+    mean_sq = None
+    for t, (x, y) in enumerate(data):
+        read = max(0, t - DELAY)
+        set_params(probe, history[read])
+        probe.zero_grad()
+        loss_of(probe, x, y).backward()
+        grads = [q.grad.clone() for q in probe.parameters()]
+        if mean_sq is None:
+            mean_sq = [g * g for g in grads]
+        else:
+            mean_sq = [0.95 * m + 0.05 * g * g for m, g in zip(mean_sq, grads)]
+        if t - read > 0:
+            grads = [g + lam * g * g * (w.detach() - wr) / (m.sqrt() + 1e-7)
+                     for g, w, wr, m in zip(grads, params, history[read], mean_sq)]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history[-1]
+
+
+def test_delay_compensation_equals_reference(start_server):
+    servers = start_server.shards(2, staleness=0)
+    data = batches(STEPS)
+    model = mlp()
+    want = dc_reference(model, data, lam=2.0)
+    uncorrected = dc_reference(model, data, lam=0.0)
+    assert max(rel_err(w, u) for w, u in zip(want, uncorrected)) > 1e-4  # the compensation shows in the result
+    start = [p.detach().clone() for p in model.parameters()]
+    cfg = default_config("adamw", lr=1e-2, weight_decay=0.01, update_rule="dc", dc_lambda=2.0, history_versions=DELAY + 1)
+    pulled = []
+    with PSClient([s.address for s in servers], model, optimizer=cfg, staleness=0, worker_id="solo",
+                  options=FAST_FAIL) as ps:
+        for x, y in data:
+            ps.pull()
+            pulled.append(([p.detach().clone() for p in model.parameters()], list(ps.stats.versions)))
+            weights, versions = pulled[max(0, len(pulled) - 1 - DELAY)]
+            set_params(model, weights)
+            loss_of(model, x, y).backward()
+            ps.push(read_versions=versions)
+        ps.pull()
+    assert [st.version for st in map(status, (s.address for s in servers))] == [STEPS, STEPS]
+    for got, w, s0 in zip(model.parameters(), want, start):
+        assert rel_err(w, s0) > 1e-3
+        assert rel_err(got, w) < 1e-5
+
+
+def outer_reference(kind: str, lr: float, beta: float, period: int):
+    """The outer step on a flat list of tensors, written out: returns step(params, pseudo_grads)."""
+    state: dict = {"t": 0, "m": None, "pending": None}
+
+    def step(params, grads):
+        state["t"] += 1
+        if state["m"] is None:
+            state["m"] = [torch.zeros_like(g) for g in grads]
+            state["pending"] = [torch.zeros_like(g) for g in grads]
+        for p, g, m, pend in zip(params, grads, state["m"], state["pending"]):
+            with torch.no_grad():
+                if kind == "sgd":
+                    p -= lr * g
+                elif kind == "nesterov":
+                    m.mul_(beta).add_(g)
+                    p -= lr * (g + beta * m)
+                else:  # delayed nesterov: a plain step per push, the momentum once every `period`
+                    pend += g
+                    p -= lr * g
+                    if state["t"] % period == 0:
+                        m.mul_(beta).add_(pend / period)
+                        p -= lr * beta * m
+                        pend.zero_()
+    return step
+
+
+OUTER = {
+    "sgd": dict(lr=0.5),
+    "nesterov": dict(lr=0.7, momentum=0.9, nesterov=True),
+    "delayed-nesterov": dict(lr=0.5, momentum=0.9, update_rule="delayed-nesterov", outer_period=2),
+}
+
+
+@pytest.mark.parametrize("kind", list(OUTER))
+def test_local_steps_with_delay_equals_reference(start_server, kind):
+    servers = start_server.shards(2, staleness=0)
+    pushes = 6
+    data = batches(pushes * H)
+    model = mlp()
+    fields = OUTER[kind]
+    # reference: one worker, its own AdamW kept across pushes, starting each push from the
+    # weights of the pull DELAY pushes earlier; the servers' outer step on the pseudo-gradient
+    ref, inner_model = copy.deepcopy(model), copy.deepcopy(model)
+    inner = torch.optim.AdamW(inner_model.parameters(), lr=1e-2, weight_decay=0.01)
+    outer = outer_reference(kind, fields["lr"], fields.get("momentum", 0.0), fields.get("outer_period", 1))
+    history = [[p.detach().clone() for p in ref.parameters()]]
+    for k in range(pushes):
+        start_w = history[max(0, k - DELAY)]
+        set_params(inner_model, start_w)
+        for x, y in data[k * H:(k + 1) * H]:
+            inner.zero_grad()
+            loss_of(inner_model, x, y).backward()
+            inner.step()
+        outer(list(ref.parameters()), [w - p.detach() for w, p in zip(start_w, inner_model.parameters())])
+        history.append([p.detach().clone() for p in ref.parameters()])
+    start = [p.detach().clone() for p in model.parameters()]
+
+    cfg = default_config("sgd", local_steps=H, **fields)
+    local = LocalSteps(model, INNER, H)
+    pulled = []
+    with PSClient([s.address for s in servers], model, optimizer=cfg, staleness=0, worker_id="solo",
+                  options=FAST_FAIL) as ps:
+        for k in range(pushes):
+            ps.pull()
+            pulled.append(([p.detach().clone() for p in model.parameters()], list(ps.stats.versions)))
+            weights, versions = pulled[max(0, k - DELAY)]
+            set_params(model, weights)
+            local.begin()
+            for x, y in data[k * H:(k + 1) * H]:
+                loss_of(model, x, y).backward()
+                local.step()
+            local.finish()
+            ps.push(samples=H, read_versions=versions)
+        ps.pull()
+    for got, w, s0 in zip(model.parameters(), ref.parameters(), start):
+        assert rel_err(w, s0) > 1e-3
+        assert rel_err(got, w) < 1e-5, kind
+
+
+def test_synchronous_local_steps_two_workers_equal_diloco(start_server):
+    """s = 0 with averaging and local steps: every round, both workers' H AdamW steps from the
+    same weights, their pseudo-gradients averaged, one outer Nesterov step (DiLoCo)."""
+    servers = start_server.shards(2, staleness=0)
+    rounds = 4
+    data = [batches(rounds * H, seed=10 + r) for r in range(2)]
+    model = mlp()
+    ref = copy.deepcopy(model)
+    inners = [copy.deepcopy(model) for _ in range(2)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01) for m in inners]
+    outer = outer_reference("nesterov", 0.7, 0.9, 1)
+    for k in range(rounds):
+        start_w = [p.detach().clone() for p in ref.parameters()]
+        deltas = []
+        for r in range(2):
+            set_params(inners[r], start_w)
+            for x, y in data[r][k * H:(k + 1) * H]:
+                opts[r].zero_grad()
+                loss_of(inners[r], x, y).backward()
+                opts[r].step()
+            deltas.append([w - p.detach() for w, p in zip(start_w, inners[r].parameters())])
+        outer(list(ref.parameters()), [(a + b) / 2 for a, b in zip(*deltas)])
+
+    cfg = default_config("sgd", lr=0.7, momentum=0.9, nesterov=True, local_steps=H, average_gradients=True)
+    models = [copy.deepcopy(model) for _ in range(2)]
+    errors: list[BaseException] = []
+    registered = threading.Barrier(2, timeout=60)  # both live before the first push: every clock has 2
+
+    def work(r: int) -> None:
+        try:
+            local = LocalSteps(models[r], INNER, H)
+            with PSClient([s.address for s in servers], models[r], optimizer=cfg, staleness=0,
+                          worker_id=f"w{r}", options=FAST_FAIL) as ps:
+                registered.wait()
+                for k in range(rounds):
+                    ps.pull()
+                    local.begin()
+                    for x, y in data[r][k * H:(k + 1) * H]:
+                        loss_of(models[r], x, y).backward()
+                        local.step()
+                    local.finish()
+                    ps.push(samples=H)
+                ps.wait()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    final = mlp()
+    with PSClient([s.address for s in servers], final, staleness=0, worker_id="reader", options=FAST_FAIL,
+                  initialize=False) as ps:
+        ps.pull()
+        assert ps.stats.versions == [rounds, rounds]  # one outer step per round
+    for got, w, s0 in zip(final.parameters(), ref.parameters(), model.parameters()):
+        assert rel_err(w, s0) > 1e-3
+        assert rel_err(got, w) < 1e-5

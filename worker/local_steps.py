@@ -1,0 +1,90 @@
+"""Asynchronous local steps: H steps of the worker's own inner optimizer per push.
+
+With `--local-steps H` a worker pulls the weights, runs H steps of its inner optimizer
+(torch.optim AdamW/Adam/SGD with the training flags' settings, its state kept across
+pushes and lost when the worker restarts) on H batches, and pushes the pseudo-gradient
+w_pulled − w_local; the servers apply their outer optimizer to it (ps_server/delay.py).
+Communication drops H-fold. The staleness bound counts pushes, so s = 0 with averaging
+is synchronous DiLoCo.
+
+Dynamic local steps (Liu et al. 2024's Dynamic Local Updates, `--dynamic-local-steps`):
+a worker slower than the others runs fewer inner steps, so its push lands on time. Each
+worker registers H as its "batch" and reports each push's inner steps (`samples`) and
+compute seconds (`busy_seconds`); the servers' balancer (ps_server/balance.py, the one
+balanced batches use) splits the workers' combined H in proportion to their measured
+steps per second and hands each its share as the pull's `batch_size`.
+Not thread-safe: one per training loop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from protos.asyncps.v1 import ps_pb2 as pb
+
+
+def inner_optimizer(cfg: pb.OptimizerConfig, params) -> torch.optim.Optimizer:
+    """The worker's inner optimizer (the training flags' optimizer, run locally)."""
+    params = list(params)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+class LocalSteps:
+    """The inner loop of one worker: `begin` after a pull, `step` H times, `finish` before the push."""
+
+    def __init__(self, model: torch.nn.Module, inner: pb.OptimizerConfig, steps: int, first_step: int = 0):
+        if steps < 1:
+            raise ValueError("local steps must be >= 1")
+        self.params = [p for p in model.parameters()]
+        self.inner = inner
+        self.steps = steps
+        self.opt = inner_optimizer(inner, self.params)
+        self.inner_steps = first_step  # inner steps done: the warm-up runs over these
+        self._pulled: list[torch.Tensor] = []
+
+    def lr(self) -> float:
+        """The inner lr: warmed up linearly over the first `warmup_updates` inner steps (as the servers do)."""
+        lr = self.inner.lr
+        if self.inner.warmup_updates:
+            lr *= min(1.0, (self.inner_steps + 1) / self.inner.warmup_updates)
+        return lr
+
+    def begin(self) -> None:
+        """Remember the weights just pulled."""
+        with torch.no_grad():
+            if len(self._pulled) != len(self.params):
+                self._pulled = [p.detach().clone() for p in self.params]
+            else:
+                for keep, p in zip(self._pulled, self.params):
+                    keep.copy_(p)
+
+    def step(self) -> None:
+        """One inner step on the gradients in the model (from the caller's backward)."""
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.inner_steps += 1
+
+    def finish(self) -> None:
+        """Put the pseudo-gradient w_pulled − w_local in each parameter's .grad, for the push."""
+        with torch.no_grad():
+            for keep, p in zip(self._pulled, self.params):
+                p.grad = keep - p.detach()
+
+    def run(self, model: torch.nn.Module, stream, batch: int, device: torch.device, steps: int) -> float:
+        """`begin`, `steps` inner steps on batches of `stream`, `finish`; returns the mean training loss."""
+        self.begin()
+        total = 0.0
+        for _ in range(steps):
+            x, y = stream.next(batch)
+            loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            loss.backward()
+            total += float(loss.detach())
+            self.step()
+        self.finish()
+        return total / max(1, steps)
