@@ -6,8 +6,8 @@ both, and prints each run's held-out loss and per-mode medians and spreads:
 
     python -m bench.decay_groups --steps 400 --seeds 0 1 --weight-decay 0.1
 
-Lower held-out loss is better; `ps-worker`'s default (undecayed groups) is kept only if
-it measures no worse than --decay-all.
+Lower held-out loss is better; undecayed groups were to become `ps-worker`'s default only
+if they measured no worse than --decay-all (they did not: docs/byom.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-MODES = {"groups": [], "decay-all": ["--decay-all"]}
+MODES = {"groups": ["--no-decay-all"], "decay-all": ["--decay-all"]}
 
 
 def run(mode: str, seed: int, args: argparse.Namespace, root: Path) -> float:

@@ -60,15 +60,16 @@ class WorkerConfig:
     metrics: WorkerMetrics | None = None  # Prometheus metrics to record into (PSClient makes its own if None)
     options: CallOptions = field(default_factory=CallOptions)
     security: Security = NONE        # TLS and auth token (ps_server/security.py)
-    decay_all: bool = False          # weight decay on every parameter (default: not on biases, norms, embeddings)
+    decay_all: bool = True           # weight decay on every parameter (False: not on biases, norms, embeddings)
     compression: str = "none"         # bytes on the wire: none, bf16, fp16, onebit (protos/compress.py)
     local_steps: int = 0             # > 0: inner-optimizer steps per push (worker/local_steps.py); `optimizer` is then
     inner: pb.OptimizerConfig | None = None  # the servers' outer one and this the worker's own
 
 
-def model_params(model: torch.nn.Module, weight_decay: float, decay_all: bool = False):
-    """What the built-in task hands PSClient (and the exporter, whose plan must match):
-    with weight decay, two groups leaving biases, LayerNorm weights and embeddings undecayed."""
+def model_params(model: torch.nn.Module, weight_decay: float, decay_all: bool = True):
+    """What the built-in task hands PSClient (and the exporter, whose plan must match): the model,
+    or with weight decay and not `decay_all`, two groups leaving biases, LayerNorm weights and
+    embeddings undecayed."""
     if decay_all or weight_decay <= 0:
         return model
     return no_decay_groups(model, weight_decay)

@@ -11,6 +11,9 @@ and changes nothing; ungrouped settings that only a shard may hold are INVALID_A
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -22,6 +25,7 @@ from ps_server.optimizer import default_config
 from worker import PSClient, RpcFailed
 
 from .support import FAST_FAIL, batches, mlp, rel_err, status, stub
+from .test_cluster import SMALL, corpus  # noqa: F401 (corpus is a fixture)
 
 STEPS = 15
 
@@ -122,3 +126,14 @@ def test_group_that_changes_a_shard_wide_setting_is_invalid_argument(start_serve
                 s.Init(iter([wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(torch.zeros(8))]), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
     assert not status(server.address).initialized
+
+
+def test_built_in_task_with_undecayed_groups_trains_and_exports(tmp_path, corpus):  # noqa: F811
+    """ps-cluster --no-decay-all: the workers and the exporter build the same grouped plan."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "worker.cluster", "--servers", "2", "--workers", "2", "--steps", "6",
+                        "--data", str(corpus), "--out", str(out), *SMALL, "--weight-decay", "0.1", "--no-decay-all",
+                        "--no-metrics", "--eval-windows", "4"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 6 and (out / "model.safetensors").is_file()
