@@ -2,6 +2,7 @@
 
     python bench/staleness.py --json bench/results/staleness.json
     python bench/staleness.py --delays 0 1 2 --updates 1000 --qk-norm both
+    python bench/staleness.py --rules plain dc local4-avg --delays 1 2 4 --random --plot staleness.png
 
 Each run is plain `torch.optim.AdamW` with the peers comparison's settings (bench/peers.py:
 lr 6e-3, betas 0.9/0.95, 100 warm-up updates, batch 16, worker slices of 2 workers taken
@@ -11,6 +12,9 @@ d other pushes land between its pull and its apply (2 workers, s >= 1: d is abou
 it separates what staleness costs the algorithm from what any system costs. Every
 `--every` updates it records the held-out loss (peers' 64 windows) and, for each attention
 layer, the largest attention logit and the mean attention entropy on one fixed batch.
+`--rules` runs the servers' update rules on a real shard store (bench/staleness_rules.py:
+delay compensation, momentum shrinking, staleness-scaled lr, asynchronous local steps
+with their outer optimizers); `--random` adds delays drawn from 0..4.
 Blocks; one process, `--threads` torch threads; denormals flushed as ps-worker does.
 """
 
@@ -80,6 +84,24 @@ def run(delay: int | str, qk_norm: bool, args: argparse.Namespace, corpus: Corpu
             "final_heldout": points[-1]["heldout"] if points else None}
 
 
+def plot(runs: list[dict], path: str) -> None:
+    """Held-out loss against batches, one line per (rule, delay, qk_norm), matplotlib's Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for r in runs:
+        label = f"{r['rule']} d={r['delay']}" + (" qk" if r["qk_norm"] else "")
+        ax.plot([pt["updates"] for pt in r["points"]], [pt["heldout"] for pt in r["points"]], marker="o", label=label)
+    ax.set_xlabel("batches of the budget (updates; with local steps, inner steps)")
+    ax.set_ylabel("held-out loss (nats/byte)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/staleness.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -102,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="draw held-out loss against updates (batches) per rule and delay into this PNG")
     args = p.parse_args(argv)
     if min(args.delays) < 0 or args.updates < 1 or args.every < 1:
         p.error("--delays must be >= 0, --updates and --every >= 1")
@@ -118,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         print(f"{r['rule']:>16} {str(r['qk_norm']):>8} {r['delay']:>6} "
               + " ".join(f"{pt['heldout']:7.3f}" for pt in r["points"]))
+    if args.plot:
+        plot(runs, args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "json"},
                                                "torch": torch.__version__, "runs": runs}, indent=1))
