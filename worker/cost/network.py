@@ -119,7 +119,7 @@ class NetworkModel:
         c = self.compute[model]
         comm = self.comm(system, c["params"], workers, servers, compression, pipeline)
         parts = asyncps_parts(c["params"], workers, servers, self.link, compression) if system == "asyncps" else None
-        apply = self.apply_seconds(c["params"], workers, servers)
+        apply = self.apply_seconds(c["params"], workers, servers) if system == "asyncps" else 0.0
         return workers * c["batch_size"] / clock_seconds(system, c["compute_seconds"], comm, pipeline, parts,
                                                          apply), comm
 
