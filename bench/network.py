@@ -12,7 +12,7 @@ batch, AdamW settings and warm-up. asyncps runs with gradient averaging (one upd
 clock, as DDP) and --pipeline with s = 1 (the next pull overlaps compute and the push, so
 a worker's link carries its push out and its pull in at once, as BytePS does); DDP's
 all-reduce overlaps its backward pass. Compression (--compression): `none`; `bf16`
-(asyncps pulls and pushes bf16; DDP all-reduces bf16 with torch's bf16_compress_hook);
+(asyncps pulls and pushes bf16; DDP all-reduces bf16 with a gloo copy of torch's bf16_compress_hook);
 `onebit` (asyncps only: 1-bit pushes with error feedback, fp32 pulls).
 
 Each row: samples/s over the steps after --warmup-steps (from each process's own step
@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -52,7 +53,7 @@ from worker.procs import Children  # noqa: E402
 from worker.task import TaskConfig  # noqa: E402
 
 log = logging.getLogger("network")
-MODELS = {"builtin": PRESETS["small"], "wide": PRESETS["wide"]}
+MODELS = {"builtin": PRESETS["small"], "wide": PRESETS["wide"], "tiny": PRESETS["tiny"]}  # tiny: for tests
 SYSTEMS = ("ddp-gloo", "asyncps")
 COMPRESSIONS = ("none", "bf16", "onebit")
 
@@ -76,7 +77,7 @@ def build_parser() -> FlagParser:
     p = FlagParser(prog="bench/network.py", description=__doc__.split("\n\n")[0])
     p.env_flag("json", required=True, help="write the rows here")
     p.env_flag("results", default=None, help="also write the markdown table and the scale-out plot into this folder")
-    p.env_flag("models", type=csv(str, MODELS), default="builtin,wide", help="builtin, wide")
+    p.env_flag("models", type=csv(str, MODELS), default="builtin,wide", help="builtin, wide (tiny: a smoke test)")
     p.env_flag("systems", type=csv(str, SYSTEMS), default="ddp-gloo,asyncps", help="ddp-gloo, asyncps")
     p.env_flag("servers", type=csv(int), default="1,2,4", help="asyncps server counts S")
     p.env_flag("workers", type=positive(int), default=4, help="workers P of every system")
@@ -217,6 +218,7 @@ def grid(a) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped grid still removes its network
     if len(a.steps) != len(a.models):
         p.error(f"--steps needs one count per model ({len(a.models)}), got {len(a.steps)}")
     if a.pipeline and a.staleness < 1:

@@ -4,7 +4,7 @@
     python bench/network_run.py eval SPEC.json SERVERS OUT.json
 
 `ddp`: one rank of DistributedDataParallel on gloo (ring all-reduce of fp32 gradients, or
-bf16 with torch's `bf16_compress_hook` when the spec says so), rendezvous at rank 0's
+bf16 with a gloo copy of torch's `bf16_compress_hook` when the spec says so), rendezvous at rank 0's
 address; trains `steps` iterations of the spec's model with the same data slices, batch,
 AdamW settings and warm-up as the asyncps workers (bench/peers_common.py), then rank 0
 writes its per-step times, the compute time of the same model without communication
@@ -49,6 +49,18 @@ def _loss(model, x, y):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
 
+def _bf16_hook(_state, bucket):
+    """torch's bf16_compress_hook without its NCCL-only check: the bucket all-reduced in bf16 over gloo."""
+    world = dist.get_world_size()
+    wire = bucket.buffer().to(torch.bfloat16).div_(world)
+
+    def widen(fut):
+        out = bucket.buffer()
+        out.copy_(fut.value()[0])
+        return out
+    return dist.all_reduce(wire, async_op=True).get_future().then(widen)
+
+
 def ddp(spec: RunSpec, extra: dict, rank: int, master: str, port: int, out: Path) -> None:
     torch.set_num_threads(spec.threads_for(spec.workers))
     torch.set_flush_denormal(True)
@@ -66,8 +78,7 @@ def ddp(spec: RunSpec, extra: dict, rank: int, master: str, port: int, out: Path
         task.model.zero_grad(set_to_none=True)
         model = torch.nn.parallel.DistributedDataParallel(task.model)
         if extra.get("compression") == "bf16":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-            model.register_comm_hook(dist.group.WORLD, default_hooks.bf16_compress_hook)
+            model.register_comm_hook(None, _bf16_hook)
         opt = make_optimizer(spec, model.parameters())
         dist.barrier()
         ends = [time.perf_counter()]

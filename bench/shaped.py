@@ -34,6 +34,10 @@ PREFIX = "apsnet"
 SUBNET = "10.77.0"
 DEFAULT_RATE_MBIT = 1000.0
 DEFAULT_DELAY_MS = 0.1
+# A link's queue, in time at its rate (a switch port's buffer). 20 ms keeps four senders into
+# one link (4 -> 1: 48.1 of 50 Mbit/s) and both directions busy at once (46.7) at the rate;
+# 200 ms moved no more (47.4, 47.7) and only delays small messages behind bulk ones.
+DEFAULT_QUEUE_MS = 20.0
 _serial = itertools.count()
 
 
@@ -126,7 +130,7 @@ class ShapedNet:
     """Hosts in namespaces on one shaped bridge; see the module docstring."""
 
     def __init__(self, hosts: Sequence[str], rate_mbit: float = DEFAULT_RATE_MBIT, delay_ms: float = DEFAULT_DELAY_MS,
-                 prefix: str = PREFIX):
+                 prefix: str = PREFIX, queue_ms: float = DEFAULT_QUEUE_MS):
         if not hosts or len(set(hosts)) != len(hosts):
             raise ValueError("hosts must be distinct names, at least one")
         if len(hosts) > 250:
@@ -134,6 +138,7 @@ class ShapedNet:
         if rate_mbit <= 0 or delay_ms < 0:
             raise ValueError(f"rate must be > 0 and delay >= 0, got {rate_mbit} Mbit/s, {delay_ms} ms")
         self.hosts, self.rate_mbit, self.delay_ms = list(hosts), float(rate_mbit), float(delay_ms)
+        self.queue_ms = float(queue_ms)
         self.tag = f"{prefix}{os.getpid()}x{next(_serial)}"
         self.bridge_ns = f"{self.tag}-br"
         self._ns = {h: f"{self.tag}-h{i}" for i, h in enumerate(self.hosts)}
@@ -191,7 +196,7 @@ class ShapedNet:
             _run([*tc, "netem", "delay", f"{self.delay_ms}ms", "rate", f"{self.rate_mbit}mbit", "limit", str(limit)])
         else:  # token bucket: the rate, no added delay (see `netem_available`)
             burst = max(64 << 10, int(self.rate_mbit * 1e6 / 8 * 1e-3))  # 1 ms of traffic, at least a GSO packet
-            _run([*tc, "tbf", "rate", f"{self.rate_mbit}mbit", "burst", str(burst), "latency", "20ms"])
+            _run([*tc, "tbf", "rate", f"{self.rate_mbit}mbit", "burst", str(burst), "latency", f"{self.queue_ms:g}ms"])
 
     # -- using ----------------------------------------------------------------------------
     def namespace(self, host: str) -> str:

@@ -16,10 +16,9 @@ efficiency) and one-way latency L to the switch; a model of n parameters:
 * Compression changes the bytes: bf16/fp16 halve both directions; onebit pushes
   `protos.compress.push_bytes` (≈ n/8 + 4n/1024), pulls stay fp32. DDP with bf16 halves M.
 
-A clock: asyncps pipelined overlaps the wire with compute (the links wait, the cores do
-not): max(compute, T_comm); otherwise compute + T_comm. DDP overlaps the all-reduce with
-the backward pass (about 2/3 of compute): compute/3 + max(2·compute/3, T_comm).
-Samples/s = P × batch / clock. Immutable and thread-safe.
+A clock (`clock_seconds`): compute + T_comm for DDP (its one bucket is reduced after the
+backward pass) and unpipelined asyncps; pipelined asyncps overlaps the wire with compute,
+max(C, U, D, (C + U + D)/2) with U, D the push and pull. Samples/s = P × batch / clock. Immutable and thread-safe.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from protos import compress
 
 log = logging.getLogger(__name__)
 FORMAT = "asyncps-network-calibration-1"
-BACKWARD_SHARE = 2 / 3  # of forward + backward: the part DDP's all-reduce can hide behind
 
 
 @dataclass(frozen=True)
@@ -54,15 +52,19 @@ def wire_bytes(params: int, compression: str) -> tuple[int, int]:
     return compress.push_bytes(name, params), params * compress.pull_dtype(name).itemsize
 
 
+def asyncps_parts(params: int, workers: int, servers: int, link: Link, compression: str = "none") -> tuple[float, float]:
+    """(push, pull) seconds of one asyncps clock on the busiest link of each direction, a round trip each."""
+    push, pull = wire_bytes(params, compression)
+    fan_in = max(1.0, workers / servers)  # the busiest link: a worker's own, or a server's share of P
+    b, rtt = link.bytes_per_second, 4 * link.latency_s  # host -> switch -> host and back
+    return fan_in * push / b + rtt, fan_in * pull / b + rtt
+
+
 def asyncps_comm(params: int, workers: int, servers: int, link: Link, compression: str = "none",
                  pipeline: bool = True) -> float:
     """Seconds of communication of one asyncps clock (see the module docstring)."""
-    push, pull = wire_bytes(params, compression)
-    fan_in = max(1.0, workers / servers)  # the busiest link: a worker's own, or a server's share of P
-    b = link.bytes_per_second
-    t_push, t_pull = fan_in * push / b, fan_in * pull / b
-    rtt = 4 * link.latency_s  # host -> switch -> host and back
-    return max(t_push, t_pull) + rtt if pipeline else t_push + t_pull + 2 * rtt
+    up, down = asyncps_parts(params, workers, servers, link, compression)
+    return max(up, down) if pipeline else up + down
 
 
 def ddp_comm(params: int, workers: int, link: Link, compression: str = "none") -> float:
@@ -73,10 +75,20 @@ def ddp_comm(params: int, workers: int, link: Link, compression: str = "none") -
     return 2 * (workers - 1) / workers * nbytes / link.bytes_per_second + 2 * (workers - 1) * 4 * link.latency_s
 
 
-def clock_seconds(system: str, compute: float, comm: float, pipeline: bool = True) -> float:
+def clock_seconds(system: str, compute: float, comm: float, pipeline: bool = True,
+                  parts: tuple[float, float] | None = None, apply: float = 0.0) -> float:
+    """One iteration of every worker. DDP: compute, then the all-reduce (a model under DDP's
+    25 MB bucket is one bucket, reduced after the backward pass: nothing overlaps). asyncps
+    without --pipeline: compute + push + pull. Pipelined, with push U and pull D: the pull of
+    clock c+1 starts once clock c-1's pushes are in, and a clock ends when it has arrived,
+    so the period T solves T = D + max(0, C + U + A - T): T = max(C, U, D, (C + U + A + D) / 2),
+    A the servers' work between the last push of a clock and the first pull it frees."""
     if system == "ddp-gloo":
-        return (1 - BACKWARD_SHARE) * compute + max(BACKWARD_SHARE * compute, comm)
-    return max(compute, comm) if pipeline else compute + comm
+        return compute + comm
+    if not pipeline:
+        return compute + comm + apply
+    up, down = parts if parts is not None else (comm, comm)
+    return max(compute, up, down, (compute + up + apply + down) / 2)
 
 
 class NetworkModel:
@@ -106,7 +118,15 @@ class NetworkModel:
         """(samples/s, T_comm per clock) of a run of the calibrated `model` on these links."""
         c = self.compute[model]
         comm = self.comm(system, c["params"], workers, servers, compression, pipeline)
-        return workers * c["batch_size"] / clock_seconds(system, c["compute_seconds"], comm, pipeline), comm
+        parts = asyncps_parts(c["params"], workers, servers, self.link, compression) if system == "asyncps" else None
+        apply = self.apply_seconds(c["params"], workers, servers) if system == "asyncps" else 0.0
+        return workers * c["batch_size"] / clock_seconds(system, c["compute_seconds"], comm, pipeline, parts,
+                                                         apply), comm
+
+    def apply_seconds(self, params: int, workers: int, servers: int) -> float:
+        """A server's work per clock on its 1/S of the model: taking in P gradients, averaging,
+        the AdamW step, answering P pulls (`server_seconds_per_param` per parameter and worker)."""
+        return self.cal.get("server_seconds_per_param", 0.0) * params / servers * workers
 
 
 def measure_link(gbit: float, delay_ms: float) -> dict:
@@ -181,7 +201,39 @@ def calibrate_network(models: list, workers: int, gbit: float, delay_ms: float, 
         pool.close()
     compute = [{"model": _bench_name(m.name), "params": m.params, "batch_size": m.batch_size, "tokens": m.tokens,
                 "workers": workers, "compute_seconds": r["lockstep_seconds"]} for m, r in zip(models, rows)]
-    return {"format": FORMAT, "machine": machine(), "link": link, "compute": compute}
+    return {"format": FORMAT, "machine": machine(), "link": link, "compute": compute,
+            "server_seconds_per_param": server_probe(workers)}
+
+
+def server_probe(workers: int, params: int = 1 << 20, rounds: int = 3) -> float:
+    """Seconds per parameter and worker of a shard's work in one clock, timed here (median of
+    `rounds`): for each of P workers a gradient received (copied in, checked finite) and a pull
+    sent (copied out), their mean, one fused AdamW step, as ps_server does on one thread."""
+    import time
+
+    import torch
+
+    from protos import wire
+
+    torch.set_num_threads(1)
+    w = torch.nn.Parameter(torch.randn(params))
+    opt = torch.optim.AdamW([w], lr=1e-3, fused=True)
+    grads = [torch.randn(params) for _ in range(workers)]
+    buf, out = torch.empty(params), torch.empty(params)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        acc = torch.zeros(params)
+        for g in grads:
+            buf.copy_(g)
+            wire.all_finite(buf)
+            acc.add_(buf)
+        w.grad = acc.div_(workers)
+        opt.step()
+        for _ in grads:
+            out.copy_(w.detach())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / params / workers
 
 
 def _bench_name(name: str) -> str:

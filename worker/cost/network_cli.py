@@ -100,7 +100,8 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace, params: int, batch: int) -
             if system == "ddp-gloo" and comp not in ("none", "bf16"):
                 continue
             comm = nm.comm(system, params, w, s, comp, a.pipeline)
-            clock = network.clock_seconds(system, compute["compute_seconds"], comm, a.pipeline) if compute else None
+            parts = network.asyncps_parts(params, w, s, nm.link, comp) if system == "asyncps" else None
+            clock = network.clock_seconds(system, compute["compute_seconds"], comm, a.pipeline, parts) if compute else None
             sps = w * batch / clock if clock else None
             rows.append({"system": system, "workers": w, "servers": s or None, "compression": comp,
                          "comm_seconds": comm, "clock_seconds": clock, "samples_per_second": sps})
