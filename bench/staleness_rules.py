@@ -11,7 +11,8 @@ deterministically injected delays:
   weights, runs H steps of its own AdamW (worker/local_steps.py) and pushes the
   pseudo-gradient, so every push meets d other pushes between its pull and its apply.
   "random": 3 workers, the next to push drawn uniformly. The budget counts batches: a
-  run of U updates takes U / H pushes.
+  run of U updates takes U / H pushes. `local4-sync` is the synchronous counterpart with
+  the same P workers: all start from the same weights, their deltas averaged (DiLoCo, outer lr 1).
 
 `VARIANTS` names each rule's settings; the bench's table reports them side by side.
 """
@@ -35,6 +36,7 @@ class Variant:
     local_steps: int = 0                 # 0: gradients
     outer: dict = field(default_factory=dict)  # OptimizerConfig fields of the shard's optimizer
     outer_lr_per_worker: bool = False    # local steps: the outer lr is divided by the number of workers
+    synchronous: bool = False            # local steps: all workers start from the same weights, deltas averaged
 
 
 VARIANTS: dict[str, Variant] = {
@@ -52,6 +54,7 @@ VARIANTS: dict[str, Variant] = {
     "local4-nesterov": Variant(4, dict(lr=0.7, momentum=0.9, nesterov=True), True),
     "local4-dn": Variant(4, dict(update_rule="delayed-nesterov", lr=1.0, momentum=0.5), True),
     "local2-avg": Variant(2, dict(lr=1.0), True),
+    "local4-sync": Variant(4, dict(lr=1.0), synchronous=True),
 }
 
 
@@ -133,7 +136,27 @@ class Runner:
         self.history = (self.history + [self.weights()])[-6:]
         self.batches += 1
 
+    def _synchronous_round(self) -> None:
+        """Synchronous local steps (DiLoCo with outer lr 1 when averaged): every worker from the same weights."""
+        w = self.weights()
+        total = torch.zeros_like(w)
+        for task, local in zip(self.tasks, self.locals):
+            load_flat(task.model, w)
+            local.begin()
+            for _ in range(local.steps):
+                x, y = task.batch()
+                task.model.zero_grad(set_to_none=True)
+                task.model.loss(x, y).backward()
+                local.step()
+            local.finish()
+            total += grads_of(task.model)
+            task.model.zero_grad(set_to_none=True)
+            self.batches += local.steps
+        self.store.apply(total / len(self.tasks), self.store.version)
+
     def _local_push(self) -> None:
+        if self.v.synchronous:
+            return self._synchronous_round()
         if self.delay == "random":
             k = self.rng.randrange(self.workers)
         else:

@@ -196,7 +196,7 @@ def train(cfg: WorkerConfig) -> dict:
             ps.wait()
             t_comm += time.perf_counter() - t5
             stats = ps.stats
-        n = max(1, len(losses))
+        n = max(1, step - cfg.first_step)  # iterations (batches): with local steps, H per push
         result = dict(event="done", rank=cfg.rank, steps=step, t=time.perf_counter() - start,
                       t_task_seconds=t_task / n, t_comm_seconds=t_comm / n,
                       bound_wait_seconds=stats.bound_wait_seconds / n, final_loss=sum(losses[-20:]) / len(losses[-20:]) if losses else None,

@@ -231,3 +231,56 @@ def test_synchronous_local_steps_two_workers_equal_diloco(start_server):
     for got, w, s0 in zip(final.parameters(), ref.parameters(), model.parameters()):
         assert rel_err(w, s0) > 1e-3
         assert rel_err(got, w) < 1e-5
+
+
+def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs):
+    """ps-cluster end to end with asynchronous local steps: iterations count batches, summary.json
+    names the mode, and with --dynamic-local-steps the slowed worker is given the smaller H."""
+    import json
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py", "typing.py", "enum.py"]:
+        (corpus / name).write_bytes((stdlib / name).read_bytes())
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "worker.cluster", "--servers", "2", "--workers", "2", "--steps", "160",
+           "--data", str(corpus), "--out", str(out), "--d-model", "32", "--n-layer", "1", "--n-head", "2",
+           "--context", "32", "--batch-size", "8", "--lr", "1e-2", "--warmup", "10", "--heartbeat-timeout", "10",
+           "--no-progress", "--no-metrics", "--staleness", "2", "--no-average-gradients", "--local-steps", "4",
+           "--dynamic-local-steps"]
+    proc = procs.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 160 and summary["local_steps"] == 4 and summary["staleness"] == 2
+    assert summary["update_rule"] == "plain" and summary["outer_optimizer"] == "sgd"
+    assert summary["average_gradients"] is False
+    assert summary["heldout_loss"] < 5.0
+    for rank in range(2):  # each push took the share of H the servers gave it, summing to 8 once both are measured
+        lines = [json.loads(x) for x in (out / "logs" / f"worker-{rank}.jsonl").read_text().splitlines()]
+        steps = [x["step"] for x in lines if x["event"] == "progress"]
+        assert steps[-1] == 80 and all(b > a for a, b in zip(steps, steps[1:]))
+
+
+def test_dynamic_local_steps_split_h_by_measured_speed(start_server):
+    """Without averaging, the shards still measure each worker's inner steps per second from its
+    pushes and hand each its share of the combined H with the pull: the slower one gets fewer."""
+    server = start_server(staleness=8)
+    cfg = default_config("sgd", lr=0.5, local_steps=4, balance_batches=True)
+    fast, slow = mlp(), mlp()
+    with PSClient([server.address], fast, optimizer=cfg, staleness=8, worker_id="fast", options=FAST_FAIL,
+                  batch_size=4) as a, \
+         PSClient([server.address], slow, optimizer=cfg, staleness=8, worker_id="slow", options=FAST_FAIL,
+                  batch_size=4) as b:
+        for _ in range(3):
+            for ps, seconds in ((a, 0.1), (b, 0.3)):  # the same steps, the slow one 3x the compute time
+                ps.pull()
+                ps.push(samples=ps.batch_size, busy_seconds=seconds * ps.batch_size / 4)
+        a.pull()
+        b.pull()
+        assert (a.batch_size, b.batch_size) == (6, 2)
