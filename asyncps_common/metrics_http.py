@@ -28,7 +28,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from ps_server.security import CERT, KEY, Security, read_pem
+from asyncps_common.security import CERT, KEY, Security, read_pem
 
 log = logging.getLogger(__name__)
 
