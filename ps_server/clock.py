@@ -222,10 +222,3 @@ class ClockTable:
         self._floor = int(state["floor"])
         self.staleness = float(state["staleness"])
 
-
-def parse_staleness(text: str) -> float:
-    """'3' -> 3.0, 'inf' -> math.inf; ValueError otherwise."""
-    value = float(text)
-    if value < 0 or math.isnan(value) or (value != math.inf and value != int(value)):
-        raise ValueError(f"staleness must be a whole number >= 0 or 'inf', got {text!r}")
-    return value

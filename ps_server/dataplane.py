@@ -38,7 +38,7 @@ import torch
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import Code, DataConn, DataError, Truncated, tune
-from ps_server.security import NONE, Security
+from asyncps_common.security import NONE, Security
 from ps_server.servicer import Servicer, rejection
 from ps_server.stripes import Assembly, StripeError, Stripes
 

@@ -34,7 +34,7 @@ from ps_server import streams
 from ps_server.aggregate import Aggregator
 from ps_server.atomic import to_the_end
 from ps_server.balance import Balancer
-from ps_server import optimizer as optim
+from asyncps_common import optimizer as optim
 from ps_server.clock import ClockTable, DuplicatePush, UnknownWorker
 from ps_server.metrics import ServerMetrics
 from ps_server.store import ShardStore, Snapshot

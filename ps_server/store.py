@@ -25,7 +25,7 @@ import torch
 
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server import optimizer as optim
+from asyncps_common import optimizer as optim
 
 
 @dataclass(eq=False)

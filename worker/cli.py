@@ -13,12 +13,12 @@ import os
 import socket
 import sys
 
-from ps_server import security
-from ps_server.cli import staleness_flag
+from asyncps_common import security
+from asyncps_common.flags import staleness_flag
 from protos import wire
-from ps_server.flags import FlagParser, int_range, non_negative, positive
-from ps_server.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
-from ps_server.optimizer import OPTIMIZERS, default_config, validate
+from asyncps_common.flags import FlagParser, int_range, non_negative, positive
+from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
+from asyncps_common.optimizer import OPTIMIZERS, default_config, validate
 from worker.metrics import WorkerMetrics
 from worker.rpc import DATA_STREAMS, TRANSPORTS, CallOptions
 from worker.task import TaskConfig

@@ -40,8 +40,8 @@ import uvloop
 
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
-from ps_server.security import NONE, Security
+from asyncps_common.optimizer import default_config
+from asyncps_common.security import NONE, Security
 from worker.metrics import WorkerMetrics
 from worker.plan import Plan, make_plan, param_specs
 from worker.rpc import CallOptions, RpcFailed, ShardClient
@@ -128,7 +128,7 @@ class PSClient:
         self._evicted = False
         self._heartbeat: concurrent.futures.Future | None = None
         self.initialize = initialize
-        self.security = security  # TLS and token for every shard's channel (ps_server/security.py)
+        self.security = security  # TLS and token for every shard's channel (asyncps_common/security.py)
 
     # -- lifecycle --------------------------------------------------------------------
     def __enter__(self) -> "PSClient":

@@ -28,7 +28,7 @@ import torch
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import Code, DataConn, DataError, status_code, tune
-from ps_server.security import NONE, Security
+from asyncps_common.security import NONE, Security
 
 log = logging.getLogger(__name__)
 CONNECT_FAILED = "data-connect-failed"

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from ps_server.security import NONE, Security
+from asyncps_common.security import NONE, Security
 from worker.client import PSClient
 from worker.rpc import CallOptions
 

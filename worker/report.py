@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from protos.asyncps.v1 import ps_pb2 as pb
 from worker.data import Corpus, default_corpus_path, heldout_loss
-from ps_server.security import NONE, Security
+from asyncps_common.security import NONE, Security
 from worker.export import pull_into
 from worker.task import ByteGPT, TaskConfig, save_model
 

@@ -5,7 +5,7 @@ gives every call its deadline, retries UNAVAILABLE with exponential backoff unti
 `CallOptions.retry_seconds` have passed, counts retries, and raises `RpcFailed`
 (carrying the status code and the server's reason) for everything else. A push is
 retried safely: a repeat of an already applied push is answered ALREADY_EXISTS and
-counted as done, never applied twice. With a `Security` (ps_server/security.py) the
+counted as done, never applied twice. With a `Security` (asyncps_common/security.py) the
 channel is TLS and every call carries the auth token; UNAUTHENTICATED is not retried.
 
 Transport: pulls and pushes go over the shard's TCP data plane (worker/dataplane.py)
@@ -36,7 +36,7 @@ import torch
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import DataError, split_host
-from ps_server.security import NONE, Security
+from asyncps_common.security import NONE, Security
 from worker.dataplane import CONNECT_FAILED, Abort, DataChannel
 
 TRANSPORTS = ("auto", "tcp", "grpc")

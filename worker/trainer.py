@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.security import NONE, Security
+from asyncps_common.security import NONE, Security
 from worker.client import PSClient
 from worker.metrics import WorkerMetrics
 from worker.data import BatchStream, Corpus, default_corpus_path, worker_slice
@@ -57,7 +57,7 @@ class WorkerConfig:
     first_step: int = 0              # steps done by an earlier life of this worker (ps-cluster restarted it)
     metrics: WorkerMetrics | None = None  # Prometheus metrics to record into (PSClient makes its own if None)
     options: CallOptions = field(default_factory=CallOptions)
-    security: Security = NONE        # TLS and auth token (ps_server/security.py)
+    security: Security = NONE        # TLS and auth token (asyncps_common/security.py)
 
 
 def pick_device(name: str) -> torch.device:

@@ -30,7 +30,7 @@ import torch
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.checkpoint import checkpoint_path
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 
 from .support import RPC_TIMEOUT, call, clock_of, status, stub
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 from worker.task import ByteGPT, TaskConfig
 from worker.trainer import WorkerConfig, train
 

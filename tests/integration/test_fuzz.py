@@ -46,7 +46,7 @@ from hypothesis import strategies as st
 
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 
 from .support import invoke
 

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 
 from .support import RPC_TIMEOUT, call, kill_group, poll, status, stub, wait_exit
 

@@ -1,4 +1,4 @@
-"""Unit tests for ps_server.flags and the `ps-server` command line (parsing only, no server)."""
+"""Unit tests for asyncps_common.flags and the `ps-server` command line (parsing only, no server)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ps_server import cli
-from ps_server.flags import FlagParser, non_negative, parse_bool, positive
+from asyncps_common.flags import FlagParser, non_negative, parse_bool, positive
 
 ROOT = Path(__file__).resolve().parents[2]
 

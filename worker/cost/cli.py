@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from ps_server.cli import staleness_flag
-from ps_server.flags import FlagParser, positive
+from asyncps_common.flags import staleness_flag
+from asyncps_common.flags import FlagParser, positive
 from worker.cost.calibrate import FORMAT, PRESETS, ModelSpec, Settings, calibrate, from_summaries
 from worker.cost.model import CostModel, Job, recommend
 from worker.cost.validate import plot, table, validate, write_json

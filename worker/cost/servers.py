@@ -76,7 +76,7 @@ def stop_servers(procs: list[subprocess.Popen]) -> None:
 
 def apply_rates(nbytes: int, reps: int) -> dict[str, list[float]]:
     """GB/s of gradient the shard store applies per optimizer step: SGD, SGD momentum, Adam, AdamW."""
-    from ps_server.optimizer import default_config
+    from asyncps_common.optimizer import default_config
     from ps_server.store import ShardStore
     n = nbytes // 4
     w, g = torch.randn(n), torch.randn(n) * 1e-3
