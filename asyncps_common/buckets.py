@@ -6,7 +6,7 @@ dashboard can set their quantiles side by side.
 """
 
 # Seconds for one pull or push RPC, fitted to a default ps-cluster run measured on the 2-core VM
-# (1000 iterations, 2 servers, 2 workers, s=0 with averaging; README "Metrics and deployment"):
+# (1000 iterations, 2 servers, 2 workers, s=0 with averaging; docs/deploy.md, "Metrics"):
 # per-shard pulls 7 ms (p10) .. 17 ms (p50) .. 0.1 s (p99) .. 0.2 s (max), most of it waiting for the
 # other worker's push; pushes 5 .. 9 .. 26 .. 52 ms; with s=2 and no averaging both stay under 52 ms.
 # Dense from 1 ms to 0.25 s, then sparse up to 30 s for a 64 MB shard (~0.1 s) or a straggler.

@@ -13,10 +13,10 @@ import sys
 
 import uvloop
 
-from protos import wire
 from asyncps_common import security
 from asyncps_common.flags import FlagParser, non_negative, positive, staleness_flag
 from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
+from protos import wire
 from ps_server.server import serve
 from ps_server.servicer import ServerConfig, Servicer, ShardFailed
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass

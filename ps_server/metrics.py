@@ -9,7 +9,7 @@ version) is read from the servicer when Prometheus scrapes, by `_ShardState`.
 Names follow Prometheus conventions: `asyncps_server_*`, counters end in `_total`,
 times are in seconds, sizes in bytes; every series carries `shard`, per-worker clocks
 also `worker`. The bucket choices are explained at their definitions; they fit the
-ranges measured on a default `ps-cluster` run (README, "Metrics and deployment").
+ranges measured on a default `ps-cluster` run (docs/deploy.md, "Metrics").
 
 The `/metrics` endpoint itself, shared with `ps-worker` (plain HTTP or TLS), is
 `asyncps_common/metrics_http.py`.

@@ -10,7 +10,7 @@ graceful stop on SIGTERM/SIGINT: health goes NOT_SERVING, the data plane stops
 accepting, in-flight calls get `grace` seconds, then a final checkpoint is written.
 If an update fails part-way (`Servicer.failed`), it stops at once instead, writes no
 checkpoint (the last good one stays) and raises ShardFailed: `ps-server` exits 1, and
-`ps-cluster` or compose restart it from that checkpoint (README, "Guarantees").
+`ps-cluster` or compose restart it from that checkpoint (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from asyncps_common.security import NONE, Security
 from protos import service
 from protos.datasock import split_host
 from ps_server.dataplane import DataPlane
-from asyncps_common.security import NONE, Security
-from ps_server.servicer import Servicer, ShardFailed
+from ps_server.servicer import Servicer
 
 log = logging.getLogger(__name__)
 

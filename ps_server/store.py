@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncps_common import optimizer as optim
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from asyncps_common import optimizer as optim
 
 
 @dataclass(eq=False)
@@ -189,7 +189,7 @@ class ShardStore:
             }
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "ShardStore":
+    def from_state_dict(cls, state: dict) -> ShardStore:
         cfg = pb.OptimizerConfig.FromString(state["optimizer_config"])
         store = cls(state["plan_hash"], state["weights"], cfg, version=int(state["version"]))
         store._opt.load_state_dict(state["optimizer"])

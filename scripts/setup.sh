@@ -12,7 +12,7 @@ if ! $PY -c "import torch" 2>/dev/null; then
     $PY -m pip install -q torch==2.13.0   # CPU build on CPU-only machines
   fi
 fi
-$PY -m pip install -q -e ".[test]"
+$PY -m pip install -q -e ".[test]"   # the test extra brings plots (matplotlib), ruff and mypy
 # The metrics tests run a real Prometheus (and promtool) and check deploy/ with docker-compose.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
    && ! { command -v prometheus && command -v promtool && command -v docker-compose; } >/dev/null 2>&1; then

@@ -12,20 +12,21 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from asyncps_common import security
-from asyncps_common.flags import staleness_flag
-from protos import wire
-from asyncps_common.flags import FlagParser, int_range, non_negative, positive
+from asyncps_common.flags import FlagParser, int_range, non_negative, positive, staleness_flag
 from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from asyncps_common.optimizer import OPTIMIZERS, default_config, validate
+from protos import wire
 from worker.metrics import WorkerMetrics
 from worker.rpc import DATA_STREAMS, TRANSPORTS, CallOptions
 from worker.task import TaskConfig
 from worker.trainer import WorkerConfig, pick_device, train
 
 # (flag, type, default, help) shared by ps-worker and ps-cluster, passed through verbatim.
-TRAINING_FLAGS: list[tuple[str, object, object, str]] = [
+TRAINING_FLAGS: list[tuple[str, Callable[[str], Any], object, str]] = [
     ("staleness", staleness_flag, 0.0, "staleness bound s: a whole number, or inf for fully asynchronous"),
     ("optimizer", str, "adamw", f"server-side optimizer: {', '.join(OPTIMIZERS)}"),
     ("lr", positive(float), 6e-3, "learning rate"),

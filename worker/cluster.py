@@ -33,10 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-from protos import service
-from protos.asyncps.v1 import ps_pb2 as pb
 from asyncps_common import security
 from asyncps_common.flags import FlagParser, non_negative, positive
+from protos import service
+from protos.asyncps.v1 import ps_pb2 as pb
 from worker.cli import add_training_flags, add_transport_flag, check_training_args, task_config, training_argv
 from worker.procs import Children
 from worker.report import Monitor, final_report, write_summary
@@ -127,7 +127,7 @@ class Cluster:
         for i, child in enumerate(self.children.items):
             address = f"127.0.0.1:{self._wait_port_file(child, self.out / 'logs' / f'server-{i}.port')}"
             try:
-                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)
+                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)  # type: ignore[misc]
             except RuntimeError:
                 self._check(child)
             self.addresses.append(address)
@@ -175,7 +175,7 @@ class Cluster:
         for child, address in zip(self.children.items, self.addresses):
             self._supervise(child)
             try:
-                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)
+                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)  # type: ignore[misc]
             except RuntimeError:
                 self._check(child)
 

@@ -33,10 +33,10 @@ from typing import TypeVar
 import grpc
 import torch
 
+from asyncps_common.security import NONE, Security
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import DataError, split_host
-from asyncps_common.security import NONE, Security
 from worker.dataplane import CONNECT_FAILED, Abort, DataChannel
 
 TRANSPORTS = ("auto", "tcp", "grpc")
@@ -124,7 +124,7 @@ class ShardClient:
         self.data = DataChannel(split_host(self.address), port, self.security, self.opts.data_streams,
                                 self.opts.stripe_min_bytes) if port else None
         if port:
-            log.info("shard %d: pulls and pushes over the data plane at %s", self.index, self.data.peer)
+            log.info("shard %d: pulls and pushes over the data plane at %s", self.index, self.data.peer)  # type: ignore[union-attr]
 
     async def _on_data(self, fn: Callable[..., T], *args) -> T:
         """Run a blocking `DataChannel` exchange in this client's threads; cancellable."""
@@ -234,7 +234,7 @@ class ShardClient:
 
         def attempt() -> Awaitable[pb.PushResponse]:
             return self._data_or_grpc(
-                "Push", lambda: self._on_data(self.data.push, head, grad, time.monotonic() + self.opts.push_timeout),
+                "Push", lambda: self._on_data(self.data.push, head, grad, time.monotonic() + self.opts.push_timeout),  # type: ignore[union-attr]
                 lambda: self.stub.Push(self._frames(frame, grad), timeout=self.opts.push_timeout))
         try:
             return await self.call("Push", attempt)
@@ -249,7 +249,7 @@ class ShardClient:
 
         async def over_data() -> pb.PullHeader:
             async with self._pull_lock:
-                return await self._on_data(self.data.pull_into, req, out, time.monotonic() + self.opts.pull_timeout)
+                return await self._on_data(self.data.pull_into, req, out, time.monotonic() + self.opts.pull_timeout)  # type: ignore[union-attr]
 
         async def over_grpc() -> pb.PullHeader:
             head = None

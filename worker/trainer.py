@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from protos.asyncps.v1 import ps_pb2 as pb
 from asyncps_common.security import NONE, Security
+from protos.asyncps.v1 import ps_pb2 as pb
 from worker.client import PSClient
-from worker.metrics import WorkerMetrics
 from worker.data import BatchStream, Corpus, default_corpus_path, worker_slice
+from worker.metrics import WorkerMetrics
 from worker.rpc import CallOptions
 from worker.task import ByteGPT, TaskConfig
 
