@@ -39,6 +39,8 @@ from .support import FAST_FAIL, RPC_TIMEOUT, batches, grpc_pull, mlp, poll, stat
 from .test_security import client, pki, tls_flags  # noqa: F401 (a fixture)
 from .test_wire_path import InProcessServer
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 Code = grpc.StatusCode
 TOKEN = "data-plane-Token_7"
 PLAN, N = "d" * 64, 10_007

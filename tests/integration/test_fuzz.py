@@ -50,6 +50,8 @@ from asyncps_common.optimizer import default_config
 
 from .support import invoke
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 N = 1000
 PLAN = "f" * 64
 MAX_MESSAGE = 64 * 1024

@@ -35,6 +35,8 @@ from .certs import make_pki
 from .test_cluster import cluster_cmd, corpus  # noqa: F401 (a fixture)
 from .support import RPC_TIMEOUT, batches, call, clock_of, mlp, status, stub
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 TOKEN = "s3cret-Token_42"
 PLAN, N = "p" * 64, 1000
 Code = grpc.StatusCode

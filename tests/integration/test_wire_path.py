@@ -32,6 +32,8 @@ from worker.dataplane import Abort, DataChannel
 
 from .support import RPC_TIMEOUT, InProcessServer, grpc_pull, stub
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 SIZES = [(7,), (1023,), (3, 5, 7), (10007,), (129, 31), (1,), (65537,)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float32]
 
