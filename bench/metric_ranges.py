@@ -7,7 +7,7 @@ Runs `ps-cluster --out OUT --no-progress <args after -->`, scrapes every process
 /metrics (ports from OUT/logs/*.metrics-port) every 0.5 s while it runs, keeps each
 process's last scrape, and writes per histogram and shard the count and the bucket edges
 at p10, p50, p90, p99 and the maximum. The answers are bucket edges: to fit new buckets,
-first make the buckets much finer (the README's figures used a 1.25x grid from 0.1 ms).
+first make the buckets much finer (docs/deploy.md's figures used a 1.25x grid from 0.1 ms).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:  # `python bench/overlap.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
 from protos import wire  # noqa: E402
-from ps_server import optimizer  # noqa: E402
+from asyncps_common import optimizer  # noqa: E402
 
 MODES = ("transfer", "whole", "inline", "thread")
 LR = 1e-3

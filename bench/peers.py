@@ -57,7 +57,7 @@ import peers_single  # noqa: E402
 from peers_common import RunSpec, free_port  # noqa: E402
 from peers_eval import Evaluator, evaluate  # noqa: E402
 from peers_report import SYSTEM_ORDER, machine, plot, table  # noqa: E402
-from ps_server.flags import FlagParser, positive, non_negative  # noqa: E402
+from asyncps_common.flags import FlagParser, positive, non_negative  # noqa: E402
 from worker.data import Corpus, default_corpus_path  # noqa: E402
 from worker.task import TaskConfig  # noqa: E402
 

@@ -14,7 +14,7 @@ processes `ps-cluster` starts, then watches them from this process while they tr
   `snapshot_every` seconds (`ps-worker --snapshot-dir`, one safetensors file each, no
   fsync), as DDP's rank 0 copies its own. Not the servers' checkpoints: those write the
   optimizer state too and fsync, which cost asyncps about 3 % of its samples/s on two
-  cores (README, "Side by side with the peers"). The servers run without checkpoints,
+  cores (docs/benchmarks.md, "Peers"). The servers run without checkpoints,
   as DDP does.
 
 When the budget is over, every process is stopped (SIGTERM, as ps-cluster does).

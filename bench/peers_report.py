@@ -1,7 +1,7 @@
 """bench/peers.py's outputs: the machine's description, the markdown table, the two plots.
 
 `machine()` names what the figures were measured on; `table(rows)` is the markdown
-results table (also pasted into README); `plot(rows, scenario, path)` draws held-out
+results table (also quoted in docs/benchmarks.md); `plot(rows, scenario, path)` draws held-out
 loss against wall time, one curve per system, with matplotlib's Agg backend (no
 display needed). Pure functions of their inputs, apart from the files they write.
 """

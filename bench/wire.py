@@ -107,7 +107,7 @@ def _tcp_sink(port_conn, nbytes: int, streams: int, apply: bool) -> None:
     push must: each thread then checks its part for NaN/Inf, and one SGD step (the servers'
     optimizer, lr 1e-3) applies the buffer as a gradient before the answer."""
     from protos import wire
-    from ps_server import optimizer
+    from asyncps_common import optimizer
     srv = socket.create_server(("127.0.0.1", 0))
     port_conn.send(srv.getsockname()[1])
     conns = [srv.accept()[0] for _ in range(streams)]

@@ -31,7 +31,7 @@ class _Shard:
     """The peer's weights and optimizer, for `push` (lives in the peer, behind an RRef)."""
 
     def __init__(self, numel: int) -> None:
-        from ps_server import optimizer
+        from asyncps_common import optimizer
         self.weights = torch.nn.Parameter(torch.randn(numel), requires_grad=False)
         self.opt = optimizer.build(optimizer.default_config("sgd", lr=1e-3), self.weights)
         self.version = 0

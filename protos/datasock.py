@@ -18,6 +18,7 @@ from __future__ import annotations
 import select
 import socket
 import time
+
 import grpc
 
 from protos import wire

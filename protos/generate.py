@@ -24,8 +24,8 @@ OUTPUTS = ("ps_pb2.py", "ps_pb2.pyi", "ps_pb2_grpc.py")
 
 def generate(out_root: Path, root: Path = ROOT) -> list[Path]:
     """Run protoc (from grpcio-tools) on `root`'s `.proto` into `out_root`; returns the generated files."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     args = [

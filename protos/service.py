@@ -119,6 +119,16 @@ class Stub:
     `metadata` ((key, value) pairs) is sent with every call.
     """
 
+    # set per method of the service in __init__; declared so type checkers know them
+    Register: Any
+    Heartbeat: Any
+    Leave: Any
+    Init: Any
+    Push: Any
+    Pull: Any
+    Status: Any
+    Checkpoint: Any
+
     def __init__(self, channel: grpc.aio.Channel | grpc.Channel, metadata: tuple = ()):
         for m in SERVICE.methods:
             req_ser, _ = _codec(m.input_type)

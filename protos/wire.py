@@ -38,7 +38,7 @@ HEADER_LIMIT = 64 << 10  # largest data-plane header
 DEFAULT_CHUNK_BYTES = 4 << 20  # bench/wire.py: 4 MB frames beat 1 MB ones by ~15-20% on loopback
 _DATA_TAG = bytes([(15 << 3) | 2])
 
-TORCH_TO_WIRE: dict[torch.dtype, int] = {
+TORCH_TO_WIRE: dict[torch.dtype, pb.DType] = {
     torch.float32: pb.FLOAT32,
     torch.float64: pb.FLOAT64,
     torch.float16: pb.FLOAT16,
@@ -92,7 +92,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         raise ValueError(f"dtype {t.dtype} is not supported on the wire")
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def encode_frame(head: pb.Frame | None = None, tensor: torch.Tensor | None = None, offset: int = 0) -> bytes:

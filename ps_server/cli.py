@@ -13,20 +13,12 @@ import sys
 
 import uvloop
 
+from asyncps_common import security
+from asyncps_common.flags import FlagParser, non_negative, positive, staleness_flag
+from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from protos import wire
-from ps_server import security
-from ps_server.clock import parse_staleness
-from ps_server.flags import FlagParser, non_negative, positive
-from ps_server.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from ps_server.server import serve
 from ps_server.servicer import ServerConfig, Servicer, ShardFailed
-
-
-def staleness_flag(text: str) -> float:
-    try:
-        return parse_staleness(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def data_port_flag(text: str) -> int | None:

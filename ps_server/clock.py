@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -222,10 +221,3 @@ class ClockTable:
         self._floor = int(state["floor"])
         self.staleness = float(state["staleness"])
 
-
-def parse_staleness(text: str) -> float:
-    """'3' -> 3.0, 'inf' -> math.inf; ValueError otherwise."""
-    value = float(text)
-    if value < 0 or math.isnan(value) or (value != math.inf and value != int(value)):
-        raise ValueError(f"staleness must be a whole number >= 0 or 'inf', got {text!r}")
-    return value

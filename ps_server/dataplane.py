@@ -1,7 +1,7 @@
 """The shard's TCP data plane: Pull and Push on a second port, at raw-socket speed.
 
 gRPC's Python stack copies every message into a fresh `bytes` and cannot receive into
-a caller's buffer, which caps it at about half of raw TCP (README, "Wire speed"). This
+a caller's buffer, which caps it at about half of raw TCP (docs/benchmarks.md, "Wire"). This
 listener moves the same data with the same rules (protocol in ps.proto, "The TCP data
 plane"): a pull is answered straight from the shard's weights (a lease: copy-on-write
 keeps them whole while they are sent, see ps_server/store.py); a push is received
@@ -36,9 +36,10 @@ import time
 import torch
 
 from protos import compress, wire
+from asyncps_common.security import NONE, Security
+from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import Code, DataConn, DataError, Truncated, tune
-from ps_server.security import NONE, Security
 from ps_server.servicer import Servicer, rejection
 from ps_server.stripes import Assembly, StripeError, Stripes
 
@@ -100,7 +101,7 @@ class DataPlane:
     def _accept(self) -> None:
         while not self._closing:
             try:
-                sock, addr = self._listener.accept()
+                sock, addr = self._listener.accept()  # type: ignore[union-attr]
             except OSError:
                 if self._closing:
                     return
@@ -198,9 +199,9 @@ class DataPlane:
             try:
                 return fut.result(timeout=0.25 if conn is not None else None)
             except concurrent.futures.TimeoutError:
-                if not conn.readable():
+                if not conn.readable():  # type: ignore[union-attr]
                     continue
-                conn.broken = True
+                conn.broken = True  # type: ignore[union-attr]
                 if hand.abandon():
                     fut.cancel()
                 elif orphan is not None:  # the result is on its way: take it, give it back
@@ -362,7 +363,7 @@ class DataPlane:
                               "commit_ms=%.2f total_ms=%.2f", index, asm.count, bool(t[4]), ms[0], ms[1], ms[2],
                               ms[3] if t[4] else 0.0, (time.perf_counter() - t[0]) * 1e3)
             else:
-                self._answer(conn, *asm.failure)
+                self._answer(conn, *asm.failure)  # type: ignore[misc]
         finally:
             if asm.ended and asm.count_once():
                 self.loop.call_soon_threadsafe(sv.push_finished, asm.t0, asm.result is not None)
@@ -399,7 +400,7 @@ class DataPlane:
                     if asm.finish(moved):
                         asm.succeed(head)
             else:
-                self._answer(conn, *asm.failure)
+                self._answer(conn, *asm.failure)  # type: ignore[misc]
         finally:
             if first and asm.opened is not None:
                 store, head, snap = asm.opened
@@ -409,7 +410,7 @@ class DataPlane:
                     self.servicer.pull_finished(store, asm.t0, head.waited_seconds)
                 else:
                     log.info("striped pull by %s (%d parts) ended unsent, its version %d given back: %s",
-                             conn.peer, asm.count, head.version, asm.failure[1])
+                             conn.peer, asm.count, head.version, asm.failure and asm.failure[1])
 
     @staticmethod
     def _skip(conn: DataConn, nbytes: int, limit: int) -> None:

@@ -9,10 +9,10 @@ version) is read from the servicer when Prometheus scrapes, by `_ShardState`.
 Names follow Prometheus conventions: `asyncps_server_*`, counters end in `_total`,
 times are in seconds, sizes in bytes; every series carries `shard`, per-worker clocks
 also `worker`. The bucket choices are explained at their definitions; they fit the
-ranges measured on a default `ps-cluster` run (README, "Metrics and deployment").
+ranges measured on a default `ps-cluster` run (docs/deploy.md, "Metrics").
 
 The `/metrics` endpoint itself, shared with `ps-worker` (plain HTTP or TLS), is
-`ps_server/metrics_http.py`.
+`asyncps_common/metrics_http.py`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from asyncps_common.buckets import LATENCY_BUCKETS
+
 log = logging.getLogger(__name__)
 
-# Seconds for one pull or push RPC, fitted to a default ps-cluster run measured on the 2-core VM
-# (1000 iterations, 2 servers, 2 workers, s=0 with averaging; README "Metrics and deployment"):
-# per-shard pulls 7 ms (p10) .. 17 ms (p50) .. 0.1 s (p99) .. 0.2 s (max), most of it waiting for the
-# other worker's push; pushes 5 .. 9 .. 26 .. 52 ms; with s=2 and no averaging both stay under 52 ms.
-# Dense from 1 ms to 0.25 s, then sparse up to 30 s for a 64 MB shard (~0.1 s) or a straggler.
-LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25,
-                   0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Update staleness in versions: measured 0 under the default (s=0, averaging) and 1 (p50) .. 2 (max)
 # with s=2, 2 workers, no averaging (bound 6). Every whole number to 8, so a quantile never
 # overshoots a small bound (the alert compares it with one), then wider.

@@ -1,7 +1,7 @@
 """Building and running a shard server: `build_server` apart from the process's `serve`.
 
 `build_server(address, servicer, security)` returns a started-not-yet grpc.aio server
-and its bound port (port 0 picks a free one); with `security` (ps_server/security.py)
+and its bound port (port 0 picks a free one); with `security` (asyncps_common/security.py)
 it listens with TLS and/or refuses RPCs without the token (health stays open). `serve`
 runs it on the current event loop with the standard gRPC health service, the servicer's
 background work (eviction, periodic checkpoints), the TCP data plane beside it
@@ -12,7 +12,7 @@ With `health_port`, the same health service is also served alone, in plaintext, 
 second port: Kubernetes' native gRPC probe speaks neither TLS nor mutual TLS.
 If an update fails part-way (`Servicer.failed`), it stops at once instead, writes no
 checkpoint (the last good one stays) and raises ShardFailed: `ps-server` exits 1, and
-`ps-cluster` or compose restart it from that checkpoint (README, "Guarantees").
+`ps-cluster` or compose restart it from that checkpoint (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from asyncps_common.security import NONE, Security
 from protos import service
 from protos.datasock import split_host
 from ps_server.dataplane import DataPlane
-from ps_server.security import NONE, Security
-from ps_server.servicer import Servicer, ShardFailed
+from ps_server.servicer import Servicer
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,12 @@ import torch
 from protos import compress, service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import checkpoint, delay, streams
+from asyncps_common import optimizer as optim
+from protos import service, wire
+from ps_server import checkpoint, streams
 from ps_server.aggregate import Aggregator
 from ps_server.atomic import to_the_end
 from ps_server.balance import Balancer
-from ps_server import optimizer as optim
 from ps_server.clock import ClockTable, DuplicatePush, UnknownWorker
 from ps_server.metrics import ServerMetrics
 from ps_server.store import ShardStore, Snapshot
@@ -214,8 +216,8 @@ class Servicer:
         """
         m = self.metrics
         for bucket in self._aggregator.complete({w: e.clock for w, e in self.clocks.clocks().items()}):
-            before = self.store.version
-            await self._apply(self.store, bucket.total, bucket.read_version, bucket.divisor, consume=True)
+            before = self.store.version  # type: ignore[union-attr]
+            await self._apply(self.store, bucket.total, bucket.read_version, bucket.divisor, consume=True)  # type: ignore[arg-type]
             self._spare(bucket.total)  # a push's buffer adopted by the bucket: reused by the next pushes
             m.updates.inc()
             for read_version in bucket.read_versions:  # each gradient's own staleness
@@ -309,7 +311,7 @@ class Servicer:
             async with self._init_lock:
                 if self.store is not None:
                     self._store_for(head.plan_hash)
-                    return self._init_response(accepted=False)
+                    return self._init_response(self.store, accepted=False)
                 if head.HasField("staleness") and not head.staleness >= 0:
                     raise _Reject(Code.INVALID_ARGUMENT, f"staleness must be >= 0, got {head.staleness}")
                 bound = head.staleness if self.cfg.staleness is None and head.HasField("staleness") else self.clocks.staleness
@@ -330,12 +332,12 @@ class Servicer:
                         await self.checkpoint_now()
                     except OSError as exc:
                         log.error("checkpoint after Init failed: %s", exc)
-                return self._init_response(accepted=True)
+                return self._init_response(self.store, accepted=True)
         return await self._guard(context, body())
 
-    def _init_response(self, accepted: bool) -> pb.InitResponse:
-        return pb.InitResponse(accepted=accepted, plan_hash=self.store.plan_hash, version=self.store.version,
-                               optimizer=self.store.config, staleness=self.clocks.staleness, groups=self.store.groups)
+    def _init_response(self, store: ShardStore, accepted: bool) -> pb.InitResponse:
+        return pb.InitResponse(accepted=accepted, plan_hash=store.plan_hash, version=store.version,
+                               optimizer=store.config, staleness=self.clocks.staleness, groups=store.groups)
 
     async def Push(self, frames: AsyncIterator[bytes], context) -> pb.PushResponse:
         t0 = time.perf_counter()
@@ -462,7 +464,7 @@ class Servicer:
             try:
                 snap = await asyncio.shield(leasing)
             except asyncio.CancelledError:  # the lease is taken anyway: give it back when it is
-                leasing.add_done_callback(lambda f: f.cancelled() or f.exception() or store.release(f.result()))
+                leasing.add_done_callback(lambda f: f.cancelled() or f.exception() or store.release(f.result()))  # type: ignore[func-returns-value]
                 raise
         return store, self._pull_header(store, snap.version, waited, request), snap
 

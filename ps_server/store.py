@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncps_common import optimizer as optim
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import delay
@@ -217,7 +218,7 @@ class ShardStore:
             }
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "ShardStore":
+    def from_state_dict(cls, state: dict) -> ShardStore:
         cfg = pb.OptimizerConfig.FromString(state["optimizer_config"])
         groups = [pb.ParamGroup.FromString(g) for g in state.get("groups", [])]
         store = cls(state["plan_hash"], state["weights"], cfg, version=int(state["version"]), groups=groups,

@@ -201,7 +201,7 @@ class Stripes:
                 raise StripeError(Code.ABORTED, f"striped exchange {key[-1]} already ended; part {index} came too late")
             asm = self._open.get(key)
             first = asm is None
-            if first:
+            if asm is None:
                 asm = self._open[key] = Assembly(count, header, self.timeout)
         asm.arrive(index, count, header)
         return asm, first

@@ -12,7 +12,7 @@ if ! $PY -c "import torch" 2>/dev/null; then
     $PY -m pip install -q torch==2.13.0   # CPU build on CPU-only machines
   fi
 fi
-$PY -m pip install -q -e ".[test]"
+$PY -m pip install -q -e ".[test]"   # the test extra brings plots (matplotlib), ruff and mypy
 # The metrics tests run a real Prometheus (and promtool) and check deploy/ with docker-compose;
 # the Kubernetes tests render deploy/k8s with kubectl's kustomize (kubernetes-client; a kubectl
 # already on PATH, e.g. Google Cloud SDK's, is kept: the package would conflict with it).

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ps_server.security import NONE, Security
+from asyncps_common.security import NONE, Security
 from worker.rpc import wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent

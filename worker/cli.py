@@ -11,15 +11,19 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from ps_server import security
-from ps_server.cli import staleness_flag
+from asyncps_common import security
+from asyncps_common.flags import staleness_flag
 from protos import compress, wire
-from ps_server.flags import FlagParser, int_range, non_negative, positive
-from ps_server.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
+from asyncps_common.flags import FlagParser, int_range, non_negative, positive
+from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from ps_server.delay import DEFAULT_DC_LAMBDA, RULES, UNBOUNDED_HISTORY
-from ps_server.optimizer import OPTIMIZERS, default_config, validate
+from asyncps_common.optimizer import OPTIMIZERS, default_config, validate
 from worker.environment import default_worker_id, resolve_rank
+from asyncps_common.flags import FlagParser, int_range, non_negative, positive, staleness_flag
+from protos import wire
 from worker.metrics import WorkerMetrics
 from worker.rpc import DATA_STREAMS, TRANSPORTS, CallOptions
 from worker.task import TaskConfig
@@ -34,7 +38,7 @@ def compression_flag(text: str) -> str:
 
 OUTER = ("sgd", "nesterov", "delayed-nesterov")  # outer optimizers of --local-steps
 # (flag, type, default, help) shared by ps-worker and ps-cluster, passed through verbatim.
-TRAINING_FLAGS: list[tuple[str, object, object, str]] = [
+TRAINING_FLAGS: list[tuple[str, Callable[[str], Any], object, str]] = [
     ("staleness", staleness_flag, 0.0, "staleness bound s: a whole number, or inf for fully asynchronous"),
     ("optimizer", str, "adamw", f"server-side optimizer: {', '.join(OPTIMIZERS)}"),
     ("lr", positive(float), 6e-3, "learning rate"),

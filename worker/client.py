@@ -46,10 +46,11 @@ import uvloop
 
 from protos import compress, wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
-from ps_server.security import NONE, Security
+from asyncps_common.optimizer import default_config
+from asyncps_common.security import NONE, Security
 from worker import environment
 from worker import groups as param_groups
+from protos import wire
 from worker.metrics import WorkerMetrics
 from worker.plan import Plan, make_plan, param_specs
 from worker.rpc import CallOptions, RpcFailed, ShardClient
@@ -154,13 +155,13 @@ class PSClient:
         self._evicted = False
         self._heartbeat: concurrent.futures.Future | None = None
         self.initialize = initialize
-        self.security = security or NONE  # TLS and token for every shard's channel (ps_server/security.py)
+        self.security = security or NONE  # TLS and token for every shard's channel (asyncps_common/security.py)
         # bytes on the wire (protos/compress.py); onebit keeps its error-feedback residual here
         self.compression = compress.check(compression)
         self._feedback = compress.ErrorFeedback(self.plan.numel) if self.compression == "onebit" else None
 
     # -- lifecycle --------------------------------------------------------------------
-    def __enter__(self) -> "PSClient":
+    def __enter__(self) -> PSClient:
         self.start()
         return self
 
@@ -185,7 +186,7 @@ class PSClient:
         except BaseException:
             self.close(wait=False)
             raise
-        self._heartbeat = asyncio.run_coroutine_threadsafe(self._heartbeat_loop(), self._loop)
+        self._heartbeat = asyncio.run_coroutine_threadsafe(self._heartbeat_loop(), self._loop)  # type: ignore[arg-type]
 
     async def _start(self) -> None:
         # data_streams counts connections for the whole model: S shards already make S streams
@@ -254,7 +255,7 @@ class PSClient:
             if self._shards:
                 self._run(_gather((s.close() for s in self._shards), return_exceptions=True))
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=10)  # type: ignore[union-attr]
             self._loop = None
 
     async def _leave(self) -> None:
@@ -384,10 +385,10 @@ class PSClient:
         return torch.cat([t.reshape(-1).float() for t in tensors]).cpu()
 
     def _run(self, coro: Coroutine) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
     def _submit(self, coro: Coroutine) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
 
     def _take_pull(self, clock: int) -> concurrent.futures.Future:
         pending, self._next_pull = self._next_pull, None
@@ -477,8 +478,8 @@ class PSClient:
         """One heartbeat per shard per interval, never retried: a shard that is down must not
         delay the others' heartbeats (they would evict this worker meanwhile)."""
         while True:
-            await asyncio.sleep(self._hb_interval)
-            results = await asyncio.gather(*(s.heartbeat(self.worker_id, sess, timeout=max(1.0, 2 * self._hb_interval))
+            await asyncio.sleep(self._hb_interval)  # type: ignore[arg-type]
+            results = await asyncio.gather(*(s.heartbeat(self.worker_id, sess, timeout=max(1.0, 2 * self._hb_interval))  # type: ignore[operator]
                                              for s, sess in zip(self._shards, self._sessions)), return_exceptions=True)
             for r in results:
                 if isinstance(r, RpcFailed) and r.evicted:

@@ -6,7 +6,7 @@ the cluster (global step, loss, samples/s, largest clock gap), then exports the
 trained model, measures the held-out loss and writes `summary.json` and
 `model.safetensors` into --out. Each server and worker serves Prometheus metrics on
 a free port of its own (`--no-metrics`: none); their addresses are printed at start and
-listed in summary.json's `metrics`. The token and TLS flags (ps_server/security.py)
+listed in summary.json's `metrics`. The token and TLS flags (asyncps_common/security.py)
 go to every child: certificates by flag, the token as ASYNCPS_TOKEN in the children's
 environment (never on a command line); the launcher's own health and Status calls use
 them too. Every process it started is stopped on success, on
@@ -33,10 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+from asyncps_common import security
+from asyncps_common.flags import FlagParser, non_negative, positive
 from protos import service
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server import security
-from ps_server.flags import FlagParser, non_negative, positive
 from worker.cli import add_training_flags, add_transport_flag, check_training_args, task_config, training_argv
 from worker.procs import Children
 from worker.report import Monitor, final_report, write_summary
@@ -131,7 +131,7 @@ class Cluster:
         for i, child in enumerate(self.children.items):
             address = f"127.0.0.1:{self._wait_port_file(child, self.out / 'logs' / f'server-{i}.port')}"
             try:
-                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)
+                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)  # type: ignore[misc]
             except RuntimeError:
                 self._check(child)
             self.addresses.append(address)
@@ -179,7 +179,7 @@ class Cluster:
         for child, address in zip(self.children.items, self.addresses):
             self._supervise(child)
             try:
-                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)
+                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)  # type: ignore[misc]
             except RuntimeError:
                 self._check(child)
 

@@ -26,9 +26,10 @@ import time
 import torch
 
 from protos import compress, wire
+from asyncps_common.security import NONE, Security
+from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import Code, DataConn, DataError, status_code, tune
-from ps_server.security import NONE, Security
 
 log = logging.getLogger(__name__)
 CONNECT_FAILED = "data-connect-failed"
@@ -186,7 +187,7 @@ class DataChannel:
             futures = []
             try:
                 for job in jobs[1:]:
-                    futures.append(self._parts.submit(self._part, part, job, conns))
+                    futures.append(self._parts.submit(self._part, part, job, conns))  # type: ignore[union-attr]
             except RuntimeError:  # closed meanwhile (the shard moved its data port): as `_take` when closed
                 for conn in conns:
                     conn.abort()

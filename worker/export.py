@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 
-from ps_server.security import NONE, Security
+from asyncps_common.security import NONE, Security
+import torch
 from worker.client import PSClient
 from worker.rpc import CallOptions
 

@@ -7,7 +7,7 @@ bound held its pulls back; the built-in trainer records each step with `step()`.
 of it is a handful of pre-labelled counter adds per RPC or step, never per chunk.
 
 Names: `asyncps_worker_*`, labelled `worker` (and `shard` for RPCs). Serve them with
-`ps_server.metrics_http.serve_metrics(metrics.registry, host, port)`; `ps-worker` does so
+`asyncps_common.metrics_http.serve_metrics(metrics.registry, host, port)`; `ps-worker` does so
 when given `--metrics-port`.
 
 `asyncps_worker_finished` is 0 while the worker trains and 1 once it has run all its
@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ps_server.metrics import LATENCY_BUCKETS
+from asyncps_common.buckets import LATENCY_BUCKETS
 
 # One iteration's times, fitted to the same measured default run (2-core VM, CPU): compute 80 ms
 # (p10) .. 80-100 ms (p50) .. 0.2 s (p99) .. 0.3 s (max); blocked communication 17 .. 21 .. 100 ..

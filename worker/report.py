@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from asyncps_common.security import NONE, Security
 from protos.asyncps.v1 import ps_pb2 as pb
 from worker.data import Corpus, default_corpus_path, heldout_loss
-from ps_server.security import NONE, Security
 from worker.export import pull_into
 from worker.task import ByteGPT, TaskConfig, save_model
 from worker.trainer import model_params

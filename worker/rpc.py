@@ -5,7 +5,7 @@ gives every call its deadline, retries UNAVAILABLE with exponential backoff unti
 `CallOptions.retry_seconds` have passed, counts retries, and raises `RpcFailed`
 (carrying the status code and the server's reason) for everything else. A push is
 retried safely: a repeat of an already applied push is answered ALREADY_EXISTS and
-counted as done, never applied twice. With a `Security` (ps_server/security.py) the
+counted as done, never applied twice. With a `Security` (asyncps_common/security.py) the
 channel is TLS and every call carries the auth token; UNAUTHENTICATED is not retried.
 
 Transport: pulls and pushes go over the shard's TCP data plane (worker/dataplane.py)
@@ -34,9 +34,10 @@ import grpc
 import torch
 
 from protos import compress, service, wire
+from asyncps_common.security import NONE, Security
+from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import DataError, split_host
-from ps_server.security import NONE, Security
 from worker.dataplane import CONNECT_FAILED, Abort, DataChannel
 
 TRANSPORTS = ("auto", "tcp", "grpc")
@@ -124,7 +125,7 @@ class ShardClient:
         self.data = DataChannel(split_host(self.address), port, self.security, self.opts.data_streams,
                                 self.opts.stripe_min_bytes) if port else None
         if port:
-            log.info("shard %d: pulls and pushes over the data plane at %s", self.index, self.data.peer)
+            log.info("shard %d: pulls and pushes over the data plane at %s", self.index, self.data.peer)  # type: ignore[union-attr]
 
     async def _on_data(self, fn: Callable[..., T], *args) -> T:
         """Run a blocking `DataChannel` exchange in this client's threads; cancellable."""
@@ -244,7 +245,7 @@ class ShardClient:
 
         def attempt() -> Awaitable[pb.PushResponse]:
             return self._data_or_grpc(
-                "Push", lambda: self._on_data(self.data.push, data_head, data_grad,
+                "Push", lambda: self._on_data(self.data.push, data_head, data_grad,  # type: ignore[union-attr]
                                               time.monotonic() + self.opts.push_timeout),
                 lambda: self.stub.Push(self._frames(frame, grad), timeout=self.opts.push_timeout))
         try:
@@ -262,7 +263,7 @@ class ShardClient:
 
         async def over_data() -> pb.PullHeader:
             async with self._pull_lock:
-                return await self._on_data(self.data.pull_into, req, out, time.monotonic() + self.opts.pull_timeout)
+                return await self._on_data(self.data.pull_into, req, out, time.monotonic() + self.opts.pull_timeout)  # type: ignore[union-attr]
 
         async def over_grpc() -> pb.PullHeader:
             head = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from ps_server.flags import FlagParser, non_negative, positive
+from asyncps_common.flags import FlagParser, non_negative, positive
 from worker.task import generate, load_model
 
 

@@ -156,6 +156,7 @@ class ByteGPT(nn.Module):
                 nn.init.zeros_(module.bias)
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
+            assert isinstance(block, Block)
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
             nn.init.normal_(block.fc_proj.weight, mean=0.0, std=resid_std)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from asyncps_common.security import NONE, Security
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.security import NONE, Security
 from worker.client import PSClient
 from worker.groups import no_decay_groups
 from worker.metrics import WorkerMetrics
@@ -59,7 +59,7 @@ class WorkerConfig:
     first_step: int = 0              # steps done by an earlier life of this worker (ps-cluster restarted it)
     metrics: WorkerMetrics | None = None  # Prometheus metrics to record into (PSClient makes its own if None)
     options: CallOptions = field(default_factory=CallOptions)
-    security: Security = NONE        # TLS and auth token (ps_server/security.py)
+    security: Security = NONE        # TLS and auth token (asyncps_common/security.py)
     decay_all: bool = True           # weight decay on every parameter (False: not on biases, norms, embeddings)
     compression: str = "none"         # bytes on the wire: none, bf16, fp16, onebit (protos/compress.py)
     local_steps: int = 0             # > 0: inner-optimizer steps per push (worker/local_steps.py); `optimizer` is then

@@ -20,7 +20,7 @@ import torch
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.dataplane import DataPlane
-from ps_server.security import NONE, Security
+from asyncps_common.security import NONE, Security
 from ps_server.server import build_server
 from ps_server.servicer import ServerConfig, Servicer
 from worker import CallOptions

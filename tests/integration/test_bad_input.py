@@ -30,7 +30,7 @@ import torch
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.checkpoint import checkpoint_path
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 
 from .support import RPC_TIMEOUT, call, clock_of, status, stub
 
@@ -274,6 +274,7 @@ CLI_CASES = ["port-not-a-number", "shard-index-out-of-range", "unknown-flag", "n
              "zero-heartbeat-timeout", "bad-env-var", "port-in-use", "corrupt-checkpoint-file"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLI_CASES)
 def test_cli_bad_flag_prints_one_line_and_exits_2(servers, tmp_path, name):
     args, env = _cli_cases(tmp_path, servers["ready"].port)[name]

@@ -13,7 +13,11 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.integration.support import status, wait_exit
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 BATCH = 8
 STEPS = 40

@@ -1,4 +1,4 @@
-"""bench/wire.py runs end to end on a tiny payload and writes the JSON the README's table comes from.
+"""bench/wire.py runs end to end on a tiny payload and writes the JSON docs/benchmarks.md's table comes from.
 
 Speed itself is never asserted here (benchmarks measure it, as ratios within one run);
 this only keeps the benchmark working: every row it promises is there, both transports
@@ -12,6 +12,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,6 +9,8 @@ from worker import PSClient
 
 from .support import FAST_FAIL, batches, mlp, status
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 
 def test_nan_gradient_is_refused_at_push_and_nothing_is_sent(start_server):
     servers = start_server.shards(2, staleness=0)

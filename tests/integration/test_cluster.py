@@ -18,6 +18,8 @@ from worker.task import ByteGPT, TaskConfig
 
 from .support import poll
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 SMALL = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "8",
          "--lr", "1e-2", "--warmup", "10", "--heartbeat-timeout", "3", "--no-progress"]
 

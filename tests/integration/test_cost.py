@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -69,3 +71,21 @@ def test_calibrate_predict_validate_end_to_end(tmp_path, corpus):
     assert set(result["errors"]) == {"seed", "refined"}
     assert out_png.read_bytes()[:8] == PNG_MAGIC and out_png.stat().st_size > 10_000
     assert "refined model" in done.stdout and "tiny" in done.stdout
+
+
+def test_validate_without_matplotlib_says_how_to_get_plots_in_one_line(tmp_path, corpus):
+    """The core install has no matplotlib: validate still runs and writes its rows, and says once how to get plots."""
+    cal = Path(__file__).resolve().parents[2] / "bench" / "results" / "cost-calibration.json"
+    out_json, out_png = tmp_path / "v.json", tmp_path / "v.png"
+    code = ("import sys; sys.modules['matplotlib'] = None; from worker.cost.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "--log-level", "WARNING", "validate", "--calibration", str(cal),
+                           "--models", "small", "--steps", "2", "--workers", "1", "--servers", "1",
+                           "--data", str(corpus), "--json", str(out_json), "--png", str(out_png),
+                           "--out", str(tmp_path / "runs")], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    hints = [line for line in done.stderr.splitlines() if "matplotlib" in line]
+    assert hints == [hints[0]] and "pip install 'asyncps[plots]'" in hints[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert [r["workers"] for r in json.loads(out_json.read_text())["rows"]] == [1]
+    assert not out_png.exists() and "plot: none" in done.stdout

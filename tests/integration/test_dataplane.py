@@ -29,8 +29,8 @@ import torch
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import DataConn, DataError
-from ps_server.optimizer import default_config
-from ps_server.security import NONE, Security
+from asyncps_common.optimizer import default_config
+from asyncps_common.security import NONE, Security
 from ps_server.servicer import ServerConfig
 from worker import CallOptions, PSClient, RpcFailed
 from worker.dataplane import DataChannel
@@ -38,6 +38,8 @@ from worker.dataplane import DataChannel
 from .support import FAST_FAIL, RPC_TIMEOUT, batches, grpc_pull, mlp, poll, status, stub
 from .test_security import client, pki, tls_flags  # noqa: F401 (a fixture)
 from .test_wire_path import InProcessServer
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 Code = grpc.StatusCode
 TOKEN = "data-plane-Token_7"

@@ -2,18 +2,21 @@
 
 A model trained on stale weights can saturate its softmax; the tiny probabilities it then
 makes are denormal floats, each of which costs the CPU about a hundred cycles (measured:
-forward+backward 109 ms against 56 ms, README "Side by side with the peers"). The
+forward+backward 109 ms against 56 ms, docs/benchmarks.md, "Findings"). The
 worker's training loop runs with flush-to-zero on (`--flush-denormal`, the default),
 and leaves the process as it found it.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 from worker.task import ByteGPT, TaskConfig
 from worker.trainer import WorkerConfig, train
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 TINY = TaskConfig(context=16, d_model=16, n_layer=1, n_head=2)
 

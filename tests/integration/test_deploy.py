@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from ps_server import cli as server_cli
-from ps_server.flags import ENV_PREFIX
+from asyncps_common.flags import ENV_PREFIX
 from worker import cli as worker_cli
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,12 +15,15 @@ import copy
 import signal
 import time
 
+import pytest
 import torch
 
 from ps_server.checkpoint import checkpoint_path
 from worker import PSClient
 
 from .support import FAST_FAIL, batches, kill_group, mlp, rel_err, status, wait_exit
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 ADAM = {"name": "adam", "lr": 1e-2}
 BEFORE, AFTER = 5, 3  # steps before the checkpoint, steps after it that the crash loses

@@ -17,6 +17,8 @@ from worker import PSClient
 
 from .support import FAST_FAIL, batches, mlp, rel_err, status
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 STEPS = 20
 CASES = {
     "sgd-momentum": ({"name": "sgd", "lr": 0.05, "momentum": 0.9},

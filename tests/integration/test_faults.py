@@ -2,7 +2,7 @@
 
 `ps-cluster` restarts the failed process (its restart policy, like compose's
 `restart: on-failure`); the run must finish with every step done, the workers must not
-crash, and what was lost must be what README's "Guarantees" promises:
+crash, and what was lost must be what docs/guarantees.md promises:
 
 - server killed: it restarts on the same port from its last checkpoint; the updates it
   lost are at most those applied since that checkpoint, and summary.json counts them;
@@ -19,10 +19,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from protos.asyncps.v1 import ps_pb2 as pb
 
 from .support import poll, start_worker, stub, wait_exit
 from .test_cluster import SMALL, cluster_cmd, corpus, processes_mentioning  # noqa: F401  (corpus is a fixture)
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 HEARTBEAT = 2.0  # seconds; the tests' --heartbeat-timeout
 

@@ -46,9 +46,11 @@ from hypothesis import strategies as st
 
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 
 from .support import invoke
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 N = 1000
 PLAN = "f" * 64

@@ -14,6 +14,7 @@ import math
 import socket
 import time
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,8 @@ from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import DataConn, DataError
 
 from .test_fuzz import EXAMPLES, FUZZ, N, PLAN, TIMEOUT, Code, Live, gradient, live  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 
 def data_messages(draw, t: Live) -> bytes:

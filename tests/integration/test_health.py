@@ -15,12 +15,13 @@ import threading
 import time
 
 import grpc
+import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from asyncps_common.optimizer import default_config
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
 
 from .support import RPC_TIMEOUT, call, kill_group, poll, status, stub, wait_exit
 
@@ -49,6 +50,7 @@ def test_health_serving_and_sigterm_exits_0(start_server):
     assert time.monotonic() - t0 < GRACE + 3.0
 
 
+@pytest.mark.slow
 def test_sigterm_with_a_call_in_flight_exits_0_within_the_grace_period(start_server):
     server = start_server(grace=GRACE, staleness=0, heartbeat_timeout=3600)
     plan = "h" * 64

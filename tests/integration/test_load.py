@@ -19,6 +19,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from protos.asyncps.v1 import ps_pb2 as pb
@@ -27,6 +28,8 @@ from worker.plan import make_plan, param_specs
 from worker.rpc import ShardClient
 
 from .support import mlp, status
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 DURATION = 60.0  # seconds of load (issue 7: "16 concurrent clients ... for 60 s")
 CLIENTS = 16

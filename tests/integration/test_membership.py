@@ -22,6 +22,8 @@ from worker import PSClient
 from .support import FAST_FAIL, clock_of, kill_group, poll, start_worker, status, stub, wait_exit
 from .worker_proc import small_model
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 S = 2
 HEARTBEAT_TIMEOUT = 1.5
 FAST_STEPS = 40

@@ -32,6 +32,8 @@ from . import support
 from .promql import operands
 from .test_cluster import SMALL, corpus  # noqa: F401  (corpus is a fixture)
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "asyncps.json"

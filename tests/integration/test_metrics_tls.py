@@ -5,7 +5,7 @@ With a client CA, only a scraper presenting a certificate that CA signed is answ
 plain HTTP, TLS without a certificate, and a certificate from another CA all get nothing.
 The handshake runs in each connection's own thread, so a client that connects and never
 speaks does not hold up the next scrape. A real Prometheus scraping with `scheme: https`
-and a `tls_config` (the README's snippet) reads the metrics; the same Prometheus job
+and a `tls_config` (docs/security.md's snippet) reads the metrics; the same Prometheus job
 without a client certificate finds the target down.
 """
 
@@ -18,11 +18,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .test_cluster import corpus  # noqa: F401 (a fixture)
 from .test_metrics import HTTP_TIMEOUT, free_port, http_json, poll, prometheus_binary, query  # noqa: F401 (a fixture)
 from .test_security import pki  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 
 def tls_metrics_flags(pki: dict[str, Path], port_file: Path, mutual: bool = True) -> dict[str, str]:

@@ -6,7 +6,7 @@ one worker runs inside the namespace (`ip netns exec`), another on the host. Cut
 is `ip link set <host end> down`, reconnecting `up`. Nothing but those two addresses is
 ever addressed, and the namespace is always deleted (finalizer). Needs root (CI is).
 
-What must hold (README, "Guarantees"): the cut worker is evicted after the timeout, so
+What must hold (docs/guarantees.md): the cut worker is evicted after the timeout, so
 the other worker is held back at most that long; it rejoins after the link is back;
 nothing hangs; and a push from before the cut is applied at most once: a late one of
 the old session is refused, so the shard's version equals the pushes the workers were
@@ -26,6 +26,8 @@ import pytest
 from worker.rpc import wait_serving
 
 from .support import clock_of, poll, start_worker, status, wait_exit
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 TIMEOUT = 1.5  # the server's --heartbeat-timeout
 

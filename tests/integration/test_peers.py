@@ -15,6 +15,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "8",
         "--warmup", "10", "--lr", "1e-2", "--threads", "1", "--budget", "3", "--snapshot-every", "0.5",

@@ -16,7 +16,7 @@ import torch
 
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 from ps_server.servicer import ServerConfig
 from .support import RPC_TIMEOUT, InProcessServer, clock_of, poll, stub
 

@@ -14,12 +14,15 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from worker import PSClient
 from worker.plan import make_plan, param_specs
 
 from .support import FAST_FAIL, status, wait_exit
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 ROOT = Path(__file__).resolve().parents[2]
 ADDRESSES = ("127.0.0.1:50051", "127.0.0.1:50052")

@@ -1,4 +1,4 @@
-"""Authentication and TLS (ps_server/security.py) against real `ps-server` processes.
+"""Authentication and TLS (asyncps_common/security.py) against real `ps-server` processes.
 
 * Token: every asyncps RPC without the token, or with a wrong one, is answered
   UNAUTHENTICATED and changes nothing (Status with the right token, checksum included,
@@ -27,13 +27,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
-from ps_server.security import NONE, Security
+from asyncps_common.optimizer import default_config
+from asyncps_common.security import NONE, Security
 from worker import CallOptions, PSClient, RpcFailed
 
 from .certs import make_pki
 from .test_cluster import cluster_cmd, corpus  # noqa: F401 (a fixture)
 from .support import RPC_TIMEOUT, batches, call, clock_of, mlp, status, stub
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 TOKEN = "s3cret-Token_42"
 PLAN, N = "p" * 64, 1000

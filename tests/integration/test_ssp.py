@@ -21,8 +21,11 @@ from __future__ import annotations
 import math
 import time
 
+import pytest
 
 from .support import clock_of, poll, start_worker, status, wait_exit
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 STEPS = 20
 SLOW_SLEEP = 0.05

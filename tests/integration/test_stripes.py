@@ -47,6 +47,8 @@ from .test_dataplane import (AUTH, N, answer, data_port, deadline, pull_request,
                              shard, state)
 from .test_wire_path import OddModel, push_exact, raw
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 Code = grpc.StatusCode
 
 

@@ -25,12 +25,14 @@ import torch
 
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 from ps_server.servicer import ServerConfig
 from worker import CallOptions, PSClient
 from worker.dataplane import Abort, DataChannel
 
 from .support import RPC_TIMEOUT, InProcessServer, grpc_pull, stub
+
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 SIZES = [(7,), (1023,), (3, 5, 7), (10007,), (129, 31), (1,), (65537,)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float32]

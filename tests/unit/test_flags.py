@@ -1,4 +1,4 @@
-"""Unit tests for ps_server.flags and the `ps-server` command line (parsing only, no server)."""
+"""Unit tests for asyncps_common.flags and the `ps-server` command line (parsing only, no server)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ps_server import cli
-from ps_server.flags import FlagParser, non_negative, parse_bool, positive
+from asyncps_common.flags import FlagParser, non_negative, parse_bool, positive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +55,7 @@ def test_help_names_every_flags_env_variable() -> None:
         assert f"[env {env_var(flag)}]" in text, flag
 
 
+@pytest.mark.slow
 def test_help_subprocess(subprocess_results) -> None:
     proc = subprocess_results["help"]
     assert proc.returncode == 0, proc.stderr
@@ -166,6 +167,7 @@ def subprocess_results() -> dict[str, subprocess.CompletedProcess]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_input_subprocess(subprocess_results, name: str) -> None:
     result = subprocess_results[name]

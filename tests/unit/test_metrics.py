@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from ps_server.metrics import update_staleness_bound
-from ps_server.metrics_http import metrics_port
+from asyncps_common.metrics_http import metrics_port
 from ps_server.servicer import ServerConfig, Servicer
 from worker.metrics import WorkerMetrics
 

@@ -1,4 +1,4 @@
-"""Unit tests for ps_server.store, ps_server.optimizer and ps_server.checkpoint."""
+"""Unit tests for ps_server.store, asyncps_common.optimizer and ps_server.checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import checkpoint
-from ps_server import optimizer as optim
+from asyncps_common import optimizer as optim
 from ps_server.clock import ClockTable
 from ps_server.store import ShardStore
 

@@ -133,7 +133,7 @@ def test_qk_norm_config_round_trips_and_rejects_non_bools() -> None:
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm: bool) -> None:
-    """Stale updates grew the attention logits 20x (README); with qk_norm their scale cannot matter."""
+    """Stale updates grew the attention logits 20x (docs/benchmarks.md); with qk_norm their scale cannot matter."""
     model = _model(dataclasses_replace(SMALL, qk_norm=qk_norm))
     idx = torch.randint(0, 256, (2, SMALL.context))
     before = model(idx)

@@ -266,6 +266,7 @@ def run_cluster(out: Path, model: ModelSpec, workers: int, servers: int, steps: 
     The launcher dies with this process (parent-death signal), and is stopped on any error here.
     """
     import json
+
     from worker.procs import Children
     argv = ["--workers", str(workers), "--servers", str(servers), "--steps", str(steps), "--out", str(out),
             "--no-progress", *model.flags(), *extra]

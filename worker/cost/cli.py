@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from ps_server.cli import staleness_flag
-from ps_server.flags import FlagParser, positive
+from asyncps_common.flags import FlagParser, positive, staleness_flag
 from worker.cost.calibrate import FORMAT, PRESETS, ModelSpec, Settings, calibrate, from_summaries
 from worker.cost.model import CostModel, Job, recommend
 from worker.cost import network_cli
 from worker.cost.validate import plot, table, validate, write_json
+from worker.cost.validate import PLOTS_HINT, plot, plots_available, table, validate, write_json
 
 DEFAULT_CALIBRATION = "runs/cost/calibration.json"
 
@@ -178,8 +178,10 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace) -> int:
     gap = "inf" if math.isinf(job.staleness) else f"{job.staleness:g}"
     out = [f"{job.steps} iterations of a {job.params / 1e6:.2f} M-parameter model, batch × context {job.tokens}, s={gap}"
            f"{', averaged' if job.average_gradients else ''}{', pipelined' if job.pipeline else ''}; "
-           f"calibrated on {m['hostname']} ({m['cpus']} cores{', ' + m['gpu'] if m.get('gpu') else ''}, {m['date']})",
-           f"{'P':>3} {'S':>3} {'seed formula':>13} {'refined':>9} {'start-up':>9} {'clock':>9} {'compute':>9} {'comm':>9}"]
+           f"calibrated on {m['hostname']} ({m['cpus']} cores"
+           f"{', ' + m['gpu'] if m.get('gpu') else ''}, {m['date']})",
+           f"{'P':>3} {'S':>3} {'seed formula':>13} {'refined':>9} "
+           f"{'start-up':>9} {'clock':>9} {'compute':>9} {'comm':>9}"]
     for r in preds:
         out.append(f"{r.workers:>3} {r.servers:>3} {r.seed_formula_seconds:>12.1f}s {r.refined_seconds:>8.1f}s "
                    f"{r.startup_seconds:>8.1f}s {1e3 * r.clock_seconds:>7.1f}ms {1e3 * r.compute_seconds:>7.1f}ms "
@@ -206,11 +208,15 @@ def cmd_validate(p: FlagParser, a: argparse.Namespace) -> int:
     cal = load_calibration(p, a.calibration)
     js = Path(a.json)
     png = Path(a.png) if a.png else js.with_suffix(".png")
+    draw = plots_available()
+    if not draw:  # said before the runs, so a user who wants the plot need not wait for them
+        sys.stderr.write(PLOTS_HINT + "\n")
     out = Path(a.out) if a.out else js.parent / f"{js.stem}-runs-{time.strftime('%Y%m%d-%H%M%S')}"
     result = validate(cal, a.models, a.steps, sorted(set(a.workers)), sorted(set(a.servers)), out, a.data)
     write_json(result, js)
-    plot(result, png)
-    sys.stdout.write(table(result) + f"rows: {js}   plot: {png}\n")
+    if draw:
+        plot(result, png)
+    sys.stdout.write(table(result) + f"rows: {js}   plot: {png if draw else 'none (no matplotlib)'}\n")
     return 0
 
 
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level, format="%(asctime)s ps-cost %(levelname)s %(message)s")
-    sub = p._subparsers._group_actions[0].choices[a.command]  # type: ignore[union-attr]
+    sub = p._subparsers._group_actions[0].choices[a.command]  # type: ignore[union-attr, index]
     try:
         return {"calibrate": cmd_calibrate, "predict": cmd_predict, "validate": cmd_validate}[a.command](sub, a)
     except KeyboardInterrupt:

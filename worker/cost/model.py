@@ -28,6 +28,7 @@ Refined model, what the measurements show matters:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -73,7 +74,7 @@ def seed_formula(steps: int, workers: int, t_task: float, t_comm: float) -> floa
     return steps / workers * t_task + steps / workers * t_comm
 
 
-def line(x: float, points: list[tuple[float, float]]) -> float:
+def line(x: float, points: Sequence[tuple[float, float]]) -> float:
     """Piecewise-linear through `points` (x, y), extended linearly past both ends; one point: y ∝ x.
 
     Never negative. Points with equal x are averaged.

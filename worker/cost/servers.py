@@ -54,7 +54,7 @@ def start_servers(n: int, workdir: Path, chunk_bytes: int | None = None,
                     raise RuntimeError(f"ps-server did not start; see its log in {workdir}")
                 time.sleep(0.02)
             addr = f"127.0.0.1:{int(pf.read_text())}"
-            wait_serving(addr, timeout=60, is_alive=lambda p=p: p.poll() is None)
+            wait_serving(addr, timeout=60, is_alive=lambda p=p: p.poll() is None)  # type: ignore[misc]
             addrs.append(addr)
     except BaseException:
         stop_servers(procs)
@@ -76,7 +76,7 @@ def stop_servers(procs: list[subprocess.Popen]) -> None:
 
 def apply_rates(nbytes: int, reps: int) -> dict[str, list[float]]:
     """GB/s of gradient the shard store applies per optimizer step: SGD, SGD momentum, Adam, AdamW."""
-    from ps_server.optimizer import default_config
+    from asyncps_common.optimizer import default_config
     from ps_server.store import ShardStore
     n = nbytes // 4
     w, g = torch.randn(n), torch.randn(n) * 1e-3

@@ -69,16 +69,31 @@ def error_summary(rows: list[dict]) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'model':<8} {'P':>2} {'S':>2} {'steps':>6} {'measured':>9} {'seed':>8} {'err':>6} {'refined':>8} {'err':>6} {'load':>5}"]
+    lines = [f"{'model':<8} {'P':>2} {'S':>2} {'steps':>6} {'measured':>9} "
+             f"{'seed':>8} {'err':>6} {'refined':>8} {'err':>6} {'load':>5}"]
     for r in result["rows"]:
         lines.append(f"{r['model']:<8} {r['workers']:>2} {r['servers']:>2} {r['steps']:>6} {r['measured_seconds']:>8.1f}s "
                      f"{r['seed_formula_seconds']:>7.1f}s {100 * r['seed_error']:>+5.0f}% "
-                     f"{r['refined_seconds']:>7.1f}s {100 * r['refined_error']:>+5.0f}% {r.get('load_average_before', math.nan):>5.1f}")
+                     f"{r['refined_seconds']:>7.1f}s {100 * r['refined_error']:>+5.0f}% "
+                     f"{r.get('load_average_before', math.nan):>5.1f}")
     e = result["errors"]
     lines.append(f"absolute error, median / worst: seed formula {100 * e['seed']['median_abs']:.0f}% / "
                  f"{100 * e['seed']['max_abs']:.0f}%,  refined model {100 * e['refined']['median_abs']:.0f}% / "
                  f"{100 * e['refined']['max_abs']:.0f}%")
     return "\n".join(lines) + "\n"
+
+
+PLOTS_HINT = ("ps-cost: matplotlib is not installed, so validate draws no plot (the rows and the table are written); "
+              "install the plots extra: pip install 'asyncps[plots]' (in a checkout: pip install -e '.[plots]')")
+
+
+def plots_available() -> bool:
+    """True when matplotlib (the `plots` extra; not part of the core install) can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def plot(result: dict, path: Path) -> None:

@@ -28,7 +28,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from ps_server.security import CERT, KEY, Security, read_pem
+from asyncps_common.security import CERT, KEY, Security, read_pem
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def add_metrics_flags(p: Any, host_default: str | None, host_help: str) -> None:
                                              "signed by this CA (PEM): mutual TLS")
 
 
-def metrics_tls(p: Any, args: argparse.Namespace) -> ssl.SSLContext | None:
+def metrics_tls(p: argparse.ArgumentParser, args: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS context the metrics flags ask for (None: plain HTTP); one-line errors, exit 2."""
     cert_path, key_path = args.metrics_tls_cert or None, args.metrics_tls_key or None
     ca_path = args.metrics_tls_client_ca or None
@@ -87,7 +87,7 @@ class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     tls: ssl.SSLContext | None = None
 
-    def finish_request(self, request: socket.socket, client_address: Any) -> None:
+    def finish_request(self, request: Any, client_address: Any) -> None:  # a socket.socket
         request.settimeout(CONNECTION_SECONDS)
         if self.tls is None:
             super().finish_request(request, client_address)
@@ -114,7 +114,7 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int, port_file: 
     """
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     server_class = type("_MetricsServer", (_Server,), {"address_family": family, "tls": tls})
-    httpd = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_Quiet)
+    httpd: WSGIServer = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_Quiet)
     threading.Thread(target=httpd.serve_forever, name="asyncps-metrics", daemon=True).start()
     bound = int(httpd.server_port)
     if port_file:

@@ -10,6 +10,8 @@ and betas. Not thread-safe: the shard store serializes every step.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from collections.abc import Sequence
@@ -25,7 +27,7 @@ SHARD_WIDE = ("name", "staleness_aware_lr", "average_gradients", "warmup_updates
 
 def default_config(name: str = "sgd", lr: float = 0.01, **kw: float | bool) -> pb.OptimizerConfig:
     """An OptimizerConfig with torch.optim's defaults for every field not given."""
-    base = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8)
+    base: dict[str, Any] = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8)
     if name == "adamw":
         base["weight_decay"] = 0.01
     base.update(kw)

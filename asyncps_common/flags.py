@@ -9,6 +9,7 @@ with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -96,3 +97,19 @@ def int_range(lo: int, hi: int) -> Callable[[str], int]:
         return value
     convert.__name__ = "int"
     return convert
+
+
+def parse_staleness(text: str) -> float:
+    """'3' -> 3.0, 'inf' -> math.inf; ValueError otherwise."""
+    value = float(text)
+    if value < 0 or math.isnan(value) or (value != math.inf and value != int(value)):
+        raise ValueError(f"staleness must be a whole number >= 0 or 'inf', got {text!r}")
+    return value
+
+
+def staleness_flag(text: str) -> float:
+    """argparse type for a staleness bound s (ps-server, ps-worker, ps-cost)."""
+    try:
+        return parse_staleness(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc

@@ -95,6 +95,8 @@ class Security:
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """TLS for a client's data-plane connections: verifies the server (name included) with `ca`."""
+        if self.ca is None:
+            raise ValueError("a TLS client needs the CA to verify servers with")
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=self.ca.decode("ascii"))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.cert is not None:
@@ -108,8 +110,10 @@ class Security:
 NONE = Security()
 
 
-def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+def _load_chain(ctx: ssl.SSLContext, cert: bytes | None, key: bytes | None) -> None:
     """`ctx.load_cert_chain` from PEM bytes (it reads files only: a private 0700 folder, removed at once)."""
+    if cert is None or key is None:
+        raise ValueError("TLS needs both a certificate and its key")
     with tempfile.TemporaryDirectory(prefix="asyncps-tls-") as tmp:
         cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
         for path, data in ((cert_path, cert), (key_path, key)):
