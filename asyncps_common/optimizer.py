@@ -17,7 +17,7 @@ import torch
 from collections.abc import Sequence
 
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server import delay
+from asyncps_common import delay
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # settings of the whole shard, not of a group: every group's must equal the shard's

@@ -47,7 +47,7 @@ import shaped  # noqa: E402
 from peers_asyncps import Variant, _training_argv  # noqa: E402
 from peers_common import RunSpec  # noqa: E402
 from peers_report import machine  # noqa: E402
-from ps_server.flags import FlagParser, non_negative, positive  # noqa: E402
+from asyncps_common.flags import FlagParser, non_negative, positive  # noqa: E402
 from worker.cost.calibrate import PRESETS  # noqa: E402
 from worker.procs import Children  # noqa: E402
 from worker.task import TaskConfig  # noqa: E402

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peers_common import RunSpec, Task
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 from ps_server.store import ShardStore
 from worker.local_steps import LocalSteps
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # with s=2, 2 workers, no averaging (bound 6). Every whole number to 8, so a quantile never
 # overshoots a small bound (the alert compares it with one), then wider.
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64, 128)
-# Delay compensation relative to the gradient (ps_server/delay.py): 0 when fresh; the correction
+# Delay compensation relative to the gradient (asyncps_common/delay.py): 0 when fresh; the correction
 # is a few percent of the gradient at the delays SSP allows, more only when staleness runs away.
 COMPENSATION_BUCKETS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 # A checkpoint write (torch.save + fsync): milliseconds for the built-in model, seconds for GBs.

@@ -29,7 +29,8 @@ import torch
 
 from protos import compress, service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server import checkpoint, delay, streams
+from asyncps_common import delay
+from ps_server import checkpoint, streams
 from asyncps_common import optimizer as optim
 from protos import service, wire
 from ps_server import checkpoint, streams

@@ -14,7 +14,7 @@ pull path's form of it: the weights of one version already encoded as wire frame
 made with one copy and shared by every pull of that version; while an update is being
 applied, the previous version's frames are answered without waiting for the lock.
 An update is applied whole or not at all: gradients are validated before the step starts.
-With the `dc` update rule (ps_server/delay.py) the store also keeps the weights of its last
+With the `dc` update rule (asyncps_common/delay.py) the store also keeps the weights of its last
 `history` versions and corrects each gradient for the updates since the version it read.
 """
 
@@ -29,7 +29,7 @@ import torch
 from asyncps_common import optimizer as optim
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server import delay
+from asyncps_common import delay
 from ps_server import optimizer as optim
 
 

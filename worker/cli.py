@@ -19,7 +19,7 @@ from asyncps_common.flags import staleness_flag
 from protos import compress, wire
 from asyncps_common.flags import FlagParser, int_range, non_negative, positive
 from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
-from ps_server.delay import DEFAULT_DC_LAMBDA, RULES, UNBOUNDED_HISTORY
+from asyncps_common.delay import DEFAULT_DC_LAMBDA, RULES, UNBOUNDED_HISTORY
 from asyncps_common.optimizer import OPTIMIZERS, default_config, validate
 from worker.environment import default_worker_id, resolve_rank
 from asyncps_common.flags import FlagParser, int_range, non_negative, positive, staleness_flag

@@ -23,9 +23,9 @@ import socket
 from dataclasses import dataclass
 from typing import NoReturn
 
-from ps_server import security
-from ps_server.flags import FlagParser
-from ps_server.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
+from asyncps_common import security
+from asyncps_common.flags import FlagParser
+from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 
 COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
 

@@ -32,9 +32,9 @@ from pathlib import Path
 
 from protos import service
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server import security
-from ps_server.cli import staleness_flag
-from ps_server.flags import FlagParser, non_negative, positive
+from asyncps_common import security
+from asyncps_common.flags import staleness_flag
+from asyncps_common.flags import FlagParser, non_negative, positive
 from worker.cluster import Cluster, ClusterFailed
 from worker.report import write_summary
 

@@ -3,7 +3,7 @@
 With `--local-steps H` a worker pulls the weights, runs H steps of its inner optimizer
 (torch.optim AdamW/Adam/SGD with the training flags' settings, its state kept across
 pushes and lost when the worker restarts) on H batches, and pushes the pseudo-gradient
-w_pulled − w_local; the servers apply their outer optimizer to it (ps_server/delay.py).
+w_pulled − w_local; the servers apply their outer optimizer to it (asyncps_common/delay.py).
 Communication drops H-fold. The staleness bound counts pushes, so s = 0 with averaging
 is synchronous DiLoCo.
 

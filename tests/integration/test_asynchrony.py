@@ -5,7 +5,7 @@ delays deterministically: it pulls every step, but computes on the weights it pu
 `DELAY` steps earlier and names that pull's versions in its push. With s = 0 every
 pull waits for the worker's own previous push, so the shards' versions, and with them
 each push's staleness, are exactly those of the in-process reference written here
-(independently of ps_server/delay.py): delay compensation (DC-ASGD-a) on AdamW, and
+(independently of asyncps_common/delay.py): delay compensation (DC-ASGD-a) on AdamW, and
 local steps (inner AdamW on the worker) under outer SGD, Nesterov and Delayed Nesterov.
 Two workers with s = 0 and averaging run synchronous local steps: DiLoCo.
 """
@@ -18,7 +18,7 @@ import threading
 import pytest
 import torch
 
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 from worker import PSClient
 from worker.local_steps import LocalSteps
 

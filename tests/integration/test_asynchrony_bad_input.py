@@ -20,7 +20,7 @@ import torch
 
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 from worker import cli as worker_cli
 
 from .support import call, status

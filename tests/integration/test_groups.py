@@ -21,7 +21,7 @@ import torch
 
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 from worker import PSClient, RpcFailed
 
 from .support import FAST_FAIL, batches, mlp, rel_err, status, stub

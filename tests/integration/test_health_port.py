@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import service
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.security import Security
+from asyncps_common.security import Security
 
 from .certs import make_pki
 from .support import RPC_TIMEOUT

@@ -1,4 +1,4 @@
-"""ps_server/delay.py on a shard store: the outer optimizers, the version history, checkpoints."""
+"""asyncps_common/delay.py on a shard store: the outer optimizers, the version history, checkpoints."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ps_server import delay
-from ps_server.optimizer import default_config
+from asyncps_common import delay
+from asyncps_common.optimizer import default_config
 from ps_server.store import ShardStore
 
 N = 64

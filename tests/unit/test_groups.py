@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from protos.asyncps.v1 import ps_pb2 as pb
-from ps_server.optimizer import default_config
+from asyncps_common.optimizer import default_config
 from ps_server.store import ShardStore
 from worker import groups as pg
 from worker.plan import make_plan, param_specs

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ps_server.flags import FlagParser, non_negative, positive
+from asyncps_common.flags import FlagParser, non_negative, positive
 from worker.cost import network
 from worker.cost.validate import write_json
 
