@@ -37,7 +37,6 @@ import torch
 
 from protos import compress, wire
 from asyncps_common.security import NONE, Security
-from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import Code, DataConn, DataError, Truncated, tune
 from ps_server.servicer import Servicer, rejection

@@ -32,8 +32,6 @@ from protos.asyncps.v1 import ps_pb2 as pb
 from asyncps_common import delay
 from ps_server import checkpoint, streams
 from asyncps_common import optimizer as optim
-from protos import service, wire
-from ps_server import checkpoint, streams
 from ps_server.aggregate import Aggregator
 from ps_server.atomic import to_the_end
 from ps_server.balance import Balancer

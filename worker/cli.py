@@ -22,8 +22,6 @@ from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, ser
 from asyncps_common.delay import DEFAULT_DC_LAMBDA, RULES, UNBOUNDED_HISTORY
 from asyncps_common.optimizer import OPTIMIZERS, default_config, validate
 from worker.environment import default_worker_id, resolve_rank
-from asyncps_common.flags import FlagParser, int_range, non_negative, positive, staleness_flag
-from protos import wire
 from worker.metrics import WorkerMetrics
 from worker.rpc import DATA_STREAMS, TRANSPORTS, CallOptions
 from worker.task import TaskConfig

@@ -50,7 +50,6 @@ from asyncps_common.optimizer import default_config
 from asyncps_common.security import NONE, Security
 from worker import environment
 from worker import groups as param_groups
-from protos import wire
 from worker.metrics import WorkerMetrics
 from worker.plan import Plan, make_plan, param_specs
 from worker.rpc import CallOptions, RpcFailed, ShardClient

@@ -27,7 +27,6 @@ import torch
 
 from protos import compress, wire
 from asyncps_common.security import NONE, Security
-from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import Code, DataConn, DataError, status_code, tune
 

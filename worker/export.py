@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 
 from asyncps_common.security import NONE, Security
-import torch
 from worker.client import PSClient
 from worker.rpc import CallOptions
 

@@ -35,7 +35,6 @@ import torch
 
 from protos import compress, service, wire
 from asyncps_common.security import NONE, Security
-from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import DataError, split_host
 from worker.dataplane import CONNECT_FAILED, Abort, DataChannel

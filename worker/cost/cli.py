@@ -24,7 +24,7 @@ from worker.cost.calibrate import FORMAT, PRESETS, ModelSpec, Settings, calibrat
 from worker.cost.model import CostModel, Job, recommend
 from worker.cost import network_cli
 from worker.cost.validate import plot, table, validate, write_json
-from worker.cost.validate import PLOTS_HINT, plot, plots_available, table, validate, write_json
+from worker.cost.validate import PLOTS_HINT, plots_available
 
 DEFAULT_CALIBRATION = "runs/cost/calibration.json"
 
