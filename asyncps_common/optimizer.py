@@ -25,7 +25,7 @@ SHARD_WIDE = ("name", "staleness_aware_lr", "average_gradients", "warmup_updates
               "update_rule", "dc_lambda", "history_versions", "local_steps", "outer_period")
 
 
-def default_config(name: str = "sgd", lr: float = 0.01, **kw: float | bool) -> pb.OptimizerConfig:
+def default_config(name: str = "sgd", lr: float = 0.01, **kw: float | bool | str) -> pb.OptimizerConfig:
     """An OptimizerConfig with torch.optim's defaults for every field not given."""
     base: dict[str, Any] = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8)
     if name == "adamw":

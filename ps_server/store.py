@@ -30,7 +30,6 @@ from asyncps_common import optimizer as optim
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from asyncps_common import delay
-from ps_server import optimizer as optim
 
 
 @dataclass(eq=False)
@@ -94,7 +93,8 @@ class ShardStore:
             staleness = max(0, self._version - read_version)
             if self._dc is not None:
                 w_now = self._flat.detach()
-                grad = self._dc(grad, w_now, self._history.get(read_version) if staleness else None)
+                read = self._history.get(read_version) if staleness and self._history is not None else None
+                grad = self._dc(grad, w_now, read)
                 if self.observe_compensation is not None:
                     self.observe_compensation(self._dc.last)
             self._stepper.step(grad, self.lr_scale(staleness))

@@ -18,6 +18,7 @@ decay for matrices, none for biases, LayerNorm weights and embeddings.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ _FIELDS = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum", "
 class Groups:
     """The parameters in plan order, each one's group, and each group's optimizer settings."""
 
-    named: list[tuple[str, torch.Tensor]]
+    named: Sequence[tuple[str, torch.Tensor]]
     group_of: list[int]
     configs: list[pb.OptimizerConfig]
 
@@ -49,7 +50,10 @@ def parse(model_or_groups, base: pb.OptimizerConfig) -> Groups:
         if any(isinstance(g, dict) for g in items):
             raise ValueError("give either parameters or parameter groups (dicts), not both")
         items = [{"params": items}]
-    named, group_of, configs, seen = [], [], [], set()
+    named: list[tuple[str, torch.Tensor]] = []
+    group_of: list[int] = []
+    configs: list[pb.OptimizerConfig] = []
+    seen: set[int] = set()
     for i, group in enumerate(items):
         unknown = set(group) - {"params", "betas", "param_names", *_FIELDS}
         if unknown:
@@ -104,7 +108,8 @@ def no_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if isinstance(module, (torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.GroupNorm,
                                torch.nn.modules.batchnorm._BatchNorm)):
             skip.update(id(p) for p in module.parameters(recurse=False))
-    decay, rest = [], []
+    decay: list[tuple[str, torch.Tensor]] = []
+    rest: list[tuple[str, torch.Tensor]] = []
     for name, p in model.named_parameters():
         (rest if p.dim() < 2 or id(p) in skip else decay).append((name, p))
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]

@@ -18,6 +18,8 @@ Not thread-safe: one per training loop.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from protos.asyncps.v1 import ps_pb2 as pb
@@ -76,7 +78,7 @@ class LocalSteps:
             for keep, p in zip(self._pulled, self.params):
                 p.grad = keep - p.detach()
 
-    def run(self, model: torch.nn.Module, stream, batch: int, device: torch.device, steps: int) -> float:
+    def run(self, model: Any, stream, batch: int, device: torch.device, steps: int) -> float:
         """`begin`, `steps` inner steps on batches of `stream`, `finish`; returns the mean training loss."""
         self.begin()
         total = 0.0
