@@ -41,8 +41,8 @@ class Groups:
 def parse(model_or_groups, base: pb.OptimizerConfig) -> Groups:
     """`model_or_groups` as Groups over `base`; ValueError for an empty, repeated or unknown setting."""
     if isinstance(model_or_groups, torch.nn.Module):
-        params = list(model_or_groups.named_parameters())
-        return Groups(params, [0] * len(params), [base])
+        every = list(model_or_groups.named_parameters())
+        return Groups(every, [0] * len(every), [base])
     items = list(model_or_groups)
     if not items:
         raise ValueError("no parameters given: pass a model or a non-empty list of parameter groups")
