@@ -127,7 +127,7 @@ def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
     if args.outer_period is not None and args.outer_optimizer != "delayed-nesterov":
         p.error("--outer-period is for --outer-optimizer delayed-nesterov")
     try:
-        validate(optimizer_config(args), args.staleness)
+        validate(optimizer_config(args), staleness=args.staleness)
         if args.local_steps:
             validate(inner_config(args))
         task_config(args)
