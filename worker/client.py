@@ -120,7 +120,8 @@ class PSClient:
         self.group_configs = groups.configs  # each parameter group's settings, in group order
         self.plan: Plan = make_plan(param_specs(groups.named, groups.group_of), len(servers))
         self.staleness = staleness
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.worker_id = (worker_id or os.environ.get("ASYNCPS_WORKER_ID", "").strip()
+                          or f"{socket.gethostname()}-{os.getpid()}")
         self.pipeline = pipeline
         self.max_inflight = max(1, max_inflight)
         self.options = options

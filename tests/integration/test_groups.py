@@ -11,9 +11,6 @@ and changes nothing; ungrouped settings that only a shard may hold are INVALID_A
 from __future__ import annotations
 
 import copy
-import json
-import subprocess
-import sys
 
 import grpc
 import pytest
@@ -23,9 +20,11 @@ from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from asyncps_common.optimizer import default_config
 from worker import PSClient, RpcFailed
+from worker.export import pull_into
+from worker.task import ByteGPT, TaskConfig
+from worker.trainer import model_params
 
 from .support import FAST_FAIL, batches, mlp, rel_err, status, stub
-from .test_cluster import SMALL, corpus  # noqa: F401 (corpus is a fixture)
 
 STEPS = 15
 
@@ -128,12 +127,27 @@ def test_group_that_changes_a_shard_wide_setting_is_invalid_argument(start_serve
     assert not status(server.address).initialized
 
 
-def test_built_in_task_with_undecayed_groups_trains_and_exports(tmp_path, corpus):  # noqa: F811
-    """ps-cluster --no-decay-all: the workers and the exporter build the same grouped plan."""
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "worker.cluster", "--servers", "2", "--workers", "2", "--steps", "6",
-                        "--data", str(corpus), "--out", str(out), *SMALL, "--weight-decay", "0.1", "--no-decay-all",
-                        "--no-metrics", "--eval-windows", "4"], capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["iterations"] == 6 and (out / "model.safetensors").is_file()
+def test_built_in_task_with_undecayed_groups_trains_and_exports(start_server):
+    """--no-decay-all: the workers (trainer.model_params) and the exporter (report.py) build one plan."""
+    server = start_server(staleness=0)
+    task = TaskConfig(context=16, d_model=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = ByteGPT(task)
+    groups = model_params(model, 0.1, decay_all=False)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    undecayed = {n for n, _ in groups[1]["params"]}
+    assert {"tok_emb.weight", "pos_emb.weight", "ln_f.weight", "blocks.0.ln1.bias"} <= undecayed
+    assert not any(n.endswith("fc.weight") for n in undecayed)
+    with PSClient([server.address], groups, optimizer={"name": "adamw", "lr": 1e-2, "weight_decay": 0.1},
+                  staleness=0, worker_id="w", options=FAST_FAIL) as ps:
+        x = torch.randint(0, 256, (2, 16))
+        ps.pull()
+        model.loss(x, x).backward()
+        ps.push().wait()
+        ps.pull()  # the weights after that update
+    exported = ByteGPT(task)
+    assert pull_into([server.address], model_params(exported, 0.1, decay_all=False), options=FAST_FAIL) == 1
+    for a, b in zip(exported.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="holds no model with this plan"):  # ungrouped: another plan
+        pull_into([server.address], ByteGPT(task), options=FAST_FAIL)
