@@ -42,15 +42,16 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import network_report  # noqa: E402
-import shaped  # noqa: E402
-from peers_asyncps import Variant, _training_argv  # noqa: E402
-from peers_common import RunSpec  # noqa: E402
-from peers_report import machine  # noqa: E402
-from ps_server.flags import FlagParser, non_negative, positive  # noqa: E402
-from worker.cost.calibrate import PRESETS  # noqa: E402
-from worker.procs import Children  # noqa: E402
-from worker.task import TaskConfig  # noqa: E402
+import network_report
+import shaped
+from peers_asyncps import Variant, _training_argv
+from peers_common import RunSpec
+from peers_report import machine
+
+from ps_server.flags import FlagParser, non_negative, positive
+from worker.cost.calibrate import PRESETS
+from worker.procs import Children
+from worker.task import TaskConfig
 
 log = logging.getLogger("network")
 MODELS = {"builtin": PRESETS["small"], "wide": PRESETS["wide"], "tiny": PRESETS["tiny"]}  # tiny: for tests

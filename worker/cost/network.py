@@ -101,7 +101,7 @@ class NetworkModel:
         self.link = Link(cal["link"]["gbit"], cal["link"]["latency_ms"] / 1e3, cal["link"]["efficiency"])
         self.compute = {r["model"]: r for r in cal.get("compute", [])}
 
-    def with_rate(self, gbit: float) -> "NetworkModel":
+    def with_rate(self, gbit: float) -> NetworkModel:
         """The same calibration on links of another rate (efficiency and latency kept)."""
         cal = json.loads(json.dumps(self.cal))
         cal["link"]["gbit"] = gbit
