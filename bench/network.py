@@ -26,6 +26,7 @@ a line). Needs root (network namespaces). Blocks for the whole grid.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -68,7 +69,8 @@ def csv(kind, allowed=None):
         items = [kind(x) for x in text.split(",") if x.strip()]
         bad = [x for x in items if allowed is not None and x not in allowed]
         if not items or bad:
-            raise ValueError(f"expected a comma-separated list{' of ' + ', '.join(allowed) if allowed else ''}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list{' of ' + ', '.join(allowed) if allowed else ''}, got {text!r}")
         return items
     parse.__name__ = "list"
     return parse
