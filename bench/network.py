@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -153,6 +154,21 @@ def run_ddp(spec: RunSpec, steps: int, warm: int, compression: str, net_args: di
             "step_seconds": per_step, "compute_seconds": r["compute_seconds"], "heldout_loss": r["heldout_loss"]}
 
 
+def _wait_serving(net: shaped.ShapedNet, hosts: list[str], addresses: list[str], env: dict) -> None:
+    """The gRPC health check of every server, from inside its own namespace (the launcher cannot
+    reach 10.77.0.x): a worker whose first Status meets a server still starting would fail."""
+    code = "import sys; from worker.rpc import wait_serving; wait_serving(sys.argv[1], timeout=120)"
+    checks = [net.popen(h, [sys.executable, "-c", code, a], env={**os.environ, **env}, stderr=subprocess.PIPE)
+              for h, a in zip(hosts, addresses)]
+    for c, a in zip(checks, addresses):
+        try:
+            _, err = c.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            raise RunFailed(f"health check of {a} did not finish") from None
+        if c.returncode:
+            raise RunFailed(f"server at {a} is not serving: {err.decode(errors='replace')[-500:]}")
+
+
 def run_asyncps(spec: RunSpec, steps: int, warm: int, servers: int, compression: str, variant: Variant,
                 pipeline: bool, net_args: dict, out: Path) -> dict:
     shosts = [f"server-{i}" for i in range(servers)]
@@ -176,6 +192,7 @@ def run_asyncps(spec: RunSpec, steps: int, warm: int, servers: int, compression:
                     _wait(children, [], 1)
                     time.sleep(0.05)
                 addresses.append(f"{net.address(h)}:{port.read_text().strip()}")
+            _wait_serving(net, shosts, addresses, env)
             reports = [out / f"{h}.jsonl" for h in whosts]
             workers = [children.start(h, "worker.cli", [
                 "--servers", ",".join(addresses), "--rank", str(r), "--world", str(spec.workers),
