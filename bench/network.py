@@ -26,11 +26,13 @@ a line). Needs root (network namespaces). Blocks for the whole grid.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,15 +44,16 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import network_report  # noqa: E402
-import shaped  # noqa: E402
-from peers_asyncps import Variant, _training_argv  # noqa: E402
-from peers_common import RunSpec  # noqa: E402
-from peers_report import machine  # noqa: E402
-from asyncps_common.flags import FlagParser, non_negative, positive  # noqa: E402
-from worker.cost.calibrate import PRESETS  # noqa: E402
-from worker.procs import Children  # noqa: E402
-from worker.task import TaskConfig  # noqa: E402
+import network_report
+import shaped
+from peers_asyncps import Variant, _training_argv
+from peers_common import RunSpec
+from peers_report import machine
+
+from asyncps_common.flags import FlagParser, non_negative, positive
+from worker.cost.calibrate import PRESETS
+from worker.procs import Children
+from worker.task import TaskConfig
 
 log = logging.getLogger("network")
 MODELS = {"builtin": PRESETS["small"], "wide": PRESETS["wide"], "tiny": PRESETS["tiny"]}  # tiny: for tests
@@ -67,7 +70,8 @@ def csv(kind, allowed=None):
         items = [kind(x) for x in text.split(",") if x.strip()]
         bad = [x for x in items if allowed is not None and x not in allowed]
         if not items or bad:
-            raise ValueError(f"expected a comma-separated list{' of ' + ', '.join(allowed) if allowed else ''}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list{' of ' + ', '.join(allowed) if allowed else ''}, got {text!r}")
         return items
     parse.__name__ = "list"
     return parse
@@ -150,6 +154,21 @@ def run_ddp(spec: RunSpec, steps: int, warm: int, compression: str, net_args: di
             "step_seconds": per_step, "compute_seconds": r["compute_seconds"], "heldout_loss": r["heldout_loss"]}
 
 
+def _wait_serving(net: shaped.ShapedNet, hosts: list[str], addresses: list[str], env: dict) -> None:
+    """The gRPC health check of every server, from inside its own namespace (the launcher cannot
+    reach 10.77.0.x): a worker whose first Status meets a server still starting would fail."""
+    code = "import sys; from worker.rpc import wait_serving; wait_serving(sys.argv[1], timeout=120)"
+    checks = [net.popen(h, [sys.executable, "-c", code, a], env={**os.environ, **env}, stderr=subprocess.PIPE)
+              for h, a in zip(hosts, addresses)]
+    for c, a in zip(checks, addresses):
+        try:
+            _, err = c.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            raise RunFailed(f"health check of {a} did not finish") from None
+        if c.returncode:
+            raise RunFailed(f"server at {a} is not serving: {err.decode(errors='replace')[-500:]}")
+
+
 def run_asyncps(spec: RunSpec, steps: int, warm: int, servers: int, compression: str, variant: Variant,
                 pipeline: bool, net_args: dict, out: Path) -> dict:
     shosts = [f"server-{i}" for i in range(servers)]
@@ -173,6 +192,7 @@ def run_asyncps(spec: RunSpec, steps: int, warm: int, servers: int, compression:
                     _wait(children, [], 1)
                     time.sleep(0.05)
                 addresses.append(f"{net.address(h)}:{port.read_text().strip()}")
+            _wait_serving(net, shosts, addresses, env)
             reports = [out / f"{h}.jsonl" for h in whosts]
             workers = [children.start(h, "worker.cli", [
                 "--servers", ",".join(addresses), "--rank", str(r), "--world", str(spec.workers),

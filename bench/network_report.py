@@ -30,7 +30,7 @@ def table(result: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for g in groups(result):
         lines.append(f"| {g['model']} | {g['system']} | {g['servers'] or '-'} | {g['compression']} | "
-                     f"{g['sps_median']:.1f} ({min(g['sps']):.1f}-{max(g['sps']):.1f}) | {g['comm_median']:.3f} | "
+                     f"{g['sps_median']:.2f} ({min(g['sps']):.2f}-{max(g['sps']):.2f}) | {g['comm_median']:.3f} | "
                      f"{g['loss_median']:.3f} | {len(g['sps'])} |")
     return "\n".join(lines) + "\n"
 
@@ -59,7 +59,8 @@ def plot(result: dict, path: Path, predicted: dict | None = None) -> None:
             ax.set_xticks(xs)
         for g in gs:
             if g["model"] == model and g["system"] == "asyncps" and g["compression"] != "none":
-                ax.plot([g["servers"]], [g["sps_median"]], "^", label=f"asyncps {g['compression']}")
+                ax.plot([g["servers"]], [g["sps_median"]], "^", markersize=8, label=f"asyncps {g['compression']}",
+                        color={"bf16": "tab:green", "onebit": "tab:purple"}.get(g["compression"], "tab:gray"))
         for g in gs:
             if g["model"] == model and g["system"] == "ddp-gloo":
                 ax.axhline(g["sps_median"], color="tab:red" if g["compression"] == "none" else "tab:pink", ls="-",

@@ -28,13 +28,13 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from peers_common import RunSpec, Task, lr_at, make_optimizer, set_lr
 
-from peers_common import RunSpec, Task, lr_at, make_optimizer, set_lr  # noqa: E402
-from worker.data import Corpus, default_corpus_path, heldout_loss  # noqa: E402
-from worker.task import ByteGPT, TaskConfig  # noqa: E402
+from worker.data import Corpus, default_corpus_path, heldout_loss
+from worker.task import ByteGPT, TaskConfig
 
 
 def load_spec(path: str) -> tuple[RunSpec, dict]:

@@ -149,7 +149,7 @@ class ShapedNet:
         self.delay_applied = False
 
     # -- building -------------------------------------------------------------------------
-    def __enter__(self) -> "ShapedNet":
+    def __enter__(self) -> ShapedNet:
         try:
             self.build()
         except BaseException:

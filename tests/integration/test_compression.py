@@ -16,7 +16,6 @@ SGD lr 1 (w - g, one rounding, the same in torch here):
 from __future__ import annotations
 
 import math
-import time
 
 import grpc
 import pytest
@@ -27,9 +26,21 @@ from protos.asyncps.v1 import ps_pb2 as pb
 from worker import CallOptions, PSClient
 from worker.dataplane import Abort, DataChannel
 
-from .support import FAST_FAIL, RPC_TIMEOUT, call, grpc_pull, mlp, poll, status, stub
-from .test_dataplane import (AUTH, N, PLAN, answer, data_port, deadline, pull_request, push_header, raw_pull,  # noqa: F401
-                             ready, shard, state)
+from .support import FAST_FAIL, call, grpc_pull, mlp, poll, status, stub
+from .test_dataplane import (  # noqa: F401
+    AUTH,
+    PLAN,
+    N,
+    answer,
+    data_port,
+    deadline,
+    pull_request,
+    push_header,
+    raw_pull,
+    ready,
+    shard,
+    state,
+)
 
 Code = grpc.StatusCode
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

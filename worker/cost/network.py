@@ -101,7 +101,7 @@ class NetworkModel:
         self.link = Link(cal["link"]["gbit"], cal["link"]["latency_ms"] / 1e3, cal["link"]["efficiency"])
         self.compute = {r["model"]: r for r in cal.get("compute", [])}
 
-    def with_rate(self, gbit: float) -> "NetworkModel":
+    def with_rate(self, gbit: float) -> NetworkModel:
         """The same calibration on links of another rate (efficiency and latency kept)."""
         cal = json.loads(json.dumps(self.cal))
         cal["link"]["gbit"] = gbit
@@ -179,11 +179,28 @@ def compare(cal: dict, result: dict) -> dict:
     return {"rows": rows, "errors": summary, "link_gbit": result["link_gbit"]}
 
 
+def compute_from_runs(models: list, result: dict) -> list[dict]:
+    """Each model's compute per iteration as bench/network.py's DDP ranks measured it on the
+    harness (forward + backward alone, the P processes at once, median over runs)."""
+    out = []
+    for m in models:
+        name = _bench_name(m.name)
+        vals = [r["compute_seconds"] for r in result["rows"] if r["model"] == name and "compute_seconds" in r]
+        if vals:
+            out.append({"model": name, "params": m.params, "batch_size": m.batch_size, "tokens": m.tokens,
+                        "workers": result["workers"], "compute_seconds": statistics.median(vals),
+                        "source": f"{len(vals)} DDP runs of bench/network.py"})
+    if not out:
+        raise ValueError("no DDP rows with compute_seconds for these models")
+    return out
+
+
 def calibrate_network(models: list, workers: int, gbit: float, delay_ms: float, latency_ms: float | None = None,
-                      efficiency: float = 0.95, iters: int = 8) -> dict:
+                      efficiency: float = 0.95, iters: int = 8, compute_from: dict | None = None) -> dict:
     """A network calibration: the link (measured on the shaped harness, or `latency_ms` and
     `efficiency` taken as given) and each model's compute per iteration with `workers`
-    processes computing at once (bench/network.py's threads: one each on a small machine)."""
+    processes computing at once (bench/network.py's threads: one each on a small machine):
+    probed here, or taken from bench/network.py's DDP runs (`compute_from`, its result)."""
     import os
 
     from worker.cost.calibrate import ProbePool, Settings, machine, probe_compute
@@ -193,14 +210,18 @@ def calibrate_network(models: list, workers: int, gbit: float, delay_ms: float, 
     else:
         link = {"gbit": gbit, "efficiency": efficiency, "latency_ms": latency_ms, "measured": False}
     log.info("link: %s", link)
-    cores = os.cpu_count() or 1
-    pool = ProbePool(workers, [workers])
-    try:
-        rows = probe_compute(pool, Settings(models=models, workers=[workers], rounds=1, iters=iters), cores)
-    finally:
-        pool.close()
-    compute = [{"model": _bench_name(m.name), "params": m.params, "batch_size": m.batch_size, "tokens": m.tokens,
-                "workers": workers, "compute_seconds": r["lockstep_seconds"]} for m, r in zip(models, rows)]
+    if compute_from is not None:
+        compute = compute_from_runs(models, compute_from)
+    else:
+        pool = ProbePool(workers, [workers])
+        try:
+            rows = probe_compute(pool, Settings(models=models, workers=[workers], rounds=1, iters=iters),
+                                 os.cpu_count() or 1)
+        finally:
+            pool.close()
+        compute = [{"model": _bench_name(m.name), "params": m.params, "batch_size": m.batch_size, "tokens": m.tokens,
+                    "workers": workers, "compute_seconds": r["lockstep_seconds"], "source": "probe"}
+                   for m, r in zip(models, rows)]
     return {"format": FORMAT, "machine": machine(), "link": link, "compute": compute,
             "server_seconds_per_param": server_probe(workers)}
 

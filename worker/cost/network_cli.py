@@ -36,6 +36,8 @@ def add_flags(c: FlagParser, q: FlagParser, v: FlagParser) -> None:
                    help="one-way latency per link (ms): taken as given (calibrate: not measured)")
     c.env_flag("delay-ms", type=non_negative(float), default=0.1, help="delay the shaped links add (needs netem)")
     c.env_flag("efficiency", type=positive(float), default=0.95, help="TCP goodput / rate when not measured")
+    c.env_flag("compute-from", default=None,
+               help="no compute probes: each model's compute as bench/network.py's DDP runs in this file measured it")
     q.env_flag("network-calibration", default=None, help="a calibration from `ps-cost calibrate --network`")
     q.env_flag("compression", default="none", help="none, bf16, fp16, onebit")
     v.env_switch("network", default=False, help="validate the network model on the shaped harness (bench/network.py)")
@@ -57,8 +59,15 @@ def load(p: FlagParser, path: str) -> dict:
 
 def cmd_calibrate(p: FlagParser, a: argparse.Namespace, default_out: str) -> int:
     out = Path(DEFAULT_NETWORK if a.out == default_out else a.out)
+    runs = None
+    if a.compute_from:
+        try:
+            runs = json.loads(Path(a.compute_from).read_text())
+            network.compute_from_runs(a.models, runs)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"--compute-from {a.compute_from}: {exc}")
     cal = network.calibrate_network(a.models, max(a.workers), a.link_gbit or 1.0, a.delay_ms, a.latency_ms,
-                                    a.efficiency, a.iters)
+                                    a.efficiency, a.iters, runs)
     write_json(cal, out)
     link = cal["link"]
     sys.stdout.write(f"network calibration written to {out}: {link['gbit']:g} Gbit/s links, TCP efficiency "
