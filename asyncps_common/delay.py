@@ -140,7 +140,7 @@ class DelayedNesterov(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, period: int):
         if period < 1:
             raise ValueError("period must be >= 1")
-        super().__init__(params, dict(lr=lr, momentum=momentum, period=period))
+        super().__init__(params, {"lr": lr, "momentum": momentum, "period": period})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -162,4 +162,3 @@ class DelayedNesterov(torch.optim.Optimizer):
                     m = st["momentum_buffer"].mul_(beta).add_(st["pending"], alpha=1.0 / period)
                     p.add_(m, alpha=-lr * beta)
                     st["pending"].zero_()
-        return None

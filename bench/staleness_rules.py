@@ -24,7 +24,6 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-
 from peers_common import RunSpec, Task
 from asyncps_common.optimizer import default_config
 from ps_server.store import ShardStore
@@ -41,20 +40,20 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "plain": Variant(),
-    "dc": Variant(outer=dict(update_rule="dc")),
-    "dc-8": Variant(outer=dict(update_rule="dc", dc_lambda=8.0)),
-    "beta1-0.5": Variant(outer=dict(beta1=0.5)),
-    "beta1-0": Variant(outer=dict(beta1=0.0)),
-    "dc-beta1-0.5": Variant(outer=dict(update_rule="dc", beta1=0.5)),
-    "salr": Variant(outer=dict(staleness_aware_lr=True)),
-    "local1-avg": Variant(1, dict(lr=1.0), True),
-    "local4-avg": Variant(4, dict(lr=1.0), True),
-    "local4-lr1": Variant(4, dict(lr=1.0)),
-    "local4-half": Variant(4, dict(lr=0.5)),
-    "local4-nesterov": Variant(4, dict(lr=0.7, momentum=0.9, nesterov=True), True),
-    "local4-dn": Variant(4, dict(update_rule="delayed-nesterov", lr=1.0, momentum=0.5), True),
-    "local2-avg": Variant(2, dict(lr=1.0), True),
-    "local4-sync": Variant(4, dict(lr=1.0), synchronous=True),
+    "dc": Variant(outer={"update_rule": "dc"}),
+    "dc-8": Variant(outer={"update_rule": "dc", "dc_lambda": 8.0}),
+    "beta1-0.5": Variant(outer={"beta1": 0.5}),
+    "beta1-0": Variant(outer={"beta1": 0.0}),
+    "dc-beta1-0.5": Variant(outer={"update_rule": "dc", "beta1": 0.5}),
+    "salr": Variant(outer={"staleness_aware_lr": True}),
+    "local1-avg": Variant(1, {"lr": 1.0}, True),
+    "local4-avg": Variant(4, {"lr": 1.0}, True),
+    "local4-lr1": Variant(4, {"lr": 1.0}),
+    "local4-half": Variant(4, {"lr": 0.5}),
+    "local4-nesterov": Variant(4, {"lr": 0.7, "momentum": 0.9, "nesterov": True}, True),
+    "local4-dn": Variant(4, {"update_rule": "delayed-nesterov", "lr": 1.0, "momentum": 0.5}, True),
+    "local2-avg": Variant(2, {"lr": 1.0}, True),
+    "local4-sync": Variant(4, {"lr": 1.0}, synchronous=True),
 }
 
 
@@ -97,8 +96,8 @@ class Runner:
             lr = fields.pop("lr", 1.0) / (self.workers if self.v.outer_lr_per_worker else 1)
             cfg = default_config("sgd", lr=lr, local_steps=self.v.local_steps, **fields)
         else:
-            base = dict(lr=spec.lr, beta1=spec.beta1, beta2=spec.beta2, eps=1e-8, weight_decay=spec.weight_decay,
-                        warmup_updates=spec.warmup)
+            base = {"lr": spec.lr, "beta1": spec.beta1, "beta2": spec.beta2, "eps": 1e-8, "weight_decay": spec.weight_decay,
+                        "warmup_updates": spec.warmup}
             cfg = default_config("adamw", **{**base, **fields})
         history = 5 if rand else int(delay) + 1
         self.store = ShardStore("bench", flat0, cfg, history=history)

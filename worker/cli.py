@@ -55,21 +55,21 @@ TRAINING_FLAGS: list[tuple[str, Callable[[str], Any], object, str]] = [
     ("data", str, None, "text file or folder to train on (default: this Python's standard library)"),
     ("compression", compression_flag, "none", "tensors on the wire: none (float32), bf16 or fp16 (pulls and "
                                               "pushes), onebit (pushes: signs + scales, error feedback)"),
-    ("update-rule", str, "plain", f"how the servers apply a stale gradient: {', '.join(RULES[:2])} (delay "
-                                  "compensation with the weights each gradient read; docs/asynchrony.md)"),
+    ("update-rule", str, "plain", (f"how the servers apply a stale gradient: {', '.join(RULES[:2])} (delay "
+                                   "compensation with the weights each gradient read; docs/asynchrony.md)")),
     ("dc-lambda", non_negative(float), DEFAULT_DC_LAMBDA, "update rule dc: the adaptive lambda"),
-    ("dc-history", non_negative(int), 0, "update rule dc: versions of the weights each shard keeps "
-                                         f"(0: s + 1, or {UNBOUNDED_HISTORY} with s = inf); at least s + 1"),
-    ("local-steps", non_negative(int), 0, "H > 0: each worker runs H steps of its own optimizer (the flags above) "
-                                          "per push and pushes the change of its weights; the servers apply the "
-                                          "outer optimizer (--outer-*); --steps counts batches"),
+    ("dc-history", non_negative(int), 0, ("update rule dc: versions of the weights each shard keeps "
+                                          f"(0: s + 1, or {UNBOUNDED_HISTORY} with s = inf); at least s + 1")),
+    ("local-steps", non_negative(int), 0, ("H > 0: each worker runs H steps of its own optimizer (the flags above) "
+                                           "per push and pushes the change of its weights; the servers apply the "
+                                           "outer optimizer (--outer-*); --steps counts batches")),
     ("outer-optimizer", str, None, f"with --local-steps: {', '.join(OUTER)} (default sgd)"),
-    ("outer-lr", positive(float), None, "with --local-steps: outer lr (default 1 with --average-gradients, "
-                                        "else 1/--world: each push applied at 1/P)"),
-    ("outer-momentum", non_negative(float), None, "with --local-steps: outer momentum (default 0.9 for nesterov "
-                                                  "and delayed-nesterov)"),
-    ("outer-period", positive(int), None, "with --outer-optimizer delayed-nesterov: pushes per momentum step "
-                                          "(default --world)"),
+    ("outer-lr", positive(float), None, ("with --local-steps: outer lr (default 1 with --average-gradients, "
+                                         "else 1/--world: each push applied at 1/P)")),
+    ("outer-momentum", non_negative(float), None, ("with --local-steps: outer momentum (default 0.9 for nesterov "
+                                                   "and delayed-nesterov)")),
+    ("outer-period", positive(int), None, ("with --outer-optimizer delayed-nesterov: pushes per momentum step "
+                                           "(default --world)")),
 ]
 SWITCHES: list[tuple[str, bool, str]] = [
     ("nesterov", False, "Nesterov momentum (SGD)"),
@@ -80,8 +80,8 @@ SWITCHES: list[tuple[str, bool, str]] = [
     ("decay-all", True, "with --weight-decay, decay every parameter; --no-decay-all leaves biases, LayerNorm "
                         "weights and embeddings undecayed, as transformer recipes do (measured 0.009 nats/byte "
                         "worse on a short run of this task: docs/byom.md)"),
-    ("dynamic-local-steps", False, "with --local-steps: the servers split the workers' combined H in proportion "
-                                   "to their measured speed, so a slow worker pushes on time"),
+    ("dynamic-local-steps", False, ("with --local-steps: the servers split the workers' combined H in proportion "
+                                    "to their measured speed, so a slow worker pushes on time")),
     ("pipeline", False, "request the next pull before computing (needs s >= 1)"),
     ("qk-norm", False, "built-in model: LayerNorm on each head's queries and keys, which keeps stale "
                        "updates from blowing up the attention logits (s > 0 without averaging)"),

@@ -13,6 +13,7 @@ Two workers with s = 0 and averaging run synchronous local steps: DiLoCo.
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 
 import pytest
@@ -119,9 +120,9 @@ def outer_reference(kind: str, lr: float, beta: float, period: int):
 
 
 OUTER = {
-    "sgd": dict(lr=0.5),
-    "nesterov": dict(lr=0.7, momentum=0.9, nesterov=True),
-    "delayed-nesterov": dict(lr=0.5, momentum=0.9, update_rule="delayed-nesterov", outer_period=2),
+    "sgd": {"lr": 0.5},
+    "nesterov": {"lr": 0.7, "momentum": 0.9, "nesterov": True},
+    "delayed-nesterov": {"lr": 0.5, "momentum": 0.9, "update_rule": "delayed-nesterov", "outer_period": 2},
 }
 
 
@@ -264,7 +265,7 @@ def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs):
     for rank in range(2):  # each push took the share of H the servers gave it, summing to 8 once both are measured
         lines = [json.loads(x) for x in (out / "logs" / f"worker-{rank}.jsonl").read_text().splitlines()]
         steps = [x["step"] for x in lines if x["event"] == "progress"]
-        assert steps[-1] == 80 and all(b > a for a, b in zip(steps, steps[1:]))
+        assert steps[-1] == 80 and all(b > a for a, b in itertools.pairwise(steps))
 
 
 def test_dynamic_local_steps_split_h_by_measured_speed(start_server):
