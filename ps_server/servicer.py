@@ -22,7 +22,6 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import torch
@@ -30,17 +29,18 @@ import torch
 from protos import compress, service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from asyncps_common import delay
-from ps_server import checkpoint, streams
+from ps_server import streams
 from asyncps_common import optimizer as optim
 from ps_server.aggregate import Aggregator
 from ps_server.atomic import to_the_end
 from ps_server.balance import Balancer
-from ps_server.clock import ClockTable, DuplicatePush, UnknownWorker
+from ps_server.clock import ClockTable
+from ps_server.durability import Durability
+from ps_server.errors import Code, ShardFailed, _Reject, rejection
 from ps_server.metrics import ServerMetrics
 from ps_server.store import ShardStore, Snapshot
 
 log = logging.getLogger(__name__)
-Code = grpc.StatusCode
 MAX_SAMPLES = 1 << 20  # PushHeader.samples above this is refused
 MAX_SPARE_GRADS = 8  # gradient buffers kept for reuse, at most (see Servicer._spare)
 
@@ -58,35 +58,7 @@ class ServerConfig:
     max_shard_bytes: int = 8 << 30
 
 
-class _Reject(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-class ShardFailed(Exception):
-    """An update failed part-way (weights maybe half-stepped, an averaged clock lost): not to serve or save."""
-
-
-def rejection(exc: BaseException) -> tuple[grpc.StatusCode, str, str] | None:
-    """(status code, message, asyncps-reason) for a domain error; None for anything else.
-
-    The one mapping of refusals to status codes, for the gRPC handlers and the data plane.
-    """
-    if isinstance(exc, _Reject):
-        return exc.code, exc.message, ""
-    if isinstance(exc, ShardFailed):  # retried by workers until the restarted shard answers
-        return Code.UNAVAILABLE, str(exc), ""
-    if isinstance(exc, UnknownWorker):
-        return Code.FAILED_PRECONDITION, str(exc), service.UNKNOWN_WORKER
-    if isinstance(exc, DuplicatePush):
-        return Code.ALREADY_EXISTS, str(exc), ""
-    if isinstance(exc, (wire.FrameError, ValueError)):
-        return Code.INVALID_ARGUMENT, str(exc), ""
-    return None
-
-
-class Servicer:
+class Servicer(Durability):
     """One shard: its store (after Init), clock table, checkpoints and counters.
 
     `metrics` (one is made if not given) holds the shard's Prometheus registry.
@@ -116,62 +88,6 @@ class Servicer:
         self.failed = asyncio.Event()
         self.metrics = metrics if metrics is not None else ServerMetrics(cfg.shard_index)
         self.metrics.bind(self)
-
-    # -- durability -------------------------------------------------------------------
-    @property
-    def checkpoint_file(self) -> Path | None:
-        if not self.cfg.checkpoint_dir:
-            return None
-        return checkpoint.checkpoint_path(self.cfg.checkpoint_dir, self.cfg.shard_index, self.cfg.num_shards)
-
-    def restore(self) -> bool:
-        """Load the checkpoint in --checkpoint-dir if there is one; True if restored."""
-        path = self.checkpoint_file
-        state = checkpoint.load(path) if path else None
-        if state is None:
-            return False
-        if (state["shard_index"], state["num_shards"]) != (self.cfg.shard_index, self.cfg.num_shards):
-            raise ValueError(
-                f"{path} holds shard {state['shard_index']} of {state['num_shards']}, "
-                f"this server is shard {self.cfg.shard_index} of {self.cfg.num_shards}"
-            )
-        self.store = ShardStore.from_state_dict(state["store"])
-        self.store.observe_compensation = self.metrics.compensation.observe
-        self.clocks.load_state_dict(state["clocks"])
-        self.checkpoint_version = self.restored_version = self.store.version
-        self.lost_updates = self._lost_before = int(state.get("lost_updates", 0))
-        self.metrics.last_checkpoint.set(time.time())
-        log.info("restored shard %d at version %d from %s", self.cfg.shard_index, self.store.version, path)
-        return True
-
-    async def checkpoint_now(self) -> tuple[str, int]:
-        """Write the shard's checkpoint atomically; returns (path, version). Serialized."""
-        if self.failure is not None:  # never overwrite the last good checkpoint with a broken state
-            raise self.failure
-        path = self.checkpoint_file
-        if path is None:
-            raise _Reject(Code.FAILED_PRECONDITION, "this server has no --checkpoint-dir")
-        if self.store is None:
-            raise _Reject(Code.FAILED_PRECONDITION, "shard is not initialized yet: nothing to checkpoint")
-        async with self._ckpt_lock:
-            t0 = time.perf_counter()
-            async with self._apply_lock:  # weights and clocks of one moment
-                store_state = await asyncio.to_thread(self.store.state_dict)
-                clocks = self.clocks.state_dict()
-            state = {"shard_index": self.cfg.shard_index, "num_shards": self.cfg.num_shards,
-                     "store": store_state, "clocks": clocks, "lost_updates": self.lost_updates}
-            try:
-                await asyncio.to_thread(checkpoint.save, path, state)
-            except OSError:
-                self.metrics.checkpoint_failures.inc()
-                raise
-            self.checkpoint_version = store_state["version"]
-            m = self.metrics
-            m.checkpoints.inc()
-            m.checkpoint_seconds.observe(time.perf_counter() - t0)
-            m.last_checkpoint.set(time.time())
-        log.info("checkpoint of shard %d at version %d -> %s", self.cfg.shard_index, self.checkpoint_version, path)
-        return str(path), self.checkpoint_version
 
     async def run_background(self) -> None:
         """Evict silent workers and checkpoint periodically, until cancelled."""
@@ -476,23 +392,6 @@ class Servicer:
         if waited > 0:
             m.bound_waits.inc()
             m.bound_wait_seconds.inc(waited)
-
-    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
-        c, s = self.clocks, self.store
-        mono = time.monotonic()
-        return pb.StatusResponse(
-            shard_index=self.cfg.shard_index, num_shards=self.cfg.num_shards, initialized=s is not None,
-            plan_hash=s.plan_hash if s else "", version=s.version if s else 0, numel=s.numel if s else 0,
-            clocks=[pb.WorkerClock(worker_id=w, clock=e.clock, seconds_since_seen=mono - e.last_seen)
-                    for w, e in sorted(c.clocks().items())],
-            min_clock=c.min_clock(), live_workers=c.live, staleness=c.staleness, max_read_gap=c.max_read_gap,
-            pulls_waited=c.pulls_waited, wait_seconds=c.wait_seconds, pushes_applied=self.pushes_applied,
-            pushes_rejected=self.pushes_rejected, evictions=c.evictions,
-            weights_checksum=(await asyncio.to_thread(s.checksum)) if s and request.include_checksum else 0.0,
-            optimizer=s.config if s else None, checkpoint_version=self.checkpoint_version,
-            lost_updates=self.lost_updates, incarnation=self.incarnation, restored_version=self.restored_version,
-            data_port=self.data_port,
-        )
 
     async def Checkpoint(self, request: pb.CheckpointRequest, context) -> pb.CheckpointResponse:
         async def body():
