@@ -38,7 +38,6 @@ import socket
 import threading
 import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,40 +51,14 @@ from worker import environment
 from worker import groups as param_groups
 from worker.metrics import WorkerMetrics
 from worker.plan import Plan, make_plan, param_specs
+from worker.exchange import ShardExchange
 from worker.rpc import CallOptions, RpcFailed, ShardClient
+from worker.tickets import ClientStats, PushTicket
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ClientStats:
-    """Cumulative seconds the training thread spent blocked, and counters."""
-
-    pull_wait_seconds: float = 0.0     # blocked in pull() (exposed communication + bound waits)
-    push_wait_seconds: float = 0.0     # blocked in push() (gather + in-flight limit)
-    bound_wait_seconds: float = 0.0    # of which servers held pulls for the staleness bound
-    pulls: int = 0
-    pushes: int = 0
-    pushes_dropped: int = 0            # pushes refused because this worker had been evicted
-    reregistrations: int = 0
-    max_update_staleness: int = 0
-    versions: list[int] = field(default_factory=list)
-
-
-class PushTicket:
-    """A push in flight; `wait()` blocks until every shard has answered."""
-
-    def __init__(self, clock: int, future: concurrent.futures.Future):
-        self.clock, self._future = clock, future
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self, timeout: float | None = None) -> list[pb.PushResponse | None]:
-        return self._future.result(timeout)
-
-
-class PSClient:
+class PSClient(ShardExchange):
     """A worker's connection to all shards of one model. See the module docstring."""
 
     def __init__(self, servers: Sequence[str] | Any = None, model: Any = None,
@@ -412,81 +385,6 @@ class PSClient:
     def _raise_failure(self) -> None:
         if self._failure is not None:
             raise self._failure
-
-    async def _pull_all(self, clock: int, own_lag: int) -> list[pb.PullHeader]:
-        m = self.metrics
-        pull_codec = self.compression if self.compression in ("bf16", "fp16") else ""
-        itemsize = compress.pull_dtype(pull_codec).itemsize
-
-        async def one(shard: ShardClient, session: int) -> pb.PullHeader:
-            spec = self.plan.shards[shard.index]
-            req = pb.PullRequest(worker_id=self.worker_id, session=session, plan_hash=self.plan.hash,
-                                 clock=clock, own_lag=own_lag, compression=pull_codec)
-            t0 = time.perf_counter()
-            head = await shard.pull(req, self._weights[spec.lo : spec.hi])
-            i = shard.index
-            m.data_plane[i].set(shard.transport == "tcp")
-            m.pulls[i].inc()
-            m.pull_bytes[i].inc(spec.numel * (itemsize if shard.transport == "tcp" else 4))
-            m.pull_seconds[i].observe(time.perf_counter() - t0)
-            return head
-        return list(await asyncio.gather(*(one(s, sess) for s, sess in zip(self._shards, self._sessions))))
-
-    async def _push_all(self, clock: int, grad: torch.Tensor, samples: int, busy_seconds: float,
-                        read_versions: list[int], payloads: list[torch.Tensor] | None = None
-                        ) -> list[pb.PushResponse | None]:
-        m = self.metrics
-
-        async def one(shard: ShardClient, session: int, read_version: int) -> pb.PushResponse | None:
-            spec = self.plan.shards[shard.index]
-            head = pb.PushHeader(worker_id=self.worker_id, session=session, plan_hash=self.plan.hash,
-                                 clock=clock, read_version=read_version, samples=samples, busy_seconds=busy_seconds,
-                                 compression="" if payloads is None else self.compression)
-            payload = None if payloads is None else payloads[shard.index]
-            t0 = time.perf_counter()
-            try:
-                resp = await shard.push(head, grad[spec.lo : spec.hi], payload)
-            except RpcFailed as exc:
-                if exc.evicted:
-                    self.stats.pushes_dropped += 1
-                    m.pushes_dropped.inc()
-                    self._evicted = True
-                    log.warning("push of clock %d to shard %d refused: %s", clock, shard.index, exc.details)
-                    return None
-                self._failure = exc
-                pending = self._next_pull
-                if pending:  # that pull would wait for this push forever
-                    pending[1].cancel()
-                raise
-            i = shard.index
-            m.pushes[i].inc()
-            m.push_bytes[i].inc(payload.numel() * payload.element_size()
-                                if payload is not None and shard.transport == "tcp" else spec.numel * 4)
-            m.push_seconds[i].observe(time.perf_counter() - t0)
-            if resp is not None:
-                self.stats.max_update_staleness = max(self.stats.max_update_staleness, resp.staleness)
-                if session == self._sessions[shard.index]:  # a version of the process we registered with
-                    self._seen_versions[shard.index] = max(self._seen_versions[shard.index], resp.version)
-            return resp
-        try:
-            return list(await asyncio.gather(*(one(s, sess, v) for s, sess, v in
-                                               zip(self._shards, self._sessions, read_versions))))
-        finally:
-            self._free_grads.append(grad)
-
-    async def _heartbeat_loop(self) -> None:
-        """One heartbeat per shard per interval, never retried: a shard that is down must not
-        delay the others' heartbeats (they would evict this worker meanwhile)."""
-        while True:
-            await asyncio.sleep(self._hb_interval)  # type: ignore[arg-type]
-            results = await asyncio.gather(*(s.heartbeat(self.worker_id, sess, timeout=max(1.0, 2 * self._hb_interval))  # type: ignore[operator]
-                                             for s, sess in zip(self._shards, self._sessions)), return_exceptions=True)
-            for r in results:
-                if isinstance(r, RpcFailed) and r.evicted:
-                    self._evicted = True
-                elif isinstance(r, Exception):
-                    log.debug("heartbeat failed: %s", r)
-
 
 def _is_addresses(value: Any) -> bool:
     """True for a list of "host:port" strings (or one comma-separated string)."""
