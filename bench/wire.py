@@ -270,9 +270,10 @@ def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_byt
             grad.normal_(0, 1e-3)
             for i in range(reps + 1):
                 t0 = time.perf_counter()
-                ps._run(ps._pull_all(ps.clock, own_lag=0))
+                heads = ps._run(ps._pull_all(ps.clock, own_lag=0))
                 t1 = time.perf_counter()
-                ps._run(ps._push_all(ps.clock, grad, 0, 0.0, list(ps.stats.versions)))  # hands `grad` back to _free_grads
+                versions = [h.version for h in heads]  # what this gradient was computed on
+                ps._run(ps._push_all(ps.clock, grad, 0, 0.0, versions))  # hands `grad` back to _free_grads
                 t2 = time.perf_counter()
                 ps._free_grads.pop()
                 ps.clock += 1

@@ -64,6 +64,9 @@ class ShardExchange:
     async def _push_all(self, clock: int, grad: torch.Tensor, samples: int, busy_seconds: float,
                         read_versions: list[int], payloads: list[torch.Tensor] | None = None
                         ) -> list[pb.PushResponse | None]:
+        if len(read_versions) != len(self._shards):  # zip would silently push to fewer shards
+            self._free_grads.append(grad)
+            raise ValueError(f"{len(read_versions)} read versions for {len(self._shards)} shards")
         m = self.metrics
 
         async def one(shard: ShardClient, session: int, read_version: int) -> pb.PushResponse | None:
