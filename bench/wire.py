@@ -40,21 +40,20 @@ Measures, each repeated `--reps` times after one warm-up:
 
 Prints medians with min-max and the ratios of asyncps to raw TCP and TensorPipe (its echo,
 as the issue's target reads; and per direction: pull to `fetch`, push to `push`);
-`--json PATH` writes every sample. Loopback only, free ports only.
+`--json PATH` writes every sample. Loopback only, free ports only. The baselines with no
+asyncps code (raw TCP, the push floor, raw gRPC) are in `bench/wire_raw.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -64,7 +63,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/wire.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-TCP_CHUNK = 4 << 20
 GB = 1e9
 
 
@@ -78,171 +76,14 @@ def summary(samples: list[float]) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
 
-# -- (a) raw TCP --------------------------------------------------------------------------
-
-def _parts(nbytes: int, streams: int) -> list[tuple[int, int]]:
-    step = -(-nbytes // streams)
-    return [(lo, min(nbytes, lo + step)) for lo in range(0, nbytes, step)]
-
-
-def _in_threads(fn, items) -> list:
-    """fn(item) for every item, each in its own thread (one item: in this thread); their results."""
-    if len(items) == 1:
-        return [fn(items[0])]
-    out: list = [None] * len(items)
-
-    def run(i: int) -> None:
-        out[i] = fn(items[i])
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
-
-
-def _tcp_sink(port_conn, nbytes: int, streams: int, apply: bool) -> None:
-    """Child: accept `streams` connections, then per round receive `nbytes` (stream i its i-th
-    part, each in its own thread, into one buffer) and answer one byte. With `apply`, as a
-    push must: each thread then checks its part for NaN/Inf, and one SGD step (the servers'
-    optimizer, lr 1e-3) applies the buffer as a gradient before the answer."""
-    from protos import wire
-    from asyncps_common import optimizer
-    srv = socket.create_server(("127.0.0.1", 0))
-    port_conn.send(srv.getsockname()[1])
-    conns = [srv.accept()[0] for _ in range(streams)]
-    for conn in conns:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    grad = torch.empty(nbytes // 4)
-    buf = wire.tensor_bytes(grad)
-    if apply:
-        weights = torch.nn.Parameter(torch.randn(grad.numel()), requires_grad=False)
-        opt = optimizer.build(optimizer.default_config("sgd", lr=1e-3), weights)
-
-    def receive(job) -> bool:
-        conn, (got, hi) = job
-        lo = got
-        while got < hi:
-            n = conn.recv_into(buf[got:hi], min(TCP_CHUNK, hi - got))
-            if n == 0:
-                return False
-            got += n
-        return not apply or wire.all_finite(grad[lo // 4 : hi // 4])
-    jobs = list(zip(conns, _parts(nbytes, streams)))
-    while all(_in_threads(receive, jobs)):
-        if apply:
-            weights.grad = grad
-            with torch.no_grad():
-                opt.step()
-        conns[0].sendall(b"k")
-
-
-def bench_tcp(nbytes: int, reps: int, streams: int = 1, apply: bool = False) -> list[float]:
-    """Raw TCP, one direction; with `streams` > 1 the payload is cut into that many parts,
-    each sent over its own connection by its own thread, all at once. With `apply` the
-    receiver also checks and applies it as a push must (`_tcp_sink`): a push's floor."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_tcp_sink, args=(child, nbytes, streams, apply), daemon=True)
-    proc.start()
-    try:
-        port = parent.recv()
-        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
-        for sock in socks:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        from protos import wire
-        payload = torch.randn(nbytes // 4)  # finite floats: the floor's check passes
-        data = wire.tensor_bytes(payload)
-
-        def send(job) -> None:
-            sock, (lo, hi) = job
-            for a in range(lo, hi, TCP_CHUNK):
-                sock.sendall(data[a : min(hi, a + TCP_CHUNK)])
-        jobs = list(zip(socks, _parts(nbytes, streams)))
-        out = []
-        for i in range(reps + 1):
-            t0 = time.perf_counter()
-            _in_threads(send, jobs)
-            assert socks[0].recv(1) == b"k"
-            if i:  # the first round warms up
-                out.append(nbytes / (time.perf_counter() - t0) / GB)
-        for sock in socks:
-            sock.close()
-        return out
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-
-
-# -- (e) the gRPC ceiling: grpc.aio streaming prebuilt frames, no asyncps code ------------------
-
-_GRPC_OPTS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
-
-
-def _grpc_peer(port_conn, nbytes: int, chunk: int) -> None:
-    import grpc
-    import uvloop
-
-    async def run() -> None:
-        frames = [os.urandom(chunk) for _ in range(nbytes // chunk)]
-
-        async def pull(req, ctx):
-            for f in frames:
-                yield f
-
-        async def push(it, ctx):
-            async for _ in it:
-                pass
-            return b"ok"
-
-        h = grpc.method_handlers_generic_handler("bench.Raw", {
-            "Pull": grpc.unary_stream_rpc_method_handler(pull), "Push": grpc.stream_unary_rpc_method_handler(push)})
-        server = grpc.aio.server(options=_GRPC_OPTS)
-        server.add_generic_rpc_handlers((h,))
-        port_conn.send(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        await server.wait_for_termination()
-    uvloop.run(run())
-
-
-def bench_grpc_raw(nbytes: int, reps: int, chunk: int) -> dict[str, list[float]]:
-
-    import grpc
-    import uvloop
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_grpc_peer, args=(child, nbytes, chunk), daemon=True)
-    proc.start()
-
-    async def run() -> dict[str, list[float]]:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{parent.recv()}", options=_GRPC_OPTS) as ch:
-            pull, push = ch.unary_stream("/bench.Raw/Pull"), ch.stream_unary("/bench.Raw/Push")
-            frames = [os.urandom(chunk) for _ in range(nbytes // chunk)]
-            out: dict[str, list[float]] = {"pull": [], "push": []}
-            for i in range(reps + 1):
-                t0 = time.perf_counter()
-                async for _ in pull(b""):
-                    pass
-                t1 = time.perf_counter()
-                await push(iter(frames))
-                t2 = time.perf_counter()
-                if i:
-                    out["pull"].append(nbytes / (t1 - t0) / GB)
-                    out["push"].append(nbytes / (t2 - t1) / GB)
-            return out
-    try:
-        return uvloop.run(run())
-    finally:
-        proc.kill()
-        proc.join(timeout=10)
-
-
 # -- (c) optimizer apply rate, (b) asyncps: servers and model shared with the cost probes --
 
-from worker.cost.servers import FlatModel as Model, apply_rates, start_servers, stop_servers  # noqa: E402
+from wire_raw import bench_grpc_raw, bench_tcp  # noqa: E402  (bench/, the script's own folder)
+from wire_tp import bench_tensorpipe  # noqa: E402  (bench/ too)
+
+from worker.cost.servers import FlatModel as Model  # noqa: E402
+from worker.cost.servers import apply_rates, start_servers, stop_servers  # noqa: E402
 from worker.rpc import DATA_STREAMS  # noqa: E402
-from wire_tp import bench_tensorpipe  # noqa: E402  (bench/, the script's own folder)
 
 _TP_SAME_WAY = {"pull": "fetch", "push": "push"}  # TensorPipe's call doing what each does, one way
 
@@ -251,16 +92,28 @@ def bench_apply(nbytes: int, reps: int) -> dict[str, list[float]]:
     return apply_rates(nbytes, reps)
 
 
-def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_bytes: int | None,
-                  transport: str = "tcp", streams: int = 1, server_args: list[str] | None = None) -> dict:
-    from worker import CallOptions, PSClient
+def bench_asyncps(
+    nbytes: int,
+    servers: int,
+    reps: int,
+    workdir: Path,
+    chunk_bytes: int | None,
+    transport: str = "tcp",
+    streams: int = 1,
+    server_args: list[str] | None = None,
+) -> dict:
     from protos import wire
+    from worker import CallOptions, PSClient
+
     procs, addrs = start_servers(servers, workdir, chunk_bytes, server_args)
-    opts = CallOptions(transport=transport, data_streams=streams, **({"chunk_bytes": chunk_bytes} if chunk_bytes else {}))
+    opts = CallOptions(
+        transport=transport, data_streams=streams, **({"chunk_bytes": chunk_bytes} if chunk_bytes else {})
+    )
     try:
         model = Model(nbytes)
-        with PSClient(addrs, model, optimizer={"name": "sgd", "lr": 1e-3}, options=opts,
-                      worker_id=f"bench-{servers}") as ps:
+        with PSClient(
+            addrs, model, optimizer={"name": "sgd", "lr": 1e-3}, options=opts, worker_id=f"bench-{servers}"
+        ) as ps:
             used = {s.transport for s in ps._shards}
             if used != {transport}:
                 raise RuntimeError(f"asked for transport {transport}, the client uses {used}")
@@ -281,8 +134,14 @@ def bench_asyncps(nbytes: int, servers: int, reps: int, workdir: Path, chunk_byt
                     pulls.append(nbytes / (t1 - t0) / GB)
                     pushes.append(nbytes / (t2 - t1) / GB)
             ps._free_grads.append(grad)
-        return {"servers": servers, "transport": transport, "data_streams": streams if transport == "tcp" else 1,
-                "parts_per_shard": parts, "pull_gbps": summary(pulls), "push_gbps": summary(pushes)}
+        return {
+            "servers": servers,
+            "transport": transport,
+            "data_streams": streams if transport == "tcp" else 1,
+            "parts_per_shard": parts,
+            "pull_gbps": summary(pulls),
+            "push_gbps": summary(pushes),
+        }
     finally:
         stop_servers(procs)
 
@@ -293,42 +152,70 @@ def bench_push_phases(nbytes: int, reps: int, workdir: Path, streams: int) -> di
     opened, receiving, the NaN/Inf check, and (the part that completes it) the commit:
     apply and clock advance on the event loop. Medians in ms over `reps` pushes."""
     bench_asyncps(nbytes, 1, reps, workdir, None, "tcp", streams, ["--log-level", "DEBUG"])
-    rows = [dict(kv.split("=") for kv in line.split("phases push ", 1)[1].split())
-            for line in (workdir / "s1-0.log").read_text().splitlines() if "phases push " in line]
+    rows = [
+        dict(kv.split("=") for kv in line.split("phases push ", 1)[1].split())
+        for line in (workdir / "s1-0.log").read_text().splitlines()
+        if "phases push " in line
+    ]
     if not rows:
         raise RuntimeError("the server logged no push phases (pushes not striped?)")
     out = {}
     for who, committed in (("committing_part", True), ("other_parts", False)):
-        chosen = [r for r in rows if (r["committed"] == "1") == committed][-reps * (1 if committed else streams - 1):]
-        out[who] = {k: statistics.median(float(r[k]) for r in chosen) for k in
-                    ("open_ms", "receive_ms", "check_ms", "commit_ms", "total_ms")} if chosen else {}
+        chosen = [r for r in rows if (r["committed"] == "1") == committed][-reps * (1 if committed else streams - 1) :]
+        out[who] = (
+            {
+                k: statistics.median(float(r[k]) for r in chosen)
+                for k in ("open_ms", "receive_ms", "check_ms", "commit_ms", "total_ms")
+            }
+            if chosen
+            else {}
+        )
     out["parts"] = int(rows[-1]["part"].split("/")[1])
     return out
 
 
 # -- report -------------------------------------------------------------------------------
 
+
 def fmt(s: dict) -> str:
     return f"{s['median']:6.2f}  ({s['min']:.2f}-{s['max']:.2f})"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench/wire.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="bench/wire.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--mb", type=int, default=64, help="payload size in MB (2^20 bytes) (default 64)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each measurement (default 5)")
     p.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4], help="server counts (default 1 2 4)")
-    p.add_argument("--transports", nargs="+", default=["tcp", "grpc"], choices=["tcp", "grpc"],
-                   help="asyncps transports to measure (default: tcp grpc); the first gives pull_gbps/push_gbps")
-    p.add_argument("--data-streams", type=int, nargs="+", default=None,
-                   help=f"data-plane connections per shard exchange, one row each (default: {DATA_STREAMS} 1); "
-                        "the first gives pull_gbps/push_gbps")
+    p.add_argument(
+        "--transports",
+        nargs="+",
+        default=["tcp", "grpc"],
+        choices=["tcp", "grpc"],
+        help="asyncps transports to measure (default: tcp grpc); the first gives pull_gbps/push_gbps",
+    )
+    p.add_argument(
+        "--data-streams",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"data-plane connections per shard exchange, one row each (default: {DATA_STREAMS} 1); "
+        "the first gives pull_gbps/push_gbps",
+    )
     p.add_argument("--chunk-bytes", type=int, default=None, help="asyncps gRPC chunk size (default: the product's)")
     p.add_argument("--tp-transports", default="", help="TensorPipe transports, e.g. 'uv' (default: its own choice)")
-    p.add_argument("--tcp-streams", type=int, default=2,
-                   help="also raw TCP over this many connections at once (1: not measured)")
-    p.add_argument("--phases", action="store_true",
-                   help="also time a one-server striped push's phases inside the server (its DEBUG log)")
+    p.add_argument(
+        "--tcp-streams", type=int, default=2, help="also raw TCP over this many connections at once (1: not measured)"
+    )
+    p.add_argument(
+        "--phases",
+        action="store_true",
+        help="also time a one-server striped push's phases inside the server (its DEBUG log)",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["tcp", "grpc", "asyncps", "apply", "tensorpipe"])
     p.add_argument("--json", metavar="PATH", help="write the results here")
     args = p.parse_args(argv)
@@ -339,10 +226,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--data-streams must be 1 to 16")
     nbytes = args.mb << 20
     torch.manual_seed(0)
-    res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                             "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-                 "payload_bytes": nbytes, "reps": args.reps}
+    res: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "payload_bytes": nbytes,
+        "reps": args.reps,
+    }
     import grpc
+
     res["machine"]["grpcio"] = grpc.__version__
     if "tensorpipe" not in args.skip:  # first, while this process is fresh: the baseline gets its best chance
         transports = args.tp_transports.split(",") if args.tp_transports else None
@@ -356,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         res["tcp"] = summary(bench_tcp(nbytes, args.reps))
         res["tcp_gbps"] = res["tcp"]["median"]
         if args.tcp_streams > 1:
-            res["tcp_streams"] = {"streams": args.tcp_streams, **summary(bench_tcp(nbytes, args.reps, args.tcp_streams))}
+            res["tcp_streams"] = {
+                "streams": args.tcp_streams,
+                **summary(bench_tcp(nbytes, args.reps, args.tcp_streams)),
+            }
         res["push_floor"] = {"streams": streams[0], **summary(bench_tcp(nbytes, args.reps, streams[0], apply=True))}
     if "grpc" not in args.skip:
         res["grpc_raw"] = {f"{k}_gbps": summary(v) for k, v in bench_grpc_raw(nbytes, args.reps, 4 << 20).items()}
@@ -364,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         res["apply"] = {k: summary(v) for k, v in bench_apply(nbytes, args.reps).items()}
     if "asyncps" not in args.skip:
         with tempfile.TemporaryDirectory(prefix="asyncps-bench-") as tmp:
-            res["rows"] = [bench_asyncps(nbytes, s, args.reps, Path(tmp), args.chunk_bytes, t, k)
-                           for t in args.transports for k in (streams if t == "tcp" else [1]) for s in args.servers]
+            res["rows"] = [
+                bench_asyncps(nbytes, s, args.reps, Path(tmp), args.chunk_bytes, t, k)
+                for t in args.transports
+                for k in (streams if t == "tcp" else [1])
+                for s in args.servers
+            ]
             if args.phases:
                 res["push_phases_ms"] = bench_push_phases(nbytes, args.reps, Path(tmp), max(streams))
         res["transport"] = args.transports[0]
@@ -384,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind, s in res.get("grpc_raw", {}).items():
         print(f"  raw gRPC {kind[:4]}, prebuilt 4 MB msgs  {fmt(s)}")
     if "tensorpipe" in res:
-        print(f"  TensorPipe rpc echo (÷ round trip)  {fmt(res['tensorpipe'])}   (both ways: "
-              f"{res['tensorpipe_both_ways_gbps']:.2f})")
+        print(
+            f"  TensorPipe rpc echo (÷ round trip)  {fmt(res['tensorpipe'])}   (both ways: "
+            f"{res['tensorpipe_both_ways_gbps']:.2f})"
+        )
         for kind, s in res["tensorpipe_one_way"].items():
             print(f"  TensorPipe rpc one way, {kind:<11} {fmt(s)}")
     for name, s in res.get("apply", {}).items():
@@ -399,28 +304,34 @@ def main(argv: list[str] | None = None) -> int:
                 line += f"   {s['median'] / res['tcp_gbps']:.2f}x TCP"
             if "tensorpipe" in res:
                 same_way = res["tensorpipe_one_way"][_TP_SAME_WAY[kind]]["median"]
-                line += f"   {s['median'] / res['tensorpipe_gbps']:.2f}x TensorPipe echo" \
-                        f"   {s['median'] / same_way:.2f}x its {_TP_SAME_WAY[kind]}"
+                line += (
+                    f"   {s['median'] / res['tensorpipe_gbps']:.2f}x TensorPipe echo"
+                    f"   {s['median'] / same_way:.2f}x its {_TP_SAME_WAY[kind]}"
+                )
             print(line)
     if "push_phases_ms" in res:
         ph = res["push_phases_ms"]
         for who in ("committing_part", "other_parts"):
             if ph[who]:
-                print(f"  push phases in the server, {who.replace('_', ' ')} (of {ph['parts']}), ms: "
-                      + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in ph[who].items()))
+                print(
+                    f"  push phases in the server, {who.replace('_', ' ')} (of {ph['parts']}), ms: "
+                    + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in ph[who].items())
+                )
     if "rows" in res and "tcp" in res:
         res["ratios"] = {f"{k}_vs_tcp": res[f"{k}_gbps"] / res["tcp_gbps"] for k in ("pull", "push")}
         if "tensorpipe" in res:
             for k in ("pull", "push"):
                 res["ratios"][f"{k}_vs_tensorpipe"] = res[f"{k}_gbps"] / res["tensorpipe_gbps"]
-                res["ratios"][f"{k}_vs_tensorpipe_{_TP_SAME_WAY[k]}"] = \
+                res["ratios"][f"{k}_vs_tensorpipe_{_TP_SAME_WAY[k]}"] = (
                     res[f"{k}_gbps"] / res["tensorpipe_one_way"][_TP_SAME_WAY[k]]["median"]
+                )
         if "push_floor" in res:
             res["ratios"]["push_vs_floor"] = res["push_gbps"] / res["push_floor"]["median"]
             if "tensorpipe" in res:
                 res["ratios"]["floor_vs_tensorpipe"] = res["push_floor"]["median"] / res["tensorpipe_gbps"]
-                res["ratios"]["floor_vs_tensorpipe_push"] = \
+                res["ratios"]["floor_vs_tensorpipe_push"] = (
                     res["push_floor"]["median"] / res["tensorpipe_one_way"]["push"]["median"]
+                )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))

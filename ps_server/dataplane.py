@@ -18,15 +18,15 @@ is committed by the part that completes it, once, and every part gets the same a
 Threads: one accept thread, one thread per connection doing blocking socket I/O (the
 GIL is released while it waits), calling into the servicer with
 `asyncio.run_coroutine_threadsafe`. Security is the gRPC port's: the token is checked in
-the hello (constant time), TLS and mutual TLS wrap each connection.
+the hello (constant time), TLS and mutual TLS wrap each connection. What every exchange
+uses on its connection (the hello, headers and answers, waiting on the loop) is in
+ps_server/dataplane_conn.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import hmac
 import logging
 import socket
 import ssl
@@ -35,19 +35,18 @@ import time
 
 import torch
 
-from protos import compress, wire
 from asyncps_common.security import NONE, Security
+from protos import compress, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import Code, DataConn, DataError, Truncated, tune
-from ps_server.servicer import Servicer, rejection
+from ps_server.dataplane_conn import HANDSHAKE_SECONDS, PAYLOAD_SECONDS, ConnectionIO
+from ps_server.servicer import Servicer
 from ps_server.stripes import Assembly, StripeError, Stripes
 
 log = logging.getLogger(__name__)
-HANDSHAKE_SECONDS = 10.0  # a connection must say hello within this
-PAYLOAD_SECONDS = 120.0   # a push's payload must arrive (a pull's be taken) within this once started
 
 
-class DataPlane:
+class DataPlane(ConnectionIO):
     """Accepts data-plane connections for `servicer`, whose event loop is `loop`.
 
     `start` binds and returns the port; `stop` closes the listener and every connection.
@@ -65,7 +64,9 @@ class DataPlane:
         self._stripes = Stripes(PAYLOAD_SECONDS)
 
     def start(self, host: str, port: int) -> int:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+            0
+        ]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -106,8 +107,9 @@ class DataPlane:
                     return
                 continue
             tune(sock)
-            threading.Thread(target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True,
-                             name="asyncps-data-conn").start()
+            threading.Thread(
+                target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True, name="asyncps-data-conn"
+            ).start()
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
         conn = None
@@ -130,38 +132,6 @@ class DataPlane:
             else:
                 sock.close()
 
-    def _hello(self, conn: DataConn) -> bool:
-        deadline = time.monotonic() + HANDSHAKE_SECONDS
-        if conn.recv_exact(len(wire.DATA_MAGIC), deadline) != wire.DATA_MAGIC:
-            log.warning("data connection from %s is not an asyncps client; closed", conn.peer)
-            return False
-        req = self._header(conn, deadline)
-        if req is None:
-            return False
-        if req.WhichOneof("op") != "hello" or req.payload_bytes:
-            self._answer(conn, Code.INVALID_ARGUMENT, "a data connection must start with a bare hello")
-            return False
-        token = self.security.token
-        if token is not None and not hmac.compare_digest(req.hello.token.encode(), token.encode()):
-            self._answer(conn, Code.UNAUTHENTICATED, "missing or wrong token")
-            return False
-        conn.send(pb.DataResponse(), deadline=deadline)
-        return True
-
-    def _header(self, conn: DataConn, deadline: float | None) -> pb.DataRequest | None:
-        """The next request header; None on EOF or after answering a malformed one (then close)."""
-        try:
-            return conn.recv_header(pb.DataRequest, deadline)
-        except DataError as exc:
-            if exc.code() == Code.INVALID_ARGUMENT or isinstance(exc, Truncated):
-                with contextlib.suppress(DataError):  # a half-closed client can still read the answer
-                    self._answer(conn, Code.INVALID_ARGUMENT, f"malformed request header: {exc.details()}")
-            return None
-
-    def _answer(self, conn: DataConn, code: Code, message: str, reason: str = "") -> None:
-        conn.send(pb.DataResponse(code=code.value[0], message=message, reason=reason),
-                  deadline=time.monotonic() + HANDSHAKE_SECONDS)
-
     def _exchanges(self, conn: DataConn) -> None:
         while not self._closing:
             req = self._header(conn, None)  # an idle pooled connection waits here
@@ -178,45 +148,18 @@ class DataPlane:
                 elif op == "push":
                     self._push(conn, req.push, req.payload_bytes)
                 else:
-                    self._answer(conn, Code.INVALID_ARGUMENT, f"expected a pull or a push, got {op or 'nothing'}"
-                                 + (" with a payload" if op == "pull" else ""))
+                    self._answer(
+                        conn,
+                        Code.INVALID_ARGUMENT,
+                        f"expected a pull or a push, got {op or 'nothing'}"
+                        + (" with a payload" if op == "pull" else ""),
+                    )
                     return
             finally:
                 with self._lock:
                     self._busy -= 1
             if conn.broken:
                 return
-
-    def _call(self, coro, conn: DataConn | None = None, orphan=None):
-        """Run `coro` on the servicer's loop and wait for it. With `conn`, give up (cancelling it)
-        if the client sends anything or hangs up meanwhile: nobody waits for the answer. A
-        result that is ready all the same goes to `orphan` (to give back what it holds), once:
-        `_Handoff` decides under a lock whether the coroutine or this thread hands it over."""
-        hand = _Handoff()
-        fut = asyncio.run_coroutine_threadsafe(hand.run(coro, orphan), self.loop)
-        while True:
-            try:
-                return fut.result(timeout=0.25 if conn is not None else None)
-            except concurrent.futures.TimeoutError:
-                if not conn.readable():  # type: ignore[union-attr]
-                    continue
-                conn.broken = True  # type: ignore[union-attr]
-                if hand.abandon():
-                    fut.cancel()
-                elif orphan is not None:  # the result is on its way: take it, give it back
-                    orphan(fut.result())
-                raise DataError(Code.CANCELLED, "client went away") from None
-
-    @staticmethod
-    def _status(conn: DataConn, exc: Exception) -> tuple[Code, str, str]:
-        status = rejection(exc)
-        if status is None:
-            log.error("data-plane exchange with %s failed", conn.peer, exc_info=exc)
-            status = (Code.INTERNAL, f"internal error: {type(exc).__name__}", "")
-        return status
-
-    def _refused(self, conn: DataConn, exc: Exception) -> None:
-        self._answer(conn, *self._status(conn, exc))
 
     def _pull(self, conn: DataConn, req: pb.PullRequest) -> None:
         t0 = time.perf_counter()
@@ -230,8 +173,11 @@ class DataPlane:
             return
         try:
             out = snap.weights.to(dtype)  # the weights themselves for float32, else exactly w.to(dtype)
-            conn.send(pb.DataResponse(pull=head, payload_bytes=out.numel() * out.element_size()), wire.tensor_bytes(out),
-                      time.monotonic() + PAYLOAD_SECONDS)  # a client that stops reading frees the lease in time
+            conn.send(
+                pb.DataResponse(pull=head, payload_bytes=out.numel() * out.element_size()),
+                wire.tensor_bytes(out),
+                time.monotonic() + PAYLOAD_SECONDS,
+            )  # a client that stops reading frees the lease in time
         finally:
             store.release(snap)
         self.servicer.pull_finished(store, t0, head.waited_seconds)
@@ -251,8 +197,12 @@ class DataPlane:
             if nbytes != want:
                 self.loop.call_soon_threadsafe(sv.release, buf)
                 self._skip(conn, nbytes, want)
-                self._answer(conn, Code.INVALID_ARGUMENT, f"push carries {nbytes} bytes, the shard holds "
-                             f"{store.numel} elements ({want} bytes as {compress.check(head.compression)})")
+                self._answer(
+                    conn,
+                    Code.INVALID_ARGUMENT,
+                    f"push carries {nbytes} bytes, the shard holds "
+                    f"{store.numel} elements ({want} bytes as {compress.check(head.compression)})",
+                )
                 return
             try:
                 self._receive(conn, buf, head.compression)
@@ -303,8 +253,9 @@ class DataPlane:
         store = self.servicer.store
         return -(-store.numel // max(1, count)) * 4 if store is not None else 0
 
-    def _push_part(self, conn: DataConn, asm: Assembly, first: bool, head: pb.PushHeader, index: int,
-                   nbytes: int) -> None:
+    def _push_part(
+        self, conn: DataConn, asm: Assembly, first: bool, head: pb.PushHeader, index: int, nbytes: int
+    ) -> None:
         """Receive part `index` of a striped push into the shared gradient buffer; the part
         that completes it commits it; every part answers with the outcome. At DEBUG it logs
         its phases (`phases push part=...`, read by `bench/wire.py --phases`)."""
@@ -326,8 +277,14 @@ class DataPlane:
             try:
                 want = compress.push_bytes(head.compression, hi - lo)
                 if nbytes != want:
-                    asm.fail((Code.INVALID_ARGUMENT, f"push part {index} of {asm.count} carries {nbytes} bytes, "
-                              f"its range holds {hi - lo} elements ({want} bytes)", ""))
+                    asm.fail(
+                        (
+                            Code.INVALID_ARGUMENT,
+                            f"push part {index} of {asm.count} carries {nbytes} bytes, "
+                            f"its range holds {hi - lo} elements ({want} bytes)",
+                            "",
+                        )
+                    )
                 else:
                     _recv_decoded(conn, buf[lo:hi], head.compression, asm.deadline)
                     consumed, t[2] = True, time.perf_counter()
@@ -336,8 +293,11 @@ class DataPlane:
                     if not moved:
                         asm.fail((Code.INVALID_ARGUMENT, "tensor contains NaN or Inf: not applied", ""))
             except DataError as exc:
-                lost = (Code.INVALID_ARGUMENT, f"push payload truncated: {exc.details()}", "") \
-                    if isinstance(exc, Truncated) else (exc.code(), f"push part {index} lost: {exc.details()}", "")
+                lost = (
+                    (Code.INVALID_ARGUMENT, f"push payload truncated: {exc.details()}", "")
+                    if isinstance(exc, Truncated)
+                    else (exc.code(), f"push part {index} lost: {exc.details()}", "")
+                )
                 asm.fail(lost)
                 with contextlib.suppress(DataError):  # a half-closed client can still read the answer
                     self._answer(conn, *lost)
@@ -358,9 +318,18 @@ class DataPlane:
                 conn.send(pb.DataResponse(push=asm.result), deadline=time.monotonic() + HANDSHAKE_SECONDS)
                 if log.isEnabledFor(logging.DEBUG) and t[3]:
                     ms = [(b - a) * 1e3 for a, b in zip(t, t[1:])]
-                    log.debug("phases push part=%d/%d committed=%d open_ms=%.2f receive_ms=%.2f check_ms=%.2f "
-                              "commit_ms=%.2f total_ms=%.2f", index, asm.count, bool(t[4]), ms[0], ms[1], ms[2],
-                              ms[3] if t[4] else 0.0, (time.perf_counter() - t[0]) * 1e3)
+                    log.debug(
+                        "phases push part=%d/%d committed=%d open_ms=%.2f receive_ms=%.2f check_ms=%.2f "
+                        "commit_ms=%.2f total_ms=%.2f",
+                        index,
+                        asm.count,
+                        bool(t[4]),
+                        ms[0],
+                        ms[1],
+                        ms[2],
+                        ms[3] if t[4] else 0.0,
+                        (time.perf_counter() - t[0]) * 1e3,
+                    )
             else:
                 self._answer(conn, *asm.failure)  # type: ignore[misc]
         finally:
@@ -373,8 +342,10 @@ class DataPlane:
         exchange failed (its own client hanging up fails it)."""
         if first:
             try:
-                asm.open(self._call(self.servicer.open_pull(req), conn, lambda r: r[0].release(r[2])),
-                         timeout=PAYLOAD_SECONDS)
+                asm.open(
+                    self._call(self.servicer.open_pull(req), conn, lambda r: r[0].release(r[2])),
+                    timeout=PAYLOAD_SECONDS,
+                )
             except DataError as exc:  # this part's client went away
                 asm.fail((exc.code(), f"pull part {index}: {exc.details()}", ""))
                 raise
@@ -389,8 +360,11 @@ class DataPlane:
                 moved = False
                 try:
                     out = snap.weights[lo:hi].to(compress.pull_dtype(req.compression))
-                    conn.send(pb.DataResponse(pull=head, payload_bytes=out.numel() * out.element_size()),
-                              wire.tensor_bytes(out), asm.deadline)
+                    conn.send(
+                        pb.DataResponse(pull=head, payload_bytes=out.numel() * out.element_size()),
+                        wire.tensor_bytes(out),
+                        asm.deadline,
+                    )
                     moved = True
                 except DataError as exc:
                     asm.fail((exc.code(), f"pull part {index} lost: {exc.details()}", ""))
@@ -408,17 +382,13 @@ class DataPlane:
                 if sent:
                     self.servicer.pull_finished(store, asm.t0, head.waited_seconds)
                 else:
-                    log.info("striped pull by %s (%d parts) ended unsent, its version %d given back: %s",
-                             conn.peer, asm.count, head.version, asm.failure and asm.failure[1])
-
-    @staticmethod
-    def _skip(conn: DataConn, nbytes: int, limit: int) -> None:
-        """Read past a refused payload to keep the stream in step, if it is no larger than
-        `limit`; a larger one is not read at all: the connection is closed after the answer."""
-        if nbytes <= limit:
-            conn.drain(nbytes, time.monotonic() + PAYLOAD_SECONDS)
-        else:
-            conn.broken = True
+                    log.info(
+                        "striped pull by %s (%d parts) ended unsent, its version %d given back: %s",
+                        conn.peer,
+                        asm.count,
+                        head.version,
+                        asm.failure and asm.failure[1],
+                    )
 
     def _receive(self, conn: DataConn, buf: torch.Tensor, compression: str) -> None:
         """Receive a push's gradient into `buf` (exactly its size); a NaN or Inf in it raises
@@ -427,31 +397,6 @@ class DataPlane:
         _recv_decoded(conn, buf, compression, time.monotonic() + PAYLOAD_SECONDS)
         if not wire.all_finite(buf):
             raise _Invalid("tensor contains NaN or Inf: not applied")
-
-
-class _Handoff:
-    """Who owns a coroutine's result once the thread waiting for it may give up (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._returned = self._abandoned = False
-
-    async def run(self, coro, orphan):
-        result = await coro
-        with self._lock:
-            if not self._abandoned:
-                self._returned = True
-                return result
-        if orphan is not None:
-            orphan(result)
-        raise asyncio.CancelledError
-
-    def abandon(self) -> bool:
-        """True if the result will not be returned (the caller cancels); False if it already is."""
-        with self._lock:
-            if not self._returned:
-                self._abandoned = True
-            return self._abandoned
 
 
 class _Invalid(ValueError):

@@ -20,15 +20,13 @@ still say SERVING. The generated kinds:
   (ALREADY_EXISTS); a frame over --max-message-bytes (RESOURCE_EXHAUSTED). Controls:
   the same pushes without a defect, in random order, are accepted (the baseline moves
   on by exactly one update);
-* pulls, registrations, heartbeats, leaves and Inits naming unknown workers, stale
-  sessions, wrong plans or shards (FAILED_PRECONDITION), empty worker ids
-  (INVALID_ARGUMENT); pulls with any chunk size and lag are answered in full;
 * streams cut mid-way: a push or a pull the client cancels after a random number of
   frames (CANCELLED), a pull held by read-my-writes cut by its deadline
   (DEADLINE_EXCEEDED);
-The TCP data plane is fuzzed against the same server in test_fuzz_dataplane.py.
+The control requests and pulls are fuzzed against the same kind of server in
+test_fuzz_control.py, the TCP data plane in test_fuzz_dataplane.py.
 
-EXAMPLES sets how many cases each property runs (3,350 in all, with the data plane's).
+EXAMPLES sets how many cases each property runs (3,350 in all, with theirs).
 """
 
 from __future__ import annotations
@@ -44,9 +42,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from asyncps_common.optimizer import default_config
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from asyncps_common.optimizer import default_config
 
 from .support import invoke
 
@@ -59,10 +57,20 @@ LIMITS = dict(max_message_bytes=MAX_MESSAGE, chunk_bytes=32 * 1024, heartbeat_ti
 TIMEOUT = 10.0
 Code = grpc.StatusCode
 EXAMPLES = {"random_bytes": 1000, "push": 1200, "control": 700, "cut": 150, "data": 300}
-FUZZ = dict(deadline=None, database=None, print_blob=True,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
-UNARY = {"Register": pb.RegisterRequest, "Heartbeat": pb.HeartbeatRequest, "Leave": pb.LeaveRequest,
-         "Pull": pb.PullRequest, "Status": pb.StatusRequest, "Checkpoint": pb.CheckpointRequest}
+FUZZ = dict(
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
+UNARY = {
+    "Register": pb.RegisterRequest,
+    "Heartbeat": pb.HeartbeatRequest,
+    "Leave": pb.LeaveRequest,
+    "Pull": pb.PullRequest,
+    "Status": pb.StatusRequest,
+    "Checkpoint": pb.CheckpointRequest,
+}
 
 
 @dataclass
@@ -89,8 +97,16 @@ class Live:
 
     def snapshot(self) -> tuple:
         s = self.status()
-        return (s.initialized, s.plan_hash, s.version, s.weights_checksum, s.pushes_applied, s.live_workers,
-                tuple((c.worker_id, c.clock) for c in s.clocks), s.optimizer.SerializeToString())
+        return (
+            s.initialized,
+            s.plan_hash,
+            s.version,
+            s.weights_checksum,
+            s.pushes_applied,
+            s.live_workers,
+            tuple((c.worker_id, c.clock) for c in s.clocks),
+            s.optimizer.SerializeToString(),
+        )
 
     @property
     def clock(self) -> int:
@@ -122,13 +138,20 @@ class Live:
         """Still SERVING, and the state unchanged (`changes` False), moved on by exactly one whole
         update of "w" (True), or either (None). Returns whether it moved on."""
         health = health_pb2_grpc.HealthStub(self.channel)
-        assert health.Check(health_pb2.HealthCheckRequest(service=service.SERVICE_NAME),
-                            timeout=TIMEOUT).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=service.SERVICE_NAME), timeout=TIMEOUT).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         now, before = self.snapshot(), self.baseline
         self.baseline = now  # a failing case fails alone: the next ones compare with what is there now
-        one_update = (now[2] == before[2] + 1 and now[4] == before[4] + 1
-                      and now[6] == (("w", self.clock_of(before) + 1),)
-                      and now[:2] == before[:2] and now[5] == before[5] and now[7] == before[7])
+        one_update = (
+            now[2] == before[2] + 1
+            and now[4] == before[4] + 1
+            and now[6] == (("w", self.clock_of(before) + 1),)
+            and now[:2] == before[:2]
+            and now[5] == before[5]
+            and now[7] == before[7]
+        )
         if changes is None and now != before:
             assert one_update, f"expected no change or one whole update:\n{before}\n{now}"
         elif changes:
@@ -147,8 +170,9 @@ def live(start_module_server):
     server = start_module_server(**LIMITS)
     channel = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 1 << 24)])
     t = Live(server.address, channel)
-    head = pb.InitHeader(plan_hash=PLAN, shard_index=0, num_shards=1, numel=N, worker_id="w",
-                         optimizer=default_config("sgd", lr=1e-3))
+    head = pb.InitHeader(
+        plan_hash=PLAN, shard_index=0, num_shards=1, numel=N, worker_id="w", optimizer=default_config("sgd", lr=1e-3)
+    )
     weights = torch.randn(N, generator=torch.Generator().manual_seed(0))
     assert t.send("Init", [wire.encode_frame(pb.Frame(init=head))] + chunk_frames(weights, [0, N]))[0] == Code.OK
     resp = t.method("Register")(pb.RegisterRequest(worker_id="w", plan_hash=PLAN).SerializeToString(), timeout=TIMEOUT)
@@ -163,6 +187,7 @@ def live(start_module_server):
 
 
 # -- building requests --------------------------------------------------------------------------
+
 
 def gradient(seed: int = 1) -> torch.Tensor:
     return torch.randn(N, generator=torch.Generator().manual_seed(seed)) * 0.01
@@ -223,8 +248,10 @@ def expected_for_random(name: str, body) -> Code:
     return Code.FAILED_PRECONDITION  # (an Init's wrong shard is FAILED_PRECONDITION too)
 
 
-VALID_HEADS = [wire.encode_frame(pb.Frame(push=pb.PushHeader(worker_id="w", session=1, plan_hash="x" * 64, clock=1))),
-               wire.encode_frame(pb.Frame(init=pb.InitHeader(plan_hash="x" * 64, shard_index=0, num_shards=1, numel=N)))]
+VALID_HEADS = [
+    wire.encode_frame(pb.Frame(push=pb.PushHeader(worker_id="w", session=1, plan_hash="x" * 64, clock=1))),
+    wire.encode_frame(pb.Frame(init=pb.InitHeader(plan_hash="x" * 64, shard_index=0, num_shards=1, numel=N))),
+]
 
 
 @st.composite
@@ -247,17 +274,39 @@ def random_frame(draw) -> bytes:
 
 # -- properties -------------------------------------------------------------------------------
 
+
 @settings(max_examples=EXAMPLES["random_bytes"], **FUZZ)
-@given(name=st.sampled_from([*UNARY, "Init", "Push"]), unary=st.binary(max_size=300),
-       frames=st.lists(random_frame(), max_size=4))
+@given(
+    name=st.sampled_from([*UNARY, "Init", "Push"]),
+    unary=st.binary(max_size=300),
+    frames=st.lists(random_frame(), max_size=4),
+)
 def test_random_bytes(live, name, unary, frames):
     body = frames if name in ("Init", "Push") else unary
     live.expect(name, body, expected_for_random(name, body))
 
 
-PUSH_DEFECTS = ["control", "dtype", "shape", "declared-size", "huge-size", "offset-past-end", "gap", "duplicate",
-                "overlap", "nan-inf", "second-header", "truncated", "random-chunk", "unknown-worker", "stale-session",
-                "wrong-plan", "old-clock", "oversized-frame", "empty"]
+PUSH_DEFECTS = [
+    "control",
+    "dtype",
+    "shape",
+    "declared-size",
+    "huge-size",
+    "offset-past-end",
+    "gap",
+    "duplicate",
+    "overlap",
+    "nan-inf",
+    "second-header",
+    "truncated",
+    "random-chunk",
+    "unknown-worker",
+    "stale-session",
+    "wrong-plan",
+    "old-clock",
+    "oversized-frame",
+    "empty",
+]
 
 
 @settings(max_examples=EXAMPLES["push"], **FUZZ)
@@ -300,7 +349,8 @@ def test_malformed_push(live, defect, layout, data):
     elif defect == "nan-inf":
         bad = g.clone()
         bad[data.draw(st.integers(lo, hi - 1), label="where")] = data.draw(
-            st.sampled_from([math.nan, math.inf, -math.inf]), label="value")
+            st.sampled_from([math.nan, math.inf, -math.inf]), label="value"
+        )
         frames[victim] = wire.encode_frame(tensor=bad[lo:hi], offset=lo)
     elif defect == "second-header":
         frames.insert(data.draw(st.integers(0, len(frames)), label="at"), push_head(live))
@@ -339,52 +389,6 @@ def test_malformed_push(live, defect, layout, data):
     live.expect("Push", ([head] if head is not None else []) + frames, want, changes=applied)
 
 
-CONTROL_KINDS = ["pull-ok", "pull-wrong-plan", "pull-unknown-worker", "pull-stale-session", "register-empty-id",
-                 "register-wrong-plan", "heartbeat-unknown", "leave-stale-session", "init-wrong-plan",
-                 "init-wrong-shard", "init-repeat", "checkpoint-without-dir"]
-
-
-@settings(max_examples=EXAMPLES["control"], **FUZZ)
-@given(kind=st.sampled_from(CONTROL_KINDS), text=st.text(max_size=30), number=st.integers(0, 2**64 - 1),
-       small=st.integers(0, 2**32 - 1))
-def test_control_and_pull_requests(live, kind, text, number, small):
-    def pull(**override) -> bytes:
-        fields = dict(worker_id="w", session=live.session, plan_hash=PLAN, clock=live.clock,
-                      own_lag=small % 5, chunk_bytes=small)
-        fields.update(override)
-        return pb.PullRequest(**fields).SerializeToString()
-
-    def init(**override) -> list[bytes]:
-        fields = dict(plan_hash=PLAN, shard_index=0, num_shards=1, numel=number, worker_id=text,
-                      optimizer=default_config("adam", lr=1.0))
-        fields.update(override)
-        bad = torch.full((16,), math.nan)
-        return [wire.encode_frame(pb.Frame(init=pb.InitHeader(**fields))), wire.encode_frame(tensor=bad)]
-
-    other = f"ghost-{text}"
-    session = number if number != live.session else number + 1
-    plan = text if text != PLAN else "x"
-    FP, IA = Code.FAILED_PRECONDITION, Code.INVALID_ARGUMENT
-    cases = {
-        "pull-ok": ("Pull", pull(clock=number % (live.clock + 1)), Code.OK),  # any chunk size and lag, in full
-        "pull-wrong-plan": ("Pull", pull(plan_hash=plan), FP),
-        "pull-unknown-worker": ("Pull", pull(worker_id=other), FP),
-        "pull-stale-session": ("Pull", pull(session=session), FP),
-        "register-empty-id": ("Register", pb.RegisterRequest(worker_id="", plan_hash=PLAN).SerializeToString(), IA),
-        "register-wrong-plan": ("Register", pb.RegisterRequest(worker_id=other, plan_hash=plan).SerializeToString(), FP),
-        "heartbeat-unknown": ("Heartbeat", pb.HeartbeatRequest(worker_id=other, session=number).SerializeToString(), FP),
-        "leave-stale-session": ("Leave", pb.LeaveRequest(worker_id="w", session=session).SerializeToString(), FP),
-        "init-wrong-plan": ("Init", init(plan_hash=plan), FP),
-        "init-wrong-shard": ("Init", init(shard_index=small % 7 + 1, num_shards=small % 7 + 2), FP),
-        "init-repeat": ("Init", init(), Code.OK),  # already initialized: answered with what is in force
-        "checkpoint-without-dir": ("Checkpoint", b"", FP),
-    }
-    name, body, want = cases[kind]
-    if kind == "pull-ok" and small < 1024:
-        body = pull(clock=number % (live.clock + 1), chunk_bytes=1024 + small)  # >= 256 elements a frame
-    live.expect(name, body, want)
-
-
 @settings(max_examples=EXAMPLES["cut"], **FUZZ)
 @given(what=st.sampled_from(["push", "pull", "held-pull"]), keep=st.integers(0, 20), layout=layouts())
 def test_streams_cut_midway(live, what, keep, layout):
@@ -403,8 +407,9 @@ def test_streams_cut_midway(live, what, keep, layout):
         assert call.code() == Code.CANCELLED
     else:
         cuts, order = layout
-        frames = [push_head(live)] + [wire.encode_frame(tensor=gradient()[cuts[i]:cuts[i + 1]], offset=cuts[i])
-                                      for i in order]
+        frames = [push_head(live)] + [
+            wire.encode_frame(tensor=gradient()[cuts[i] : cuts[i + 1]], offset=cuts[i]) for i in order
+        ]
         frames = frames[: keep + 1]  # maybe every chunk, but the stream is never closed: cancelled, not ended
         whole = len(frames) == len(order) + 1
         sent, stop = threading.Event(), threading.Event()
