@@ -33,10 +33,10 @@ import math
 import torch
 
 RULES = ("plain", "dc", "delayed-nesterov")
-DC_DECAY = 0.95          # DC-ASGD-a's running mean of g*g
+DC_DECAY = 0.95  # DC-ASGD-a's running mean of g*g
 DC_EPS = 1e-7
 DEFAULT_DC_LAMBDA = 2.0  # DC-ASGD-a's λ0
-UNBOUNDED_HISTORY = 8    # versions kept with s = inf and no history_versions
+UNBOUNDED_HISTORY = 8  # versions kept with s = inf and no history_versions
 
 
 def rule_of(cfg) -> str:
@@ -64,10 +64,17 @@ def validate(cfg, staleness: float | None = None) -> None:
         raise ValueError(f"dc_lambda must be finite and >= 0, got {cfg.dc_lambda}")
     if cfg.history_versions and rule != "dc":
         raise ValueError("history_versions is for the dc update rule only")
-    if (rule == "dc" and staleness is not None and math.isfinite(staleness) and cfg.history_versions
-            and cfg.history_versions < staleness + 1):
-        raise ValueError(f"history_versions {cfg.history_versions} is below s + 1 = {int(staleness) + 1}: "
-                         "a push the bound allows could find its weights gone")
+    if (
+        rule == "dc"
+        and staleness is not None
+        and math.isfinite(staleness)
+        and cfg.history_versions
+        and cfg.history_versions < staleness + 1
+    ):
+        raise ValueError(
+            f"history_versions {cfg.history_versions} is below s + 1 = {int(staleness) + 1}: "
+            "a push the bound allows could find its weights gone"
+        )
 
 
 def history_size(cfg, staleness: float) -> int:

@@ -25,8 +25,9 @@ class FlagParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def env_flag(self, name: str, *, type: Callable[[str], Any] = str, default: Any = None,
-                 help: str = "", **kwargs: Any) -> argparse.Action:
+    def env_flag(
+        self, name: str, *, type: Callable[[str], Any] = str, default: Any = None, help: str = "", **kwargs: Any
+    ) -> argparse.Action:
         """Add `--name`, defaulting to $ASYNCPS_NAME (converted by `type`) or `default`."""
         var = ENV_PREFIX + name.upper().replace("-", "_")
         raw = os.environ.get(var)
@@ -49,8 +50,9 @@ class FlagParser(argparse.ArgumentParser):
                 default = parse_bool(raw)
             except ValueError as exc:
                 self.error(f"environment variable {var}={raw!r}: {exc}")
-        return self.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default,
-                                 help=f"{help} [env {var}]")
+        return self.add_argument(
+            f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=f"{help} [env {var}]"
+        )
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -68,33 +70,39 @@ def parse_bool(text: str) -> bool:
 
 def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     """A type converter accepting only values > 0."""
+
     def convert(text: str) -> Any:
         value = kind(text)
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
+
     convert.__name__ = kind.__name__
     return convert
 
 
 def non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     """A type converter accepting only values >= 0."""
+
     def convert(text: str) -> Any:
         value = kind(text)
         if value < 0:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
+
     convert.__name__ = kind.__name__
     return convert
 
 
 def int_range(lo: int, hi: int) -> Callable[[str], int]:
     """A type converter accepting only integers from `lo` to `hi`."""
+
     def convert(text: str) -> int:
         value = int(text)
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"must be {lo} to {hi}, got {text}")
         return value
+
     convert.__name__ = "int"
     return convert
 

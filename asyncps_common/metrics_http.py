@@ -46,14 +46,20 @@ def metrics_port(text: str) -> int:
 
 def add_metrics_flags(p: Any, host_default: str | None, host_help: str) -> None:
     """Add the /metrics flags (module docstring) to a FlagParser."""
-    p.env_flag("metrics-port", type=metrics_port, default=OFF,
-               help="serve Prometheus /metrics on this port (0: a free one; -1: off)")
+    p.env_flag(
+        "metrics-port",
+        type=metrics_port,
+        default=OFF,
+        help="serve Prometheus /metrics on this port (0: a free one; -1: off)",
+    )
     p.env_flag("metrics-host", default=host_default, help=host_help)
     p.env_flag("metrics-port-file", help="write the bound metrics port to this file once serving")
     p.env_flag("metrics-tls-cert", help="certificate chain (PEM): serve /metrics over HTTPS only")
     p.env_flag("metrics-tls-key", help="private key (PEM) of --metrics-tls-cert")
-    p.env_flag("metrics-tls-client-ca", help="answer /metrics only to scrapers presenting a certificate "
-                                             "signed by this CA (PEM): mutual TLS")
+    p.env_flag(
+        "metrics-tls-client-ca",
+        help="answer /metrics only to scrapers presenting a certificate signed by this CA (PEM): mutual TLS",
+    )
 
 
 def metrics_tls(p: argparse.ArgumentParser, args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -66,14 +72,18 @@ def metrics_tls(p: argparse.ArgumentParser, args: argparse.Namespace) -> ssl.SSL
         p.error("--metrics-tls-client-ca needs --metrics-tls-cert and --metrics-tls-key: mutual TLS runs over TLS")
     if not cert_path:
         return None
-    sec = Security(cert=read_pem(p, "metrics-tls-cert", cert_path, CERT),
-                   key=read_pem(p, "metrics-tls-key", key_path, KEY),
-                   client_ca=read_pem(p, "metrics-tls-client-ca", ca_path, CERT))
+    sec = Security(
+        cert=read_pem(p, "metrics-tls-cert", cert_path, CERT),
+        key=read_pem(p, "metrics-tls-key", key_path, KEY),
+        client_ca=read_pem(p, "metrics-tls-client-ca", ca_path, CERT),
+    )
     try:
         return sec.server_ssl_context()
     except ssl.SSLError as exc:
-        p.error(f"cannot use --metrics-tls-cert {cert_path} with --metrics-tls-key {key_path}"
-                f"{f' and --metrics-tls-client-ca {ca_path}' if ca_path else ''}: {exc.reason or exc}")
+        p.error(
+            f"cannot use --metrics-tls-cert {cert_path} with --metrics-tls-key {key_path}"
+            f"{f' and --metrics-tls-client-ca {ca_path}' if ca_path else ''}: {exc.reason or exc}"
+        )
 
 
 class _Quiet(WSGIRequestHandler):
@@ -106,8 +116,9 @@ class _Server(ThreadingMixIn, WSGIServer):
         log.debug("metrics: request from %s failed", client_address[0], exc_info=True)
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int, port_file: str | None = None,
-                  tls: ssl.SSLContext | None = None) -> int:
+def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, port_file: str | None = None, tls: ssl.SSLContext | None = None
+) -> int:
     """Serve `registry` at http(s)://host:port/metrics on daemon threads; returns the bound port.
 
     Raises OSError when the address cannot be bound.
@@ -121,6 +132,11 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int, port_file: 
         tmp = Path(f"{port_file}.tmp")
         tmp.write_text(f"{bound}\n")
         os.replace(tmp, port_file)
-    log.info("metrics at %s://%s:%d/metrics%s", "https" if tls else "http", host, bound,
-             " (client certificates required)" if tls is not None and tls.verify_mode == ssl.CERT_REQUIRED else "")
+    log.info(
+        "metrics at %s://%s:%d/metrics%s",
+        "https" if tls else "http",
+        host,
+        bound,
+        " (client certificates required)" if tls is not None and tls.verify_mode == ssl.CERT_REQUIRED else "",
+    )
     return bound

@@ -10,33 +10,48 @@ and betas. Not thread-safe: the shard store serializes every step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from collections.abc import Sequence
-
-from protos.asyncps.v1 import ps_pb2 as pb
 from asyncps_common import delay
+from protos.asyncps.v1 import ps_pb2 as pb
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # settings of the whole shard, not of a group: every group's must equal the shard's
-SHARD_WIDE = ("name", "staleness_aware_lr", "average_gradients", "warmup_updates", "balance_batches",
-              "update_rule", "dc_lambda", "history_versions", "local_steps", "outer_period")
+SHARD_WIDE = (
+    "name",
+    "staleness_aware_lr",
+    "average_gradients",
+    "warmup_updates",
+    "balance_batches",
+    "update_rule",
+    "dc_lambda",
+    "history_versions",
+    "local_steps",
+    "outer_period",
+)
 
 
 def default_config(name: str = "sgd", lr: float = 0.01, **kw: float | bool | str) -> pb.OptimizerConfig:
     """An OptimizerConfig with torch.optim's defaults for every field not given."""
-    base: dict[str, Any] = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8)
+    base: dict[str, Any] = dict(
+        momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8
+    )
     if name == "adamw":
         base["weight_decay"] = 0.01
     base.update(kw)
     return pb.OptimizerConfig(name=name, lr=lr, **base)
 
 
-def validate(cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup] = (), numel: int = 0,
-             staleness: float | None = None) -> None:
-    """Raise ValueError with a readable reason if `cfg` (with `groups` over `numel` elements) cannot build an optimizer (under bound `staleness`)."""
+def validate(
+    cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup] = (), numel: int = 0, staleness: float | None = None
+) -> None:
+    """Raise ValueError with a readable reason if `cfg` cannot build an optimizer.
+
+    `groups` (over the shard's `numel` elements) are checked too, and the update rule against
+    the staleness bound `staleness` when it is given."""
     if groups:
         validate_groups(cfg, groups, numel)
     if cfg.name not in OPTIMIZERS:
@@ -52,7 +67,9 @@ def validate(cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup] = (), nume
     if cfg.name != "sgd" and not cfg.eps > 0:
         raise ValueError("Adam eps must be positive (unset fields of an OptimizerConfig are 0)")
     if cfg.balance_batches and not cfg.average_gradients and not cfg.local_steps:
-        raise ValueError("balance_batches needs average_gradients: balanced batches are weighted in the per-clock average")
+        raise ValueError(
+            "balance_batches needs average_gradients: balanced batches are weighted in the per-clock average"
+        )
     delay.validate(cfg, staleness)
 
 
@@ -61,14 +78,18 @@ def validate_groups(cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup], nu
     end = 0
     for i, g in enumerate(groups):
         if g.start != end or g.stop <= g.start:
-            raise ValueError(f"parameter group {i} covers [{g.start}, {g.stop}); groups must be non-empty, "
-                             f"contiguous and in order from element {end}")
+            raise ValueError(
+                f"parameter group {i} covers [{g.start}, {g.stop}); groups must be non-empty, "
+                f"contiguous and in order from element {end}"
+            )
         end = g.stop
         validate(g.optimizer)
         for name in SHARD_WIDE:
             if getattr(g.optimizer, name) != getattr(cfg, name):
-                raise ValueError(f"parameter group {i} sets {name}={getattr(g.optimizer, name)!r}, which is the whole "
-                                 f"shard's setting ({getattr(cfg, name)!r}), not a group's")
+                raise ValueError(
+                    f"parameter group {i} sets {name}={getattr(g.optimizer, name)!r}, which is the whole "
+                    f"shard's setting ({getattr(cfg, name)!r}), not a group's"
+                )
     if groups and end != numel:
         raise ValueError(f"parameter groups cover {end} of the shard's {numel} elements")
 
@@ -86,8 +107,14 @@ def _torch_optimizer(cfg: pb.OptimizerConfig, groups: list[dict]) -> torch.optim
 
 def _group(cfg: pb.OptimizerConfig, param: torch.Tensor) -> dict:
     if cfg.name == "sgd":
-        return dict(params=[param], lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
-                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return dict(
+            params=[param],
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            dampening=cfg.dampening,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
     return dict(params=[param], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 

@@ -42,10 +42,10 @@ class Security:
     """Credentials of one process; PEM bytes, already read. Empty: plaintext, no token."""
 
     token: str | None = None
-    ca: bytes | None = None           # client: root certificate(s) to verify servers with (TLS on)
-    cert: bytes | None = None         # server: its certificate; client: its own (mutual TLS)
+    ca: bytes | None = None  # client: root certificate(s) to verify servers with (TLS on)
+    cert: bytes | None = None  # server: its certificate; client: its own (mutual TLS)
     key: bytes | None = None
-    client_ca: bytes | None = None    # server: require client certificates signed by this CA
+    client_ca: bytes | None = None  # server: require client certificates signed by this CA
 
     def __repr__(self) -> str:  # what is on, never the secrets
         on = [name for name in ("token", "ca", "cert", "key", "client_ca") if getattr(self, name) is not None]
@@ -62,8 +62,9 @@ class Security:
         return ((AUTH_KEY, f"Bearer {self.token}"),) if self.token else ()
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
-                                            certificate_chain=self.cert)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
 
     def aio_channel(self, address: str, options: list | None = None) -> grpc.aio.Channel:
         if self.tls:
@@ -80,8 +81,9 @@ class Security:
         """TLS credentials for `add_secure_port`, or None for a plaintext port."""
         if self.cert is None:
             return None
-        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.client_ca,
-                                           require_client_auth=self.client_ca is not None)
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.client_ca, require_client_auth=self.client_ca is not None
+        )
 
     def server_ssl_context(self) -> ssl.SSLContext:
         """TLS (mutual with `client_ca`) for the data plane's connections, as on the gRPC port."""
@@ -143,8 +145,9 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:  # unknown method: UNIMPLEMENTED, as without a token
             return None
-        why = ("missing credentials: send the metadata 'authorization: Bearer <token>'" if got is None
-               else "invalid token")
+        why = (
+            "missing credentials: send the metadata 'authorization: Bearer <token>'" if got is None else "invalid token"
+        )
         self._note(details.method, why)
         return _refusal(handler, f"{details.method}: {why}")
 
@@ -179,6 +182,7 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
 
 
 # -- flags ----------------------------------------------------------------------------------
+
 
 def add_security_flags(p: Any, role: str) -> None:
     """Register the token and TLS flags of `role`: "server", "client" or "cluster"."""
@@ -289,8 +293,16 @@ def cluster_children(p: Any, args: argparse.Namespace) -> tuple[Security, list[s
     return Security(token=token, ca=ca, cert=cert, key=key), server_argv, worker_argv
 
 
-SECURITY_VARS = ("ASYNCPS_TOKEN", "ASYNCPS_TOKEN_FILE", "ASYNCPS_TLS_CERT", "ASYNCPS_TLS_KEY", "ASYNCPS_TLS_CA",
-                 "ASYNCPS_TLS_CLIENT_CA", "ASYNCPS_TLS_CLIENT_CERT", "ASYNCPS_TLS_CLIENT_KEY")
+SECURITY_VARS = (
+    "ASYNCPS_TOKEN",
+    "ASYNCPS_TOKEN_FILE",
+    "ASYNCPS_TLS_CERT",
+    "ASYNCPS_TLS_KEY",
+    "ASYNCPS_TLS_CA",
+    "ASYNCPS_TLS_CLIENT_CA",
+    "ASYNCPS_TLS_CLIENT_CERT",
+    "ASYNCPS_TLS_CLIENT_KEY",
+)
 
 
 def export_token(token: str | None) -> None:

@@ -35,6 +35,7 @@ def _worker(addrs: list[str], worker_id: str, out, nbytes: int, steps: int) -> N
 
     from worker import PSClient
     from worker.cost.servers import FlatModel
+
     torch.manual_seed(0)  # every worker builds the same initial model
     model = FlatModel(nbytes)
     optimizer = {"name": "sgd", "lr": 1e-3, "momentum": 0.9, "average_gradients": True}
@@ -52,7 +53,9 @@ def _worker(addrs: list[str], worker_id: str, out, nbytes: int, steps: int) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--mb", type=int, default=64, help="model size in MB (2^20 bytes) of fp32 parameters")
     p.add_argument("--servers", type=int, default=1, help="ps-server processes (shards)")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
@@ -62,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.mb <= 0 or args.servers <= 0 or args.workers <= 0 or args.steps <= WARMUP_STEPS:
         p.error(f"--mb, --servers and --workers must be positive, --steps more than {WARMUP_STEPS}")
     from worker.cost.servers import start_servers, stop_servers
+
     with tempfile.TemporaryDirectory(prefix="asyncps-avg-") as tmp:
         procs, addrs = start_servers(args.servers, Path(tmp))
         try:
             ctx = mp.get_context("spawn")
             out = ctx.Queue()
-            workers = [ctx.Process(target=_worker, args=(addrs, f"w{i}", out, args.mb << 20, args.steps))
-                       for i in range(args.workers)]
+            workers = [
+                ctx.Process(target=_worker, args=(addrs, f"w{i}", out, args.mb << 20, args.steps))
+                for i in range(args.workers)
+            ]
             for w in workers:
                 w.start()
             times = dict(out.get(timeout=600) for _ in workers)
@@ -76,11 +82,18 @@ def main(argv: list[str] | None = None) -> int:
                 w.join(timeout=60)
         finally:
             stop_servers(procs)
-    res = {"mb": args.mb, "servers": args.servers, "workers": args.workers, "steps": args.steps,
-           "step_ms": {w: [t * 1e3 for t in ts] for w, ts in sorted(times.items())}}
+    res = {
+        "mb": args.mb,
+        "servers": args.servers,
+        "workers": args.workers,
+        "steps": args.steps,
+        "step_ms": {w: [t * 1e3 for t in ts] for w, ts in sorted(times.items())},
+    }
     res["median_step_ms"] = {w: statistics.median(ts[WARMUP_STEPS:]) for w, ts in res["step_ms"].items()}
-    print(f"{args.mb} MB model, {args.servers} server(s), {args.workers} workers, averaging, s = 0: "
-          f"median step (ms) over steps {WARMUP_STEPS + 1}-{args.steps}")
+    print(
+        f"{args.mb} MB model, {args.servers} server(s), {args.workers} workers, averaging, s = 0: "
+        f"median step (ms) over steps {WARMUP_STEPS + 1}-{args.steps}"
+    )
     for w, ms in res["median_step_ms"].items():
         print(f"  {w}  {ms:7.1f}")
     if args.json:

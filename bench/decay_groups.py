@@ -25,9 +25,28 @@ MODES = {"groups": ["--no-decay-all"], "decay-all": ["--decay-all"]}
 
 def run(mode: str, seed: int, args: argparse.Namespace, root: Path) -> float:
     out = root / f"{mode}-{seed}"
-    cmd = [sys.executable, "-m", "worker.cluster", "--servers", str(args.servers), "--workers", str(args.workers),
-           "--steps", str(args.steps), "--weight-decay", str(args.weight_decay), "--seed", str(seed),
-           "--out", str(out), "--no-progress", "--no-metrics", "--eval-windows", str(args.eval_windows), *MODES[mode]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker.cluster",
+        "--servers",
+        str(args.servers),
+        "--workers",
+        str(args.workers),
+        "--steps",
+        str(args.steps),
+        "--weight-decay",
+        str(args.weight_decay),
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-metrics",
+        "--eval-windows",
+        str(args.eval_windows),
+        *MODES[mode],
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
         raise SystemExit(f"{mode} seed {seed} failed:\n{r.stderr[-2000:]}")
@@ -52,8 +71,10 @@ def main() -> None:
                 results[mode].append(loss)
                 print(f"{mode:<10} seed {seed}: held-out loss {loss:.4f} nats/byte", flush=True)
     for mode, losses in results.items():
-        print(f"{mode:<10} median {statistics.median(losses):.4f}  range {min(losses):.4f}-{max(losses):.4f}  "
-              f"(n={len(losses)})")
+        print(
+            f"{mode:<10} median {statistics.median(losses):.4f}  range {min(losses):.4f}-{max(losses):.4f}  "
+            f"(n={len(losses)})"
+        )
 
 
 if __name__ == "__main__":

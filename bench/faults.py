@@ -27,8 +27,20 @@ sys.path.insert(0, str(ROOT))
 
 from worker.rpc import wait_serving  # noqa: E402
 
-MODULES = ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py", "json/decoder.py", "shutil.py",
-           "string.py", "typing.py", "enum.py", "ast.py", "random.py", "heapq.py"]
+MODULES = [
+    "argparse.py",
+    "dataclasses.py",
+    "functools.py",
+    "textwrap.py",
+    "json/decoder.py",
+    "shutil.py",
+    "string.py",
+    "typing.py",
+    "enum.py",
+    "ast.py",
+    "random.py",
+    "heapq.py",
+]
 
 
 def step(out: Path, name: str) -> int:
@@ -79,11 +91,41 @@ def main() -> int:
     for kind in ["server", "worker"]:
         out = a.out / f"kill-{kind}"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "worker.cluster", "--servers", "2", "--workers", "2", "--steps", str(a.steps),
-               "--data", str(corpus), "--out", str(out), "--d-model", "32", "--n-layer", "1", "--n-head", "2",
-               "--context", "32", "--batch-size", "8", "--lr", "1e-2", "--warmup", "10", "--no-progress",
-               "--no-metrics", "--heartbeat-timeout", str(a.heartbeat_timeout),
-               "--checkpoint-interval", str(a.checkpoint_interval)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "worker.cluster",
+            "--servers",
+            "2",
+            "--workers",
+            "2",
+            "--steps",
+            str(a.steps),
+            "--data",
+            str(corpus),
+            "--out",
+            str(out),
+            "--d-model",
+            "32",
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--context",
+            "32",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "10",
+            "--no-progress",
+            "--no-metrics",
+            "--heartbeat-timeout",
+            str(a.heartbeat_timeout),
+            "--checkpoint-interval",
+            str(a.checkpoint_interval),
+        ]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait(lambda: step(out, "worker-0") >= 60)
         serving = None
@@ -105,9 +147,11 @@ def main() -> int:
             sys.stderr.write(err.decode()[-3000:])
             return 1
         s = json.loads((out / "summary.json").read_text())
-        print(f"kill {kind}: serving again after {'-' if serving is None else f'{serving:.1f}s'}, "
-              f"worker-0 progressing again after {resumed:.1f}s, lost updates {s['lost_updates']}, "
-              f"restarts {s['restarts']}, iterations {s['iterations']}/{a.steps}, wall {s['wall_seconds']:.1f}s")
+        print(
+            f"kill {kind}: serving again after {'-' if serving is None else f'{serving:.1f}s'}, "
+            f"worker-0 progressing again after {resumed:.1f}s, lost updates {s['lost_updates']}, "
+            f"restarts {s['restarts']}, iterations {s['iterations']}/{a.steps}, wall {s['wall_seconds']:.1f}s"
+        )
     return 0
 
 

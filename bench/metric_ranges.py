@@ -21,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-SAMPLE = re.compile(r'^(\w+)_bucket\{(.*)\} (\S+)$', re.M)
+SAMPLE = re.compile(r"^(\w+)_bucket\{(.*)\} (\S+)$", re.M)
 
 
 def main() -> int:
@@ -29,8 +29,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("cluster_args", nargs="*")
     a = ap.parse_args()
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cluster", "--out", str(a.out), "--no-progress",
-                             *a.cluster_args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cluster", "--out", str(a.out), "--no-progress", *a.cluster_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     last: dict[str, str] = {}
     while proc.poll() is None:
         for f in (a.out / "logs").glob("*.metrics-port"):
@@ -52,8 +55,11 @@ def main() -> int:
             continue
         edges = sorted(buckets)
         q = {p: next(le for le in edges if buckets[le] >= p * total) for p in (0.1, 0.5, 0.9, 0.99, 1.0)}
-        sys.stdout.write(f"{name:48s} shard={shard:2s} n={int(total):6d} " +
-                         " ".join(f"p{int(p * 100)}<={v:g}" for p, v in q.items()) + "\n")
+        sys.stdout.write(
+            f"{name:48s} shard={shard:2s} n={int(total):6d} "
+            + " ".join(f"p{int(p * 100)}<={v:g}" for p, v in q.items())
+            + "\n"
+        )
     return proc.returncode
 
 

@@ -71,8 +71,10 @@ def csv(kind, allowed=None):
         bad = [x for x in items if allowed is not None and x not in allowed]
         if not items or bad:
             raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list{' of ' + ', '.join(allowed) if allowed else ''}, got {text!r}")
+                f"expected a comma-separated list{' of ' + ', '.join(allowed) if allowed else ''}, got {text!r}"
+            )
         return items
+
     parse.__name__ = "list"
     return parse
 
@@ -85,19 +87,31 @@ def build_parser() -> FlagParser:
     p.env_flag("systems", type=csv(str, SYSTEMS), default="ddp-gloo,asyncps", help="ddp-gloo, asyncps")
     p.env_flag("servers", type=csv(int), default="1,2,4", help="asyncps server counts S")
     p.env_flag("workers", type=positive(int), default=4, help="workers P of every system")
-    p.env_flag("compression", type=csv(str, COMPRESSIONS), default="none,bf16,onebit",
-               help="none, bf16, onebit (DDP: none and bf16)")
+    p.env_flag(
+        "compression",
+        type=csv(str, COMPRESSIONS),
+        default="none,bf16,onebit",
+        help="none, bf16, onebit (DDP: none and bf16)",
+    )
     p.env_flag("compressed-servers", type=csv(int), default="4", help="server counts S for the compressed asyncps rows")
     p.env_flag("link-gbit", type=positive(float), default=1.0, help="rate of every host's link (Gbit/s)")
-    p.env_flag("delay-ms", type=non_negative(float), default=shaped.DEFAULT_DELAY_MS,
-               help="one-way delay per link (needs the netem qdisc; see bench/shaped.py)")
+    p.env_flag(
+        "delay-ms",
+        type=non_negative(float),
+        default=shaped.DEFAULT_DELAY_MS,
+        help="one-way delay per link (needs the netem qdisc; see bench/shaped.py)",
+    )
     p.env_flag("runs", type=positive(int), default=3, help="runs of every row")
     p.env_flag("steps", type=csv(int), default="40,16", help="iterations per worker of each model, in --models order")
     p.env_flag("warmup-steps", type=non_negative(int), default=3, help="first iterations not timed")
-    p.env_flag("staleness", type=non_negative(float), default=1.0, help="asyncps staleness bound (with --pipeline: >= 1)")
+    p.env_flag(
+        "staleness", type=non_negative(float), default=1.0, help="asyncps staleness bound (with --pipeline: >= 1)"
+    )
     p.env_switch("pipeline", default=True, help="asyncps: request the next pull before computing")
     p.env_flag("threads", type=positive(int), default=1, help="torch threads per training process")
-    p.env_flag("calibration", default=None, help="network calibration (ps-cost calibrate --network) for the plot's prediction")
+    p.env_flag(
+        "calibration", default=None, help="network calibration (ps-cost calibrate --network) for the plot's prediction"
+    )
     p.env_switch("append", default=False, help="keep the rows already in --json and add this grid's")
     p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     return p
@@ -105,8 +119,16 @@ def build_parser() -> FlagParser:
 
 def _spec(model: str, workers: int, steps: int, threads: int, out: Path) -> RunSpec:
     m = MODELS[model]
-    return RunSpec(system="", scenario="uniform", workers=workers, out=str(out), batch_size=m.batch_size,
-                   task=TaskConfig(**m.task()), threads=threads, warmup=20)
+    return RunSpec(
+        system="",
+        scenario="uniform",
+        workers=workers,
+        out=str(out),
+        batch_size=m.batch_size,
+        task=TaskConfig(**m.task()),
+        threads=threads,
+        warmup=20,
+    )
 
 
 def _write_spec(spec: RunSpec, path: Path, **extra) -> Path:
@@ -138,28 +160,39 @@ def run_ddp(spec: RunSpec, steps: int, warm: int, compression: str, net_args: di
         try:
             spec_file = _write_spec(spec, out / "spec.json", steps=steps, compression=compression)
             result = out / "ddp.json"
-            ranks = [children.start(h, "bench.network_run", ["ddp", str(spec_file), str(r), net.address(hosts[0]),
-                                                             "29500", str(result)],
-                                    env={"GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": str(ROOT)},
-                                    wrap=tuple(net.wrap(h, [])))
-                     for r, h in enumerate(hosts)]
+            ranks = [
+                children.start(
+                    h,
+                    "bench.network_run",
+                    ["ddp", str(spec_file), str(r), net.address(hosts[0]), "29500", str(result)],
+                    env={"GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": str(ROOT)},
+                    wrap=tuple(net.wrap(h, [])),
+                )
+                for r, h in enumerate(hosts)
+            ]
             _wait(children, ranks, 60 + 30 * steps)
         finally:
             children.stop_all(grace=5)
     r = json.loads(result.read_text())
     ends = r["step_ends"]
     per_step = (ends[-1] - ends[warm]) / (len(ends) - 1 - warm)
-    return {"samples_per_second": spec.workers * spec.batch_size / per_step,
-            "exposed_comm_seconds": max(0.0, per_step - r["compute_seconds"]),
-            "step_seconds": per_step, "compute_seconds": r["compute_seconds"], "heldout_loss": r["heldout_loss"]}
+    return {
+        "samples_per_second": spec.workers * spec.batch_size / per_step,
+        "exposed_comm_seconds": max(0.0, per_step - r["compute_seconds"]),
+        "step_seconds": per_step,
+        "compute_seconds": r["compute_seconds"],
+        "heldout_loss": r["heldout_loss"],
+    }
 
 
 def _wait_serving(net: shaped.ShapedNet, hosts: list[str], addresses: list[str], env: dict) -> None:
     """The gRPC health check of every server, from inside its own namespace (the launcher cannot
     reach 10.77.0.x): a worker whose first Status meets a server still starting would fail."""
     code = "import sys; from worker.rpc import wait_serving; wait_serving(sys.argv[1], timeout=120)"
-    checks = [net.popen(h, [sys.executable, "-c", code, a], env={**os.environ, **env}, stderr=subprocess.PIPE)
-              for h, a in zip(hosts, addresses)]
+    checks = [
+        net.popen(h, [sys.executable, "-c", code, a], env={**os.environ, **env}, stderr=subprocess.PIPE)
+        for h, a in zip(hosts, addresses)
+    ]
     for c, a in zip(checks, addresses):
         try:
             _, err = c.communicate(timeout=180)
@@ -169,8 +202,17 @@ def _wait_serving(net: shaped.ShapedNet, hosts: list[str], addresses: list[str],
             raise RunFailed(f"server at {a} is not serving: {err.decode(errors='replace')[-500:]}")
 
 
-def run_asyncps(spec: RunSpec, steps: int, warm: int, servers: int, compression: str, variant: Variant,
-                pipeline: bool, net_args: dict, out: Path) -> dict:
+def run_asyncps(
+    spec: RunSpec,
+    steps: int,
+    warm: int,
+    servers: int,
+    compression: str,
+    variant: Variant,
+    pipeline: bool,
+    net_args: dict,
+    out: Path,
+) -> dict:
     shosts = [f"server-{i}" for i in range(servers)]
     whosts = [f"worker-{r}" for r in range(spec.workers)]
     env = {"PYTHONPATH": str(ROOT)}
@@ -178,10 +220,26 @@ def run_asyncps(spec: RunSpec, steps: int, warm: int, servers: int, compression:
         children = Children(out)
         try:
             for i, h in enumerate(shosts):
-                children.start(h, "ps_server.cli", [
-                    "--host", net.address(h), "--port", "0", "--port-file", str(out / f"{h}.port"),
-                    "--shard-index", str(i), "--num-shards", str(servers), "--log-level", "WARNING"],
-                    env=env, wrap=tuple(net.wrap(h, [])))
+                children.start(
+                    h,
+                    "ps_server.cli",
+                    [
+                        "--host",
+                        net.address(h),
+                        "--port",
+                        "0",
+                        "--port-file",
+                        str(out / f"{h}.port"),
+                        "--shard-index",
+                        str(i),
+                        "--num-shards",
+                        str(servers),
+                        "--log-level",
+                        "WARNING",
+                    ],
+                    env=env,
+                    wrap=tuple(net.wrap(h, [])),
+                )
             addresses = []
             for h in shosts:
                 port = out / f"{h}.port"
@@ -194,18 +252,48 @@ def run_asyncps(spec: RunSpec, steps: int, warm: int, servers: int, compression:
                 addresses.append(f"{net.address(h)}:{port.read_text().strip()}")
             _wait_serving(net, shosts, addresses, env)
             reports = [out / f"{h}.jsonl" for h in whosts]
-            workers = [children.start(h, "worker.cli", [
-                "--servers", ",".join(addresses), "--rank", str(r), "--world", str(spec.workers),
-                "--worker-id", h, "--steps", str(steps), "--threads", str(spec.threads_for(spec.workers)),
-                "--report", str(reports[r]), "--report-every", "0", "--compression", compression,
-                "--pipeline" if pipeline else "--no-pipeline", "--log-level", "WARNING",
-                *_training_argv(spec, variant)], env=env, wrap=tuple(net.wrap(h, [])))
-                for r, h in enumerate(whosts)]
+            workers = [
+                children.start(
+                    h,
+                    "worker.cli",
+                    [
+                        "--servers",
+                        ",".join(addresses),
+                        "--rank",
+                        str(r),
+                        "--world",
+                        str(spec.workers),
+                        "--worker-id",
+                        h,
+                        "--steps",
+                        str(steps),
+                        "--threads",
+                        str(spec.threads_for(spec.workers)),
+                        "--report",
+                        str(reports[r]),
+                        "--report-every",
+                        "0",
+                        "--compression",
+                        compression,
+                        "--pipeline" if pipeline else "--no-pipeline",
+                        "--log-level",
+                        "WARNING",
+                        *_training_argv(spec, variant),
+                    ],
+                    env=env,
+                    wrap=tuple(net.wrap(h, [])),
+                )
+                for r, h in enumerate(whosts)
+            ]
             _wait(children, workers, 120 + 30 * steps)
             spec_file = _write_spec(spec, out / "spec.json")
-            ev = children.start("eval", "bench.network_run", ["eval", str(spec_file), ",".join(addresses),
-                                                              str(out / "eval.json")],
-                                env=env, wrap=tuple(net.wrap(whosts[0], [])))
+            ev = children.start(
+                "eval",
+                "bench.network_run",
+                ["eval", str(spec_file), ",".join(addresses), str(out / "eval.json")],
+                env=env,
+                wrap=tuple(net.wrap(whosts[0], [])),
+            )
             _wait(children, [ev], 300)
         finally:
             children.stop_all(grace=5)
@@ -217,8 +305,7 @@ def run_asyncps(spec: RunSpec, steps: int, warm: int, servers: int, compression:
         rates.append((b["samples"] - a["samples"]) / (b["t"] - a["t"]))
         comm.append((b["t_comm"] - a["t_comm"]) / (b["step"] - a["step"]))
     held = json.loads((out / "eval.json").read_text())["heldout_loss"]
-    return {"samples_per_second": sum(rates), "exposed_comm_seconds": statistics.mean(comm),
-            "heldout_loss": held}
+    return {"samples_per_second": sum(rates), "exposed_comm_seconds": statistics.mean(comm), "heldout_loss": held}
 
 
 def grid(a) -> list[dict]:
@@ -230,7 +317,7 @@ def grid(a) -> list[dict]:
                     if comp in ("none", "bf16"):
                         plan.append((model, steps, system, 0, comp))
                 else:
-                    for s in (a.servers if comp == "none" else [x for x in a.compressed_servers]):
+                    for s in a.servers if comp == "none" else [x for x in a.compressed_servers]:
                         plan.append((model, steps, system, s, comp))
     return plan
 
@@ -249,9 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     net_args = {"rate_mbit": a.link_gbit * 1000, "delay_ms": a.delay_ms}
     variant = Variant(a.staleness, True)
     work = Path(tempfile.mkdtemp(prefix="asyncps-network-"))
-    result = {"machine": machine(), "network": None, "workers": a.workers, "link_gbit": a.link_gbit,
-              "asyncps": {"staleness": a.staleness, "pipeline": a.pipeline, "average_gradients": True},
-              "steps": dict(zip(a.models, a.steps)), "warmup_steps": a.warmup_steps, "rows": []}
+    result = {
+        "machine": machine(),
+        "network": None,
+        "workers": a.workers,
+        "link_gbit": a.link_gbit,
+        "asyncps": {"staleness": a.staleness, "pipeline": a.pipeline, "average_gradients": True},
+        "steps": dict(zip(a.models, a.steps)),
+        "warmup_steps": a.warmup_steps,
+        "rows": [],
+    }
     with shaped.ShapedNet(["a", "b"], **net_args) as net:  # the links as built, and raw TCP over one
         result["network"] = {**net.describe(), "raw_tcp_mbit": round(shaped.tcp_rate_mbit(net, "a", "b"), 1)}
     log.info("network: %s", result["network"])
@@ -273,10 +367,20 @@ def main(argv: list[str] | None = None) -> int:
             except (RunFailed, shaped.NetError) as exc:
                 log.error("%s %s S=%d %s run %d failed: %s", model, system, servers, comp, run, exc)
                 m = {"failed": str(exc)[-2000:]}
-            row = {"system": system, "model": model, "workers": a.workers, "servers": servers or None,
-                   "link_gbit": a.link_gbit, "compression": comp, "run": run, "steps": steps,
-                   "params": MODELS[model].params, "wall_seconds": round(time.time() - t0, 1),
-                   "load_average_before": round(load, 2), **m}
+            row = {
+                "system": system,
+                "model": model,
+                "workers": a.workers,
+                "servers": servers or None,
+                "link_gbit": a.link_gbit,
+                "compression": comp,
+                "run": run,
+                "steps": steps,
+                "params": MODELS[model].params,
+                "wall_seconds": round(time.time() - t0, 1),
+                "load_average_before": round(load, 2),
+                **m,
+            }
             result["rows"].append(row)
             log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "failed"})
             _save(result, Path(a.json))

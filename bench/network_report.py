@@ -14,8 +14,18 @@ def groups(result: dict) -> list[dict]:
         if "samples_per_second" not in r:
             continue
         key = (r["model"], r["system"], r["servers"] or 0, r["compression"])
-        g = out.setdefault(key, {"model": key[0], "system": key[1], "servers": key[2], "compression": key[3],
-                                 "sps": [], "comm": [], "loss": []})
+        g = out.setdefault(
+            key,
+            {
+                "model": key[0],
+                "system": key[1],
+                "servers": key[2],
+                "compression": key[3],
+                "sps": [],
+                "comm": [],
+                "loss": [],
+            },
+        )
         g["sps"].append(r["samples_per_second"])
         g["comm"].append(r["exposed_comm_seconds"])
         g["loss"].append(r["heldout_loss"])
@@ -26,18 +36,23 @@ def groups(result: dict) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = ["| model | system | S | compression | samples/s (median, min-max) | exposed comm / step (s) | held-out loss | runs |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | system | S | compression | samples/s (median, min-max) | exposed comm / step (s) | held-out loss | runs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for g in groups(result):
-        lines.append(f"| {g['model']} | {g['system']} | {g['servers'] or '-'} | {g['compression']} | "
-                     f"{g['sps_median']:.2f} ({min(g['sps']):.2f}-{max(g['sps']):.2f}) | {g['comm_median']:.3f} | "
-                     f"{g['loss_median']:.3f} | {len(g['sps'])} |")
+        lines.append(
+            f"| {g['model']} | {g['system']} | {g['servers'] or '-'} | {g['compression']} | "
+            f"{g['sps_median']:.2f} ({min(g['sps']):.2f}-{max(g['sps']):.2f}) | {g['comm_median']:.3f} | "
+            f"{g['loss_median']:.3f} | {len(g['sps'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path, predicted: dict | None = None) -> None:
     """samples/s against S per model (asyncps, no compression), measured and predicted; DDP as a line."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -45,8 +60,10 @@ def plot(result: dict, path: Path, predicted: dict | None = None) -> None:
     models = sorted({g["model"] for g in gs})
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), dpi=110, squeeze=False)
     for ax, model in zip(axes[0], models):
-        ps = sorted((g for g in gs if g["model"] == model and g["system"] == "asyncps" and g["compression"] == "none"),
-                    key=lambda g: g["servers"])
+        ps = sorted(
+            (g for g in gs if g["model"] == model and g["system"] == "asyncps" and g["compression"] == "none"),
+            key=lambda g: g["servers"],
+        )
         if ps:
             xs = [g["servers"] for g in ps]
             ax.plot(xs, [g["sps_median"] for g in ps], "o-", color="tab:blue", label="asyncps, measured (median)")
@@ -54,17 +71,32 @@ def plot(result: dict, path: Path, predicted: dict | None = None) -> None:
                 ax.vlines(g["servers"], min(g["sps"]), max(g["sps"]), color="tab:blue", alpha=0.5)
             pred = (predicted or {}).get(model)
             if pred:
-                ax.plot(sorted(pred), [pred[s] for s in sorted(pred)], "s--", color="tab:orange",
-                        label="asyncps, cost model")
+                ax.plot(
+                    sorted(pred),
+                    [pred[s] for s in sorted(pred)],
+                    "s--",
+                    color="tab:orange",
+                    label="asyncps, cost model",
+                )
             ax.set_xticks(xs)
         for g in gs:
             if g["model"] == model and g["system"] == "asyncps" and g["compression"] != "none":
-                ax.plot([g["servers"]], [g["sps_median"]], "^", markersize=8, label=f"asyncps {g['compression']}",
-                        color={"bf16": "tab:green", "onebit": "tab:purple"}.get(g["compression"], "tab:gray"))
+                ax.plot(
+                    [g["servers"]],
+                    [g["sps_median"]],
+                    "^",
+                    markersize=8,
+                    label=f"asyncps {g['compression']}",
+                    color={"bf16": "tab:green", "onebit": "tab:purple"}.get(g["compression"], "tab:gray"),
+                )
         for g in gs:
             if g["model"] == model and g["system"] == "ddp-gloo":
-                ax.axhline(g["sps_median"], color="tab:red" if g["compression"] == "none" else "tab:pink", ls="-",
-                           label=f"DDP-gloo ring all-reduce{'' if g['compression'] == 'none' else ', ' + g['compression']}")
+                ax.axhline(
+                    g["sps_median"],
+                    color="tab:red" if g["compression"] == "none" else "tab:pink",
+                    ls="-",
+                    label=f"DDP-gloo ring all-reduce{'' if g['compression'] == 'none' else ', ' + g['compression']}",
+                )
         ax.set_xlabel("servers S (each on its own host)")
         ax.set_ylabel("samples/s (P = %d workers)" % result["workers"])
         ax.set_title(f"{model}: {result['link_gbit']:g} Gbit/s links")
@@ -81,6 +113,7 @@ def write(result: dict, folder: Path, calibration: str | None) -> None:
     predicted = None
     if calibration:
         from worker.cost.network import predicted_scaleout
+
         predicted = predicted_scaleout(json.loads(Path(calibration).read_text()), result)
         result["predicted"] = predicted
     folder.mkdir(parents=True, exist_ok=True)

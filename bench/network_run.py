@@ -58,14 +58,16 @@ def _bf16_hook(_state, bucket):
         out = bucket.buffer()
         out.copy_(fut.value()[0])
         return out
+
     return dist.all_reduce(wire, async_op=True).get_future().then(widen)
 
 
 def ddp(spec: RunSpec, extra: dict, rank: int, master: str, port: int, out: Path) -> None:
     torch.set_num_threads(spec.threads_for(spec.workers))
     torch.set_flush_denormal(True)
-    dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=spec.workers,
-                            timeout=timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=spec.workers, timeout=timedelta(seconds=300)
+    )
     try:
         corpus = Corpus.load(spec.data or default_corpus_path(), context=spec.task.context)
         task = Task(spec, rank=rank, world=spec.workers, corpus=corpus)
@@ -93,8 +95,9 @@ def ddp(spec: RunSpec, extra: dict, rank: int, master: str, port: int, out: Path
         dist.barrier()
         if rank == 0:
             held = heldout_loss(task.model, corpus.heldout, spec.task.context)
-            out.write_text(json.dumps({"step_ends": ends, "compute_seconds": statistics.median(compute),
-                                       "heldout_loss": held}))
+            out.write_text(
+                json.dumps({"step_ends": ends, "compute_seconds": statistics.median(compute), "heldout_loss": held})
+            )
     finally:
         dist.destroy_process_group()
 

@@ -158,6 +158,7 @@ def measure(mode: str, nbytes: int, streams: int, chunk_bytes: int, reps: int) -
             lo, hi = parts[i]
             for a in range(lo, hi, 4 << 20):
                 socks[i].sendall(data[a : min(hi, a + (4 << 20))])
+
         out, busy = [], []
         for r in range(reps + 1):
             cpu0 = _cpu()
@@ -186,7 +187,9 @@ def measure(mode: str, nbytes: int, streams: int, chunk_bytes: int, reps: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--mb", type=int, default=64, help="payload size in MB (2^20 bytes)")
     p.add_argument("--streams", type=int, default=2, help="TCP connections per push (the data plane's default)")
     p.add_argument("--chunk-mb", type=int, default=4, help="chunk checked and applied at once by the overlapping ways")
@@ -197,18 +200,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.mb <= 0 or args.reps <= 0 or args.chunk_mb <= 0 or not 1 <= args.streams <= wire.MAX_STRIPES:
         p.error(f"--mb, --reps and --chunk-mb must be positive, --streams 1 to {wire.MAX_STRIPES}")
     nbytes = args.mb << 20
-    res = {"payload_bytes": nbytes, "streams": args.streams, "chunk_bytes": args.chunk_mb << 20, "reps": args.reps,
-           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "modes": {}}
+    res = {
+        "payload_bytes": nbytes,
+        "streams": args.streams,
+        "chunk_bytes": args.chunk_mb << 20,
+        "reps": args.reps,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "modes": {},
+    }
     for mode in args.modes:
         ms, busy = measure(mode, nbytes, args.streams, args.chunk_mb << 20, args.reps)
-        res["modes"][mode] = {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "samples_ms": ms,
-                              "cpu_busy": statistics.median(busy), "cpu_busy_samples": busy}
+        res["modes"][mode] = {
+            "median_ms": statistics.median(ms),
+            "min_ms": min(ms),
+            "max_ms": max(ms),
+            "samples_ms": ms,
+            "cpu_busy": statistics.median(busy),
+            "cpu_busy_samples": busy,
+        }
     base = res["modes"].get("whole")
-    print(f"{args.mb} MB push over {args.streams} streams, one SGD step; ms per push, median (min-max) of {args.reps};"
-          f" CPUs busy")
+    print(
+        f"{args.mb} MB push over {args.streams} streams, one SGD step; ms per push, median (min-max) of {args.reps};"
+        f" CPUs busy"
+    )
     for mode, m in res["modes"].items():
         rel = f"   {m['median_ms'] / base['median_ms']:.2f}x whole's time" if base else ""
-        print(f"  {mode:<8} {m['median_ms']:6.1f}  ({m['min_ms']:.1f}-{m['max_ms']:.1f})   {m['cpu_busy']:4.0%} busy{rel}")
+        print(
+            f"  {mode:<8} {m['median_ms']:6.1f}  ({m['min_ms']:.1f}-{m['max_ms']:.1f})   {m['cpu_busy']:4.0%} busy{rel}"
+        )
         if base:
             m["vs_whole"] = m["median_ms"] / base["median_ms"]
     if args.json:

@@ -89,9 +89,15 @@ def build_parser() -> FlagParser:
     p.env_flag("n-layer", type=positive(int), default=2, help="transformer blocks")
     p.env_flag("n-head", type=positive(int), default=4, help="attention heads")
     p.env_flag("threads", type=non_negative(int), default=0, help="torch threads per process (0: cores / processes)")
-    p.env_switch("qk-norm", default=False, help="the built-in model with LayerNorm on queries and keys, in every system")
-    p.env_switch("flush-denormal", default=True, help="every process flushes denormal floats to zero on the CPU "
-                 "(ps-worker's default; --no-flush-denormal for torch's default)")
+    p.env_switch(
+        "qk-norm", default=False, help="the built-in model with LayerNorm on queries and keys, in every system"
+    )
+    p.env_switch(
+        "flush-denormal",
+        default=True,
+        help="every process flushes denormal floats to zero on the CPU "
+        "(ps-worker's default; --no-flush-denormal for torch's default)",
+    )
     p.env_flag("device", default="cpu", help="where workers compute: cpu or cuda[:N] (asyncps: ps-worker --device)")
     p.env_flag("data", help="text file or folder (default: this Python's standard library)")
     p.env_flag("seed", type=non_negative(int), default=0, help="seed of the initial weights and data order")
@@ -156,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for, but no CUDA GPU is available")
     try:
-        task = TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
-                          qk_norm=args.qk_norm)
+        task = TaskConfig(
+            context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, qk_norm=args.qk_norm
+        )
         corpus = Corpus.load(args.data or default_corpus_path(), context=args.context)
     except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
@@ -168,10 +175,24 @@ def main(argv: list[str] | None = None) -> int:
     # only `single` runs a team (every other process has one torch thread). The environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="asyncps-peers-"))
-    base = RunSpec(system="", scenario="", workers=args.workers, out="", budget=args.budget,
-                   batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, task=task, data=args.data,
-                   seed=args.seed, device=args.device, slowdown=args.slowdown, snapshot_every=args.snapshot_every,
-                   threads=args.threads, flush_denormal=args.flush_denormal)
+    base = RunSpec(
+        system="",
+        scenario="",
+        workers=args.workers,
+        out="",
+        budget=args.budget,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        task=task,
+        data=args.data,
+        seed=args.seed,
+        device=args.device,
+        slowdown=args.slowdown,
+        snapshot_every=args.snapshot_every,
+        threads=args.threads,
+        flush_denormal=args.flush_denormal,
+    )
     ev = Evaluator(base, corpus, args.eval_windows)
     rows: list[dict] = []
     failures: list[str] = []
@@ -181,32 +202,69 @@ def main(argv: list[str] | None = None) -> int:
             for system in systems:
                 if system == "single" and scenario == "straggler":
                     continue  # filled in from the uniform run below
-                spec = replace(base, system=system, scenario=scenario, out=str(work / f"{system}-{scenario}"),
-                               workers=1 if system == "single" else args.workers)
+                spec = replace(
+                    base,
+                    system=system,
+                    scenario=scenario,
+                    out=str(work / f"{system}-{scenario}"),
+                    workers=1 if system == "single" else args.workers,
+                )
                 log.info("%s, %s: training for %.0f s", system, scenario, spec.budget)
                 try:
                     run_system(spec)
                 except RunFailed as exc:  # keep the other systems' rows; the exit status says it
                     log.error("%s", exc)
                     failures.append(str(exc))
-                    rows.append({"system": system, "scenario": scenario, "workers": spec.workers, "failed": str(exc),
-                                 "samples_per_second": None, "time_to_target_seconds": None,
-                                 "time_to_target_interpolated_seconds": None,
-                                 "target_loss": args.target, "final_heldout_loss": None, "curve": []})
+                    rows.append(
+                        {
+                            "system": system,
+                            "scenario": scenario,
+                            "workers": spec.workers,
+                            "failed": str(exc),
+                            "samples_per_second": None,
+                            "time_to_target_seconds": None,
+                            "time_to_target_interpolated_seconds": None,
+                            "target_loss": args.target,
+                            "final_heldout_loss": None,
+                            "curve": [],
+                        }
+                    )
                     continue
-                row = {"system": system, "scenario": scenario, "workers": spec.workers,
-                       **evaluate(spec, ev, args.target, spec.budget)}
-                log.info("%s, %s: %s samples/s, target %.2f after %s s, held-out %.3f at the end", system, scenario,
-                         row["samples_per_second"], args.target, row["time_to_target_seconds"], row["final_heldout_loss"])
+                row = {
+                    "system": system,
+                    "scenario": scenario,
+                    "workers": spec.workers,
+                    **evaluate(spec, ev, args.target, spec.budget),
+                }
+                log.info(
+                    "%s, %s: %s samples/s, target %.2f after %s s, held-out %.3f at the end",
+                    system,
+                    scenario,
+                    row["samples_per_second"],
+                    args.target,
+                    row["time_to_target_seconds"],
+                    row["final_heldout_loss"],
+                )
                 rows.append(row)
         if "single" in systems and "straggler" in scenarios:
             ref = next((r for r in rows if r["system"] == "single"), None)
             if ref is None:  # straggler only: the reference still runs once, without a straggler
                 spec = replace(base, system="single", scenario="uniform", out=str(work / "single-uniform"), workers=1)
                 run_system(spec)
-                ref = {"system": "single", "scenario": "uniform", "workers": 1, **evaluate(spec, ev, args.target, spec.budget)}
-            rows.append({**ref, "scenario": "straggler", "not_applicable": True,
-                         "note": "one process has no straggler; the figures repeat the uniform run"})
+                ref = {
+                    "system": "single",
+                    "scenario": "uniform",
+                    "workers": 1,
+                    **evaluate(spec, ev, args.target, spec.budget),
+                }
+            rows.append(
+                {
+                    **ref,
+                    "scenario": "straggler",
+                    "not_applicable": True,
+                    "note": "one process has no straggler; the figures repeat the uniform run",
+                }
+            )
     except RunFailed as exc:
         sys.stderr.write(f"bench/peers.py: {exc}\n")
         return 1
@@ -222,9 +280,18 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, scenario, results / f"peers-{scenario}.png", args.target)
     settings = {k: v for k, v in base.asdict().items() if k not in ("system", "scenario", "out")}
     settings["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
-    doc = {"machine": machine(), "settings": {**settings, "target_loss": args.target,
-           "eval_windows": args.eval_windows, "systems": systems, "scenarios": scenarios},
-           "wall_seconds": round(time.monotonic() - started, 1), "rows": rows}
+    doc = {
+        "machine": machine(),
+        "settings": {
+            **settings,
+            "target_loss": args.target,
+            "eval_windows": args.eval_windows,
+            "systems": systems,
+            "scenarios": scenarios,
+        },
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "rows": rows,
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")

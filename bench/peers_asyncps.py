@@ -65,16 +65,41 @@ class RunFailed(Exception):
 
 def _training_argv(spec: RunSpec, v: Variant) -> list[str]:
     t = spec.task
-    argv = ["--staleness", str(v.staleness), "--optimizer", "adamw", "--lr", str(spec.lr),
-            "--beta1", str(spec.beta1), "--beta2", str(spec.beta2), "--weight-decay", str(spec.weight_decay),
-            "--warmup", str(spec.warmup), "--batch-size", str(spec.batch_size), "--context", str(t.context),
-            "--d-model", str(t.d_model), "--n-layer", str(t.n_layer), "--n-head", str(t.n_head),
-            "--qk-norm" if t.qk_norm else "--no-qk-norm",
-            "--device", spec.device, "--seed", str(spec.seed),
-            "--average-gradients" if v.average else "--no-average-gradients",
-            "--staleness-aware-lr" if v.staleness_aware_lr else "--no-staleness-aware-lr",
-            "--balance-batches" if v.balance else "--no-balance-batches",
-            "--flush-denormal" if spec.flush_denormal else "--no-flush-denormal"]
+    argv = [
+        "--staleness",
+        str(v.staleness),
+        "--optimizer",
+        "adamw",
+        "--lr",
+        str(spec.lr),
+        "--beta1",
+        str(spec.beta1),
+        "--beta2",
+        str(spec.beta2),
+        "--weight-decay",
+        str(spec.weight_decay),
+        "--warmup",
+        str(spec.warmup),
+        "--batch-size",
+        str(spec.batch_size),
+        "--context",
+        str(t.context),
+        "--d-model",
+        str(t.d_model),
+        "--n-layer",
+        str(t.n_layer),
+        "--n-head",
+        str(t.n_head),
+        "--qk-norm" if t.qk_norm else "--no-qk-norm",
+        "--device",
+        spec.device,
+        "--seed",
+        str(spec.seed),
+        "--average-gradients" if v.average else "--no-average-gradients",
+        "--staleness-aware-lr" if v.staleness_aware_lr else "--no-staleness-aware-lr",
+        "--balance-batches" if v.balance else "--no-balance-batches",
+        "--flush-denormal" if spec.flush_denormal else "--no-flush-denormal",
+    ]
     return argv + (["--data", spec.data] if spec.data else [])
 
 
@@ -111,10 +136,26 @@ def run(spec: RunSpec, variant: str) -> None:
 def _run(spec: RunSpec, v: Variant, children: Children, logs: Path, snaps: Path, out: Path) -> None:
     addresses = []
     for i in range(SERVERS):
-        children.start(f"server-{i}", "ps_server.cli", [
-            "--host", "127.0.0.1", "--port", "0", "--port-file", str(logs / f"server-{i}.port"),
-            "--shard-index", str(i), "--num-shards", str(SERVERS), "--staleness", str(v.staleness),
-            "--log-level", "WARNING"])
+        children.start(
+            f"server-{i}",
+            "ps_server.cli",
+            [
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--port-file",
+                str(logs / f"server-{i}.port"),
+                "--shard-index",
+                str(i),
+                "--num-shards",
+                str(SERVERS),
+                "--staleness",
+                str(v.staleness),
+                "--log-level",
+                "WARNING",
+            ],
+        )
     for i in range(SERVERS):
         address = f"127.0.0.1:{_wait_file(logs / f'server-{i}.port', children)}"
         wait_serving(address, timeout=120, is_alive=lambda c=children.items[i]: c.exited() is None)
@@ -122,12 +163,32 @@ def _run(spec: RunSpec, v: Variant, children: Children, logs: Path, snaps: Path,
     threads = spec.threads_for(spec.workers)
     reports = [logs / f"worker-{r}.jsonl" for r in range(spec.workers)]
     for r in range(spec.workers):
-        children.start(f"worker-{r}", "worker.cli", [
-            "--servers", ",".join(addresses), "--rank", str(r), "--world", str(spec.workers),
-            "--worker-id", f"worker-{r}", "--steps", str(10**9), "--threads", str(threads),
-            "--slowdown", str(spec.slowdown_of(r)), "--report", str(reports[r]),
-            *(["--snapshot-dir", str(snaps), "--snapshot-every", str(spec.snapshot_every)] if r == 0 else []),
-            "--log-level", "WARNING", *_training_argv(spec, v)])
+        children.start(
+            f"worker-{r}",
+            "worker.cli",
+            [
+                "--servers",
+                ",".join(addresses),
+                "--rank",
+                str(r),
+                "--world",
+                str(spec.workers),
+                "--worker-id",
+                f"worker-{r}",
+                "--steps",
+                str(10**9),
+                "--threads",
+                str(threads),
+                "--slowdown",
+                str(spec.slowdown_of(r)),
+                "--report",
+                str(reports[r]),
+                *(["--snapshot-dir", str(snaps), "--snapshot-every", str(spec.snapshot_every)] if r == 0 else []),
+                "--log-level",
+                "WARNING",
+                *_training_argv(spec, v),
+            ],
+        )
     t_start = _wait_start(reports, children)
     deadline = t_start + spec.budget
     channels = [grpc.insecure_channel(a) for a in addresses]
@@ -149,8 +210,16 @@ def _run(spec: RunSpec, v: Variant, children: Children, logs: Path, snaps: Path,
         for c in channels:
             c.close()
     children.stop(children.items[SERVERS:], grace=10)  # workers first; then the servers
-    torch.save({"t_start": t_start, "trace": trace, "snapshots": _snapshots(snaps), "servers": SERVERS,
-                "updates": max(versions)}, out / "raw-0.pt")
+    torch.save(
+        {
+            "t_start": t_start,
+            "trace": trace,
+            "snapshots": _snapshots(snaps),
+            "servers": SERVERS,
+            "updates": max(versions),
+        },
+        out / "raw-0.pt",
+    )
 
 
 def _wait_start(reports: list[Path], children: Children, timeout: float = 180) -> float:
@@ -183,4 +252,3 @@ def _snapshots(snaps: Path) -> list[tuple[float, dict[str, torch.Tensor]]]:
         with safe_open(str(path), "pt") as f:
             out.append((float(f.metadata()["time"]), {k: f.get_tensor(k) for k in f.keys()}))
     return sorted(out, key=lambda item: item[0])
-

@@ -31,10 +31,10 @@ class RunSpec:
     """One system's run; picklable, handed to spawned processes."""
 
     system: str
-    scenario: str                    # "uniform" or "straggler"
+    scenario: str  # "uniform" or "straggler"
     workers: int
-    out: str                         # this run's folder
-    budget: float = 60.0             # seconds of training after the first step
+    out: str  # this run's folder
+    budget: float = 60.0  # seconds of training after the first step
     batch_size: int = 16
     lr: float = 6e-3
     beta1: float = 0.9
@@ -45,10 +45,10 @@ class RunSpec:
     data: str | None = None
     seed: int = 0
     device: str = "cpu"
-    slowdown: float = 3.0            # the straggler's factor (straggler scenario only)
+    slowdown: float = 3.0  # the straggler's factor (straggler scenario only)
     snapshot_every: float = 1.0
-    threads: int = 0                 # torch threads per process (0: cores / processes)
-    flush_denormal: bool = True      # on the CPU, denormal floats become zero (ps-worker's default)
+    threads: int = 0  # torch threads per process (0: cores / processes)
+    flush_denormal: bool = True  # on the CPU, denormal floats become zero (ps-worker's default)
 
     def slowdown_of(self, rank: int) -> float:
         """The last worker is the straggler; everyone else runs at full speed."""
@@ -77,8 +77,9 @@ def lr_at(spec: RunSpec, update: int) -> float:
 def make_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
     """torch.optim.AdamW with the project's defaults (eps 1e-8, no weight decay unless asked)."""
     fused = True if spec.device == "cpu" or spec.device.startswith("cuda") else None
-    return torch.optim.AdamW(list(params), lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=1e-8,
-                             weight_decay=spec.weight_decay, fused=fused)
+    return torch.optim.AdamW(
+        list(params), lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=1e-8, weight_decay=spec.weight_decay, fused=fused
+    )
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

@@ -26,8 +26,13 @@ from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, set_lr,
 
 def run(spec: RunSpec, rank: int, port: int) -> None:
     spec.prepare_process(spec.workers)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=spec.workers, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=spec.workers,
+        timeout=timedelta(seconds=120),
+    )
     try:
         _train(spec, rank)
         dist.barrier()  # rank 0 saves its trace first; leaving together, gloo's teardown is clean

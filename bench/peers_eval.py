@@ -76,7 +76,9 @@ def evaluate(spec: RunSpec, ev: Evaluator, target: float, budget: float) -> dict
         "time_to_target_seconds": reached,
         "time_to_target_interpolated_seconds": crossing(curve, target),
         "target_loss": target,
-        "seconds_to_loss": {f"{level:g}": next((t for t, loss in curve if loss <= level), None) for level in OTHER_LEVELS},
+        "seconds_to_loss": {
+            f"{level:g}": next((t for t, loss in curve if loss <= level), None) for level in OTHER_LEVELS
+        },
         "final_heldout_loss": curve[-1][1],
         "best_heldout_loss": min(finite) if finite else None,
         "updates": int(main.get("updates", 0)),

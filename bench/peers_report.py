@@ -14,7 +14,16 @@ from pathlib import Path
 
 import torch
 
-SYSTEM_ORDER = ["single", "ddp-gloo", "rpc-ps", "asyncps-s0", "asyncps-s2", "asyncps-inf", "asyncps-inf-salr", "asyncps-s0-lb"]
+SYSTEM_ORDER = [
+    "single",
+    "ddp-gloo",
+    "rpc-ps",
+    "asyncps-s0",
+    "asyncps-s2",
+    "asyncps-inf",
+    "asyncps-inf-salr",
+    "asyncps-s0-lb",
+]
 
 
 def machine() -> dict:
@@ -27,9 +36,15 @@ def machine() -> dict:
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_at_end": [round(x, 2) for x in load] if load else None}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_end": [round(x, 2) for x in load] if load else None,
+    }
 
 
 def _fmt(value, digits: int = 1) -> str:
@@ -39,9 +54,11 @@ def _fmt(value, digits: int = 1) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown table: one line per system and scenario, with the ratios the targets are about."""
     by = {(r["system"], r["scenario"]): r for r in rows}
-    lines = ["| system | scenario | workers | samples/s | × single | time to target (s) | DDP's time ÷ this "
-             "| interpolated: time (s), DDP's ÷ this | held-out at end |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| system | scenario | workers | samples/s | × single | time to target (s) | DDP's time ÷ this "
+        "| interpolated: time (s), DDP's ÷ this | held-out at end |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for scenario in ("uniform", "straggler"):
         single = by.get(("single", "uniform"), {}).get("samples_per_second")
         ddp = by.get(("ddp-gloo", scenario), {}).get("time_to_target_seconds")
@@ -61,14 +78,21 @@ def table(rows: list[dict]) -> str:
                 speedup = f"{ddp / ttt:.2f}" if ddp else "(DDP did not reach it)"
             line = r.get("time_to_target_interpolated_seconds")
             interpolated = "—" if line is None else f"{line:.1f}" + (f", {ddp_line / line:.2f}" if ddp_line else "")
-            name = system + (" (n/a: uniform run)" if r.get("not_applicable") else "") + (" (failed)" if r.get("failed") else "")
-            lines.append(f"| {name} | {scenario} | {r['workers']} | {_fmt(sps, 0)} | {ratio} | "
-                         f"{_fmt(ttt)} | {speedup} | {interpolated} | {_fmt(r['final_heldout_loss'], 3)} |")
+            name = (
+                system
+                + (" (n/a: uniform run)" if r.get("not_applicable") else "")
+                + (" (failed)" if r.get("failed") else "")
+            )
+            lines.append(
+                f"| {name} | {scenario} | {r['workers']} | {_fmt(sps, 0)} | {ratio} | "
+                f"{_fmt(ttt)} | {speedup} | {interpolated} | {_fmt(r['final_heldout_loss'], 3)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], scenario: str, path: Path, target: float) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -33,6 +33,7 @@ class ParameterServer:
         self.spec = spec
         torch.manual_seed(spec.seed)
         from worker.task import ByteGPT
+
         self.model = ByteGPT(spec.task)  # on the CPU: gradients arrive over TCP
         self.params = list(self.model.parameters())
         self.opt = make_optimizer(dataclasses.replace(spec, device="cpu"), self.params)
@@ -72,8 +73,7 @@ class ParameterServer:
 def run(spec: RunSpec, rank: int, port: int) -> None:
     warnings.filterwarnings("ignore", message="You are using a Backend")  # torch's own rpc shutdown path
     spec.prepare_process(spec.workers + 1)
-    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=120,
-                                           num_worker_threads=8)
+    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=120, num_worker_threads=8)
     name = "ps" if rank == 0 else f"trainer{rank}"
     rpc.init_rpc(name, rank=rank, world_size=spec.workers + 1, rpc_backend_options=opts)
     if rank == 0:

@@ -69,8 +69,10 @@ def netem_available(ns: str | None = None) -> bool:
             raise RuntimeError("netem_available needs a namespace the first time")
         _run(["ip", "-n", ns, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"])
         try:
-            r = _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "probe0", "root", "netem", "delay",
-                      "1ms"], check=False)
+            r = _run(
+                ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "probe0", "root", "netem", "delay", "1ms"],
+                check=False,
+            )
             _NETEM["probe"] = r.returncode == 0
         finally:
             _run(["ip", "-n", ns, "link", "del", "probe0"], check=False)
@@ -108,7 +110,7 @@ def cleanup_leftovers(prefix: str = PREFIX) -> list[str]:
     for ns in namespaces():
         if not ns.startswith(prefix):
             continue
-        owner = ns[len(prefix):].split("x", 1)[0]
+        owner = ns[len(prefix) :].split("x", 1)[0]
         if owner.isdigit() and _alive(int(owner)):
             continue
         delete_namespace(ns)
@@ -129,8 +131,14 @@ def _alive(pid: int) -> bool:
 class ShapedNet:
     """Hosts in namespaces on one shaped bridge; see the module docstring."""
 
-    def __init__(self, hosts: Sequence[str], rate_mbit: float = DEFAULT_RATE_MBIT, delay_ms: float = DEFAULT_DELAY_MS,
-                 prefix: str = PREFIX, queue_ms: float = DEFAULT_QUEUE_MS):
+    def __init__(
+        self,
+        hosts: Sequence[str],
+        rate_mbit: float = DEFAULT_RATE_MBIT,
+        delay_ms: float = DEFAULT_DELAY_MS,
+        prefix: str = PREFIX,
+        queue_ms: float = DEFAULT_QUEUE_MS,
+    ):
         if not hosts or len(set(hosts)) != len(hosts):
             raise ValueError("hosts must be distinct names, at least one")
         if len(hosts) > 250:
@@ -171,8 +179,9 @@ class ShapedNet:
         br = self.bridge_ns
         self.delay_applied = bool(self.delay_ms) and netem_available(br)
         if self.delay_ms and not self.delay_applied:
-            log.warning("this kernel has no netem qdisc: links shaped by rate only, the %g ms delay is not added",
-                        self.delay_ms)
+            log.warning(
+                "this kernel has no netem qdisc: links shaped by rate only, the %g ms delay is not added", self.delay_ms
+            )
         _run(["ip", "-n", br, "link", "add", "br0", "type", "bridge"])
         _run(["ip", "-n", br, "link", "set", "br0", "up"])
         for i, host in enumerate(self.hosts):
@@ -184,9 +193,14 @@ class ShapedNet:
             _run(["ip", "-n", ns, "addr", "add", f"{self._addr[host]}/24", "dev", "eth0"])
             _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
             self._shape(ns, "eth0")  # upload
-            self._shape(br, port)    # download
-        log.info("shaped network %s: %d hosts at %g Mbit/s, %g ms one way per link", self.tag, len(self.hosts),
-                 self.rate_mbit, self.delay_ms)
+            self._shape(br, port)  # download
+        log.info(
+            "shaped network %s: %d hosts at %g Mbit/s, %g ms one way per link",
+            self.tag,
+            len(self.hosts),
+            self.rate_mbit,
+            self.delay_ms,
+        )
 
     def _shape(self, ns: str, dev: str) -> None:
         tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root"]
@@ -223,9 +237,14 @@ class ShapedNet:
         return up + down
 
     def describe(self) -> dict:
-        return {"hosts": len(self.hosts), "rate_mbit": self.rate_mbit, "delay_ms_one_way_per_link": self.delay_ms,
-                "delay_applied": self.delay_applied,
-                "bridge": "linux bridge in its own namespace", "shaping": ("tc netem rate+delay" if self.delay_applied else "tc tbf rate") + ", both directions"}
+        return {
+            "hosts": len(self.hosts),
+            "rate_mbit": self.rate_mbit,
+            "delay_ms_one_way_per_link": self.delay_ms,
+            "delay_applied": self.delay_applied,
+            "bridge": "linux bridge in its own namespace",
+            "shaping": ("tc netem rate+delay" if self.delay_applied else "tc tbf rate") + ", both directions",
+        }
 
     # -- ending ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -256,14 +275,24 @@ def tcp_rate_mbit(net: ShapedNet, src: str, dst: str, seconds: float = 1.5) -> f
     import sys
 
     port = 5201
-    recv = net.popen(dst, [sys.executable, "-c", _RECEIVER, net.address(dst), str(port)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    recv = net.popen(
+        dst,
+        [sys.executable, "-c", _RECEIVER, net.address(dst), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ready = recv.stdout.readline()
     if ready.strip() != "ready":
         recv.kill()
         raise NetError(f"receiver did not start: {ready!r} {recv.stderr.read()[-500:]}")
-    send = net.popen(src, [sys.executable, "-c", _SENDER, net.address(dst), str(port), str(seconds)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    send = net.popen(
+        src,
+        [sys.executable, "-c", _SENDER, net.address(dst), str(port), str(seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = recv.communicate(timeout=seconds + 30)
         send.wait(timeout=30)
@@ -279,13 +308,23 @@ def tcp_rtt_ms(net: ShapedNet, src: str, dst: str, rounds: int = 200) -> float:
     import sys
 
     port = 5202
-    echo = net.popen(dst, [sys.executable, "-c", _ECHO, net.address(dst), str(port)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    echo = net.popen(
+        dst,
+        [sys.executable, "-c", _ECHO, net.address(dst), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if echo.stdout.readline().strip() != "ready":
         echo.kill()
         raise NetError(f"echo server did not start: {echo.stderr.read()[-500:]}")
-    ping = net.popen(src, [sys.executable, "-c", _PING, net.address(dst), str(port), str(rounds)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ping = net.popen(
+        src,
+        [sys.executable, "-c", _PING, net.address(dst), str(port), str(rounds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = ping.communicate(timeout=60)
         echo.wait(timeout=30)

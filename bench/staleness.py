@@ -54,17 +54,29 @@ def attention_stats(model: ByteGPT, idx: torch.Tensor) -> list[dict]:
         logits = (q @ k.transpose(-1, -2) / math.sqrt(shape[-1])).masked_fill(~causal, float("-inf"))
         p = logits.softmax(-1)
         entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
-        out.append({"max_logit": round(float(logits[:, :, causal].abs().max()), 2),
-                    "entropy": round(float(entropy), 4)})
+        out.append(
+            {"max_logit": round(float(logits[:, :, causal].abs().max()), 2), "entropy": round(float(entropy), 4)}
+        )
         x = block(x)
     return out
 
 
 def run(delay: int | str, qk_norm: bool, args: argparse.Namespace, corpus: Corpus, rule: str = "plain") -> dict:
-    task = TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
-                      qk_norm=qk_norm)
-    spec = RunSpec(system="staleness", scenario="uniform", workers=2, out="", lr=args.lr, warmup=args.warmup,
-                   batch_size=args.batch_size, task=task, data=args.data, seed=args.seed)
+    task = TaskConfig(
+        context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, qk_norm=qk_norm
+    )
+    spec = RunSpec(
+        system="staleness",
+        scenario="uniform",
+        workers=2,
+        out="",
+        lr=args.lr,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        task=task,
+        data=args.data,
+        seed=args.seed,
+    )
     runner = Runner(rule, delay, spec, corpus, seed=args.seed)
     ev = Evaluator(spec, corpus, args.eval_windows)
     torch.set_num_threads(args.threads)  # Evaluator sets 1
@@ -75,20 +87,31 @@ def run(delay: int | str, qk_norm: bool, args: argparse.Namespace, corpus: Corpu
         if runner.batches >= mark or runner.batches >= args.updates:
             mark += args.every
             model = eval_model(runner)
-            point = {"updates": runner.batches, "heldout": round(ev.loss(model.state_dict()), 4),
-                     "attention": attention_stats(model, fixed), "seconds": round(time.perf_counter() - t0, 1)}
+            point = {
+                "updates": runner.batches,
+                "heldout": round(ev.loss(model.state_dict()), 4),
+                "attention": attention_stats(model, fixed),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             torch.set_num_threads(args.threads)
             points.append(point)
             print(f"rule {rule} delay {delay} qk_norm {qk_norm}: {point}", flush=True)
-    return {"rule": rule, "delay": delay, "qk_norm": qk_norm, "points": points,
-            "final_heldout": points[-1]["heldout"] if points else None}
+    return {
+        "rule": rule,
+        "delay": delay,
+        "qk_norm": qk_norm,
+        "points": points,
+        "final_heldout": points[-1]["heldout"] if points else None,
+    }
 
 
 def plot(runs: list[dict], path: str) -> None:
     """Held-out loss against batches, one line per (rule, delay, qk_norm), matplotlib's Agg backend."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for r in runs:
         label = f"{r['rule']} d={r['delay']}" + (" qk" if r["qk_norm"] else "")
@@ -103,12 +126,21 @@ def plot(runs: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench/staleness.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench/staleness.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2], help="gradient delays (updates) to run")
     p.add_argument("--random", action="store_true", help="also run delays drawn uniformly from 0..4 (seeded)")
-    p.add_argument("--rules", nargs="+", default=["plain"], choices=list(VARIANTS), metavar="RULE",
-                   help=f"update rules to run: {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--rules",
+        nargs="+",
+        default=["plain"],
+        choices=list(VARIANTS),
+        metavar="RULE",
+        help=f"update rules to run: {', '.join(VARIANTS)}",
+    )
     p.add_argument("--updates", type=int, default=1000, help="updates per run")
     p.add_argument("--every", type=int, default=200, help="updates between measurements")
     p.add_argument("--qk-norm", choices=["off", "on", "both"], default="both", help="the model's qk_norm")
@@ -139,13 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run(d, qk, args, corpus, rule) for qk in norms for rule in args.rules for d in delays]
     print(f"{'rule':>16} {'qk_norm':>8} {'delay':>6} " + " ".join(f"{pt['updates']:>7}" for pt in runs[0]["points"]))
     for r in runs:
-        print(f"{r['rule']:>16} {str(r['qk_norm']):>8} {r['delay']:>6} "
-              + " ".join(f"{pt['heldout']:7.3f}" for pt in r["points"]))
+        print(
+            f"{r['rule']:>16} {str(r['qk_norm']):>8} {r['delay']:>6} "
+            + " ".join(f"{pt['heldout']:7.3f}" for pt in r["points"])
+        )
     if args.plot:
         plot(runs, args.plot)
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "json"},
-                                               "torch": torch.__version__, "runs": runs}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                    "torch": torch.__version__,
+                    "runs": runs,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

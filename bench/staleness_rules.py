@@ -32,10 +32,10 @@ from worker.local_steps import LocalSteps
 
 @dataclass
 class Variant:
-    local_steps: int = 0                 # 0: gradients
+    local_steps: int = 0  # 0: gradients
     outer: dict = field(default_factory=dict)  # OptimizerConfig fields of the shard's optimizer
-    outer_lr_per_worker: bool = False    # local steps: the outer lr is divided by the number of workers
-    synchronous: bool = False            # local steps: all workers start from the same weights, deltas averaged
+    outer_lr_per_worker: bool = False  # local steps: the outer lr is divided by the number of workers
+    synchronous: bool = False  # local steps: all workers start from the same weights, deltas averaged
 
 
 VARIANTS: dict[str, Variant] = {
@@ -58,8 +58,14 @@ VARIANTS: dict[str, Variant] = {
 
 
 def inner_config(spec: RunSpec):
-    return default_config("adamw", lr=spec.lr, beta1=spec.beta1, beta2=spec.beta2, weight_decay=spec.weight_decay,
-                          warmup_updates=spec.warmup)
+    return default_config(
+        "adamw",
+        lr=spec.lr,
+        beta1=spec.beta1,
+        beta2=spec.beta2,
+        weight_decay=spec.weight_decay,
+        warmup_updates=spec.warmup,
+    )
 
 
 def flat_of(model: torch.nn.Module) -> torch.Tensor:
@@ -96,8 +102,14 @@ class Runner:
             lr = fields.pop("lr", 1.0) / (self.workers if self.v.outer_lr_per_worker else 1)
             cfg = default_config("sgd", lr=lr, local_steps=self.v.local_steps, **fields)
         else:
-            base = {"lr": spec.lr, "beta1": spec.beta1, "beta2": spec.beta2, "eps": 1e-8, "weight_decay": spec.weight_decay,
-                        "warmup_updates": spec.warmup}
+            base = {
+                "lr": spec.lr,
+                "beta1": spec.beta1,
+                "beta2": spec.beta2,
+                "eps": 1e-8,
+                "weight_decay": spec.weight_decay,
+                "warmup_updates": spec.warmup,
+            }
             cfg = default_config("adamw", **{**base, **fields})
         history = 5 if rand else int(delay) + 1
         self.store = ShardStore("bench", flat0, cfg, history=history)

@@ -32,12 +32,14 @@ class _Shard:
 
     def __init__(self, numel: int) -> None:
         from asyncps_common import optimizer
+
         self.weights = torch.nn.Parameter(torch.randn(numel), requires_grad=False)
         self.opt = optimizer.build(optimizer.default_config("sgd", lr=1e-3), self.weights)
         self.version = 0
 
     def apply(self, grad: torch.Tensor) -> int:
         from protos import wire
+
         if not wire.all_finite(grad):
             raise ValueError("tensor contains NaN or Inf: not applied")
         self.weights.grad = grad
@@ -75,13 +77,16 @@ def _env() -> None:
 
 def _options(port: int, transports: list[str] | None):
     import torch.distributed.rpc as rpc
-    return rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", num_worker_threads=4,
-                                           _transports=transports)
+
+    return rpc.TensorPipeRpcBackendOptions(
+        init_method=f"tcp://127.0.0.1:{port}", num_worker_threads=4, _transports=transports
+    )
 
 
 def _peer(port: int, transports: list[str] | None) -> None:
     _env()
     import torch.distributed.rpc as rpc
+
     rpc.init_rpc("peer", rank=1, world_size=2, rpc_backend_options=_options(port, transports))
     rpc.shutdown()
 
@@ -90,6 +95,7 @@ def bench_tensorpipe(nbytes: int, reps: int, port: int, transports: list[str] | 
     """GB/s samples of `echo`, `send`, `fetch` and `push` (module docstring), `port` free."""
     _env()
     import torch.distributed.rpc as rpc
+
     proc = mp.get_context("spawn").Process(target=_peer, args=(port, transports), daemon=True)
     proc.start()
     rpc.init_rpc("main", rank=0, world_size=2, rpc_backend_options=_options(port, transports))

@@ -80,7 +80,7 @@ def encode(name: str, x: torch.Tensor) -> torch.Tensor:
     bits = np.packbits((x >= 0).numpy(), bitorder="little")
     out = torch.empty(4 * blocks + bits.size, dtype=torch.uint8)
     out[: 4 * blocks] = scales.view(torch.uint8)
-    out[4 * blocks:] = torch.from_numpy(bits)
+    out[4 * blocks :] = torch.from_numpy(bits)
     return out
 
 
@@ -96,7 +96,7 @@ def decode_into(name: str, payload: torch.Tensor, out: torch.Tensor) -> torch.Te
         return out
     blocks = -(-n // BLOCK)
     scales = raw[: 4 * blocks].view(torch.float32)
-    signs = np.unpackbits(raw[4 * blocks:].numpy(), count=n, bitorder="little")
+    signs = np.unpackbits(raw[4 * blocks :].numpy(), count=n, bitorder="little")
     per = scales.repeat_interleave(BLOCK)[:n]
     torch.where(torch.from_numpy(signs).bool(), per, -per, out=out)
     return out

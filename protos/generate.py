@@ -57,7 +57,9 @@ def stale_files(root: Path = ROOT) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check, change nothing")
-    parser.add_argument("--root", type=Path, default=ROOT, help="repository root holding protos/ (default: this checkout)")
+    parser.add_argument(
+        "--root", type=Path, default=ROOT, help="repository root holding protos/ (default: this checkout)"
+    )
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_files(args.root)

@@ -38,6 +38,7 @@ def _tolerant(cls) -> Any:
             return cls.FromString(raw)
         except Exception as exc:  # protobuf's DecodeError and friends
             return Undecodable(cls.DESCRIPTOR.full_name, exc)
+
     return deserialize
 
 
@@ -45,6 +46,7 @@ def _checked(fn: Any, response_streaming: bool) -> Any:
     """`fn`, answering INVALID_ARGUMENT to an `Undecodable` request instead of calling it."""
     bad = grpc.StatusCode.INVALID_ARGUMENT
     if response_streaming:
+
         @functools.wraps(fn)
         async def stream(request, context):
             if isinstance(request, Undecodable):
@@ -55,6 +57,7 @@ def _checked(fn: Any, response_streaming: bool) -> Any:
                     yield item
             finally:
                 await inner.aclose()
+
         return stream
 
     @functools.wraps(fn)
@@ -62,6 +65,7 @@ def _checked(fn: Any, response_streaming: bool) -> Any:
         if isinstance(request, Undecodable):
             await context.abort(bad, request.message)
         return await fn(request, context)
+
     return unary
 
 

@@ -164,7 +164,9 @@ def payload_tensor(frame: pb.Frame, payload: memoryview | None) -> torch.Tensor:
     numel = math.prod(shape)
     nbytes = 0 if payload is None else payload.nbytes
     if nbytes != numel * dtype.itemsize:
-        raise FrameError(f"frame payload has {nbytes} bytes, shape {list(shape)} of {dtype} needs {numel * dtype.itemsize}")
+        raise FrameError(
+            f"frame payload has {nbytes} bytes, shape {list(shape)} of {dtype} needs {numel * dtype.itemsize}"
+        )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(payload, dtype=dtype).view(shape)

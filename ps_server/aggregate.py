@@ -45,8 +45,16 @@ class Aggregator:
     def __init__(self) -> None:
         self._buckets: dict[int, Bucket] = {}
 
-    def add(self, worker_id: str, session: int, clock: int, grad: torch.Tensor, read_version: int,
-            samples: int = 0, adopt: bool = False) -> bool:
+    def add(
+        self,
+        worker_id: str,
+        session: int,
+        clock: int,
+        grad: torch.Tensor,
+        read_version: int,
+        samples: int = 0,
+        adopt: bool = False,
+    ) -> bool:
         """Fold one gradient, the mean over `samples` examples (0 counts as 1), into its clock's bucket.
 
         `grad` is copied, so the caller may reuse it, unless `adopt`: then the first

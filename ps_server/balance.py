@@ -60,8 +60,8 @@ class Balancer:
         if not 0 < smoothing <= 1:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
         self.smoothing = smoothing
-        self._batch: dict[str, int] = {}      # worker -> batch size it registered with
-        self._speed: dict[str, float] = {}    # worker -> samples per second of compute (smoothed)
+        self._batch: dict[str, int] = {}  # worker -> batch size it registered with
+        self._speed: dict[str, float] = {}  # worker -> samples per second of compute (smoothed)
         self._splits: dict[int, dict[str, int]] = {}  # clock -> each worker's batch at that clock
 
     def register(self, worker_id: str, batch_size: int) -> None:

@@ -38,16 +38,28 @@ def build_parser() -> FlagParser:
     p.env_flag("host", default="127.0.0.1", help="address to listen on")
     p.env_flag("port", type=non_negative(int), default=50051, help="port to listen on (0: a free one)")
     p.env_flag("port-file", help="write the bound port to this file once serving")
-    p.env_flag("data-port", type=data_port_flag, default=0,
-               help="port of the TCP data plane, the fast path for pulls and pushes (0: a free one; off: none)")
-    p.env_flag("health-port", type=data_port_flag, default=None,
-               help="also serve the gRPC health service alone, in plaintext, on this port (off: not), for "
-                    "orchestrators whose probes cannot speak TLS (Kubernetes' gRPC probe)")
+    p.env_flag(
+        "data-port",
+        type=data_port_flag,
+        default=0,
+        help="port of the TCP data plane, the fast path for pulls and pushes (0: a free one; off: none)",
+    )
+    p.env_flag(
+        "health-port",
+        type=data_port_flag,
+        default=None,
+        help="also serve the gRPC health service alone, in plaintext, on this port (off: not), for "
+        "orchestrators whose probes cannot speak TLS (Kubernetes' gRPC probe)",
+    )
     p.env_flag("shard-index", type=non_negative(int), default=0, help="which shard this server holds")
     p.env_flag("num-shards", type=positive(int), default=1, help="how many shards the model is cut into")
     p.env_flag("staleness", type=staleness_flag, help="staleness bound s (a number or inf); unset: the first worker's")
-    p.env_flag("heartbeat-timeout", type=positive(float), default=10.0,
-               help="seconds of silence after which a worker is evicted")
+    p.env_flag(
+        "heartbeat-timeout",
+        type=positive(float),
+        default=10.0,
+        help="seconds of silence after which a worker is evicted",
+    )
     p.env_flag("checkpoint-dir", help="where to write checkpoints and restore from on start")
     p.env_flag("checkpoint-interval", type=positive(float), default=60.0, help="seconds between checkpoints")
     p.env_flag("chunk-bytes", type=positive(int), default=wire.DEFAULT_CHUNK_BYTES, help="bytes per streamed chunk")
@@ -70,10 +82,15 @@ def check_can_listen(host: str, port: int) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
-        shard_index=args.shard_index, num_shards=args.num_shards, staleness=args.staleness,
-        heartbeat_timeout=args.heartbeat_timeout, checkpoint_dir=args.checkpoint_dir,
-        checkpoint_interval=args.checkpoint_interval, chunk_bytes=args.chunk_bytes,
-        max_message_bytes=args.max_message_bytes, max_shard_bytes=args.max_shard_bytes,
+        shard_index=args.shard_index,
+        num_shards=args.num_shards,
+        staleness=args.staleness,
+        heartbeat_timeout=args.heartbeat_timeout,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_interval=args.checkpoint_interval,
+        chunk_bytes=args.chunk_bytes,
+        max_message_bytes=args.max_message_bytes,
+        max_shard_bytes=args.max_shard_bytes,
     )
 
 
@@ -86,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--chunk-bytes must be at least 1 KiB below --max-message-bytes")
     sec = security.from_args(parser, args, "server")
     metrics_ssl = metrics_tls(parser, args)  # checked even with the endpoint off: a wrong file is a mistake
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s ps-server[{args.shard_index}] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format=f"%(asctime)s ps-server[{args.shard_index}] %(levelname)s %(message)s"
+    )
     servicer = Servicer(config_from_args(args))
     try:
         servicer.restore()
@@ -110,14 +129,29 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"cannot listen on {host}:{args.health_port} (--health-port): {exc.strerror or exc}")
     if args.metrics_port != OFF:
         try:
-            serve_metrics(servicer.metrics.registry, args.metrics_host or args.host, args.metrics_port,
-                          args.metrics_port_file, metrics_ssl)
+            serve_metrics(
+                servicer.metrics.registry,
+                args.metrics_host or args.host,
+                args.metrics_port,
+                args.metrics_port_file,
+                metrics_ssl,
+            )
         except OSError as exc:
-            parser.error(f"cannot serve metrics on {args.metrics_host or args.host}:{args.metrics_port}: "
-                         f"{exc.strerror or exc}")
+            parser.error(
+                f"cannot serve metrics on {args.metrics_host or args.host}:{args.metrics_port}: {exc.strerror or exc}"
+            )
     try:
-        uvloop.run(serve(servicer, f"{host}:{args.port}", grace=args.grace, port_file=args.port_file, security=sec,
-                         data_port=args.data_port, health_port=args.health_port))
+        uvloop.run(
+            serve(
+                servicer,
+                f"{host}:{args.port}",
+                grace=args.grace,
+                port_file=args.port_file,
+                security=sec,
+                data_port=args.data_port,
+                health_port=args.health_port,
+            )
+        )
     except OSError as exc:
         sys.stderr.write(f"ps-server: error: {exc}\n")
         return 2

@@ -93,10 +93,13 @@ class ClockTable:
         if entry is None:
             raise UnknownWorker(f"unknown worker {worker_id!r}: not registered or evicted; register again")
         if entry.session != session:
-            raise UnknownWorker(f"worker {worker_id!r} session {session} is stale (current {entry.session}); register again")
+            raise UnknownWorker(
+                f"worker {worker_id!r} session {session} is stale (current {entry.session}); register again"
+            )
         if entry.restored:
-            raise UnknownWorker(f"worker {worker_id!r}: this shard restarted from its checkpoint (clock {entry.clock}); "
-                                "register again")
+            raise UnknownWorker(
+                f"worker {worker_id!r}: this shard restarted from its checkpoint (clock {entry.clock}); register again"
+            )
         entry.last_seen = self._now()
         return entry
 
@@ -133,7 +136,9 @@ class ClockTable:
         """Raise unless (worker, session) is live and `clock` has not been applied yet."""
         entry = self.check(worker_id, session)
         if clock < entry.clock:
-            raise DuplicatePush(f"push for clock {clock} of worker {worker_id!r} was already applied (shard is at {entry.clock})")
+            raise DuplicatePush(
+                f"push for clock {clock} of worker {worker_id!r} was already applied (shard is at {entry.clock})"
+            )
 
     def advance(self, worker_id: str, session: int, clock: int) -> None:
         """Record that the push of `clock` was applied: the worker now stands at clock + 1."""
@@ -220,4 +225,3 @@ class ClockTable:
         self._entries = {w: Entry(s, c, now, restored=True) for w, (s, c) in state["clocks"].items()}
         self._floor = int(state["floor"])
         self.staleness = float(state["staleness"])
-

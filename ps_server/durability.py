@@ -86,8 +86,13 @@ class Durability:
             async with self._apply_lock:  # weights and clocks of one moment
                 store_state = await asyncio.to_thread(self.store.state_dict)
                 clocks = self.clocks.state_dict()
-            state = {"shard_index": self.cfg.shard_index, "num_shards": self.cfg.num_shards,
-                     "store": store_state, "clocks": clocks, "lost_updates": self.lost_updates}
+            state = {
+                "shard_index": self.cfg.shard_index,
+                "num_shards": self.cfg.num_shards,
+                "store": store_state,
+                "clocks": clocks,
+                "lost_updates": self.lost_updates,
+            }
             try:
                 await asyncio.to_thread(checkpoint.save, path, state)
             except OSError:
@@ -105,15 +110,30 @@ class Durability:
         c, s = self.clocks, self.store
         mono = time.monotonic()
         return pb.StatusResponse(
-            shard_index=self.cfg.shard_index, num_shards=self.cfg.num_shards, initialized=s is not None,
-            plan_hash=s.plan_hash if s else "", version=s.version if s else 0, numel=s.numel if s else 0,
-            clocks=[pb.WorkerClock(worker_id=w, clock=e.clock, seconds_since_seen=mono - e.last_seen)
-                    for w, e in sorted(c.clocks().items())],
-            min_clock=c.min_clock(), live_workers=c.live, staleness=c.staleness, max_read_gap=c.max_read_gap,
-            pulls_waited=c.pulls_waited, wait_seconds=c.wait_seconds, pushes_applied=self.pushes_applied,
-            pushes_rejected=self.pushes_rejected, evictions=c.evictions,
+            shard_index=self.cfg.shard_index,
+            num_shards=self.cfg.num_shards,
+            initialized=s is not None,
+            plan_hash=s.plan_hash if s else "",
+            version=s.version if s else 0,
+            numel=s.numel if s else 0,
+            clocks=[
+                pb.WorkerClock(worker_id=w, clock=e.clock, seconds_since_seen=mono - e.last_seen)
+                for w, e in sorted(c.clocks().items())
+            ],
+            min_clock=c.min_clock(),
+            live_workers=c.live,
+            staleness=c.staleness,
+            max_read_gap=c.max_read_gap,
+            pulls_waited=c.pulls_waited,
+            wait_seconds=c.wait_seconds,
+            pushes_applied=self.pushes_applied,
+            pushes_rejected=self.pushes_rejected,
+            evictions=c.evictions,
             weights_checksum=(await asyncio.to_thread(s.checksum)) if s and request.include_checksum else 0.0,
-            optimizer=s.config if s else None, checkpoint_version=self.checkpoint_version,
-            lost_updates=self.lost_updates, incarnation=self.incarnation, restored_version=self.restored_version,
+            optimizer=s.config if s else None,
+            checkpoint_version=self.checkpoint_version,
+            lost_updates=self.lost_updates,
+            incarnation=self.incarnation,
+            restored_version=self.restored_version,
             data_port=self.data_port,
         )

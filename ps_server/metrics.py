@@ -70,38 +70,59 @@ class ServerMetrics:
         def histogram(name: str, doc: str, buckets: tuple) -> Any:
             return Histogram(name, doc, lbl, registry=r, buckets=buckets).labels(self.shard)
 
-        self.pushes = counter("asyncps_server_pushes_total", "Pushes accepted (applied, or added to an averaging bucket).")
+        self.pushes = counter(
+            "asyncps_server_pushes_total", "Pushes accepted (applied, or added to an averaging bucket)."
+        )
         self.pushes_rejected = counter("asyncps_server_pushes_rejected_total", "Pushes refused with an error status.")
         self.push_bytes = counter("asyncps_server_push_bytes_total", "Gradient payload bytes of accepted pushes.")
-        self.push_seconds = histogram("asyncps_server_push_duration_seconds",
-                                      "Push RPC time on the server: receive, validate, apply.", LATENCY_BUCKETS)
+        self.push_seconds = histogram(
+            "asyncps_server_push_duration_seconds",
+            "Push RPC time on the server: receive, validate, apply.",
+            LATENCY_BUCKETS,
+        )
         self.pulls = counter("asyncps_server_pulls_total", "Pulls answered.")
         self.pull_bytes = counter("asyncps_server_pull_bytes_total", "Weight payload bytes sent by pulls.")
-        self.pull_seconds = histogram("asyncps_server_pull_duration_seconds",
-                                      "Pull RPC time on the server, waiting under the staleness bound included.",
-                                      LATENCY_BUCKETS)
+        self.pull_seconds = histogram(
+            "asyncps_server_pull_duration_seconds",
+            "Pull RPC time on the server, waiting under the staleness bound included.",
+            LATENCY_BUCKETS,
+        )
         self.bound_waits = counter("asyncps_server_bound_waits_total", "Pulls the staleness bound held back.")
-        self.bound_wait_seconds = counter("asyncps_server_bound_wait_seconds_total",
-                                          "Seconds pulls were held back by the staleness bound (all pulls together).")
+        self.bound_wait_seconds = counter(
+            "asyncps_server_bound_wait_seconds_total",
+            "Seconds pulls were held back by the staleness bound (all pulls together).",
+        )
         self.updates = counter("asyncps_server_updates_total", "Optimizer updates applied (version increments).")
-        self.update_staleness = histogram("asyncps_server_update_staleness",
-                                          "Update staleness of each pushed gradient: shard version when applied "
-                                          "minus the version it was computed from.", STALENESS_BUCKETS)
-        self.compensation = histogram("asyncps_server_compensation_ratio",
-                                      "Size of each update's delay compensation (update rule dc): "
-                                      "||correction|| / ||gradient||; 0 for a gradient read at the current version.",
-                                      COMPENSATION_BUCKETS)
+        self.update_staleness = histogram(
+            "asyncps_server_update_staleness",
+            "Update staleness of each pushed gradient: shard version when applied "
+            "minus the version it was computed from.",
+            STALENESS_BUCKETS,
+        )
+        self.compensation = histogram(
+            "asyncps_server_compensation_ratio",
+            "Size of each update's delay compensation (update rule dc): "
+            "||correction|| / ||gradient||; 0 for a gradient read at the current version.",
+            COMPENSATION_BUCKETS,
+        )
         self.evictions = counter("asyncps_server_evictions_total", "Workers evicted after the heartbeat timeout.")
-        self.lost_updates = counter("asyncps_server_lost_updates_total",
-                                    "Updates this shard applied, then lost in a restart (missing from the restored "
-                                    "checkpoint), as reported by the workers that saw them.")
+        self.lost_updates = counter(
+            "asyncps_server_lost_updates_total",
+            "Updates this shard applied, then lost in a restart (missing from the restored "
+            "checkpoint), as reported by the workers that saw them.",
+        )
         self.checkpoints = counter("asyncps_server_checkpoints_total", "Checkpoints written.")
         self.checkpoint_failures = counter("asyncps_server_checkpoint_failures_total", "Checkpoint writes that failed.")
-        self.checkpoint_seconds = histogram("asyncps_server_checkpoint_duration_seconds",
-                                            "Time to write one checkpoint.", CHECKPOINT_BUCKETS)
-        self.last_checkpoint = Gauge("asyncps_server_last_checkpoint_timestamp_seconds",
-                                     "Unix time of the last checkpoint written, or of the server's start or restore "
-                                     "(when nothing was unsaved yet).", lbl, registry=r).labels(self.shard)
+        self.checkpoint_seconds = histogram(
+            "asyncps_server_checkpoint_duration_seconds", "Time to write one checkpoint.", CHECKPOINT_BUCKETS
+        )
+        self.last_checkpoint = Gauge(
+            "asyncps_server_last_checkpoint_timestamp_seconds",
+            "Unix time of the last checkpoint written, or of the server's start or restore "
+            "(when nothing was unsaved yet).",
+            lbl,
+            registry=r,
+        ).labels(self.shard)
         self.last_checkpoint.set(time.time())
 
     def bind(self, servicer: Any) -> None:
@@ -136,29 +157,46 @@ class _ShardState:
             g.add_metric(shard, value)
             return g
 
-        yield gauge("asyncps_server_initialized", "1 once a worker has initialized the shard.", float(store is not None))
+        yield gauge(
+            "asyncps_server_initialized", "1 once a worker has initialized the shard.", float(store is not None)
+        )
         yield gauge("asyncps_server_version", "Updates applied to this shard so far.", store.version if store else 0)
-        yield gauge("asyncps_server_checkpoint_version", "Shard version in the last checkpoint written or restored.",
-                    sv.checkpoint_version)
+        yield gauge(
+            "asyncps_server_checkpoint_version",
+            "Shard version in the last checkpoint written or restored.",
+            sv.checkpoint_version,
+        )
         if sv.cfg.checkpoint_dir:
-            yield gauge("asyncps_server_checkpoint_interval_seconds", "Seconds between periodic checkpoints.",
-                        sv.cfg.checkpoint_interval)
+            yield gauge(
+                "asyncps_server_checkpoint_interval_seconds",
+                "Seconds between periodic checkpoints.",
+                sv.cfg.checkpoint_interval,
+            )
         live = len(entries)
         floor = clocks._floor
         yield gauge("asyncps_server_live_workers", "Registered workers not evicted.", live)
-        yield gauge("asyncps_server_min_clock", "Clock of the slowest live worker.",
-                    min((e.clock for e in entries.values()), default=floor))
-        yield gauge("asyncps_server_staleness_bound", "Staleness bound s in clocks (+Inf: asynchronous).",
-                    clocks.staleness)
+        yield gauge(
+            "asyncps_server_min_clock",
+            "Clock of the slowest live worker.",
+            min((e.clock for e in entries.values()), default=floor),
+        )
+        yield gauge(
+            "asyncps_server_staleness_bound", "Staleness bound s in clocks (+Inf: asynchronous).", clocks.staleness
+        )
         averaging = bool(store is not None and store.config.average_gradients)
-        yield gauge("asyncps_server_update_staleness_bound",
-                    "Largest update staleness (versions) the bound allows with the live workers now.",
-                    update_staleness_bound(clocks.staleness, live, averaging))
-        yield gauge("asyncps_server_compensation_history_misses",
-                    "Pushes (update rule dc) older than every kept version of the weights, compensated "
-                    "against the oldest one.", store.history_missed if store else 0)
-        per_worker = GaugeMetricFamily("asyncps_server_worker_clock", "Each live worker's clock on this shard.",
-                                       labels=["shard", "worker"])
+        yield gauge(
+            "asyncps_server_update_staleness_bound",
+            "Largest update staleness (versions) the bound allows with the live workers now.",
+            update_staleness_bound(clocks.staleness, live, averaging),
+        )
+        yield gauge(
+            "asyncps_server_compensation_history_misses",
+            "Pushes (update rule dc) older than every kept version of the weights, compensated against the oldest one.",
+            store.history_missed if store else 0,
+        )
+        per_worker = GaugeMetricFamily(
+            "asyncps_server_worker_clock", "Each live worker's clock on this shard.", labels=["shard", "worker"]
+        )
         for worker, entry in sorted(entries.items()):
             per_worker.add_metric([self.shard, worker], entry.clock)
         yield per_worker

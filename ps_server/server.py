@@ -35,15 +35,19 @@ from ps_server.servicer import Servicer
 log = logging.getLogger(__name__)
 
 
-def build_server(address: str, servicer: Servicer,
-                 security: Security = NONE) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+def build_server(
+    address: str, servicer: Servicer, security: Security = NONE
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A grpc.aio server for `servicer` bound to `address` ("host:port"); returns (server, port, health)."""
     limit = servicer.cfg.max_message_bytes
-    server = grpc.aio.server(interceptors=security.interceptors(), options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0),
-    ])
+    server = grpc.aio.server(
+        interceptors=security.interceptors(),
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
     server.add_generic_rpc_handlers((service.method_handlers(servicer),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -63,8 +67,15 @@ def _write_port_file(path: str, port: int) -> None:
     os.replace(tmp, path)
 
 
-async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file: str | None = None,
-                security: Security = NONE, data_port: int | None = 0, health_port: int | None = None) -> None:
+async def serve(
+    servicer: Servicer,
+    address: str,
+    grace: float = 5.0,
+    port_file: str | None = None,
+    security: Security = NONE,
+    data_port: int | None = 0,
+    health_port: int | None = None,
+) -> None:
     """Run until SIGTERM/SIGINT; blocks (asynchronously) for the server's whole life.
 
     Call `servicer.restore()` first to resume from a checkpoint. Raises ShardFailed after
@@ -86,10 +97,15 @@ async def serve(servicer: Servicer, address: str, grace: float = 5.0, port_file:
     await health_servicer.set(service.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     if port_file:
         _write_port_file(port_file, port)
-    log.info("shard %d of %d listening on port %d, data plane %s (%s%s)", servicer.cfg.shard_index,
-             servicer.cfg.num_shards, port, f"on port {servicer.data_port}" if data else "off",
-             ("mutual TLS" if security.client_ca else "TLS") if security.cert else "plaintext",
-             ", token required" if security.token else "")
+    log.info(
+        "shard %d of %d listening on port %d, data plane %s (%s%s)",
+        servicer.cfg.shard_index,
+        servicer.cfg.num_shards,
+        port,
+        f"on port {servicer.data_port}" if data else "off",
+        ("mutual TLS" if security.client_ca else "TLS") if security.cert else "plaintext",
+        ", token required" if security.token else "",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from asyncps_common import delay
+from asyncps_common import optimizer as optim
 from protos import compress, service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from asyncps_common import delay
 from ps_server import streams
-from asyncps_common import optimizer as optim
 from ps_server.aggregate import Aggregator
 from ps_server.atomic import to_the_end
 from ps_server.balance import Balancer
@@ -100,7 +100,12 @@ class Servicer(Durability):
                 log.warning("evicted worker %s after %.1fs of silence", w, self.cfg.heartbeat_timeout)
             await self._membership_changed()
             now = asyncio.get_running_loop().time()
-            if self.checkpoint_file and self.store and not self.failure and now - last_ckpt >= self.cfg.checkpoint_interval:
+            if (
+                self.checkpoint_file
+                and self.store
+                and not self.failure
+                and now - last_ckpt >= self.cfg.checkpoint_interval
+            ):
                 last_ckpt = now
                 if self.store.version != self.checkpoint_version:
                     try:
@@ -118,8 +123,10 @@ class Servicer(Durability):
             return await asyncio.to_thread(store.apply, *args, **kwargs)
         except Exception as exc:
             if self.failure is None:
-                self.failure = ShardFailed(f"shard {self.cfg.shard_index} failed an update ({exc!r}) and stops without "
-                                           "saving that state: restart it to resume from its last checkpoint")
+                self.failure = ShardFailed(
+                    f"shard {self.cfg.shard_index} failed an update ({exc!r}) and stops without "
+                    "saving that state: restart it to resume from its last checkpoint"
+                )
                 log.critical("%s", self.failure, exc_info=exc)
                 self.failed.set()
             raise self.failure from exc
@@ -153,9 +160,11 @@ class Servicer(Durability):
         if self.store is None:
             raise _Reject(Code.FAILED_PRECONDITION, "shard is not initialized: call Init first")
         if plan_hash != self.store.plan_hash:
-            raise _Reject(Code.FAILED_PRECONDITION,
-                          f"plan hash {plan_hash[:12]!r} does not match this shard's {self.store.plan_hash[:12]!r}: "
-                          "the worker's model or server count differs")
+            raise _Reject(
+                Code.FAILED_PRECONDITION,
+                f"plan hash {plan_hash[:12]!r} does not match this shard's {self.store.plan_hash[:12]!r}: "
+                "the worker's model or server count differs",
+            )
         return self.store
 
     async def _guard(self, context: grpc.aio.ServicerContext, coro):
@@ -182,12 +191,25 @@ class Servicer(Durability):
             self._balancer.register(request.worker_id, request.batch_size)
             self._count_lost(request)
             if restored_clock is not None and clock > restored_clock:
-                log.warning("worker %s re-registered after the restart at clock %d: its pushes of clocks %d..%d "
-                            "were lost with the old process", request.worker_id, clock, restored_clock, clock - 1)
+                log.warning(
+                    "worker %s re-registered after the restart at clock %d: its pushes of clocks %d..%d "
+                    "were lost with the old process",
+                    request.worker_id,
+                    clock,
+                    restored_clock,
+                    clock - 1,
+                )
             log.info("worker %s registered (session %d) at clock %d", request.worker_id, session, clock)
-            return pb.RegisterResponse(session=session, clock=clock, staleness=self.clocks.staleness,
-                                       heartbeat_timeout_seconds=self.cfg.heartbeat_timeout,
-                                       incarnation=self.incarnation, data_port=self.data_port, compression=wire_codec)
+            return pb.RegisterResponse(
+                session=session,
+                clock=clock,
+                staleness=self.clocks.staleness,
+                heartbeat_timeout_seconds=self.cfg.heartbeat_timeout,
+                incarnation=self.incarnation,
+                data_port=self.data_port,
+                compression=wire_codec,
+            )
+
         return await self._guard(context, body())
 
     def _count_lost(self, request: pb.RegisterRequest) -> None:
@@ -196,8 +218,13 @@ class Servicer(Durability):
             return
         lost = self._lost_before + max(0, request.seen_version - self.restored_version)
         if lost > self.lost_updates:
-            log.warning("shard %d lost %d updates in its restart: a worker saw version %d, the checkpoint held %d",
-                        self.cfg.shard_index, lost - self._lost_before, request.seen_version, self.restored_version)
+            log.warning(
+                "shard %d lost %d updates in its restart: a worker saw version %d, the checkpoint held %d",
+                self.cfg.shard_index,
+                lost - self._lost_before,
+                request.seen_version,
+                self.restored_version,
+            )
             self.metrics.lost_updates.inc(lost - self.lost_updates)
             self.lost_updates = lost
 
@@ -205,6 +232,7 @@ class Servicer(Durability):
         async def body():
             self.clocks.check(request.worker_id, request.session)
             return pb.HeartbeatResponse(min_clock=self.clocks.min_clock(), live_workers=self.clocks.live)
+
         return await self._guard(context, body())
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
@@ -214,45 +242,74 @@ class Servicer(Durability):
             log.info("worker %s left", request.worker_id)
             await self._membership_changed()
             return pb.LeaveResponse()
+
         return await self._guard(context, body())
 
     async def Init(self, frames: AsyncIterator[bytes], context) -> pb.InitResponse:
         async def body():
             head = await streams.first_head(frames, "init")
             if (head.shard_index, head.num_shards) != (self.cfg.shard_index, self.cfg.num_shards):
-                raise _Reject(Code.FAILED_PRECONDITION,
-                              f"worker's plan sends shard {head.shard_index} of {head.num_shards} to this server, "
-                              f"which is shard {self.cfg.shard_index} of {self.cfg.num_shards}")
+                raise _Reject(
+                    Code.FAILED_PRECONDITION,
+                    f"worker's plan sends shard {head.shard_index} of {head.num_shards} to this server, "
+                    f"which is shard {self.cfg.shard_index} of {self.cfg.num_shards}",
+                )
             async with self._init_lock:
                 if self.store is not None:
                     self._store_for(head.plan_hash)
                     return self._init_response(self.store, accepted=False)
                 if head.HasField("staleness") and not head.staleness >= 0:
                     raise _Reject(Code.INVALID_ARGUMENT, f"staleness must be >= 0, got {head.staleness}")
-                bound = head.staleness if self.cfg.staleness is None and head.HasField("staleness") else self.clocks.staleness
-                optim.validate(head.optimizer, head.groups, head.numel, bound)  # the update rule's history is checked against the bound
+                bound = (
+                    head.staleness
+                    if self.cfg.staleness is None and head.HasField("staleness")
+                    else self.clocks.staleness
+                )
+                optim.validate(
+                    head.optimizer, head.groups, head.numel, bound
+                )  # the update rule's history is checked against the bound
                 if head.numel == 0:
                     raise _Reject(Code.INVALID_ARGUMENT, "a shard must own at least one element")
                 if head.numel * 4 > self.cfg.max_shard_bytes:
-                    raise _Reject(Code.RESOURCE_EXHAUSTED,
-                                  f"shard of {head.numel * 4} bytes exceeds this server's limit of {self.cfg.max_shard_bytes}")
+                    raise _Reject(
+                        Code.RESOURCE_EXHAUSTED,
+                        f"shard of {head.numel * 4} bytes exceeds this server's limit of {self.cfg.max_shard_bytes}",
+                    )
                 weights = await streams.receive_flat(frames, head.numel)
-                self.store = ShardStore(head.plan_hash, weights, head.optimizer, groups=head.groups,
-                                        history=delay.history_size(head.optimizer, bound))
+                self.store = ShardStore(
+                    head.plan_hash,
+                    weights,
+                    head.optimizer,
+                    groups=head.groups,
+                    history=delay.history_size(head.optimizer, bound),
+                )
                 self.store.observe_compensation = self.metrics.compensation.observe
                 self.clocks.staleness = bound
-                log.info("shard %d initialized by %s: %d elements, %s", self.cfg.shard_index, head.worker_id, head.numel, head.optimizer.name)
+                log.info(
+                    "shard %d initialized by %s: %d elements, %s",
+                    self.cfg.shard_index,
+                    head.worker_id,
+                    head.numel,
+                    head.optimizer.name,
+                )
                 if self.checkpoint_file:  # a restart before the first periodic checkpoint keeps the model
                     try:
                         await self.checkpoint_now()
                     except OSError as exc:
                         log.error("checkpoint after Init failed: %s", exc)
                 return self._init_response(self.store, accepted=True)
+
         return await self._guard(context, body())
 
     def _init_response(self, store: ShardStore, accepted: bool) -> pb.InitResponse:
-        return pb.InitResponse(accepted=accepted, plan_hash=store.plan_hash, version=store.version,
-                               optimizer=store.config, staleness=self.clocks.staleness, groups=store.groups)
+        return pb.InitResponse(
+            accepted=accepted,
+            plan_hash=store.plan_hash,
+            version=store.version,
+            optimizer=store.config,
+            staleness=self.clocks.staleness,
+            groups=store.groups,
+        )
 
     async def Push(self, frames: AsyncIterator[bytes], context) -> pb.PushResponse:
         t0 = time.perf_counter()
@@ -269,6 +326,7 @@ class Servicer(Durability):
             # meanwhile (a client's deadline; gRPC also ends a stream broken by an oversized message
             # like a complete one, then cancels the handler): see commit_push.
             return await self.commit_push(store, head, grad)
+
         try:
             resp = await self._guard(context, body())
         except BaseException:
@@ -326,8 +384,9 @@ class Servicer(Durability):
                 if store.config.balance_batches:  # balanced batches, or dynamic local steps (samples: steps)
                     self._balancer.observe(head.worker_id, head.samples, head.busy_seconds)
                 if store.config.average_gradients:
-                    adopted = self._aggregator.add(head.worker_id, head.session, head.clock, grad, head.read_version,
-                                                   head.samples, adopt=True)
+                    adopted = self._aggregator.add(
+                        head.worker_id, head.session, head.clock, grad, head.read_version, head.samples, adopt=True
+                    )
                     self.pushes_applied += 1
                     m.push_bytes.inc(store.numel * 4)
                     await self._apply_complete_buckets()
@@ -352,6 +411,7 @@ class Servicer(Durability):
             store, waited = await self._await_readable(request)
             chunk = min(request.chunk_bytes or self.cfg.chunk_bytes, self.cfg.max_message_bytes - 1024)
             return store, waited, await asyncio.to_thread(store.frames, chunk)
+
         store, waited, (version, frames) = await self._guard(context, body())
         yield wire.encode_frame(pb.Frame(pull=self._pull_header(store, version, waited, request)))
         for frame in frames:  # encoded once per version, shared by every pull of it
@@ -366,8 +426,13 @@ class Servicer(Durability):
     def _pull_header(self, store: ShardStore, version: int, waited: float, request: pb.PullRequest) -> pb.PullHeader:
         balance = store.config.balance_batches
         batch = self._balancer.batch_for(request.worker_id, request.clock, self.clocks.clocks()) if balance else 0
-        return pb.PullHeader(version=version, numel=store.numel, min_clock=self.clocks.min_clock(),
-                             waited_seconds=waited, batch_size=batch)
+        return pb.PullHeader(
+            version=version,
+            numel=store.numel,
+            min_clock=self.clocks.min_clock(),
+            waited_seconds=waited,
+            batch_size=batch,
+        )
 
     async def open_pull(self, request: pb.PullRequest) -> tuple[ShardStore, pb.PullHeader, Snapshot]:
         """Wait until `request` may read (the staleness bound); returns the store, the header
@@ -397,4 +462,5 @@ class Servicer(Durability):
         async def body():
             path, version = await self.checkpoint_now()
             return pb.CheckpointResponse(path=path, version=version)
+
         return await self._guard(context, body())

@@ -26,25 +26,32 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncps_common import delay
 from asyncps_common import optimizer as optim
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from asyncps_common import delay
 
 
 @dataclass(eq=False)
 class Snapshot:
     version: int
     weights: torch.Tensor  # not written while leased
-    readers: int = 0       # leases not yet released (guarded by the store's lease lock)
-    live: bool = True      # `weights` is the store's live buffer (else an old version's own)
+    readers: int = 0  # leases not yet released (guarded by the store's lease lock)
+    live: bool = True  # `weights` is the store's live buffer (else an old version's own)
 
 
 class ShardStore:
     """Weights and optimizer state of one initialized shard."""
 
-    def __init__(self, plan_hash: str, weights: torch.Tensor, cfg: pb.OptimizerConfig, version: int = 0,
-                 groups: Sequence[pb.ParamGroup] = (), history: int = 0):
+    def __init__(
+        self,
+        plan_hash: str,
+        weights: torch.Tensor,
+        cfg: pb.OptimizerConfig,
+        version: int = 0,
+        groups: Sequence[pb.ParamGroup] = (),
+        history: int = 0,
+    ):
         if weights.dtype != torch.float32 or weights.dim() != 1:
             raise ValueError("shard weights must be a 1-D float32 tensor")
         self.plan_hash = plan_hash
@@ -54,7 +61,9 @@ class ShardStore:
         self._stepper = optim.FlatOptimizer(cfg, self._flat, self.groups)
         self._opt = self._stepper.torch
         self._version = version
-        self._dc = delay.DelayCompensation(cfg.dc_lambda or delay.DEFAULT_DC_LAMBDA) if delay.rule_of(cfg) == "dc" else None
+        self._dc = (
+            delay.DelayCompensation(cfg.dc_lambda or delay.DEFAULT_DC_LAMBDA) if delay.rule_of(cfg) == "dc" else None
+        )
         self._history = delay.History(history or 1) if self._dc is not None else None
         if self._history is not None:
             self._history.add(version, self._flat.detach())
@@ -203,7 +212,10 @@ class ShardStore:
         with self._lock:
             opt_state = self._opt.state_dict()
             opt_state = {
-                "state": {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in opt_state["state"].items()},
+                "state": {
+                    k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+                    for k, s in opt_state["state"].items()
+                },
                 "param_groups": opt_state["param_groups"],
             }
             return {
@@ -221,8 +233,14 @@ class ShardStore:
     def from_state_dict(cls, state: dict) -> ShardStore:
         cfg = pb.OptimizerConfig.FromString(state["optimizer_config"])
         groups = [pb.ParamGroup.FromString(g) for g in state.get("groups", [])]
-        store = cls(state["plan_hash"], state["weights"], cfg, version=int(state["version"]), groups=groups,
-                    history=int(state.get("history", 0)))
+        store = cls(
+            state["plan_hash"],
+            state["weights"],
+            cfg,
+            version=int(state["version"]),
+            groups=groups,
+            history=int(state.get("history", 0)),
+        )
         store._opt.load_state_dict(state["optimizer"])
         if store._dc is not None and state.get("dc"):
             store._dc.load_state_dict(state["dc"])

@@ -53,8 +53,8 @@ class Assembly:
         self.t0 = time.perf_counter()
         self._cond = threading.Condition()
         self._arrived: set[int] = set()
-        self.active = 0      # parts moving bytes now
-        self.finished = 0    # parts that moved their bytes
+        self.active = 0  # parts moving bytes now
+        self.finished = 0  # parts that moved their bytes
         self.opened: Any = None
         self.result: Any = None
         self.failure: Status | None = None
@@ -121,8 +121,13 @@ class Assembly:
             return self._sealed
 
     # -- waiting -------------------------------------------------------------------------
-    def wait(self, until: Callable[[], bool], what: str, deadline: float | None = None,
-             gone: Callable[[], bool] | None = None) -> bool:
+    def wait(
+        self,
+        until: Callable[[], bool],
+        what: str,
+        deadline: float | None = None,
+        gone: Callable[[], bool] | None = None,
+    ) -> bool:
         """Block until `until()` holds (checked under the lock) or the exchange failed;
         True if it holds. At `deadline` the exchange fails DEADLINE_EXCEEDED (`what`
         did not happen in time); when `gone()` says this part's client hung up, CANCELLED."""
@@ -132,8 +137,14 @@ class Assembly:
                     return False
                 left = None if deadline is None or self._sealed else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    self._fail((Code.DEADLINE_EXCEEDED, f"striped exchange timed out: {what} did not come within "
-                                f"{self.timeout:g} s (a part's client stalled or died)", ""))
+                    self._fail(
+                        (
+                            Code.DEADLINE_EXCEEDED,
+                            f"striped exchange timed out: {what} did not come within "
+                            f"{self.timeout:g} s (a part's client stalled or died)",
+                            "",
+                        )
+                    )
                     return False
                 if gone is not None and not self._sealed and gone():
                     self._fail((Code.CANCELLED, "striped exchange: a part's client went away", ""))
@@ -152,8 +163,14 @@ class Assembly:
             while not (self.active == 0 and (self.failure is not None or self.finished == self.count)):
                 left = self.deadline - time.monotonic()
                 if left <= 0:
-                    self._fail((Code.DEADLINE_EXCEEDED, "striped exchange timed out: not every part was sent "
-                                f"within {self.timeout:g} s (a part's client stalled or died)", ""))
+                    self._fail(
+                        (
+                            Code.DEADLINE_EXCEEDED,
+                            "striped exchange timed out: not every part was sent "
+                            f"within {self.timeout:g} s (a part's client stalled or died)",
+                            "",
+                        )
+                    )
                 elif self.failure is None and self.active == 0 and gone is not None and gone():
                     self._fail((Code.CANCELLED, "striped exchange: a part's client went away", ""))
                 self._cond.wait(max(0.01, min(left, POLL_SECONDS)))

@@ -72,8 +72,11 @@ def _rows(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def _positionals(parser: argparse.ArgumentParser) -> list[str]:
-    return [f"`{a.dest}`: {a.help or ''}" for a in parser._actions
-            if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]
+    return [
+        f"`{a.dest}`: {a.help or ''}"
+        for a in parser._actions
+        if not a.option_strings and not isinstance(a, argparse._SubParsersAction)
+    ]
 
 
 def render() -> str:

@@ -104,8 +104,12 @@ class PendingServer:
                 raise TimeoutError(f"ps-server wrote no port file: {log.read_text()}")
             time.sleep(0.02)
         bound = int(self.port_file.read_text())
-        wait_serving(f"127.0.0.1:{bound}", timeout=max(1.0, end - time.monotonic()),
-                     is_alive=lambda: proc.poll() is None, security=self.security)
+        wait_serving(
+            f"127.0.0.1:{bound}",
+            timeout=max(1.0, end - time.monotonic()),
+            is_alive=lambda: proc.poll() is None,
+            security=self.security,
+        )
         return ServerProc(proc, bound, self.shard_index, self.num_shards, self.checkpoint_dir, log)
 
 
@@ -122,13 +126,27 @@ class ServerStarter:
         self.group, self.directory = group, directory
         self._counter = iter(range(100000))
 
-    def launch(self, shard_index: int = 0, num_shards: int = 1, port: int = 0, security: Security = NONE,
-               **flags) -> PendingServer:
+    def launch(
+        self, shard_index: int = 0, num_shards: int = 1, port: int = 0, security: Security = NONE, **flags
+    ) -> PendingServer:
         n = next(self._counter)
         port_file = self.directory / f"server-{n}.port"
         log = self.directory / f"server-{n}.log"
-        args = [sys.executable, "-m", "ps_server.cli", "--host", "127.0.0.1", "--port", str(port),
-                "--port-file", str(port_file), "--shard-index", str(shard_index), "--num-shards", str(num_shards)]
+        args = [
+            sys.executable,
+            "-m",
+            "ps_server.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-file",
+            str(port_file),
+            "--shard-index",
+            str(shard_index),
+            "--num-shards",
+            str(num_shards),
+        ]
         for key, value in flags.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         with open(log, "wb") as out:
@@ -136,8 +154,9 @@ class ServerStarter:
         ckpt = flags.get("checkpoint_dir")
         return PendingServer(proc, port_file, shard_index, num_shards, Path(ckpt) if ckpt else None, log, security)
 
-    def __call__(self, shard_index: int = 0, num_shards: int = 1, port: int = 0, security: Security = NONE,
-                 **flags) -> ServerProc:
+    def __call__(
+        self, shard_index: int = 0, num_shards: int = 1, port: int = 0, security: Security = NONE, **flags
+    ) -> ServerProc:
         return self.launch(shard_index, num_shards, port, security, **flags).ready()
 
     def shards(self, num_shards: int, **flags) -> list[ServerProc]:

@@ -15,17 +15,17 @@ from collections.abc import Callable
 from typing import Any
 
 from asyncps_common import security
-from asyncps_common.flags import staleness_flag
-from protos import compress, wire
-from asyncps_common.flags import FlagParser, int_range, non_negative, positive
-from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from asyncps_common.delay import DEFAULT_DC_LAMBDA, RULES, UNBOUNDED_HISTORY
+from asyncps_common.flags import FlagParser, int_range, non_negative, positive, staleness_flag
+from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from asyncps_common.optimizer import OPTIMIZERS, default_config, validate
+from protos import compress, wire
 from worker.environment import default_worker_id, resolve_rank
 from worker.metrics import WorkerMetrics
 from worker.rpc import DATA_STREAMS, TRANSPORTS, CallOptions
 from worker.task import TaskConfig
 from worker.trainer import WorkerConfig, pick_device, train
+
 
 def compression_flag(text: str) -> str:
     try:
@@ -53,40 +53,100 @@ TRAINING_FLAGS: list[tuple[str, Callable[[str], Any], object, str]] = [
     ("device", str, "auto", "auto (CUDA when present), cpu or cuda[:N]"),
     ("seed", non_negative(int), 0, "seed for the model's initial weights and the data order"),
     ("data", str, None, "text file or folder to train on (default: this Python's standard library)"),
-    ("compression", compression_flag, "none", "tensors on the wire: none (float32), bf16 or fp16 (pulls and "
-                                              "pushes), onebit (pushes: signs + scales, error feedback)"),
-    ("update-rule", str, "plain", (f"how the servers apply a stale gradient: {', '.join(RULES[:2])} (delay "
-                                   "compensation with the weights each gradient read; docs/asynchrony.md)")),
+    (
+        "compression",
+        compression_flag,
+        "none",
+        "tensors on the wire: none (float32), bf16 or fp16 (pulls and "
+        "pushes), onebit (pushes: signs + scales, error feedback)",
+    ),
+    (
+        "update-rule",
+        str,
+        "plain",
+        (
+            f"how the servers apply a stale gradient: {', '.join(RULES[:2])} (delay "
+            "compensation with the weights each gradient read; docs/asynchrony.md)"
+        ),
+    ),
     ("dc-lambda", non_negative(float), DEFAULT_DC_LAMBDA, "update rule dc: the adaptive lambda"),
-    ("dc-history", non_negative(int), 0, ("update rule dc: versions of the weights each shard keeps "
-                                          f"(0: s + 1, or {UNBOUNDED_HISTORY} with s = inf); at least s + 1")),
-    ("local-steps", non_negative(int), 0, ("H > 0: each worker runs H steps of its own optimizer (the flags above) "
-                                           "per push and pushes the change of its weights; the servers apply the "
-                                           "outer optimizer (--outer-*); --steps counts batches")),
+    (
+        "dc-history",
+        non_negative(int),
+        0,
+        (
+            "update rule dc: versions of the weights each shard keeps "
+            f"(0: s + 1, or {UNBOUNDED_HISTORY} with s = inf); at least s + 1"
+        ),
+    ),
+    (
+        "local-steps",
+        non_negative(int),
+        0,
+        (
+            "H > 0: each worker runs H steps of its own optimizer (the flags above) "
+            "per push and pushes the change of its weights; the servers apply the "
+            "outer optimizer (--outer-*); --steps counts batches"
+        ),
+    ),
     ("outer-optimizer", str, None, f"with --local-steps: {', '.join(OUTER)} (default sgd)"),
-    ("outer-lr", positive(float), None, ("with --local-steps: outer lr (default 1 with --average-gradients, "
-                                         "else 1/--world: each push applied at 1/P)")),
-    ("outer-momentum", non_negative(float), None, ("with --local-steps: outer momentum (default 0.9 for nesterov "
-                                                   "and delayed-nesterov)")),
-    ("outer-period", positive(int), None, ("with --outer-optimizer delayed-nesterov: pushes per momentum step "
-                                           "(default --world)")),
+    (
+        "outer-lr",
+        positive(float),
+        None,
+        ("with --local-steps: outer lr (default 1 with --average-gradients, else 1/--world: each push applied at 1/P)"),
+    ),
+    (
+        "outer-momentum",
+        non_negative(float),
+        None,
+        ("with --local-steps: outer momentum (default 0.9 for nesterov and delayed-nesterov)"),
+    ),
+    (
+        "outer-period",
+        positive(int),
+        None,
+        ("with --outer-optimizer delayed-nesterov: pushes per momentum step (default --world)"),
+    ),
 ]
 SWITCHES: list[tuple[str, bool, str]] = [
     ("nesterov", False, "Nesterov momentum (SGD)"),
     ("staleness-aware-lr", False, "divide the lr by each update's staleness"),
     ("average-gradients", True, "one update per clock from the mean of all live workers' gradients (synchronous)"),
-    ("balance-batches", False, "with --average-gradients: the shards give each worker a batch in proportion to "
-                               "its speed, the workers' combined batch unchanged (LB-BSP; machines of unequal speed)"),
-    ("decay-all", True, "with --weight-decay, decay every parameter; --no-decay-all leaves biases, LayerNorm "
-                        "weights and embeddings undecayed, as transformer recipes do (measured 0.009 nats/byte "
-                        "worse on a short run of this task: docs/byom.md)"),
-    ("dynamic-local-steps", False, ("with --local-steps: the servers split the workers' combined H in proportion "
-                                    "to their measured speed, so a slow worker pushes on time")),
+    (
+        "balance-batches",
+        False,
+        "with --average-gradients: the shards give each worker a batch in proportion to "
+        "its speed, the workers' combined batch unchanged (LB-BSP; machines of unequal speed)",
+    ),
+    (
+        "decay-all",
+        True,
+        "with --weight-decay, decay every parameter; --no-decay-all leaves biases, LayerNorm "
+        "weights and embeddings undecayed, as transformer recipes do (measured 0.009 nats/byte "
+        "worse on a short run of this task: docs/byom.md)",
+    ),
+    (
+        "dynamic-local-steps",
+        False,
+        (
+            "with --local-steps: the servers split the workers' combined H in proportion "
+            "to their measured speed, so a slow worker pushes on time"
+        ),
+    ),
     ("pipeline", False, "request the next pull before computing (needs s >= 1)"),
-    ("qk-norm", False, "built-in model: LayerNorm on each head's queries and keys, which keeps stale "
-                       "updates from blowing up the attention logits (s > 0 without averaging)"),
-    ("flush-denormal", True, "on the CPU, flush denormal floats to zero (a stale model's saturated "
-                             "softmax makes them; each costs ~100 cycles)"),
+    (
+        "qk-norm",
+        False,
+        "built-in model: LayerNorm on each head's queries and keys, which keeps stale "
+        "updates from blowing up the attention logits (s > 0 without averaging)",
+    ),
+    (
+        "flush-denormal",
+        True,
+        "on the CPU, flush denormal floats to zero (a stale model's saturated "
+        "softmax makes them; each costs ~100 cycles)",
+    ),
 ]
 
 
@@ -111,8 +171,11 @@ def training_argv(args: argparse.Namespace) -> list[str]:
 
 def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
     """Turn inconsistent training flags into one-line errors (exit 2)."""
-    outer = [f"--{n}" for n in ("outer-optimizer", "outer-lr", "outer-momentum", "outer-period")
-             if getattr(args, n.replace("-", "_")) is not None]
+    outer = [
+        f"--{n}"
+        for n in ("outer-optimizer", "outer-lr", "outer-momentum", "outer-period")
+        if getattr(args, n.replace("-", "_")) is not None
+    ]
     if outer and not args.local_steps:
         p.error(f"{outer[0]} sets an outer optimizer, which needs --local-steps H")
     if args.dynamic_local_steps and not args.local_steps:
@@ -120,8 +183,10 @@ def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
     if args.outer_optimizer is not None and args.outer_optimizer not in OUTER:
         p.error(f"--outer-optimizer {args.outer_optimizer!r}: choose one of {', '.join(OUTER)}")
     if args.update_rule not in RULES[:2]:
-        p.error(f"--update-rule {args.update_rule!r}: choose one of {', '.join(RULES[:2])}"
-                " (delayed-nesterov is an --outer-optimizer)")
+        p.error(
+            f"--update-rule {args.update_rule!r}: choose one of {', '.join(RULES[:2])}"
+            " (delayed-nesterov is an --outer-optimizer)"
+        )
     if args.local_steps and args.update_rule == "dc":
         p.error("--update-rule dc needs plain gradients: it cannot be used with --local-steps")
     if args.outer_period is not None and args.outer_optimizer != "delayed-nesterov":
@@ -142,10 +207,19 @@ def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
 
 def inner_config(args: argparse.Namespace):
     """The optimizer the training flags describe: the servers' (gradients) or each worker's own (local steps)."""
-    return default_config(args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-                          weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2,
-                          staleness_aware_lr=args.staleness_aware_lr, average_gradients=args.average_gradients,
-                          balance_batches=args.balance_batches, warmup_updates=args.warmup)
+    return default_config(
+        args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=args.nesterov,
+        weight_decay=args.weight_decay,
+        beta1=args.beta1,
+        beta2=args.beta2,
+        staleness_aware_lr=args.staleness_aware_lr,
+        average_gradients=args.average_gradients,
+        balance_batches=args.balance_batches,
+        warmup_updates=args.warmup,
+    )
 
 
 def optimizer_config(args: argparse.Namespace):
@@ -158,49 +232,86 @@ def optimizer_config(args: argparse.Namespace):
     kind = args.outer_optimizer or "sgd"
     lr = args.outer_lr or (1.0 if args.average_gradients else 1.0 / max(1, getattr(args, "world", 1)))
     momentum = args.outer_momentum if args.outer_momentum is not None else (0.0 if kind == "sgd" else 0.9)
-    return default_config("sgd", lr=lr, momentum=momentum, nesterov=kind == "nesterov",
-                          update_rule=kind if kind == "delayed-nesterov" else args.update_rule,
-                          outer_period=(args.outer_period or max(1, getattr(args, "world", 1))) if kind == "delayed-nesterov" else 0,
-                          local_steps=args.local_steps, average_gradients=args.average_gradients,
-                          balance_batches=args.dynamic_local_steps, staleness_aware_lr=args.staleness_aware_lr)
+    return default_config(
+        "sgd",
+        lr=lr,
+        momentum=momentum,
+        nesterov=kind == "nesterov",
+        update_rule=kind if kind == "delayed-nesterov" else args.update_rule,
+        outer_period=(args.outer_period or max(1, getattr(args, "world", 1))) if kind == "delayed-nesterov" else 0,
+        local_steps=args.local_steps,
+        average_gradients=args.average_gradients,
+        balance_batches=args.dynamic_local_steps,
+        staleness_aware_lr=args.staleness_aware_lr,
+    )
 
 
 def task_config(args: argparse.Namespace) -> TaskConfig:
-    return TaskConfig(context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
-                      qk_norm=args.qk_norm)
+    return TaskConfig(
+        context=args.context, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, qk_norm=args.qk_norm
+    )
 
 
 def add_transport_flag(p: FlagParser) -> None:
-    p.env_flag("transport", default="auto", choices=list(TRANSPORTS),
-               help="pulls and pushes: auto (the servers' TCP data plane when reachable, else gRPC), tcp, grpc")
-    p.env_flag("data-streams", type=int_range(1, wire.MAX_STRIPES), default=DATA_STREAMS,
-               help="data-plane connections a pull or push of the model uses at once: each of S shards "
-                    f"is striped over ceil(N/S) (parts of at least {wire.STRIPE_MIN_BYTES >> 20} MiB; 1: no striping)")
+    p.env_flag(
+        "transport",
+        default="auto",
+        choices=list(TRANSPORTS),
+        help="pulls and pushes: auto (the servers' TCP data plane when reachable, else gRPC), tcp, grpc",
+    )
+    p.env_flag(
+        "data-streams",
+        type=int_range(1, wire.MAX_STRIPES),
+        default=DATA_STREAMS,
+        help="data-plane connections a pull or push of the model uses at once: each of S shards "
+        f"is striped over ceil(N/S) (parts of at least {wire.STRIPE_MIN_BYTES >> 20} MiB; 1: no striping)",
+    )
 
 
 def build_parser() -> FlagParser:
     p = FlagParser(prog="ps-worker", description="Run one asyncps worker of the built-in byte-level LM task.")
     p.env_flag("servers", required=False, help="comma-separated server addresses host:port, in shard order")
     p.env_flag("steps", type=positive(int), default=1000, help="iterations this worker runs")
-    p.env_flag("rank", type=non_negative(int), default=None,
-               help="this worker's index (selects its data slice); default: $JOB_COMPLETION_INDEX (a Kubernetes "
-                    "Indexed Job's), or 0 when --world is 1")
+    p.env_flag(
+        "rank",
+        type=non_negative(int),
+        default=None,
+        help="this worker's index (selects its data slice); default: $JOB_COMPLETION_INDEX (a Kubernetes "
+        "Indexed Job's), or 0 when --world is 1",
+    )
     p.env_flag("world", type=positive(int), default=1, help="number of workers (data slices)")
     p.env_flag("worker-id", help="name for this worker (default: host-pid)")
     p.env_flag("threads", type=non_negative(int), default=0, help="torch threads (0: torch's default)")
     p.env_flag("slowdown", type=positive(float), default=1.0, help="straggler factor: sleep (F-1) x compute per step")
     p.env_flag("report", help="append JSON-lines progress to this file")
-    p.env_flag("report-every", type=non_negative(float), default=0.5, help="seconds between progress lines (0: every step)")
-    p.env_flag("snapshot-dir", help="save the weights just pulled here as safetensors files, every --snapshot-every seconds")
-    p.env_flag("snapshot-every", type=non_negative(float), default=1.0, help="seconds between weight snapshots (with --snapshot-dir)")
-    p.env_flag("first-step", type=non_negative(int), default=0,
-               help="steps an earlier life of this worker already did (a restart runs --steps minus these)")
+    p.env_flag(
+        "report-every", type=non_negative(float), default=0.5, help="seconds between progress lines (0: every step)"
+    )
+    p.env_flag(
+        "snapshot-dir", help="save the weights just pulled here as safetensors files, every --snapshot-every seconds"
+    )
+    p.env_flag(
+        "snapshot-every",
+        type=non_negative(float),
+        default=1.0,
+        help="seconds between weight snapshots (with --snapshot-dir)",
+    )
+    p.env_flag(
+        "first-step",
+        type=non_negative(int),
+        default=0,
+        help="steps an earlier life of this worker already did (a restart runs --steps minus these)",
+    )
     p.env_flag("retry-seconds", type=non_negative(float), default=60.0, help="how long to retry an unavailable server")
     add_transport_flag(p)
     add_metrics_flags(p, "127.0.0.1", "address for /metrics (0.0.0.0: every interface)")
-    p.env_flag("metrics-linger", type=non_negative(float), default=0.0,
-               help="after the last step, keep /metrics up until a scrape has read asyncps_worker_finished 1, "
-                    "at most this many seconds (so the AsyncpsWorkerDown alert knows it finished; 0: exit at once)")
+    p.env_flag(
+        "metrics-linger",
+        type=non_negative(float),
+        default=0.0,
+        help="after the last step, keep /metrics up until a scrape has read asyncps_worker_finished 1, "
+        "at most this many seconds (so the AsyncpsWorkerDown alert knows it finished; 0: exit at once)",
+    )
     security.add_security_flags(p, "client")
     p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     add_training_flags(p)
@@ -227,22 +338,38 @@ def main(argv: list[str] | None = None) -> int:
     metrics_ssl = metrics_tls(p, args)  # checked even with the endpoint off: a wrong file is a mistake
     if args.metrics_port != OFF:
         try:
-            serve_metrics(metrics.registry, args.metrics_host, args.metrics_port, args.metrics_port_file,
-                          metrics_ssl)
+            serve_metrics(metrics.registry, args.metrics_host, args.metrics_port, args.metrics_port_file, metrics_ssl)
         except OSError as exc:
             p.error(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror or exc}")
     cfg = WorkerConfig(
-        servers=servers, optimizer=optimizer_config(args), local_steps=args.local_steps,
+        servers=servers,
+        optimizer=optimizer_config(args),
+        local_steps=args.local_steps,
         inner=inner_config(args) if args.local_steps else None,
-        task=task_config(args), data=args.data, rank=args.rank, world=args.world, worker_id=worker_id,
-        staleness=args.staleness, pipeline=args.pipeline, flush_denormal=args.flush_denormal,
-        batch_size=args.batch_size, steps=args.steps, decay_all=args.decay_all,
-        device=args.device, seed=args.seed, threads=args.threads, slowdown=args.slowdown, report=args.report,
-        report_every=args.report_every, first_step=args.first_step,
-        snapshot_dir=args.snapshot_dir, snapshot_every=args.snapshot_every,
+        task=task_config(args),
+        data=args.data,
+        rank=args.rank,
+        world=args.world,
+        worker_id=worker_id,
+        staleness=args.staleness,
+        pipeline=args.pipeline,
+        flush_denormal=args.flush_denormal,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        decay_all=args.decay_all,
+        device=args.device,
+        seed=args.seed,
+        threads=args.threads,
+        slowdown=args.slowdown,
+        report=args.report,
+        report_every=args.report_every,
+        first_step=args.first_step,
+        snapshot_dir=args.snapshot_dir,
+        snapshot_every=args.snapshot_every,
         compression=args.compression,
-        options=CallOptions(retry_seconds=args.retry_seconds, transport=args.transport,
-                            data_streams=args.data_streams), metrics=metrics, security=sec,
+        options=CallOptions(retry_seconds=args.retry_seconds, transport=args.transport, data_streams=args.data_streams),
+        metrics=metrics,
+        security=sec,
     )
     try:
         result = train(cfg)
@@ -250,15 +377,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"ps-worker: error: {exc}\n")
         return 2
     log = logging.getLogger(__name__)
-    log.info("done: %d steps, T_task %.4fs, T_comm %.4fs, loss %.3f", result["steps"],
-             result["t_task_seconds"], result["t_comm_seconds"], result["final_loss"] or float("nan"))
+    log.info(
+        "done: %d steps, T_task %.4fs, T_comm %.4fs, loss %.3f",
+        result["steps"],
+        result["t_task_seconds"],
+        result["t_comm_seconds"],
+        result["final_loss"] or float("nan"),
+    )
     metrics.finish()
     if args.metrics_port != OFF and args.metrics_linger > 0:
         if metrics.wait_scraped(args.metrics_linger):
             log.info("final metrics scraped (asyncps_worker_finished 1 received); exiting")
         else:
-            log.warning("no scrape of /metrics within --metrics-linger %gs after the last step; exiting anyway",
-                        args.metrics_linger)
+            log.warning(
+                "no scrape of /metrics within --metrics-linger %gs after the last step; exiting anyway",
+                args.metrics_linger,
+            )
     return 0
 
 

@@ -43,15 +43,15 @@ from typing import Any
 import torch
 import uvloop
 
-from protos import compress, wire
-from protos.asyncps.v1 import ps_pb2 as pb
 from asyncps_common.optimizer import default_config
 from asyncps_common.security import NONE, Security
+from protos import compress, wire
+from protos.asyncps.v1 import ps_pb2 as pb
 from worker import environment
 from worker import groups as param_groups
+from worker.exchange import ShardExchange
 from worker.metrics import WorkerMetrics
 from worker.plan import Plan, make_plan, param_specs
-from worker.exchange import ShardExchange
 from worker.rpc import CallOptions, RpcFailed, ShardClient
 from worker.tickets import ClientStats, PushTicket
 
@@ -61,12 +61,23 @@ log = logging.getLogger(__name__)
 class PSClient(ShardExchange):
     """A worker's connection to all shards of one model. See the module docstring."""
 
-    def __init__(self, servers: Sequence[str] | Any = None, model: Any = None,
-                 optimizer: dict | pb.OptimizerConfig | None = None,
-                 staleness: float = math.inf, worker_id: str | None = None, pipeline: bool = False,
-                 max_inflight: int = 2, options: CallOptions = CallOptions(), heartbeat_interval: float | None = None,
-                 initialize: bool = True, metrics: WorkerMetrics | None = None, security: Security | None = None,
-                 batch_size: int = 0, compression: str = "none"):
+    def __init__(
+        self,
+        servers: Sequence[str] | Any = None,
+        model: Any = None,
+        optimizer: dict | pb.OptimizerConfig | None = None,
+        staleness: float = math.inf,
+        worker_id: str | None = None,
+        pipeline: bool = False,
+        max_inflight: int = 2,
+        options: CallOptions = CallOptions(),
+        heartbeat_interval: float | None = None,
+        initialize: bool = True,
+        metrics: WorkerMetrics | None = None,
+        security: Security | None = None,
+        batch_size: int = 0,
+        compression: str = "none",
+    ):
         """`servers` may be left out (`PSClient(model, ...)`): then they, the worker id, the token and
         TLS come from the environment. `model`: an nn.Module, or torch.optim-style parameter groups."""
         if model is None and servers is not None and not _is_addresses(servers):
@@ -93,8 +104,9 @@ class PSClient(ShardExchange):
         self.group_configs = groups.configs  # each parameter group's settings, in group order
         self.plan: Plan = make_plan(param_specs(groups.named, groups.group_of), len(servers))
         self.staleness = staleness
-        self.worker_id = (worker_id or os.environ.get("ASYNCPS_WORKER_ID", "").strip()
-                          or f"{socket.gethostname()}-{os.getpid()}")
+        self.worker_id = (
+            worker_id or os.environ.get("ASYNCPS_WORKER_ID", "").strip() or f"{socket.gethostname()}-{os.getpid()}"
+        )
         self.pipeline = pipeline
         self.max_inflight = max(1, max_inflight)
         self.options = options
@@ -106,17 +118,19 @@ class PSClient(ShardExchange):
         self._offsets = list(zip(ends[:-1], ends[1:]))  # each parameter's range in the flat vector
         self.clock = 0
         self.own_batch_size = batch_size  # told to the shards at Register: what balancing splits
-        self.batch_size = batch_size      # the batch for the current clock: the shards' choice when they balance
+        self.batch_size = batch_size  # the batch for the current clock: the shards' choice when they balance
         self.stats = ClientStats()
         self.metrics = metrics if metrics is not None else WorkerMetrics(self.worker_id, len(servers))
         if from_env and metrics is None:
             environment.serve_metrics_from_env(self.metrics.registry)
         pin = self.device.type == "cuda"
         self._weights = torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin)
-        self._free_grads = [torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin) for _ in range(self.max_inflight)]
+        self._free_grads = [
+            torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin) for _ in range(self.max_inflight)
+        ]
         self._sessions: list[int] = []
         self._read_versions: list[int] = [0] * len(servers)
-        self._incarnations: list[int] = [0] * len(servers)   # each shard's server process, from Register
+        self._incarnations: list[int] = [0] * len(servers)  # each shard's server process, from Register
         self._seen_versions: list[int] = [0] * len(servers)  # highest version seen from that process
         self._servers = list(servers)
         self._shards: list[ShardClient] = []
@@ -167,19 +181,29 @@ class PSClient(ShardExchange):
         self._shards = [ShardClient(a, i, per_shard, self.security) for i, a in enumerate(self._servers)]
         flat = self._flatten([p.detach() for p in self.params])
         statuses = await asyncio.gather(*(s.status() for s in self._shards))
+
         async def init(shard: ShardClient, st: pb.StatusResponse) -> None:
             spec = self.plan.shards[shard.index]
             if st.initialized and st.plan_hash == self.plan.hash:
                 return
             if not self.initialize:
                 raise RuntimeError(f"shard {shard.index} at {shard.address} holds no model with this plan")
-            head = pb.InitHeader(plan_hash=self.plan.hash, shard_index=shard.index, num_shards=len(self._shards),
-                                 numel=spec.numel, optimizer=self.optimizer, worker_id=self.worker_id,
-                                 staleness=self.staleness,
-                                 groups=param_groups.segments(self.plan, shard.index, self.group_configs))
+            head = pb.InitHeader(
+                plan_hash=self.plan.hash,
+                shard_index=shard.index,
+                num_shards=len(self._shards),
+                numel=spec.numel,
+                optimizer=self.optimizer,
+                worker_id=self.worker_id,
+                staleness=self.staleness,
+                groups=param_groups.segments(self.plan, shard.index, self.group_configs),
+            )
             resp = await shard.init(head, flat[spec.lo : spec.hi])
             if not resp.accepted and resp.optimizer != self.optimizer:
-                log.warning("shard %d keeps the optimizer settings of the first worker: %s", shard.index, resp.optimizer)
+                log.warning(
+                    "shard %d keeps the optimizer settings of the first worker: %s", shard.index, resp.optimizer
+                )
+
         await asyncio.gather(*(init(s, st) for s, st in zip(self._shards, statuses)))
         await self._register()
 
@@ -191,10 +215,20 @@ class PSClient(ShardExchange):
         """
         start = self.clock
         while True:
-            resps = await asyncio.gather(*(
-                s.register(self.worker_id, self.plan.hash, start, self._seen_versions[s.index], self._incarnations[s.index],
-                           self.own_batch_size, self.compression)
-                for s in self._shards))
+            resps = await asyncio.gather(
+                *(
+                    s.register(
+                        self.worker_id,
+                        self.plan.hash,
+                        start,
+                        self._seen_versions[s.index],
+                        self._incarnations[s.index],
+                        self.own_batch_size,
+                        self.compression,
+                    )
+                    for s in self._shards
+                )
+            )
             if any(r.compression != self.compression for r in resps):  # a server that predates compression
                 raise RuntimeError(f"the servers do not accept compression {self.compression!r}")
             clocks = {r.clock for r in resps}
@@ -209,7 +243,13 @@ class PSClient(ShardExchange):
         self.staleness = resps[0].staleness
         self._hb_interval = self._hb_interval or max(0.05, resps[0].heartbeat_timeout_seconds / 4)
         self._evicted = False
-        log.info("worker %s registered with %d shards at clock %d (s=%s)", self.worker_id, len(self._shards), self.clock, self.staleness)
+        log.info(
+            "worker %s registered with %d shards at clock %d (s=%s)",
+            self.worker_id,
+            len(self._shards),
+            self.clock,
+            self.staleness,
+        )
 
     def close(self, wait: bool = True) -> None:
         """Wait for pushes in flight (if `wait`), leave, and stop the I/O thread. Idempotent."""
@@ -232,8 +272,9 @@ class PSClient(ShardExchange):
             self._loop = None
 
     async def _leave(self) -> None:
-        await asyncio.gather(*(s.leave(self.worker_id, sess) for s, sess in zip(self._shards, self._sessions)),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(s.leave(self.worker_id, sess) for s, sess in zip(self._shards, self._sessions)), return_exceptions=True
+        )
 
     # -- the training loop's calls ------------------------------------------------------
     def pull(self) -> None:
@@ -275,7 +316,9 @@ class PSClient(ShardExchange):
         self.stats.pulls += 1
         self.stats.pull_wait_seconds += time.perf_counter() - t0
 
-    def push(self, samples: int = 0, busy_seconds: float = 0.0, read_versions: Sequence[int] | None = None) -> PushTicket:
+    def push(
+        self, samples: int = 0, busy_seconds: float = 0.0, read_versions: Sequence[int] | None = None
+    ) -> PushTicket:
         """Send the model's gradients for the current clock, advance the clock, and return at once.
 
         `samples`: examples the gradients are the mean over (averaging weights them by it);
@@ -385,6 +428,7 @@ class PSClient(ShardExchange):
     def _raise_failure(self) -> None:
         if self._failure is not None:
             raise self._failure
+
 
 def _is_addresses(value: Any) -> bool:
     """True for a list of "host:port" strings (or one comma-separated string)."""

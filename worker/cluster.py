@@ -50,18 +50,27 @@ class ClusterFailed(Exception):
 
 
 def build_parser() -> FlagParser:
-    p = FlagParser(prog="ps-cluster", description="Train the built-in byte-level LM on a local asyncps cluster. "
-                   "Your own script instead: ps-cluster [flags] -- python train.py ARGS (flags: ps-cluster --help --).")
+    p = FlagParser(
+        prog="ps-cluster",
+        description="Train the built-in byte-level LM on a local asyncps cluster. "
+        "Your own script instead: ps-cluster [flags] -- python train.py ARGS (flags: ps-cluster --help --).",
+    )
     p.env_flag("servers", type=positive(int), default=2, help="parameter-server shards (S)")
     p.env_flag("workers", type=positive(int), default=2, help="worker processes (P)")
     p.env_flag("steps", type=positive(int), default=3000, help="total iterations, all workers together (M)")
     p.env_flag("out", default=None, help="output folder (default: runs/<date-time>)")
     p.env_flag("threads", type=non_negative(int), default=0, help="torch threads per worker (0: cores / workers)")
-    p.env_flag("heartbeat-timeout", type=positive(float), default=10.0, help="seconds before a silent worker is evicted")
+    p.env_flag(
+        "heartbeat-timeout", type=positive(float), default=10.0, help="seconds before a silent worker is evicted"
+    )
     p.env_flag("checkpoint-interval", type=positive(float), default=30.0, help="seconds between server checkpoints")
     p.env_flag("eval-windows", type=positive(int), default=64, help="held-out windows for the final loss")
-    p.env_flag("max-restarts", type=non_negative(int), default=3,
-               help="restarts allowed per failed server or worker (0: a failure stops the cluster)")
+    p.env_flag(
+        "max-restarts",
+        type=non_negative(int),
+        default=3,
+        help="restarts allowed per failed server or worker (0: a failure stops the cluster)",
+    )
     add_transport_flag(p)
     p.env_switch("resume", default=False, help="continue from the checkpoints already in --out")
     p.env_switch("progress", default=True, help="show the live progress bar")
@@ -75,8 +84,12 @@ def build_parser() -> FlagParser:
 class Cluster:
     """One run: servers, workers, monitor. `run()` blocks until done; `children.stop_all()` cleans up."""
 
-    def __init__(self, args: argparse.Namespace, out: Path,
-                 secured: tuple[security.Security, list[str], list[str]] = (security.NONE, [], [])):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        out: Path,
+        secured: tuple[security.Security, list[str], list[str]] = (security.NONE, [], []),
+    ):
         self.args, self.out = args, out
         self.security, self._server_tls_argv, self._worker_tls_argv = secured  # see security.cluster_children
         (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -91,8 +104,17 @@ class Cluster:
         port_file = self.out / "logs" / f"{name}.metrics-port"
         port_file.unlink(missing_ok=True)
         # plain HTTP on loopback, as announced, whatever ASYNCPS_METRICS_TLS_* the environment holds
-        return ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--metrics-port-file", str(port_file),
-                "--metrics-tls-cert=", "--metrics-tls-key=", "--metrics-tls-client-ca="]
+        return [
+            "--metrics-port",
+            "0",
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port-file",
+            str(port_file),
+            "--metrics-tls-cert=",
+            "--metrics-tls-key=",
+            "--metrics-tls-client-ca=",
+        ]
 
     def _wait_port_file(self, child, port_file: Path, timeout: float = 120) -> int:
         end = time.monotonic() + timeout
@@ -123,11 +145,31 @@ class Cluster:
         for i in range(a.servers):
             port_file = self.out / "logs" / f"server-{i}.port"
             port_file.unlink(missing_ok=True)
-            self.children.start(f"server-{i}", "ps_server.cli", [*self._metrics_argv(f"server-{i}"),
-                "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--shard-index", str(i),
-                "--num-shards", str(a.servers), *self._staleness_argv(),
-                "--checkpoint-dir", str(self.out / "checkpoints"), "--checkpoint-interval", str(a.checkpoint_interval),
-                "--heartbeat-timeout", str(a.heartbeat_timeout), *self._server_tls_argv])
+            self.children.start(
+                f"server-{i}",
+                "ps_server.cli",
+                [
+                    *self._metrics_argv(f"server-{i}"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--port-file",
+                    str(port_file),
+                    "--shard-index",
+                    str(i),
+                    "--num-shards",
+                    str(a.servers),
+                    *self._staleness_argv(),
+                    "--checkpoint-dir",
+                    str(self.out / "checkpoints"),
+                    "--checkpoint-interval",
+                    str(a.checkpoint_interval),
+                    "--heartbeat-timeout",
+                    str(a.heartbeat_timeout),
+                    *self._server_tls_argv,
+                ],
+            )
         for i, child in enumerate(self.children.items):
             address = f"127.0.0.1:{self._wait_port_file(child, self.out / 'logs' / f'server-{i}.port')}"
             try:
@@ -144,13 +186,37 @@ class Cluster:
             steps = a.steps // a.workers + (1 if r < a.steps % a.workers else 0)
             report = self.out / "logs" / f"worker-{r}.jsonl"
             report.unlink(missing_ok=True)
-            workers.append(self.children.start(f"worker-{r}", "worker.cli", [
-                "--servers", ",".join(self.addresses), "--rank", str(r), "--world", str(a.workers),
-                "--worker-id", f"worker-{r}", "--steps", str(max(1, steps)), "--threads", str(threads),
-                "--report", str(report), "--report-every", "0",
-                "--transport", a.transport, "--data-streams", str(a.data_streams),
-                *self._metrics_argv(f"worker-{r}"),
-                *self._worker_tls_argv, *training_argv(a)]))
+            workers.append(
+                self.children.start(
+                    f"worker-{r}",
+                    "worker.cli",
+                    [
+                        "--servers",
+                        ",".join(self.addresses),
+                        "--rank",
+                        str(r),
+                        "--world",
+                        str(a.workers),
+                        "--worker-id",
+                        f"worker-{r}",
+                        "--steps",
+                        str(max(1, steps)),
+                        "--threads",
+                        str(threads),
+                        "--report",
+                        str(report),
+                        "--report-every",
+                        "0",
+                        "--transport",
+                        a.transport,
+                        "--data-streams",
+                        str(a.data_streams),
+                        *self._metrics_argv(f"worker-{r}"),
+                        *self._worker_tls_argv,
+                        *training_argv(a),
+                    ],
+                )
+            )
         return workers
 
     @staticmethod
@@ -167,8 +233,10 @@ class Cluster:
         n = self.restarts.get(child.name, 0)
         if n >= self.args.max_restarts:
             if n:
-                raise ClusterFailed(f"{child.name} failed with exit code {code} after {n} restarts "
-                                    f"(--max-restarts {self.args.max_restarts}); its log ends:\n{child.log_tail()}")
+                raise ClusterFailed(
+                    f"{child.name} failed with exit code {code} after {n} restarts "
+                    f"(--max-restarts {self.args.max_restarts}); its log ends:\n{child.log_tail()}"
+                )
             self._check(child)
         self.restarts[child.name] = n + 1
         log.warning("%s exited with code %s: restart %d of %d", child.name, code, n + 1, self.args.max_restarts)
@@ -221,8 +289,7 @@ class Cluster:
                 time.sleep(0.5)
             monitor.close()
             self._servers_serving()
-            summary = final_report(self.args, self.out, self.addresses, monitor, task_config(self.args),
-                                   self.security)
+            summary = final_report(self.args, self.out, self.addresses, monitor, task_config(self.args), self.security)
             statuses = [s.Status(pb.StatusRequest(), timeout=10) for s in stubs]
             summary["max_clock_gap"] = max(st.max_read_gap for st in statuses)
             summary["lost_updates"] = sum(st.lost_updates for st in statuses)
@@ -259,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--" in argv:  # ps-cluster [flags] -- CMD: the user's own script as the workers (worker/launch.py)
         from worker import launch
+
         cut = argv.index("--")
-        return launch.main(argv[:cut], argv[cut + 1:])
+        return launch.main(argv[:cut], argv[cut + 1 :])
     p = build_parser()
     args = p.parse_args(argv)
     check_training_args(p, args)
@@ -273,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out")
     try:
         from worker.data import Corpus, default_corpus_path
+
         Corpus.load(args.data or default_corpus_path(), context=args.context)
     except (ValueError, FileNotFoundError, OSError) as exc:
         p.error(str(exc))

@@ -150,8 +150,12 @@ class Corpus:
             )
         logger.info(
             "corpus %s: %d train bytes (%d files), %d held-out bytes (%d files), split by %s",
-            root, corpus.train.numel(), corpus.files_train,
-            corpus.heldout.numel(), corpus.files_heldout, corpus.split,
+            root,
+            corpus.train.numel(),
+            corpus.files_train,
+            corpus.heldout.numel(),
+            corpus.files_heldout,
+            corpus.split,
         )
         return corpus
 

@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from protos import compress, wire
 from asyncps_common.security import NONE, Security
+from protos import compress, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import Code, DataConn, DataError, status_code, tune
 
@@ -61,8 +61,14 @@ class Abort:
 class DataChannel:
     """Pooled data-plane connections to one shard at `host:port`."""
 
-    def __init__(self, host: str, port: int, security: Security = NONE, streams: int = 1,
-                 min_part_bytes: int = wire.STRIPE_MIN_BYTES):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        security: Security = NONE,
+        streams: int = 1,
+        min_part_bytes: int = wire.STRIPE_MIN_BYTES,
+    ):
         if not 1 <= streams <= wire.MAX_STRIPES:
             raise ValueError(f"streams must be 1 to {wire.MAX_STRIPES}, got {streams}")
         self.host, self.port, self.security, self.streams = host, port, security, streams
@@ -74,24 +80,31 @@ class DataChannel:
         self._lock = threading.Lock()
         self._closed = False
         # the parts after the first of a striped exchange (the caller's thread moves the first)
-        self._parts = concurrent.futures.ThreadPoolExecutor(2 * (streams - 1), thread_name_prefix="asyncps-stripe") \
-            if streams > 1 else None
+        self._parts = (
+            concurrent.futures.ThreadPoolExecutor(2 * (streams - 1), thread_name_prefix="asyncps-stripe")
+            if streams > 1
+            else None
+        )
 
     # -- connections --------------------------------------------------------------------
     def _connect(self, deadline: float) -> DataConn:
         try:
-            sock = socket.create_connection((self.host, self.port),
-                                            timeout=max(0.01, min(CONNECT_SECONDS, deadline - time.monotonic())))
+            sock = socket.create_connection(
+                (self.host, self.port), timeout=max(0.01, min(CONNECT_SECONDS, deadline - time.monotonic()))
+            )
         except OSError as exc:
-            raise DataError(Code.UNAVAILABLE, f"cannot connect to the data plane at {self.peer}: {exc}",
-                            CONNECT_FAILED) from None
+            raise DataError(
+                Code.UNAVAILABLE, f"cannot connect to the data plane at {self.peer}: {exc}", CONNECT_FAILED
+            ) from None
         try:
             tune(sock)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_hostname=self.host)
         except OSError as exc:  # ssl.SSLError included: an untrusted server, a refused client certificate
             sock.close()
-            raise DataError(Code.UNAVAILABLE, f"TLS handshake with the data plane at {self.peer} failed: {exc}") from None
+            raise DataError(
+                Code.UNAVAILABLE, f"TLS handshake with the data plane at {self.peer} failed: {exc}"
+            ) from None
         conn = DataConn(sock, self.peer)
         hello_deadline = min(deadline, time.monotonic() + CONNECT_SECONDS)
         try:
@@ -142,30 +155,39 @@ class DataChannel:
             resp = _answer(conn, conn.recv_header(pb.DataResponse, deadline))
             if resp.pull.numel != out.numel() or resp.payload_bytes != (hi - lo) * dtype.itemsize:
                 conn.broken = True
-                raise DataError(Code.FAILED_PRECONDITION, f"shard holds {resp.pull.numel} elements "
-                                f"({resp.payload_bytes} bytes sent for elements {lo}:{hi}), the plan expects {out.numel()}")
+                raise DataError(
+                    Code.FAILED_PRECONDITION,
+                    f"shard holds {resp.pull.numel} elements "
+                    f"({resp.payload_bytes} bytes sent for elements {lo}:{hi}), the plan expects {out.numel()}",
+                )
             conn.recv_into(wire.tensor_bytes(stage[lo:hi]), deadline)
             if stage is not out:
                 out[lo:hi].copy_(stage[lo:hi])
             return resp.pull
+
         heads = self._exchange(out.numel(), part, deadline, abort, True, dtype.itemsize)
         if any(h.version != heads[0].version for h in heads):  # the server answers every part from one version
-            raise DataError(Code.INTERNAL, f"striped pull from {self.peer} got parts of versions "
-                            f"{sorted({h.version for h in heads})}")
+            raise DataError(
+                Code.INTERNAL,
+                f"striped pull from {self.peer} got parts of versions {sorted({h.version for h in heads})}",
+            )
         return heads[0]
 
     def push(self, head: pb.PushHeader, grad: torch.Tensor, deadline: float, abort: Abort) -> pb.PushResponse:
         """Push one gradient: contiguous 1-D, the shard's size in float32, or the payload of
         `head.compression` (protos/compress.py; a onebit one is never striped). Returns the answer."""
+
         def part(conn: DataConn, stripe: pb.Stripe | None, lo: int, hi: int) -> pb.PushResponse:
             payload = wire.tensor_bytes(grad[lo:hi])
             conn.send(pb.DataRequest(push=head, payload_bytes=payload.nbytes, stripe=stripe), payload, deadline)
             return _answer(conn, conn.recv_header(pb.DataResponse, deadline)).push
+
         striped = compress.elementwise(head.compression)
         return self._exchange(grad.numel(), part, deadline, abort, striped, grad.element_size())[0]
 
-    def _exchange(self, numel: int, part, deadline: float, abort: Abort, striped: bool = True,
-                  itemsize: int = 4) -> list:
+    def _exchange(
+        self, numel: int, part, deadline: float, abort: Abort, striped: bool = True, itemsize: int = 4
+    ) -> list:
         """Run `part(conn, stripe, lo, hi)` for each part of one exchange of a shard of
         `numel` elements: one part on one connection, or a striped exchange over
         `stripe_count` connections at once (all opened before any byte is sent, so a
@@ -181,8 +203,10 @@ class DataChannel:
             if count == 1:
                 return [part(conns[0], None, 0, numel)]
             sid = secrets.randbits(63) + 1
-            jobs = [(conns[i], pb.Stripe(id=sid, index=i, count=count), lo, hi)
-                    for i, (lo, hi) in enumerate(wire.stripes(numel, count))]
+            jobs = [
+                (conns[i], pb.Stripe(id=sid, index=i, count=count), lo, hi)
+                for i, (lo, hi) in enumerate(wire.stripes(numel, count))
+            ]
             futures = []
             try:
                 for job in jobs[1:]:

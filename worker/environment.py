@@ -57,8 +57,10 @@ def resolve_rank(rank: int | None, world: int, environ: dict[str, str] | None = 
         rank, from_index = _int(COMPLETION_INDEX, env[COMPLETION_INDEX]), True
     if rank is None:
         if world != 1:
-            raise ValueError(f"no rank for this worker of {world}: give --rank, ASYNCPS_RANK or "
-                             f"{COMPLETION_INDEX} (a Kubernetes Indexed Job sets it)")
+            raise ValueError(
+                f"no rank for this worker of {world}: give --rank, ASYNCPS_RANK or "
+                f"{COMPLETION_INDEX} (a Kubernetes Indexed Job sets it)"
+            )
         rank = 0
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside the world of {world} workers (0..{world - 1})")
@@ -117,5 +119,6 @@ def serve_metrics_from_env(registry) -> int | None:
     try:
         return serve_metrics(registry, args.metrics_host, args.metrics_port, args.metrics_port_file, tls)
     except OSError as exc:
-        raise ValueError(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: "
-                         f"{exc.strerror or exc}") from None
+        raise ValueError(
+            f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror or exc}"
+        ) from None

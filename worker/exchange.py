@@ -49,8 +49,14 @@ class ShardExchange:
 
         async def one(shard: ShardClient, session: int) -> pb.PullHeader:
             spec = self.plan.shards[shard.index]
-            req = pb.PullRequest(worker_id=self.worker_id, session=session, plan_hash=self.plan.hash,
-                                 clock=clock, own_lag=own_lag, compression=pull_codec)
+            req = pb.PullRequest(
+                worker_id=self.worker_id,
+                session=session,
+                plan_hash=self.plan.hash,
+                clock=clock,
+                own_lag=own_lag,
+                compression=pull_codec,
+            )
             t0 = time.perf_counter()
             head = await shard.pull(req, self._weights[spec.lo : spec.hi])
             i = shard.index
@@ -59,11 +65,18 @@ class ShardExchange:
             m.pull_bytes[i].inc(spec.numel * (itemsize if shard.transport == "tcp" else 4))
             m.pull_seconds[i].observe(time.perf_counter() - t0)
             return head
+
         return list(await asyncio.gather(*(one(s, sess) for s, sess in zip(self._shards, self._sessions))))
 
-    async def _push_all(self, clock: int, grad: torch.Tensor, samples: int, busy_seconds: float,
-                        read_versions: list[int], payloads: list[torch.Tensor] | None = None
-                        ) -> list[pb.PushResponse | None]:
+    async def _push_all(
+        self,
+        clock: int,
+        grad: torch.Tensor,
+        samples: int,
+        busy_seconds: float,
+        read_versions: list[int],
+        payloads: list[torch.Tensor] | None = None,
+    ) -> list[pb.PushResponse | None]:
         if len(read_versions) != len(self._shards):  # zip would silently push to fewer shards
             self._free_grads.append(grad)
             raise ValueError(f"{len(read_versions)} read versions for {len(self._shards)} shards")
@@ -71,9 +84,16 @@ class ShardExchange:
 
         async def one(shard: ShardClient, session: int, read_version: int) -> pb.PushResponse | None:
             spec = self.plan.shards[shard.index]
-            head = pb.PushHeader(worker_id=self.worker_id, session=session, plan_hash=self.plan.hash,
-                                 clock=clock, read_version=read_version, samples=samples, busy_seconds=busy_seconds,
-                                 compression="" if payloads is None else self.compression)
+            head = pb.PushHeader(
+                worker_id=self.worker_id,
+                session=session,
+                plan_hash=self.plan.hash,
+                clock=clock,
+                read_version=read_version,
+                samples=samples,
+                busy_seconds=busy_seconds,
+                compression="" if payloads is None else self.compression,
+            )
             payload = None if payloads is None else payloads[shard.index]
             t0 = time.perf_counter()
             try:
@@ -92,17 +112,24 @@ class ShardExchange:
                 raise
             i = shard.index
             m.pushes[i].inc()
-            m.push_bytes[i].inc(payload.numel() * payload.element_size()
-                                if payload is not None and shard.transport == "tcp" else spec.numel * 4)
+            m.push_bytes[i].inc(
+                payload.numel() * payload.element_size()
+                if payload is not None and shard.transport == "tcp"
+                else spec.numel * 4
+            )
             m.push_seconds[i].observe(time.perf_counter() - t0)
             if resp is not None:
                 self.stats.max_update_staleness = max(self.stats.max_update_staleness, resp.staleness)
                 if session == self._sessions[shard.index]:  # a version of the process we registered with
                     self._seen_versions[shard.index] = max(self._seen_versions[shard.index], resp.version)
             return resp
+
         try:
-            return list(await asyncio.gather(*(one(s, sess, v) for s, sess, v in
-                                               zip(self._shards, self._sessions, read_versions))))
+            return list(
+                await asyncio.gather(
+                    *(one(s, sess, v) for s, sess, v in zip(self._shards, self._sessions, read_versions))
+                )
+            )
         finally:
             self._free_grads.append(grad)
 
@@ -111,8 +138,13 @@ class ShardExchange:
         delay the others' heartbeats (they would evict this worker meanwhile)."""
         while True:
             await asyncio.sleep(self._hb_interval)  # type: ignore[arg-type]
-            results = await asyncio.gather(*(s.heartbeat(self.worker_id, sess, timeout=max(1.0, 2 * self._hb_interval))  # type: ignore[operator]
-                                             for s, sess in zip(self._shards, self._sessions)), return_exceptions=True)
+            results = await asyncio.gather(
+                *(
+                    s.heartbeat(self.worker_id, sess, timeout=max(1.0, 2 * self._hb_interval))  # type: ignore[operator]
+                    for s, sess in zip(self._shards, self._sessions)
+                ),
+                return_exceptions=True,
+            )
             for r in results:
                 if isinstance(r, RpcFailed) and r.evicted:
                     self._evicted = True

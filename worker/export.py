@@ -17,12 +17,12 @@ from worker.client import PSClient
 from worker.rpc import CallOptions
 
 
-def pull_into(servers: list[str], model, options: CallOptions = CallOptions(),
-              security: Security = NONE) -> int:
+def pull_into(servers: list[str], model, options: CallOptions = CallOptions(), security: Security = NONE) -> int:
     """Load the servers' current weights into `model` (a module, or the parameter groups the
     workers trained with: the plan must match); returns the sum of shard versions."""
-    client = PSClient(servers, model, worker_id=f"exporter-{os.getpid()}", options=options, initialize=False,
-                      security=security)
+    client = PSClient(
+        servers, model, worker_id=f"exporter-{os.getpid()}", options=options, initialize=False, security=security
+    )
     with client:
         client.pull()
         return sum(client.stats.versions)

@@ -25,8 +25,14 @@ import torch
 
 from protos.asyncps.v1 import ps_pb2 as pb
 
-_FIELDS = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum", "dampening": "dampening",
-           "nesterov": "nesterov", "eps": "eps"}
+_FIELDS = {
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "momentum": "momentum",
+    "dampening": "dampening",
+    "nesterov": "nesterov",
+    "eps": "eps",
+}
 
 
 @dataclass
@@ -57,8 +63,10 @@ def parse(model_or_groups, base: pb.OptimizerConfig) -> Groups:
     for i, group in enumerate(items):
         unknown = set(group) - {"params", "betas", "param_names", *_FIELDS}
         if unknown:
-            raise ValueError(f"parameter group {i}: unknown setting(s) {sorted(unknown)}; "
-                             f"allowed: params, param_names, betas, {', '.join(_FIELDS)}")
+            raise ValueError(
+                f"parameter group {i}: unknown setting(s) {sorted(unknown)}; "
+                f"allowed: params, param_names, betas, {', '.join(_FIELDS)}"
+            )
         params = group.get("params")
         params = [params] if isinstance(params, torch.Tensor) else list(params or [])
         if not params:
@@ -97,16 +105,19 @@ def segments(plan, shard_index: int, configs: list[pb.OptimizerConfig]) -> list[
     """The ParamGroups of one shard for its InitHeader (none when the model has one group)."""
     if len(configs) == 1:
         return []
-    return [pb.ParamGroup(start=a, stop=b, optimizer=configs[g])
-            for a, b, g in plan.shards[shard_index].segments(plan.params)]
+    return [
+        pb.ParamGroup(start=a, stop=b, optimizer=configs[g])
+        for a, b, g in plan.shards[shard_index].segments(plan.params)
+    ]
 
 
 def no_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """[decayed, undecayed] groups: no decay for biases, norm weights and embeddings (1-D or Embedding)."""
     skip: set[int] = set()
     for module in model.modules():
-        if isinstance(module, (torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.GroupNorm,
-                               torch.nn.modules.batchnorm._BatchNorm)):
+        if isinstance(
+            module, (torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
+        ):
             skip.update(id(p) for p in module.parameters(recurse=False))
     decay: list[tuple[str, torch.Tensor]] = []
     rest: list[tuple[str, torch.Tensor]] = []
@@ -114,4 +125,3 @@ def no_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         (rest if p.dim() < 2 or id(p) in skip else decay).append((name, p))
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-

@@ -30,11 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+from asyncps_common import security
+from asyncps_common.flags import FlagParser, non_negative, positive, staleness_flag
 from protos import service
 from protos.asyncps.v1 import ps_pb2 as pb
-from asyncps_common import security
-from asyncps_common.flags import staleness_flag
-from asyncps_common.flags import FlagParser, non_negative, positive
 from worker.cluster import Cluster, ClusterFailed
 from worker.report import write_summary
 
@@ -42,19 +41,32 @@ log = logging.getLogger("ps-cluster")
 
 
 def build_parser() -> FlagParser:
-    p = FlagParser(prog="ps-cluster", usage="ps-cluster [flags] -- CMD [ARGS...]",
-                   description="Run S asyncps servers and P copies of your own training script (CMD), "
-                               "each told the servers, its rank and the world size through ASYNCPS_* variables.")
+    p = FlagParser(
+        prog="ps-cluster",
+        usage="ps-cluster [flags] -- CMD [ARGS...]",
+        description="Run S asyncps servers and P copies of your own training script (CMD), "
+        "each told the servers, its rank and the world size through ASYNCPS_* variables.",
+    )
     p.env_flag("servers", type=positive(int), default=2, help="parameter-server shards (S)")
     p.env_flag("workers", type=positive(int), default=2, help="copies of CMD (P)")
     p.env_flag("out", default=None, help="output folder: logs, checkpoints, summary.json (default: runs/<date-time>)")
     p.env_flag("threads", type=non_negative(int), default=0, help="OMP_NUM_THREADS per copy (0: cores / workers)")
-    p.env_flag("staleness", type=staleness_flag, default=None,
-               help="the servers' staleness bound s (default: what the first PSClient asks for)")
-    p.env_flag("heartbeat-timeout", type=positive(float), default=10.0, help="seconds before a silent worker is evicted")
+    p.env_flag(
+        "staleness",
+        type=staleness_flag,
+        default=None,
+        help="the servers' staleness bound s (default: what the first PSClient asks for)",
+    )
+    p.env_flag(
+        "heartbeat-timeout", type=positive(float), default=10.0, help="seconds before a silent worker is evicted"
+    )
     p.env_flag("checkpoint-interval", type=positive(float), default=30.0, help="seconds between server checkpoints")
-    p.env_flag("max-restarts", type=non_negative(int), default=3,
-               help="restarts allowed per failed server or script copy (0: a failure stops the cluster)")
+    p.env_flag(
+        "max-restarts",
+        type=non_negative(int),
+        default=3,
+        help="restarts allowed per failed server or script copy (0: a failure stops the cluster)",
+    )
     p.env_switch("resume", default=False, help="continue from the checkpoints already in --out")
     p.env_switch("metrics", default=True, help="give every server and script copy a Prometheus /metrics port")
     p.env_flag("log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="launcher logging")
@@ -77,29 +89,46 @@ class ScriptCluster(Cluster):
     def _worker_env(self, rank: int) -> dict[str, str]:
         a = self.args
         name = f"worker-{rank}"
-        env = {"ASYNCPS_SERVERS": ",".join(self.addresses), "ASYNCPS_RANK": str(rank),
-               "ASYNCPS_WORLD": str(a.workers), "ASYNCPS_WORKER_ID": name, "ASYNCPS_RESTART": "0",
-               "ASYNCPS_RUN_DIR": str(self.out)}
+        env = {
+            "ASYNCPS_SERVERS": ",".join(self.addresses),
+            "ASYNCPS_RANK": str(rank),
+            "ASYNCPS_WORLD": str(a.workers),
+            "ASYNCPS_WORKER_ID": name,
+            "ASYNCPS_RESTART": "0",
+            "ASYNCPS_RUN_DIR": str(self.out),
+        }
         if "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(a.threads or max(1, (os.cpu_count() or 1) // a.workers))
         if a.metrics:
             port_file = self.out / "logs" / f"{name}.metrics-port"
             port_file.unlink(missing_ok=True)
-            env.update({"ASYNCPS_METRICS_PORT": "0", "ASYNCPS_METRICS_HOST": "127.0.0.1",
-                        "ASYNCPS_METRICS_PORT_FILE": str(port_file), "ASYNCPS_METRICS_TLS_CERT": "",
-                        "ASYNCPS_METRICS_TLS_KEY": "", "ASYNCPS_METRICS_TLS_CLIENT_CA": ""})
+            env.update(
+                {
+                    "ASYNCPS_METRICS_PORT": "0",
+                    "ASYNCPS_METRICS_HOST": "127.0.0.1",
+                    "ASYNCPS_METRICS_PORT_FILE": str(port_file),
+                    "ASYNCPS_METRICS_TLS_CERT": "",
+                    "ASYNCPS_METRICS_TLS_KEY": "",
+                    "ASYNCPS_METRICS_TLS_CLIENT_CA": "",
+                }
+            )
         else:
             env["ASYNCPS_METRICS_PORT"] = ""
         tls = dict(zip(self._worker_tls_argv[::2], self._worker_tls_argv[1::2]))  # paths, never the token
-        for flag, var in (("--tls-ca", "ASYNCPS_TLS_CA"), ("--tls-cert", "ASYNCPS_TLS_CERT"),
-                          ("--tls-key", "ASYNCPS_TLS_KEY")):
+        for flag, var in (
+            ("--tls-ca", "ASYNCPS_TLS_CA"),
+            ("--tls-cert", "ASYNCPS_TLS_CERT"),
+            ("--tls-key", "ASYNCPS_TLS_KEY"),
+        ):
             if flag in tls:
                 env[var] = tls[flag]
         return env
 
     def _start_workers(self) -> list:
-        self.workers = [self.children.start_command(f"worker-{r}", self.command, self._worker_env(r))
-                        for r in range(self.args.workers)]
+        self.workers = [
+            self.children.start_command(f"worker-{r}", self.command, self._worker_env(r))
+            for r in range(self.args.workers)
+        ]
         return self.workers
 
     def _restart_args(self, child) -> list[str]:
@@ -140,13 +169,18 @@ class ScriptCluster(Cluster):
                 statuses.append(stub.Status(pb.StatusRequest(), timeout=10))
         self.children.stop_all(grace=30)  # servers write their final checkpoint on SIGTERM
         summary = {
-            "command": self.command, "servers": self.args.servers, "workers": self.args.workers,
-            "addresses": self.addresses, "wall_seconds": time.monotonic() - start,
+            "command": self.command,
+            "servers": self.args.servers,
+            "workers": self.args.workers,
+            "addresses": self.addresses,
+            "wall_seconds": time.monotonic() - start,
             "versions": {f"server-{st.shard_index}": st.version for st in statuses},
-            "staleness": statuses[0].staleness, "max_clock_gap": max(st.max_read_gap for st in statuses),
+            "staleness": statuses[0].staleness,
+            "max_clock_gap": max(st.max_read_gap for st in statuses),
             "lost_updates": sum(st.lost_updates for st in statuses),
             "restarts": {c.name: self.restarts.get(c.name, 0) for c in self.children.items},
-            "logs": {c.name: str(c.log) for c in self.children.items}, "metrics": self.metrics,
+            "logs": {c.name: str(c.log) for c in self.children.items},
+            "metrics": self.metrics,
         }
         write_summary(self.out, summary)
         return summary
@@ -154,11 +188,13 @@ class ScriptCluster(Cluster):
 
 def summary_text(s: dict) -> str:
     restarted = {k: v for k, v in s["restarts"].items() if v}
-    return (f"\nasyncps: {s['workers']} copies of {' '.join(s['command'])} finished on {s['servers']} servers "
-            f"in {s['wall_seconds']:.1f}s\n"
-            f"  updates per shard {', '.join(str(v) for v in s['versions'].values())}   "
-            f"largest clock gap {s['max_clock_gap']}   restarts {restarted or 'none'}\n"
-            f"  logs    {Path(s['logs']['worker-0']).parent}\n  summary {s['summary_path']}\n")
+    return (
+        f"\nasyncps: {s['workers']} copies of {' '.join(s['command'])} finished on {s['servers']} servers "
+        f"in {s['wall_seconds']:.1f}s\n"
+        f"  updates per shard {', '.join(str(v) for v in s['versions'].values())}   "
+        f"largest clock gap {s['max_clock_gap']}   restarts {restarted or 'none'}\n"
+        f"  logs    {Path(s['logs']['worker-0']).parent}\n  summary {s['summary_path']}\n"
+    )
 
 
 def main(argv: list[str], command: list[str]) -> int:

@@ -32,8 +32,7 @@ from asyncps_common.buckets import LATENCY_BUCKETS
 # (p10) .. 80-100 ms (p50) .. 0.2 s (p99) .. 0.3 s (max); blocked communication 17 .. 21 .. 100 ..
 # 200 ms; whole steps 0.1 .. 0.13 .. 0.3 .. 0.39 s. Dense over 10 ms .. 0.5 s; a GPU step is
 # ~1-10 ms, a large model's seconds.
-STEP_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0,
-                10.0, 60.0)
+STEP_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 
 
 class _Finished(Collector):
@@ -53,8 +52,11 @@ class _Finished(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         done = self.done  # read once: the value served and the count agree
-        family = GaugeMetricFamily("asyncps_worker_finished", "1 once this worker has run all its steps (it "
-                                   "exits soon after), 0 while it trains.", labels=["worker"])
+        family = GaugeMetricFamily(
+            "asyncps_worker_finished",
+            "1 once this worker has run all its steps (it exits soon after), 0 while it trains.",
+            labels=["worker"],
+        )
         family.add_metric([self.worker], 1.0 if done else 0.0)
         if done:
             with self._lock:
@@ -76,45 +78,96 @@ class WorkerMetrics:
         def shards(metric: Any) -> list:
             return [metric.labels(w, str(i)) for i in range(num_shards)]
 
-        self.pulls = shards(Counter("asyncps_worker_pulls_total", "Pull RPCs completed, per shard.", per_shard, registry=r))
-        self.pull_bytes = shards(Counter("asyncps_worker_pull_bytes_total", "Weight bytes pulled, per shard.",
-                                         per_shard, registry=r))
-        self.pull_seconds = shards(Histogram("asyncps_worker_pull_duration_seconds",
-                                             "Pull RPC latency seen by the worker, waiting under the staleness bound "
-                                             "included.", per_shard, registry=r, buckets=LATENCY_BUCKETS))
-        self.pushes = shards(Counter("asyncps_worker_pushes_total", "Push RPCs completed, per shard.", per_shard, registry=r))
-        self.push_bytes = shards(Counter("asyncps_worker_push_bytes_total", "Gradient bytes pushed, per shard.",
-                                         per_shard, registry=r))
-        self.push_seconds = shards(Histogram("asyncps_worker_push_duration_seconds",
-                                             "Push RPC latency seen by the worker (until the shard answered).",
-                                             per_shard, registry=r, buckets=LATENCY_BUCKETS))
-        self.data_plane = shards(Gauge("asyncps_worker_data_plane", "1 while pulls and pushes to this shard travel "
-                                       "over its TCP data plane, 0 over gRPC.", per_shard, registry=r))
+        self.pulls = shards(
+            Counter("asyncps_worker_pulls_total", "Pull RPCs completed, per shard.", per_shard, registry=r)
+        )
+        self.pull_bytes = shards(
+            Counter("asyncps_worker_pull_bytes_total", "Weight bytes pulled, per shard.", per_shard, registry=r)
+        )
+        self.pull_seconds = shards(
+            Histogram(
+                "asyncps_worker_pull_duration_seconds",
+                "Pull RPC latency seen by the worker, waiting under the staleness bound included.",
+                per_shard,
+                registry=r,
+                buckets=LATENCY_BUCKETS,
+            )
+        )
+        self.pushes = shards(
+            Counter("asyncps_worker_pushes_total", "Push RPCs completed, per shard.", per_shard, registry=r)
+        )
+        self.push_bytes = shards(
+            Counter("asyncps_worker_push_bytes_total", "Gradient bytes pushed, per shard.", per_shard, registry=r)
+        )
+        self.push_seconds = shards(
+            Histogram(
+                "asyncps_worker_push_duration_seconds",
+                "Push RPC latency seen by the worker (until the shard answered).",
+                per_shard,
+                registry=r,
+                buckets=LATENCY_BUCKETS,
+            )
+        )
+        self.data_plane = shards(
+            Gauge(
+                "asyncps_worker_data_plane",
+                "1 while pulls and pushes to this shard travel over its TCP data plane, 0 over gRPC.",
+                per_shard,
+                registry=r,
+            )
+        )
 
         def one(kind: type, name: str, doc: str, **kw: Any) -> Any:
             return kind(name, doc, ["worker"], registry=r, **kw).labels(w)
 
-        self.bound_wait_seconds = one(Counter, "asyncps_worker_bound_wait_seconds_total",
-                                      "Seconds this worker's pulls were held back by the staleness bound "
-                                      "(the slowest shard's wait, per pull).")
-        self.reregistrations = one(Counter, "asyncps_worker_reregistrations_total", "Times this worker was evicted and rejoined.")
-        self.pushes_dropped = one(Counter, "asyncps_worker_pushes_dropped_total", "Pushes refused because the worker had been evicted.")
+        self.bound_wait_seconds = one(
+            Counter,
+            "asyncps_worker_bound_wait_seconds_total",
+            "Seconds this worker's pulls were held back by the staleness bound (the slowest shard's wait, per pull).",
+        )
+        self.reregistrations = one(
+            Counter, "asyncps_worker_reregistrations_total", "Times this worker was evicted and rejoined."
+        )
+        self.pushes_dropped = one(
+            Counter, "asyncps_worker_pushes_dropped_total", "Pushes refused because the worker had been evicted."
+        )
         self.clock = one(Gauge, "asyncps_worker_clock", "This worker's clock (iterations it has pushed).")
         self.steps = one(Counter, "asyncps_worker_steps_total", "Training iterations completed.")
-        self.target_steps = one(Gauge, "asyncps_worker_target_steps", "Iterations this worker was asked to run (0: unknown).")
-        self.samples = one(Counter, "asyncps_worker_samples_total", "Training samples (sequences) processed; rate() is samples/s.")
-        self.batch_size = one(Gauge, "asyncps_worker_batch_size", "Samples in the latest iteration's batch "
-                              "(the shards' choice when they balance batches by speed).")
-        self.local_steps = one(Gauge, "asyncps_worker_local_steps", "Inner-optimizer steps in this worker's latest "
-                               "push (--local-steps; the servers' choice with dynamic local steps; 0: gradients).")
-        self.loss = one(Gauge, "asyncps_worker_loss", "Training loss of the latest iteration (nats per byte for the built-in task).")
-        self.step_seconds = one(Histogram, "asyncps_worker_step_duration_seconds", "Wall time of one iteration.",
-                                buckets=STEP_BUCKETS)
-        self.compute_seconds = one(Histogram, "asyncps_worker_compute_duration_seconds",
-                                   "Compute time of one iteration: forward and backward (T_task).", buckets=STEP_BUCKETS)
-        self.communication_seconds = one(Histogram, "asyncps_worker_communication_duration_seconds",
-                                         "Time one iteration was blocked on pull and push (exposed T_comm).",
-                                         buckets=STEP_BUCKETS)
+        self.target_steps = one(
+            Gauge, "asyncps_worker_target_steps", "Iterations this worker was asked to run (0: unknown)."
+        )
+        self.samples = one(
+            Counter, "asyncps_worker_samples_total", "Training samples (sequences) processed; rate() is samples/s."
+        )
+        self.batch_size = one(
+            Gauge,
+            "asyncps_worker_batch_size",
+            "Samples in the latest iteration's batch (the shards' choice when they balance batches by speed).",
+        )
+        self.local_steps = one(
+            Gauge,
+            "asyncps_worker_local_steps",
+            "Inner-optimizer steps in this worker's latest "
+            "push (--local-steps; the servers' choice with dynamic local steps; 0: gradients).",
+        )
+        self.loss = one(
+            Gauge, "asyncps_worker_loss", "Training loss of the latest iteration (nats per byte for the built-in task)."
+        )
+        self.step_seconds = one(
+            Histogram, "asyncps_worker_step_duration_seconds", "Wall time of one iteration.", buckets=STEP_BUCKETS
+        )
+        self.compute_seconds = one(
+            Histogram,
+            "asyncps_worker_compute_duration_seconds",
+            "Compute time of one iteration: forward and backward (T_task).",
+            buckets=STEP_BUCKETS,
+        )
+        self.communication_seconds = one(
+            Histogram,
+            "asyncps_worker_communication_duration_seconds",
+            "Time one iteration was blocked on pull and push (exposed T_comm).",
+            buckets=STEP_BUCKETS,
+        )
         self._finished = _Finished(worker_id)
         r.register(self._finished)
 
@@ -127,8 +180,15 @@ class WorkerMetrics:
         a second scrape, see `_Finished`), at most `timeout` seconds; True if one did."""
         return self._finished.scraped.wait(timeout)
 
-    def step(self, step_seconds: float, compute_seconds: float, communication_seconds: float, loss: float,
-             samples: int, clock: int) -> None:
+    def step(
+        self,
+        step_seconds: float,
+        compute_seconds: float,
+        communication_seconds: float,
+        loss: float,
+        samples: int,
+        clock: int,
+    ) -> None:
         """Record one finished iteration."""
         self.steps.inc()
         self.samples.inc(samples)

@@ -106,12 +106,16 @@ class Plan:
         return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
 
 
-def param_specs(named: Iterable[tuple[str, torch.Tensor]], groups: Sequence[int] | None = None) -> tuple[ParamSpec, ...]:
+def param_specs(
+    named: Iterable[tuple[str, torch.Tensor]], groups: Sequence[int] | None = None
+) -> tuple[ParamSpec, ...]:
     """ParamSpecs of `module.named_parameters()` (or any (name, tensor) pairs), in order; `groups`: each one's group."""
     named = list(named)
     groups = list(groups) if groups is not None else [0] * len(named)
-    return tuple(ParamSpec(name, tuple(int(d) for d in t.shape), str(t.dtype).removeprefix("torch."), g)
-                 for (name, t), g in zip(named, groups, strict=True))
+    return tuple(
+        ParamSpec(name, tuple(int(d) for d in t.shape), str(t.dtype).removeprefix("torch."), g)
+        for (name, t), g in zip(named, groups, strict=True)
+    )
 
 
 def make_plan(params: Sequence[ParamSpec], num_shards: int) -> Plan:

@@ -96,8 +96,9 @@ class Children:
         self.log_dir = log_dir
         self.items: list[Child] = []
 
-    def start(self, name: str, module: str, argv: list[str], env: dict[str, str] | None = None,
-              wrap: tuple[str, ...] = ()) -> Child:
+    def start(
+        self, name: str, module: str, argv: list[str], env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()
+    ) -> Child:
         """Start `python -m module argv`; `wrap` is a prefix it runs under (one that execs it,
         keeping its pid, e.g. `ip netns exec NS`: the parent-death signal still reaches it)."""
         log = self.log_dir / f"{name}.log"
@@ -141,11 +142,18 @@ class Children:
         self.stop(self.items, grace)
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str] | None, command: bool = False,
-           wrap: tuple[str, ...] = ()) -> subprocess.Popen:
+def _spawn(
+    args: list[str], log: Path, env: dict[str, str] | None, command: bool = False, wrap: tuple[str, ...] = ()
+) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen([*wrap, *_guarded(args, command)], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        return subprocess.Popen(
+            [*wrap, *_guarded(args, command)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:

@@ -32,8 +32,13 @@ class Monitor:
         self._offsets: dict[int, int] = {}
         self.loss_curve: list[list[float]] = []
         self.first_step_at: float | None = None
-        self.bar = tqdm(total=args.steps, unit="it", dynamic_ncols=True, disable=not args.progress,
-                        desc=f"asyncps S={args.servers} P={args.workers}")
+        self.bar = tqdm(
+            total=args.steps,
+            unit="it",
+            dynamic_ncols=True,
+            disable=not args.progress,
+            desc=f"asyncps S={args.servers} P={args.workers}",
+        )
 
     def _read_reports(self) -> None:
         for r in range(len(self.workers)):
@@ -79,8 +84,9 @@ class Monitor:
         self.bar.close()
 
 
-def final_report(args: argparse.Namespace, out: Path, servers: list[str], mon: Monitor, task: TaskConfig,
-                 security: Security = NONE) -> dict:
+def final_report(
+    args: argparse.Namespace, out: Path, servers: list[str], mon: Monitor, task: TaskConfig, security: Security = NONE
+) -> dict:
     """Export the model, measure held-out loss, and assemble the summary (without wall time)."""
     torch.manual_seed(args.seed)
     model = ByteGPT(task)

@@ -33,8 +33,8 @@ from typing import TypeVar
 import grpc
 import torch
 
-from protos import compress, service, wire
 from asyncps_common.security import NONE, Security
+from protos import compress, service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import DataError, split_host
 from worker.dataplane import CONNECT_FAILED, Abort, DataChannel
@@ -50,15 +50,15 @@ T = TypeVar("T")
 class CallOptions:
     """Deadlines (seconds) and the retry budget for UNAVAILABLE."""
 
-    timeout: float = 10.0          # control calls
+    timeout: float = 10.0  # control calls
     push_timeout: float = 60.0
-    pull_timeout: float = 300.0    # includes waiting under the staleness bound
-    retry_seconds: float = 60.0    # keep retrying UNAVAILABLE this long (0: never retry)
+    pull_timeout: float = 300.0  # includes waiting under the staleness bound
+    retry_seconds: float = 60.0  # keep retrying UNAVAILABLE this long (0: never retry)
     backoff_initial: float = 0.05
     backoff_max: float = 2.0
     chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
     max_message_bytes: int = 8 << 20
-    transport: str = "auto"        # pulls and pushes: "auto" (data plane if offered), "tcp" or "grpc"
+    transport: str = "auto"  # pulls and pushes: "auto" (data plane if offered), "tcp" or "grpc"
     # data-plane connections a pull or push of the whole model uses at once: PSClient stripes
     # each of S shards over ceil(data_streams / S) (a ShardClient alone: over data_streams),
     # in parts of at least stripe_min_bytes
@@ -85,14 +85,17 @@ class ShardClient:
     def __init__(self, address: str, index: int, opts: CallOptions = CallOptions(), security: Security = NONE):
         self.address, self.index, self.opts = address, index, opts
         self.retries = 0
-        self._channel = security.aio_channel(address, options=[
-            ("grpc.max_receive_message_length", opts.max_message_bytes),
-            ("grpc.max_send_message_length", opts.max_message_bytes),
-            # reconnect to a restarted server within a second, not after gRPC's default backoff (up to 120 s)
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ])
+        self._channel = security.aio_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", opts.max_message_bytes),
+                ("grpc.max_send_message_length", opts.max_message_bytes),
+                # reconnect to a restarted server within a second, not after gRPC's default backoff (up to 120 s)
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ],
+        )
         self.stub = service.Stub(self._channel, metadata=security.metadata)
         if opts.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {opts.transport!r}")
@@ -121,8 +124,13 @@ class ShardClient:
             return
         if self.data is not None:
             self.data.close()
-        self.data = DataChannel(split_host(self.address), port, self.security, self.opts.data_streams,
-                                self.opts.stripe_min_bytes) if port else None
+        self.data = (
+            DataChannel(
+                split_host(self.address), port, self.security, self.opts.data_streams, self.opts.stripe_min_bytes
+            )
+            if port
+            else None
+        )
         if port:
             log.info("shard %d: pulls and pushes over the data plane at %s", self.index, self.data.peer)  # type: ignore[union-attr]
 
@@ -141,8 +149,9 @@ class ShardClient:
                     pass
             raise
 
-    async def _data_or_grpc(self, method: str, data_fn: Callable[[], Awaitable[T]],
-                            grpc_fn: Callable[[], Awaitable[T]]) -> T:
+    async def _data_or_grpc(
+        self, method: str, data_fn: Callable[[], Awaitable[T]], grpc_fn: Callable[[], Awaitable[T]]
+    ) -> T:
         """One attempt of a pull or push: over the data plane if there is one, else gRPC.
 
         If the data port refuses connections while the gRPC port answers, the shard has
@@ -161,8 +170,13 @@ class ShardClient:
             if st.data_port != port or self.opts.transport == "tcp":
                 self._use_data_port(st.data_port)
                 raise  # UNAVAILABLE: retried (at the new port, if it moved)
-            log.warning("shard %d: data plane at %s unreachable (%s); using gRPC for %s and the rest",
-                        self.index, self.data.peer, exc.details(), method)
+            log.warning(
+                "shard %d: data plane at %s unreachable (%s); using gRPC for %s and the rest",
+                self.index,
+                self.data.peer,
+                exc.details(),
+                method,
+            )
             self._use_data_port(0)
             return await grpc_fn()
 
@@ -185,23 +199,42 @@ class ShardClient:
                     deadline = time.monotonic() + budget
                 if code == grpc.StatusCode.UNAVAILABLE and time.monotonic() + backoff < deadline:
                     self.retries += 1
-                    log.warning("%s to %s unavailable (%s); retrying in %.2fs", method, self.address, err.details(), backoff)
+                    log.warning(
+                        "%s to %s unavailable (%s); retrying in %.2fs", method, self.address, err.details(), backoff
+                    )
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.opts.backoff_max)
                     continue
-                reason = err.reason if isinstance(err, DataError) else \
-                    dict(err.trailing_metadata() or ()).get(service.REASON_KEY, "")
+                reason = (
+                    err.reason
+                    if isinstance(err, DataError)
+                    else dict(err.trailing_metadata() or ()).get(service.REASON_KEY, "")
+                )
                 raise RpcFailed(self.address, method, code, err.details() or "", reason) from None
 
     # -- control ----------------------------------------------------------------------
     async def status(self) -> pb.StatusResponse:
         return await self.call("Status", lambda: self.stub.Status(pb.StatusRequest(), timeout=self.opts.timeout))
 
-    async def register(self, worker_id: str, plan_hash: str, start_clock: int = 0, seen_version: int = 0,
-                       seen_incarnation: int = 0, batch_size: int = 0, compression: str = "") -> pb.RegisterResponse:
-        req = pb.RegisterRequest(worker_id=worker_id, plan_hash=plan_hash, start_clock=start_clock,
-                                 seen_version=seen_version, seen_incarnation=seen_incarnation, batch_size=batch_size,
-                                 compression=compression)
+    async def register(
+        self,
+        worker_id: str,
+        plan_hash: str,
+        start_clock: int = 0,
+        seen_version: int = 0,
+        seen_incarnation: int = 0,
+        batch_size: int = 0,
+        compression: str = "",
+    ) -> pb.RegisterResponse:
+        req = pb.RegisterRequest(
+            worker_id=worker_id,
+            plan_hash=plan_hash,
+            start_clock=start_clock,
+            seen_version=seen_version,
+            seen_incarnation=seen_incarnation,
+            batch_size=batch_size,
+            compression=compression,
+        )
         resp = await self.call("Register", lambda: self.stub.Register(req, timeout=self.opts.timeout))
         self._use_data_port(resp.data_port)
         return resp
@@ -209,15 +242,18 @@ class ShardClient:
     async def heartbeat(self, worker_id: str, session: int, timeout: float | None = None) -> pb.HeartbeatResponse:
         """One attempt, not retried (the next heartbeat is the retry)."""
         req = pb.HeartbeatRequest(worker_id=worker_id, session=session)
-        return await self.call("Heartbeat", lambda: self.stub.Heartbeat(req, timeout=timeout or self.opts.timeout),
-                               retry_seconds=0)
+        return await self.call(
+            "Heartbeat", lambda: self.stub.Heartbeat(req, timeout=timeout or self.opts.timeout), retry_seconds=0
+        )
 
     async def leave(self, worker_id: str, session: int) -> None:
         req = pb.LeaveRequest(worker_id=worker_id, session=session)
         await self.call("Leave", lambda: self.stub.Leave(req, timeout=self.opts.timeout))
 
     async def checkpoint(self) -> pb.CheckpointResponse:
-        return await self.call("Checkpoint", lambda: self.stub.Checkpoint(pb.CheckpointRequest(), timeout=self.opts.timeout))
+        return await self.call(
+            "Checkpoint", lambda: self.stub.Checkpoint(pb.CheckpointRequest(), timeout=self.opts.timeout)
+        )
 
     # -- tensors ----------------------------------------------------------------------
     def _frames(self, head: pb.Frame, flat: torch.Tensor) -> Iterator[bytes]:
@@ -227,10 +263,13 @@ class ShardClient:
     async def init(self, head: pb.InitHeader, weights: torch.Tensor) -> pb.InitResponse:
         """Offer this shard's initial weights (a 1-D float32 CPU tensor); first offer wins."""
         frame = pb.Frame(init=head)
-        return await self.call("Init", lambda: self.stub.Init(self._frames(frame, weights), timeout=self.opts.push_timeout))
+        return await self.call(
+            "Init", lambda: self.stub.Init(self._frames(frame, weights), timeout=self.opts.push_timeout)
+        )
 
-    async def push(self, head: pb.PushHeader, grad: torch.Tensor, payload: torch.Tensor | None = None
-                   ) -> pb.PushResponse | None:
+    async def push(
+        self, head: pb.PushHeader, grad: torch.Tensor, payload: torch.Tensor | None = None
+    ) -> pb.PushResponse | None:
         """Send one gradient (1-D float32 CPU tensor); None if the server had already applied it.
 
         With `head.compression` set, `payload` is its encoding (protos/compress.py) and `grad`
@@ -244,9 +283,16 @@ class ShardClient:
 
         def attempt() -> Awaitable[pb.PushResponse]:
             return self._data_or_grpc(
-                "Push", lambda: self._on_data(self.data.push, data_head, data_grad,  # type: ignore[union-attr]
-                                              time.monotonic() + self.opts.push_timeout),
-                lambda: self.stub.Push(self._frames(frame, grad), timeout=self.opts.push_timeout))
+                "Push",
+                lambda: self._on_data(
+                    self.data.push,  # type: ignore[union-attr]
+                    data_head,
+                    data_grad,
+                    time.monotonic() + self.opts.push_timeout,
+                ),
+                lambda: self.stub.Push(self._frames(frame, grad), timeout=self.opts.push_timeout),
+            )
+
         try:
             return await self.call("Push", attempt)
         except RpcFailed as exc:
@@ -272,16 +318,24 @@ class ShardClient:
                 if head is None:
                     head = frame.pull
                     if head.numel != out.numel():
-                        raise RpcFailed(self.address, "Pull", grpc.StatusCode.FAILED_PRECONDITION,
-                                        f"shard holds {head.numel} elements, the plan expects {out.numel()}")
+                        raise RpcFailed(
+                            self.address,
+                            "Pull",
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            f"shard holds {head.numel} elements, the plan expects {out.numel()}",
+                        )
                     continue
                 chunk = wire.payload_tensor(frame, payload)
                 lo = frame.tensor.offset
                 out[lo : lo + chunk.numel()].copy_(chunk)
                 received += chunk.numel()
             if head is None or received != out.numel():
-                raise RpcFailed(self.address, "Pull", grpc.StatusCode.DATA_LOSS,
-                                f"pull stream ended after {received} of {out.numel()} elements")
+                raise RpcFailed(
+                    self.address,
+                    "Pull",
+                    grpc.StatusCode.DATA_LOSS,
+                    f"pull stream ended after {received} of {out.numel()} elements",
+                )
             if dtype != torch.float32:  # gRPC sends float32: round here, as the data plane's server does
                 out.copy_(out.to(dtype))
             return head
@@ -289,8 +343,9 @@ class ShardClient:
         return await self.call("Pull", lambda: self._data_or_grpc("Pull", over_data, over_grpc))
 
 
-def wait_serving(address: str, timeout: float = 30.0, is_alive: Callable[[], bool] = lambda: True,
-                 security: Security = NONE) -> None:
+def wait_serving(
+    address: str, timeout: float = 30.0, is_alive: Callable[[], bool] = lambda: True, security: Security = NONE
+) -> None:
     """Block until the server at `address` answers the gRPC health check SERVING.
 
     The health service needs no token, but a TLS server must be reached over TLS

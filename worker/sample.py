@@ -1,6 +1,6 @@
 """`ps-sample`: generate text from a model that `ps-cluster` trained.
 
-    ps-sample --model runs/first/model.safetensors --prompt "def main(" --bytes 300
+ps-sample --model runs/first/model.safetensors --prompt "def main(" --bytes 300
 """
 
 from __future__ import annotations

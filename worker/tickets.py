@@ -17,12 +17,12 @@ from protos.asyncps.v1 import ps_pb2 as pb
 class ClientStats:
     """Cumulative seconds the training thread spent blocked, and counters."""
 
-    pull_wait_seconds: float = 0.0     # blocked in pull() (exposed communication + bound waits)
-    push_wait_seconds: float = 0.0     # blocked in push() (gather + in-flight limit)
-    bound_wait_seconds: float = 0.0    # of which servers held pulls for the staleness bound
+    pull_wait_seconds: float = 0.0  # blocked in pull() (exposed communication + bound waits)
+    push_wait_seconds: float = 0.0  # blocked in push() (gather + in-flight limit)
+    bound_wait_seconds: float = 0.0  # of which servers held pulls for the staleness bound
     pulls: int = 0
     pushes: int = 0
-    pushes_dropped: int = 0            # pushes refused because this worker had been evicted
+    pushes_dropped: int = 0  # pushes refused because this worker had been evicted
     reregistrations: int = 0
     max_update_staleness: int = 0
     versions: list[int] = field(default_factory=list)

@@ -24,10 +24,10 @@ from safetensors.torch import save_file
 from asyncps_common.security import NONE, Security
 from protos.asyncps.v1 import ps_pb2 as pb
 from worker.client import PSClient
-from worker.groups import no_decay_groups
-from worker.metrics import WorkerMetrics
 from worker.data import BatchStream, Corpus, default_corpus_path, worker_slice
+from worker.groups import no_decay_groups
 from worker.local_steps import LocalSteps
+from worker.metrics import WorkerMetrics
 from worker.rpc import CallOptions
 from worker.task import ByteGPT, TaskConfig
 
@@ -45,24 +45,24 @@ class WorkerConfig:
     worker_id: str | None = None
     staleness: float = math.inf
     pipeline: bool = False
-    flush_denormal: bool = True      # on the CPU: denormal floats become zero (process-wide while train runs)
+    flush_denormal: bool = True  # on the CPU: denormal floats become zero (process-wide while train runs)
     batch_size: int = 16
     steps: int = 100
     device: str = "auto"
     seed: int = 0
-    threads: int = 0                 # torch intra-op threads; 0: leave torch's default
-    slowdown: float = 1.0            # >1: sleep (slowdown-1) x compute time per step (a straggler)
-    report: str | None = None        # JSON-lines progress file
-    report_every: float = 0.5        # seconds between progress lines
+    threads: int = 0  # torch intra-op threads; 0: leave torch's default
+    slowdown: float = 1.0  # >1: sleep (slowdown-1) x compute time per step (a straggler)
+    report: str | None = None  # JSON-lines progress file
+    report_every: float = 0.5  # seconds between progress lines
     snapshot_dir: str | None = None  # write the pulled weights here every `snapshot_every` seconds
     snapshot_every: float = 0.0
-    first_step: int = 0              # steps done by an earlier life of this worker (ps-cluster restarted it)
+    first_step: int = 0  # steps done by an earlier life of this worker (ps-cluster restarted it)
     metrics: WorkerMetrics | None = None  # Prometheus metrics to record into (PSClient makes its own if None)
     options: CallOptions = field(default_factory=CallOptions)
-    security: Security = NONE        # TLS and auth token (asyncps_common/security.py)
-    decay_all: bool = True           # weight decay on every parameter (False: not on biases, norms, embeddings)
-    compression: str = "none"         # bytes on the wire: none, bf16, fp16, onebit (protos/compress.py)
-    local_steps: int = 0             # > 0: inner-optimizer steps per push (worker/local_steps.py); `optimizer` is then
+    security: Security = NONE  # TLS and auth token (asyncps_common/security.py)
+    decay_all: bool = True  # weight decay on every parameter (False: not on biases, norms, embeddings)
+    compression: str = "none"  # bytes on the wire: none, bf16, fp16, onebit (protos/compress.py)
+    local_steps: int = 0  # > 0: inner-optimizer steps per push (worker/local_steps.py); `optimizer` is then
     inner: pb.OptimizerConfig | None = None  # the servers' outer one and this the worker's own
 
 
@@ -131,11 +131,15 @@ def train(cfg: WorkerConfig) -> dict:
     corpus = Corpus.load(cfg.data or default_corpus_path(), context=cfg.task.context)
     part = worker_slice(corpus.train, cfg.rank, cfg.world)
     if part.numel() <= cfg.task.context + 1:
-        raise ValueError(f"worker {cfg.rank} of {cfg.world} gets only {part.numel()} training bytes; use fewer workers or more data")
+        raise ValueError(
+            f"worker {cfg.rank} of {cfg.world} gets only {part.numel()} training bytes; use fewer workers or more data"
+        )
     torch.manual_seed(cfg.seed)  # every worker builds the same initial model; the first Init wins
     model = ByteGPT(cfg.task).to(device)
     # a restarted worker (first_step > 0) draws fresh batches rather than replaying its first ones
-    stream = BatchStream(part, cfg.batch_size, cfg.task.context, seed=cfg.seed * 1000 + cfg.rank + 1 + 7919 * cfg.first_step)
+    stream = BatchStream(
+        part, cfg.batch_size, cfg.task.context, seed=cfg.seed * 1000 + cfg.rank + 1 + 7919 * cfg.first_step
+    )
     report = _Report(cfg.report)
     t_task = t_comm = 0.0
     samples = 0
@@ -145,16 +149,34 @@ def train(cfg: WorkerConfig) -> dict:
     # makes are denormal floats, which took forward+backward from 56 to 109 ms on this CPU.
     flushing = device.type == "cpu" and cfg.flush_denormal and torch.set_flush_denormal(True)
     try:
-        local = LocalSteps(model, cfg.inner or cfg.optimizer, cfg.local_steps, cfg.first_step) if cfg.local_steps else None
+        local = (
+            LocalSteps(model, cfg.inner or cfg.optimizer, cfg.local_steps, cfg.first_step) if cfg.local_steps else None
+        )
         params = model_params(model, cfg.optimizer.weight_decay, cfg.decay_all)
-        with PSClient(cfg.servers, params, optimizer=cfg.optimizer, staleness=cfg.staleness,
-                      worker_id=cfg.worker_id, pipeline=cfg.pipeline, options=cfg.options, metrics=cfg.metrics,
-                      security=cfg.security, batch_size=cfg.local_steps or cfg.batch_size,
-                      compression=cfg.compression) as ps:
+        with PSClient(
+            cfg.servers,
+            params,
+            optimizer=cfg.optimizer,
+            staleness=cfg.staleness,
+            worker_id=cfg.worker_id,
+            pipeline=cfg.pipeline,
+            options=cfg.options,
+            metrics=cfg.metrics,
+            security=cfg.security,
+            batch_size=cfg.local_steps or cfg.batch_size,
+            compression=cfg.compression,
+        ) as ps:
             metrics = ps.metrics
             metrics.target_steps.set(cfg.steps)
-            report.write(event="start", rank=cfg.rank, clock=ps.clock, first_step=cfg.first_step, device=str(device),
-                         params=sum(p.numel() for p in model.parameters()), t=0.0)
+            report.write(
+                event="start",
+                rank=cfg.rank,
+                clock=ps.clock,
+                first_step=cfg.first_step,
+                device=str(device),
+                params=sum(p.numel() for p in model.parameters()),
+                t=0.0,
+            )
             snapshots = _Snapshots(cfg.snapshot_dir, cfg.snapshot_every, cfg.rank)
             step = cfg.first_step
             while step < cfg.steps:
@@ -189,19 +211,38 @@ def train(cfg: WorkerConfig) -> dict:
                 if t4 - last_report >= cfg.report_every or step >= cfg.steps:
                     last_report = t4
                     recent = losses[-20:]
-                    report.write(event="progress", rank=cfg.rank, step=step, clock=ps.clock,
-                                 loss=sum(recent) / len(recent), t=t4 - start,
-                                 samples=samples, batch=batch, t_task=t_task, t_comm=t_comm)
+                    report.write(
+                        event="progress",
+                        rank=cfg.rank,
+                        step=step,
+                        clock=ps.clock,
+                        loss=sum(recent) / len(recent),
+                        t=t4 - start,
+                        samples=samples,
+                        batch=batch,
+                        t_task=t_task,
+                        t_comm=t_comm,
+                    )
             t5 = time.perf_counter()
             ps.wait()
             t_comm += time.perf_counter() - t5
             stats = ps.stats
         n = max(1, step - cfg.first_step)  # iterations (batches): with local steps, H per push
-        result = dict(event="done", rank=cfg.rank, steps=step, t=time.perf_counter() - start,
-                      t_task_seconds=t_task / n, t_comm_seconds=t_comm / n,
-                      bound_wait_seconds=stats.bound_wait_seconds / n, final_loss=sum(losses[-20:]) / len(losses[-20:]) if losses else None,
-                      first_step=cfg.first_step, samples=samples, reregistrations=stats.reregistrations,
-                      pushes_dropped=stats.pushes_dropped, max_update_staleness=stats.max_update_staleness)
+        result = dict(
+            event="done",
+            rank=cfg.rank,
+            steps=step,
+            t=time.perf_counter() - start,
+            t_task_seconds=t_task / n,
+            t_comm_seconds=t_comm / n,
+            bound_wait_seconds=stats.bound_wait_seconds / n,
+            final_loss=sum(losses[-20:]) / len(losses[-20:]) if losses else None,
+            first_step=cfg.first_step,
+            samples=samples,
+            reregistrations=stats.reregistrations,
+            pushes_dropped=stats.pushes_dropped,
+            max_update_staleness=stats.max_update_staleness,
+        )
         report.write(**result)
         return result
     finally:

@@ -22,7 +22,9 @@ import re
 _OR = re.compile(r"\bor\b")
 _AND = re.compile(r"\b(?:and|unless)\b")
 _CMP = re.compile(r"==|!=|>=|<=|>|<")
-_MODIFIERS = re.compile(r"^\s*(?:bool\b)?\s*(?:(?:on|ignoring)\s*\([^)]*\))?\s*(?:(?:group_left|group_right)\s*(?:\([^)]*\))?)?")
+_MODIFIERS = re.compile(
+    r"^\s*(?:bool\b)?\s*(?:(?:on|ignoring)\s*\([^)]*\))?\s*(?:(?:group_left|group_right)\s*(?:\([^)]*\))?)?"
+)
 _OPEN, _CLOSE = "([{", ")]}"
 
 
@@ -62,8 +64,8 @@ def split_top(expr: str, pattern: re.Pattern) -> list[str]:
     mask = _top_level(expr)
     parts, start = [], 0
     for m in pattern.finditer(expr):
-        if all(mask[m.start():m.end()]) and m.start() >= start:
-            parts.append(expr[start:m.start()])
+        if all(mask[m.start() : m.end()]) and m.start() >= start:
+            parts.append(expr[start : m.start()])
             start = m.end()
     parts.append(expr[start:])
     return [p.strip() for p in parts]

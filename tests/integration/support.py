@@ -49,8 +49,9 @@ def status(address: str, security: Security = NONE) -> pb.StatusResponse:
         return s.Status(pb.StatusRequest(include_checksum=True), timeout=RPC_TIMEOUT)
 
 
-def call(address: str, method: str, request, timeout: float = RPC_TIMEOUT,
-         security: Security = NONE) -> tuple[grpc.StatusCode, str, dict]:
+def call(
+    address: str, method: str, request, timeout: float = RPC_TIMEOUT, security: Security = NONE
+) -> tuple[grpc.StatusCode, str, dict]:
     """One raw RPC with a deadline: (code, details, trailing metadata). Init/Push take a list of frames."""
     with stub(address, security) as s:
         return invoke(getattr(s, method), method, request, timeout)
@@ -71,7 +72,9 @@ def invoke(fn, method: str, request, timeout: float = RPC_TIMEOUT) -> tuple[grpc
     return grpc.StatusCode.OK, "", {}
 
 
-def grpc_pull(s: service.Stub, request: pb.PullRequest, numel: int, timeout: float = RPC_TIMEOUT) -> tuple[int, torch.Tensor]:
+def grpc_pull(
+    s: service.Stub, request: pb.PullRequest, numel: int, timeout: float = RPC_TIMEOUT
+) -> tuple[int, torch.Tensor]:
     """A raw gRPC Pull, its frames reassembled: (version, the numel weights)."""
     out, version = torch.empty(numel), None
     for raw_frame in s.Pull(request, timeout=timeout):
@@ -124,18 +127,49 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def start_worker(procs, servers: list[str], worker_id: str, steps: int, directory: Path, *, sleep: float = 0.0,
-                 staleness: float | str = "inf", hold: bool = False, gate: Path | None = None,
-                 average: bool = False, prefix: tuple[str, ...] = (),
-                 retry_seconds: float = 10.0) -> tuple[subprocess.Popen, dict[str, Path]]:
+def start_worker(
+    procs,
+    servers: list[str],
+    worker_id: str,
+    steps: int,
+    directory: Path,
+    *,
+    sleep: float = 0.0,
+    staleness: float | str = "inf",
+    hold: bool = False,
+    gate: Path | None = None,
+    average: bool = False,
+    prefix: tuple[str, ...] = (),
+    retry_seconds: float = 10.0,
+) -> tuple[subprocess.Popen, dict[str, Path]]:
     """Launch worker_proc.py as its own process (own process group, reaped by `procs`).
 
     `prefix` goes before the command (e.g. `ip netns exec NS`); `files["stats"]` gets the
     worker's push counts (JSON) when it finishes."""
     files = {name: directory / f"{worker_id}.{name}" for name in ("ready", "done", "hold", "log", "stats")}
-    args = [*prefix, sys.executable, str(WORKER_SCRIPT), "--stats", str(files["stats"]), "--retry-seconds", str(retry_seconds), "--servers", ",".join(servers), "--worker-id", worker_id,
-            "--steps", str(steps), "--sleep", str(sleep), "--staleness", str(staleness),
-            "--ready", str(files["ready"]), "--done", str(files["done"])]
+    args = [
+        *prefix,
+        sys.executable,
+        str(WORKER_SCRIPT),
+        "--stats",
+        str(files["stats"]),
+        "--retry-seconds",
+        str(retry_seconds),
+        "--servers",
+        ",".join(servers),
+        "--worker-id",
+        worker_id,
+        "--steps",
+        str(steps),
+        "--sleep",
+        str(sleep),
+        "--staleness",
+        str(staleness),
+        "--ready",
+        str(files["ready"]),
+        "--done",
+        str(files["done"]),
+    ]
     if gate is not None:
         args += ["--go", str(gate)]
     if hold:

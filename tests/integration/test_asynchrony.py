@@ -58,8 +58,10 @@ def dc_reference(model, data, lam: float) -> list[torch.Tensor]:
         else:
             mean_sq = [0.95 * m + 0.05 * g * g for m, g in zip(mean_sq, grads)]
         if t - read > 0:
-            grads = [g + lam * g * g * (w.detach() - wr) / (m.sqrt() + 1e-7)
-                     for g, w, wr, m in zip(grads, params, history[read], mean_sq)]
+            grads = [
+                g + lam * g * g * (w.detach() - wr) / (m.sqrt() + 1e-7)
+                for g, w, wr, m in zip(grads, params, history[read], mean_sq)
+            ]
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
@@ -75,10 +77,13 @@ def test_delay_compensation_equals_reference(start_server):
     uncorrected = dc_reference(model, data, lam=0.0)
     assert max(rel_err(w, u) for w, u in zip(want, uncorrected)) > 1e-4  # the compensation shows in the result
     start = [p.detach().clone() for p in model.parameters()]
-    cfg = default_config("adamw", lr=1e-2, weight_decay=0.01, update_rule="dc", dc_lambda=2.0, history_versions=DELAY + 1)
+    cfg = default_config(
+        "adamw", lr=1e-2, weight_decay=0.01, update_rule="dc", dc_lambda=2.0, history_versions=DELAY + 1
+    )
     pulled = []
-    with PSClient([s.address for s in servers], model, optimizer=cfg, staleness=0, worker_id="solo",
-                  options=FAST_FAIL) as ps:
+    with PSClient(
+        [s.address for s in servers], model, optimizer=cfg, staleness=0, worker_id="solo", options=FAST_FAIL
+    ) as ps:
         for x, y in data:
             ps.pull()
             pulled.append(([p.detach().clone() for p in model.parameters()], list(ps.stats.versions)))
@@ -116,6 +121,7 @@ def outer_reference(kind: str, lr: float, beta: float, period: int):
                         m.mul_(beta).add_(pend / period)
                         p -= lr * beta * m
                         pend.zero_()
+
     return step
 
 
@@ -142,7 +148,7 @@ def test_local_steps_with_delay_equals_reference(start_server, kind):
     for k in range(pushes):
         start_w = history[max(0, k - DELAY)]
         set_params(inner_model, start_w)
-        for x, y in data[k * H:(k + 1) * H]:
+        for x, y in data[k * H : (k + 1) * H]:
             inner.zero_grad()
             loss_of(inner_model, x, y).backward()
             inner.step()
@@ -153,15 +159,16 @@ def test_local_steps_with_delay_equals_reference(start_server, kind):
     cfg = default_config("sgd", local_steps=H, **fields)
     local = LocalSteps(model, INNER, H)
     pulled = []
-    with PSClient([s.address for s in servers], model, optimizer=cfg, staleness=0, worker_id="solo",
-                  options=FAST_FAIL) as ps:
+    with PSClient(
+        [s.address for s in servers], model, optimizer=cfg, staleness=0, worker_id="solo", options=FAST_FAIL
+    ) as ps:
         for k in range(pushes):
             ps.pull()
             pulled.append(([p.detach().clone() for p in model.parameters()], list(ps.stats.versions)))
             weights, versions = pulled[max(0, k - DELAY)]
             set_params(model, weights)
             local.begin()
-            for x, y in data[k * H:(k + 1) * H]:
+            for x, y in data[k * H : (k + 1) * H]:
                 loss_of(model, x, y).backward()
                 local.step()
             local.finish()
@@ -188,7 +195,7 @@ def test_synchronous_local_steps_two_workers_equal_diloco(start_server):
         deltas = []
         for r in range(2):
             set_params(inners[r], start_w)
-            for x, y in data[r][k * H:(k + 1) * H]:
+            for x, y in data[r][k * H : (k + 1) * H]:
                 opts[r].zero_grad()
                 loss_of(inners[r], x, y).backward()
                 opts[r].step()
@@ -203,13 +210,19 @@ def test_synchronous_local_steps_two_workers_equal_diloco(start_server):
     def work(r: int) -> None:
         try:
             local = LocalSteps(models[r], INNER, H)
-            with PSClient([s.address for s in servers], models[r], optimizer=cfg, staleness=0,
-                          worker_id=f"w{r}", options=FAST_FAIL) as ps:
+            with PSClient(
+                [s.address for s in servers],
+                models[r],
+                optimizer=cfg,
+                staleness=0,
+                worker_id=f"w{r}",
+                options=FAST_FAIL,
+            ) as ps:
                 registered.wait()
                 for k in range(rounds):
                     ps.pull()
                     local.begin()
-                    for x, y in data[r][k * H:(k + 1) * H]:
+                    for x, y in data[r][k * H : (k + 1) * H]:
                         loss_of(models[r], x, y).backward()
                         local.step()
                     local.finish()
@@ -225,8 +238,9 @@ def test_synchronous_local_steps_two_workers_equal_diloco(start_server):
         t.join(timeout=120)
     assert not errors, errors
     final = mlp()
-    with PSClient([s.address for s in servers], final, staleness=0, worker_id="reader", options=FAST_FAIL,
-                  initialize=False) as ps:
+    with PSClient(
+        [s.address for s in servers], final, staleness=0, worker_id="reader", options=FAST_FAIL, initialize=False
+    ) as ps:
         ps.pull()
         assert ps.stats.versions == [rounds, rounds]  # one outer step per round
     for got, w, s0 in zip(final.parameters(), ref.parameters(), model.parameters()):
@@ -249,11 +263,45 @@ def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs):
     for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py", "typing.py", "enum.py"]:
         (corpus / name).write_bytes((stdlib / name).read_bytes())
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "worker.cluster", "--servers", "2", "--workers", "2", "--steps", "160",
-           "--data", str(corpus), "--out", str(out), "--d-model", "32", "--n-layer", "1", "--n-head", "2",
-           "--context", "32", "--batch-size", "8", "--lr", "1e-2", "--warmup", "10", "--heartbeat-timeout", "10",
-           "--no-progress", "--no-metrics", "--staleness", "2", "--no-average-gradients", "--local-steps", "4",
-           "--dynamic-local-steps"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker.cluster",
+        "--servers",
+        "2",
+        "--workers",
+        "2",
+        "--steps",
+        "160",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--d-model",
+        "32",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--context",
+        "32",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "10",
+        "--heartbeat-timeout",
+        "10",
+        "--no-progress",
+        "--no-metrics",
+        "--staleness",
+        "2",
+        "--no-average-gradients",
+        "--local-steps",
+        "4",
+        "--dynamic-local-steps",
+    ]
     proc = procs.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr.decode()[-3000:]
@@ -274,10 +322,14 @@ def test_dynamic_local_steps_split_h_by_measured_speed(start_server):
     server = start_server(staleness=8)
     cfg = default_config("sgd", lr=0.5, local_steps=4, balance_batches=True)
     fast, slow = mlp(), mlp()
-    with PSClient([server.address], fast, optimizer=cfg, staleness=8, worker_id="fast", options=FAST_FAIL,
-                  batch_size=4) as a, \
-         PSClient([server.address], slow, optimizer=cfg, staleness=8, worker_id="slow", options=FAST_FAIL,
-                  batch_size=4) as b:
+    with (
+        PSClient(
+            [server.address], fast, optimizer=cfg, staleness=8, worker_id="fast", options=FAST_FAIL, batch_size=4
+        ) as a,
+        PSClient(
+            [server.address], slow, optimizer=cfg, staleness=8, worker_id="slow", options=FAST_FAIL, batch_size=4
+        ) as b,
+    ):
         for _ in range(3):
             for ps, seconds in ((a, 0.1), (b, 0.3)):  # the same steps, the slow one 3x the compute time
                 ps.pull()

@@ -61,8 +61,15 @@ def test_worker_cli_refuses_in_process(monkeypatch, capsys, name):
 @pytest.mark.parametrize("prog", ["worker.cli", "worker.cluster"])
 def test_cli_subprocess_one_line_exit_2(prog, tmp_path):
     extra = ["--servers", "127.0.0.1:1"] if prog == "worker.cli" else ["--out", str(tmp_path / "run")]
-    r = subprocess.run([sys.executable, "-m", prog, *extra, "--local-steps", "4", "--update-rule", "dc"], check=False,
-                       cwd=ROOT, capture_output=True, text=True, timeout=180, env=clean_env())
+    r = subprocess.run(
+        [sys.executable, "-m", prog, *extra, "--local-steps", "4", "--update-rule", "dc"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=clean_env(),
+    )
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "--update-rule dc" in r.stderr
@@ -78,8 +85,11 @@ def init_frames(optimizer: pb.OptimizerConfig, staleness: float | None = None) -
 
 INIT_BAD = {
     "local-steps-with-dc": (default_config("sgd", lr=0.5, local_steps=4, update_rule="dc"), None, "plain gradients"),
-    "outer-without-local-steps": (default_config("sgd", lr=0.5, momentum=0.9, update_rule="delayed-nesterov"),
-                                  None, "needs local steps"),
+    "outer-without-local-steps": (
+        default_config("sgd", lr=0.5, momentum=0.9, update_rule="delayed-nesterov"),
+        None,
+        "needs local steps",
+    ),
     "history-below-bound": (default_config("adamw", lr=1e-3, update_rule="dc", history_versions=2), 3.0, "s + 1"),
     "local-steps-adam-outer": (default_config("adamw", lr=1e-3, local_steps=2), None, "must be sgd"),
     "unknown-rule": (default_config("sgd", lr=0.1, update_rule="brake"), None, "unknown update rule"),

@@ -27,11 +27,42 @@ MODEL = ["--d-model", "64", "--n-layer", "2", "--n-head", "2", "--context", "64"
 def worker(procs, servers: list[str], tmp_path: Path, corpus: Path, rank: int, slowdown: float) -> tuple:
     report = tmp_path / f"w{rank}.jsonl"
     log = tmp_path / f"w{rank}.log"
-    args = [sys.executable, "-m", "worker.cli", "--servers", ",".join(servers), "--rank", str(rank), "--world", "2",
-            "--worker-id", f"w{rank}", "--steps", str(STEPS), "--batch-size", str(BATCH), *MODEL,
-            "--data", str(corpus), "--device", "cpu", "--threads", "1", "--staleness", "0",
-            "--average-gradients", "--balance-batches", "--slowdown", str(slowdown),
-            "--report", str(report), "--report-every", "0", "--retry-seconds", "20"]
+    args = [
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "--servers",
+        ",".join(servers),
+        "--rank",
+        str(rank),
+        "--world",
+        "2",
+        "--worker-id",
+        f"w{rank}",
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        str(BATCH),
+        *MODEL,
+        "--data",
+        str(corpus),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--staleness",
+        "0",
+        "--average-gradients",
+        "--balance-batches",
+        "--slowdown",
+        str(slowdown),
+        "--report",
+        str(report),
+        "--report-every",
+        "0",
+        "--retry-seconds",
+        "20",
+    ]
     with open(log, "wb") as out:
         proc = procs.popen(args, stdout=out, stderr=out)
     return proc, report, log
@@ -58,7 +89,7 @@ def test_a_straggler_gets_a_smaller_batch_and_each_clock_keeps_the_combined_batc
     assert a[min(a)] == b[min(b)] == BATCH  # its speed not measured yet: a worker starts with its own batch
     for clock in both:  # every clock both served: the split of one combined batch
         assert a[clock] + b[clock] == 2 * BATCH, (clock, a, b)
-    late = both[len(both) // 2:]
+    late = both[len(both) // 2 :]
     fast_mean = statistics.mean(a[c] for c in late)
     slow_mean = statistics.mean(b[c] for c in late)
     assert slow_mean < 0.6 * fast_mean, (fast_mean, slow_mean, a, b)

@@ -19,8 +19,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_averaging_benchmark_times_every_step_of_every_worker(tmp_path):
     out = tmp_path / "avg.json"
-    r = subprocess.run([sys.executable, "bench/averaging.py", "--mb", "4", "--steps", "5", "--servers", "2",
-                        "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [sys.executable, "bench/averaging.py", "--mb", "4", "--steps", "5", "--servers", "2", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["step_ms"]) == {"w0", "w1"} and res["servers"] == 2
@@ -31,6 +36,7 @@ def test_averaging_benchmark_times_every_step_of_every_worker(tmp_path):
 
 
 def test_averaging_benchmark_bad_flag_is_one_line():
-    r = subprocess.run([sys.executable, "bench/averaging.py", "--steps", "3"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "bench/averaging.py", "--steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "--steps more than 3" in r.stderr and "Traceback" not in r.stderr

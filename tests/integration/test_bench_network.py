@@ -16,16 +16,53 @@ from pathlib import Path
 from .shapednet import shaped
 
 ROOT = Path(__file__).resolve().parents[2]
-KEYS = {"system", "model", "workers", "servers", "link_gbit", "compression", "samples_per_second",
-        "exposed_comm_seconds", "heldout_loss"}
+KEYS = {
+    "system",
+    "model",
+    "workers",
+    "servers",
+    "link_gbit",
+    "compression",
+    "samples_per_second",
+    "exposed_comm_seconds",
+    "heldout_loss",
+}
 
 
 def test_tiny_grid_writes_rows_and_leaves_no_namespace(tmp_path):
     out = tmp_path / "network.json"
-    r = subprocess.run([sys.executable, "bench/network.py", "--json", str(out), "--models", "tiny", "--steps", "4",
-                        "--workers", "2", "--systems", "asyncps", "--compression", "bf16", "--compressed-servers", "1",
-                        "--runs", "1", "--warmup-steps", "1", "--link-gbit", "0.5", "--results", str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "bench/network.py",
+            "--json",
+            str(out),
+            "--models",
+            "tiny",
+            "--steps",
+            "4",
+            "--workers",
+            "2",
+            "--systems",
+            "asyncps",
+            "--compression",
+            "bf16",
+            "--compressed-servers",
+            "1",
+            "--runs",
+            "1",
+            "--warmup-steps",
+            "1",
+            "--link-gbit",
+            "0.5",
+            "--results",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["network"]["rate_mbit"] == 500 and res["network"]["raw_tcp_mbit"] > 0
@@ -34,11 +71,19 @@ def test_tiny_grid_writes_rows_and_leaves_no_namespace(tmp_path):
     assert (row["system"], row["model"], row["servers"], row["compression"]) == ("asyncps", "tiny", 1, "bf16")
     assert row["samples_per_second"] > 0 and row["heldout_loss"] > 0 and row["exposed_comm_seconds"] >= 0
     assert (tmp_path / "network.md").exists() and (tmp_path / "network.png").exists()
-    assert not [ns for ns in shaped.namespaces() if ns.startswith(f"{shaped.PREFIX}")
-                and not shaped._alive(int(ns[len(shaped.PREFIX):].split("x")[0]))]
+    assert not [
+        ns
+        for ns in shaped.namespaces()
+        if ns.startswith(f"{shaped.PREFIX}") and not shaped._alive(int(ns[len(shaped.PREFIX) :].split("x")[0]))
+    ]
 
 
 def test_bad_flag_is_one_line_and_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "bench/network.py", "--json", str(tmp_path / "x.json"), "--models", "huge"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "bench/network.py", "--json", str(tmp_path / "x.json"), "--models", "huge"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--models" in r.stderr and "Traceback" not in r.stderr

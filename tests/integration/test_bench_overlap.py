@@ -18,8 +18,26 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_overlap_benchmark_measures_every_way(tmp_path):
     out = tmp_path / "overlap.json"
-    r = subprocess.run([sys.executable, "bench/overlap.py", "--mb", "4", "--reps", "2", "--chunk-mb", "1",
-                        "--streams", "3", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "bench/overlap.py",
+            "--mb",
+            "4",
+            "--reps",
+            "2",
+            "--chunk-mb",
+            "1",
+            "--streams",
+            "3",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["streams"] == 3 and res["payload_bytes"] == 4 << 20
@@ -32,6 +50,7 @@ def test_overlap_benchmark_measures_every_way(tmp_path):
 
 
 def test_overlap_benchmark_bad_flag_is_one_line():
-    r = subprocess.run([sys.executable, "bench/overlap.py", "--streams", "17"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "bench/overlap.py", "--streams", "17"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "--streams 1 to 16" in r.stderr and "Traceback" not in r.stderr

@@ -23,11 +23,44 @@ def test_staleness_bench_tiny(tmp_path):
     for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py"]:
         (corpus / name).write_bytes((stdlib / name).read_bytes())
     out = tmp_path / "staleness.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "staleness.py"), "--data", str(corpus),
-                        "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "4",
-                        "--warmup", "2", "--lr", "1e-2", "--threads", "1", "--eval-windows", "8",
-                        "--delays", "0", "2", "--updates", "8", "--every", "4", "--json", str(out)],
-                       capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "staleness.py"),
+            "--data",
+            str(corpus),
+            "--d-model",
+            "32",
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--context",
+            "32",
+            "--batch-size",
+            "4",
+            "--warmup",
+            "2",
+            "--lr",
+            "1e-2",
+            "--threads",
+            "1",
+            "--eval-windows",
+            "8",
+            "--delays",
+            "0",
+            "2",
+            "--updates",
+            "8",
+            "--every",
+            "4",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     runs = json.loads(out.read_text())["runs"]
     assert [(x["delay"], x["qk_norm"]) for x in runs] == [(0, False), (2, False), (0, True), (2, True)]
@@ -42,6 +75,10 @@ def test_staleness_bench_tiny(tmp_path):
 
 
 def test_staleness_bench_bad_flags_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "staleness.py"), "--delays", "-1"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "staleness.py"), "--delays", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--delays" in r.stderr and "Traceback" not in r.stderr

@@ -22,9 +22,29 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_wire_benchmark_writes_every_row(tmp_path):
     out = tmp_path / "wire.json"
-    r = subprocess.run([sys.executable, "bench/wire.py", "--mb", "16", "--reps", "2", "--servers", "1", "2",
-                        "--skip", "tensorpipe", "grpc", "--phases", "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "bench/wire.py",
+            "--mb",
+            "16",
+            "--reps",
+            "2",
+            "--servers",
+            "1",
+            "2",
+            "--skip",
+            "tensorpipe",
+            "grpc",
+            "--phases",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["tcp_gbps"] > 0 and res["transport"] == "tcp"
@@ -54,9 +74,31 @@ def test_wire_benchmark_writes_every_row(tmp_path):
 
 def test_wire_benchmark_sets_asyncps_against_tensorpipe_echo_and_each_direction(tmp_path):
     out = tmp_path / "wire.json"
-    r = subprocess.run([sys.executable, "bench/wire.py", "--mb", "4", "--reps", "2", "--servers", "1",
-                        "--transports", "tcp", "--data-streams", "1", "--skip", "grpc", "apply", "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "bench/wire.py",
+            "--mb",
+            "4",
+            "--reps",
+            "2",
+            "--servers",
+            "1",
+            "--transports",
+            "tcp",
+            "--data-streams",
+            "1",
+            "--skip",
+            "grpc",
+            "apply",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     # SPEC's figure: the tensor's bytes over the round trip of the echo
@@ -75,9 +117,15 @@ def test_wire_benchmark_sets_asyncps_against_tensorpipe_echo_and_each_direction(
 
 
 def test_wire_benchmark_bad_flag_is_one_line():
-    r = subprocess.run([sys.executable, "bench/wire.py", "--transports", "carrier-pigeon"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "bench/wire.py", "--transports", "carrier-pigeon"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "bench/wire.py", "--data-streams", "0"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "bench/wire.py", "--data-streams", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "--data-streams must be 1 to 16" in r.stderr and "Traceback" not in r.stderr

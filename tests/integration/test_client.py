@@ -15,9 +15,15 @@ pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the qui
 def test_nan_gradient_is_refused_at_push_and_nothing_is_sent(start_server):
     servers = start_server.shards(2, staleness=0)
     model = mlp()
-    (x, y), = batches(1)
-    with PSClient([s.address for s in servers], model, optimizer={"name": "sgd", "lr": 0.1}, staleness=0,
-                  worker_id="nan", options=FAST_FAIL) as ps:
+    ((x, y),) = batches(1)
+    with PSClient(
+        [s.address for s in servers],
+        model,
+        optimizer={"name": "sgd", "lr": 0.1},
+        staleness=0,
+        worker_id="nan",
+        options=FAST_FAIL,
+    ) as ps:
         ps.pull()
         torch.nn.functional.mse_loss(model(x), y).backward()
         before = [status(s.address) for s in servers]
@@ -40,8 +46,15 @@ def test_push_returns_a_ticket_and_bounds_pushes_in_flight(start_server):
     servers = start_server.shards(2, staleness=2)
     model = mlp()
     data = batches(6)
-    with PSClient([s.address for s in servers], model, optimizer={"name": "sgd", "lr": 0.05}, staleness=2,
-                  worker_id="tickets", max_inflight=2, options=FAST_FAIL) as ps:
+    with PSClient(
+        [s.address for s in servers],
+        model,
+        optimizer={"name": "sgd", "lr": 0.05},
+        staleness=2,
+        worker_id="tickets",
+        max_inflight=2,
+        options=FAST_FAIL,
+    ) as ps:
         tickets = []
         for x, y in data:
             ps.pull()

@@ -20,8 +20,25 @@ from .support import poll
 
 pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
-SMALL = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "8",
-         "--lr", "1e-2", "--warmup", "10", "--heartbeat-timeout", "3", "--no-progress"]
+SMALL = [
+    "--d-model",
+    "32",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--context",
+    "32",
+    "--batch-size",
+    "8",
+    "--lr",
+    "1e-2",
+    "--warmup",
+    "10",
+    "--heartbeat-timeout",
+    "3",
+    "--no-progress",
+]
 
 
 @pytest.fixture
@@ -30,8 +47,20 @@ def corpus(tmp_path) -> Path:
     root = tmp_path / "corpus"
     root.mkdir()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py", "json/decoder.py",
-                 "shutil.py", "string.py", "typing.py", "enum.py", "ast.py", "random.py", "heapq.py"]:
+    for name in [
+        "argparse.py",
+        "dataclasses.py",
+        "functools.py",
+        "textwrap.py",
+        "json/decoder.py",
+        "shutil.py",
+        "string.py",
+        "typing.py",
+        "enum.py",
+        "ast.py",
+        "random.py",
+        "heapq.py",
+    ]:
         (root / name.replace("/", "_")).write_bytes((stdlib / name).read_bytes())
     return root
 
@@ -57,8 +86,23 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 
 
 def cluster_cmd(out: Path, corpus: Path, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "worker.cluster", "--servers", "2", "--workers", "2", "--steps", str(steps),
-            "--data", str(corpus), "--out", str(out), *SMALL, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "worker.cluster",
+        "--servers",
+        "2",
+        "--workers",
+        "2",
+        "--steps",
+        str(steps),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        *SMALL,
+        *extra,
+    ]
 
 
 def test_cluster_trains_exports_and_cleans_up(tmp_path, corpus, procs):
@@ -67,8 +111,20 @@ def test_cluster_trains_exports_and_cleans_up(tmp_path, corpus, procs):
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr.decode()[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    for key in ["wall_seconds", "iterations", "workers", "servers", "staleness", "t_task_seconds", "t_comm_seconds",
-                "final_train_loss", "heldout_loss", "max_clock_gap", "loss_curve", "model_path"]:
+    for key in [
+        "wall_seconds",
+        "iterations",
+        "workers",
+        "servers",
+        "staleness",
+        "t_task_seconds",
+        "t_comm_seconds",
+        "final_train_loss",
+        "heldout_loss",
+        "max_clock_gap",
+        "loss_curve",
+        "model_path",
+    ]:
         assert key in summary, key
     assert summary["iterations"] == 240 and summary["workers"] == 2 and summary["servers"] == 2
     assert summary["staleness"] == 0 and summary["max_clock_gap"] == 0  # the default: synchronous averaging
@@ -85,20 +141,27 @@ def test_cluster_trains_exports_and_cleans_up(tmp_path, corpus, procs):
     cfg = TaskConfig(context=32, d_model=32, n_layer=1, n_head=2)
     model = ByteGPT(cfg)
     model.load_state_dict(load_file(summary["model_path"]))
-    sample = subprocess.run([sys.executable, "-m", "worker.sample", "--model", summary["model_path"],
-                             "--prompt", "def ", "--bytes", "40"], capture_output=True, timeout=60)
+    sample = subprocess.run(
+        [sys.executable, "-m", "worker.sample", "--model", summary["model_path"], "--prompt", "def ", "--bytes", "40"],
+        capture_output=True,
+        timeout=60,
+    )
     assert sample.returncode == 0 and sample.stdout.startswith(b"def ") and len(sample.stdout) >= 40
     assert processes_mentioning(str(out)) == []
 
 
 def test_failed_worker_stops_the_whole_cluster(tmp_path, corpus, procs):
     out = tmp_path / "run"
-    proc = procs.popen(cluster_cmd(out, corpus, 100000, "--max-restarts", "0"), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE)
+    proc = procs.popen(
+        cluster_cmd(out, corpus, 100000, "--max-restarts", "0"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     report = out / "logs" / "worker-1.jsonl"
     wait_until(lambda: report.exists() and '"progress"' in report.read_text(), 120, "worker-1 to train")
-    victims = [p for p in processes_mentioning(str(out)) if "--worker-id worker-1" in
-               Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()]
+    victims = [
+        p
+        for p in processes_mentioning(str(out))
+        if "--worker-id worker-1" in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    ]
     assert len(victims) == 1
     os.kill(victims[0], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=90)
@@ -120,13 +183,16 @@ def test_interrupted_or_killed_launcher_leaves_no_orphans(tmp_path, corpus, proc
     wait_until(lambda: processes_mentioning(str(out)) == [], 30, "every cluster process to exit")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--bogus"], "unrecognized arguments"),
-    (["--data", "/no/such/corpus"], "/no/such/corpus"),
-    (["--workers", "0"], "--workers"),
-    (["--staleness", "-1"], "--staleness"),
-    (["--optimizer", "lbfgs"], "unknown optimizer"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bogus"], "unrecognized arguments"),
+        (["--data", "/no/such/corpus"], "/no/such/corpus"),
+        (["--workers", "0"], "--workers"),
+        (["--staleness", "-1"], "--staleness"),
+        (["--optimizer", "lbfgs"], "unknown optimizer"),
+    ],
+)
 def test_bad_flags_get_one_line_and_exit_2(argv, message):
     r = subprocess.run([sys.executable, "-m", "worker.cluster", *argv], capture_output=True, timeout=60)
     assert r.returncode == 2

@@ -126,18 +126,26 @@ def test_bad_compression_is_refused_and_changes_nothing(shard):
     head.compression = "onebit"
     part = compress.encode("onebit", g)
     conn = ready(data_port(server.address))
-    conn.send(pb.DataRequest(push=head, payload_bytes=part.numel(), stripe=pb.Stripe(id=1, index=0, count=2)),
-              wire.tensor_bytes(part), deadline())
+    conn.send(
+        pb.DataRequest(push=head, payload_bytes=part.numel(), stripe=pb.Stripe(id=1, index=0, count=2)),
+        wire.tensor_bytes(part),
+        deadline(),
+    )
     resp = answer(conn)
     assert resp.code == Code.INVALID_ARGUMENT.value[0] and "cannot be striped" in resp.message
     # gRPC pushes are float32 only
     head.compression = "bf16"
-    code, details, _ = call(server.address, "Push", [wire.encode_frame(pb.Frame(push=head)),
-                                                     *wire.chunk_frames(g.to(torch.bfloat16))], security=AUTH)
+    code, details, _ = call(
+        server.address,
+        "Push",
+        [wire.encode_frame(pb.Frame(push=head)), *wire.chunk_frames(g.to(torch.bfloat16))],
+        security=AUTH,
+    )
     assert code == Code.INVALID_ARGUMENT and "data plane" in details
     # Register with an unknown compression: refused, the worker not registered
-    code, details, _ = call(server.address, "Register", pb.RegisterRequest(worker_id="z", plan_hash=PLAN,
-                                                                           compression="zip"), security=AUTH)
+    code, details, _ = call(
+        server.address, "Register", pb.RegisterRequest(worker_id="z", plan_hash=PLAN, compression="zip"), security=AUTH
+    )
     assert code == Code.INVALID_ARGUMENT and "unknown compression" in details
     assert state(server.address) == before
     with pytest.raises(ValueError, match="unknown compression"):
@@ -157,8 +165,9 @@ def _set_grads(model: torch.nn.Module, seed: int) -> torch.Tensor:
 
 def _master(address: str, plan_hash: str, numel: int, session: int, worker: str, clock: int) -> torch.Tensor:
     with stub(address) as s:
-        return grpc_pull(s, pb.PullRequest(worker_id=worker, session=session, plan_hash=plan_hash, clock=clock),
-                         numel)[1]
+        return grpc_pull(s, pb.PullRequest(worker_id=worker, session=session, plan_hash=plan_hash, clock=clock), numel)[
+            1
+        ]
 
 
 @pytest.mark.parametrize("name,transport", [("bf16", "tcp"), ("fp16", "grpc")])
@@ -168,8 +177,15 @@ def test_psclient_pulls_and_pushes_exactly_what_it_promises(start_server, name, 
     w0 = _flat(model.parameters()).clone()
     dtype = DTYPES[name]
     opts = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=5.0, transport=transport)
-    with PSClient([server.address], model, optimizer={"name": "sgd", "lr": 1.0, "average_gradients": False},
-                  staleness=math.inf, worker_id="w", compression=name, options=opts) as ps:
+    with PSClient(
+        [server.address],
+        model,
+        optimizer={"name": "sgd", "lr": 1.0, "average_gradients": False},
+        staleness=math.inf,
+        worker_id="w",
+        compression=name,
+        options=opts,
+    ) as ps:
         ps.pull()
         assert ps._shards[0].transport == transport
         assert torch.equal(_bits(_flat(model.parameters())), _bits(w0.to(dtype).float()))
@@ -184,16 +200,27 @@ def test_onebit_residual_is_kept_across_steps_and_reset_on_rejoin(start_server):
     server = start_server(heartbeat_timeout=1.0)
     model = mlp()
     w = _flat(model.parameters()).clone()
-    with PSClient([server.address], model, optimizer={"name": "sgd", "lr": 1.0, "average_gradients": False},
-                  staleness=math.inf, worker_id="w", compression="onebit", options=FAST_FAIL) as ps:
+    with PSClient(
+        [server.address],
+        model,
+        optimizer={"name": "sgd", "lr": 1.0, "average_gradients": False},
+        staleness=math.inf,
+        worker_id="w",
+        compression="onebit",
+        options=FAST_FAIL,
+    ) as ps:
         residual = torch.zeros_like(w)
         for step in range(3):
             ps.pull()
             c = _set_grads(model, 20 + step) + residual
             ps.push()
             ps.wait()
-            applied = torch.cat([compress.decode_into("onebit", compress.encode("onebit", c[s.lo:s.hi]),
-                                                      torch.empty(s.numel)) for s in ps.plan.shards])
+            applied = torch.cat(
+                [
+                    compress.decode_into("onebit", compress.encode("onebit", c[s.lo : s.hi]), torch.empty(s.numel))
+                    for s in ps.plan.shards
+                ]
+            )
             residual = c - applied
             w = w.clone().add_(applied, alpha=-1.0)
             assert torch.equal(_bits(ps._feedback.residual), _bits(residual))

@@ -27,14 +27,37 @@ def corpus(tmp_path) -> Path:
 
 
 def ps_cost(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker.cost.cli", "--log-level", "WARNING", *argv],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cost.cli", "--log-level", "WARNING", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_calibrate_predict_validate_end_to_end(tmp_path, corpus):
     cal_path = tmp_path / "cal.json"
-    done = ps_cost("calibrate", "--out", str(cal_path), "--models", "tiny", "--workers", "1,2", "--servers", "1",
-                   "--startup", "1:1", "--iters", "3", "--clocks", "3", "--rounds", "1", "--data", str(corpus))
+    done = ps_cost(
+        "calibrate",
+        "--out",
+        str(cal_path),
+        "--models",
+        "tiny",
+        "--workers",
+        "1,2",
+        "--servers",
+        "1",
+        "--startup",
+        "1:1",
+        "--iters",
+        "3",
+        "--clocks",
+        "3",
+        "--rounds",
+        "1",
+        "--data",
+        str(corpus),
+    )
     assert done.returncode == 0, done.stderr
     cal = json.loads(cal_path.read_text())
     assert cal["machine"]["cpus"] >= 1 and cal["machine"]["hostname"] and cal["machine"]["torch"]
@@ -45,9 +68,29 @@ def test_calibrate_predict_validate_end_to_end(tmp_path, corpus):
     assert [(r["workers"], r["servers"]) for r in cal["startup"]] == [(1, 1)] and cal["startup"][0]["wall_seconds"] > 1
 
     pred_path = tmp_path / "pred.json"
-    done = ps_cost("predict", "--calibration", str(cal_path), "--d-model", "32", "--n-layer", "1", "--n-head", "2",
-                   "--context", "32", "--batch-size", "8", "--steps", "100", "--workers", "1,2,4", "--servers", "1,2",
-                   "--json", str(pred_path))
+    done = ps_cost(
+        "predict",
+        "--calibration",
+        str(cal_path),
+        "--d-model",
+        "32",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--context",
+        "32",
+        "--batch-size",
+        "8",
+        "--steps",
+        "100",
+        "--workers",
+        "1,2,4",
+        "--servers",
+        "1,2",
+        "--json",
+        str(pred_path),
+    )
     assert done.returncode == 0, done.stderr
     assert "recommended: P=" in done.stdout
     pred = json.loads(pred_path.read_text())
@@ -56,9 +99,27 @@ def test_calibrate_predict_validate_end_to_end(tmp_path, corpus):
     assert pred["recommended"]["reason"].startswith(f"P={pred['recommended']['workers']}, S=")
 
     out_json, out_png = tmp_path / "v.json", tmp_path / "v.png"
-    done = ps_cost("validate", "--calibration", str(cal_path), "--models", "tiny", "--steps", "6", "--workers", "1,2",
-                   "--servers", "1", "--data", str(corpus), "--json", str(out_json), "--png", str(out_png),
-                   "--out", str(tmp_path / "runs"))
+    done = ps_cost(
+        "validate",
+        "--calibration",
+        str(cal_path),
+        "--models",
+        "tiny",
+        "--steps",
+        "6",
+        "--workers",
+        "1,2",
+        "--servers",
+        "1",
+        "--data",
+        str(corpus),
+        "--json",
+        str(out_json),
+        "--png",
+        str(out_png),
+        "--out",
+        str(tmp_path / "runs"),
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(out_json.read_text())
     rows = result["rows"]
@@ -77,12 +138,40 @@ def test_validate_without_matplotlib_says_how_to_get_plots_in_one_line(tmp_path,
     """The core install has no matplotlib: validate still runs and writes its rows, and says once how to get plots."""
     cal = Path(__file__).resolve().parents[2] / "bench" / "results" / "cost-calibration.json"
     out_json, out_png = tmp_path / "v.json", tmp_path / "v.png"
-    code = ("import sys; sys.modules['matplotlib'] = None; from worker.cost.cli import main; "
-            "sys.exit(main(sys.argv[1:]))")
-    done = subprocess.run([sys.executable, "-c", code, "--log-level", "WARNING", "validate", "--calibration", str(cal),
-                           "--models", "small", "--steps", "2", "--workers", "1", "--servers", "1",
-                           "--data", str(corpus), "--json", str(out_json), "--png", str(out_png),
-                           "--out", str(tmp_path / "runs")], capture_output=True, text=True, timeout=240)
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; from worker.cost.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--log-level",
+            "WARNING",
+            "validate",
+            "--calibration",
+            str(cal),
+            "--models",
+            "small",
+            "--steps",
+            "2",
+            "--workers",
+            "1",
+            "--servers",
+            "1",
+            "--data",
+            str(corpus),
+            "--json",
+            str(out_json),
+            "--png",
+            str(out_png),
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr
     hints = [line for line in done.stderr.splitlines() if "matplotlib" in line]
     assert hints == [hints[0]] and "pip install 'asyncps[plots]'" in hints[0], done.stderr

@@ -101,11 +101,13 @@ def shard(start_server):
     """A token-protected server with an initialized shard (SGD lr 1) and registered worker "w"."""
     server = start_server(token=TOKEN, heartbeat_timeout=3600)
     w0 = torch.randn(N, generator=torch.Generator().manual_seed(3))
-    head = pb.InitHeader(plan_hash=PLAN, shard_index=0, num_shards=1, numel=N,
-                         optimizer=default_config("sgd", lr=1.0), worker_id="w")
+    head = pb.InitHeader(
+        plan_hash=PLAN, shard_index=0, num_shards=1, numel=N, optimizer=default_config("sgd", lr=1.0), worker_id="w"
+    )
     with stub(server.address, AUTH) as s:
-        assert s.Init(iter([wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(w0, 1 << 14)]),
-                      timeout=RPC_TIMEOUT).accepted
+        assert s.Init(
+            iter([wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(w0, 1 << 14)]), timeout=RPC_TIMEOUT
+        ).accepted
         session = s.Register(pb.RegisterRequest(worker_id="w", plan_hash=PLAN), timeout=RPC_TIMEOUT).session
     return server, session, w0
 
@@ -182,20 +184,56 @@ def _cases(session: int) -> dict:
         "garbage header": ([(7).to_bytes(4, "little") + b"\xff" * 7], Code.INVALID_ARGUMENT, True),
         "oversized header": ([(wire.HEADER_LIMIT + 1).to_bytes(4, "little")], Code.INVALID_ARGUMENT, True),
         "truncated header": ([(50).to_bytes(4, "little") + b"\x12\x03"], Code.INVALID_ARGUMENT, "half-close"),
-        "pull with a payload": ([wire.pack_header(pb.DataRequest(pull=pull_request(session), payload_bytes=4)),
-                                 b"\0" * 4], Code.INVALID_ARGUMENT, True),
-        "push of the wrong size": ([wire.pack_header(pb.DataRequest(push=push_header(session), payload_bytes=8)),
-                                    b"\0" * 8], Code.INVALID_ARGUMENT, False),
-        "push with a NaN": ([wire.pack_header(pb.DataRequest(push=push_header(session), payload_bytes=N * 4)),
-                             bytes(wire.tensor_bytes(_nan()))], Code.INVALID_ARGUMENT, False),
-        "truncated push": ([wire.pack_header(pb.DataRequest(push=push_header(session), payload_bytes=N * 4)),
-                            bytes(wire.tensor_bytes(good))[: N * 2]], Code.INVALID_ARGUMENT, "half-close"),
-        "wrong plan": ([wire.pack_header(pb.DataRequest(push=push_header(session, plan="x" * 64), payload_bytes=N * 4)),
-                        bytes(wire.tensor_bytes(good))], Code.FAILED_PRECONDITION, False),
-        "unknown session": ([wire.pack_header(pb.DataRequest(push=push_header(session + 99), payload_bytes=N * 4)),
-                             bytes(wire.tensor_bytes(good))], Code.FAILED_PRECONDITION, False),
-        "repeated clock": ([wire.pack_header(pb.DataRequest(push=push_header(session, clock=0), payload_bytes=N * 4)),
-                            bytes(wire.tensor_bytes(good))], Code.ALREADY_EXISTS, False),
+        "pull with a payload": (
+            [wire.pack_header(pb.DataRequest(pull=pull_request(session), payload_bytes=4)), b"\0" * 4],
+            Code.INVALID_ARGUMENT,
+            True,
+        ),
+        "push of the wrong size": (
+            [wire.pack_header(pb.DataRequest(push=push_header(session), payload_bytes=8)), b"\0" * 8],
+            Code.INVALID_ARGUMENT,
+            False,
+        ),
+        "push with a NaN": (
+            [
+                wire.pack_header(pb.DataRequest(push=push_header(session), payload_bytes=N * 4)),
+                bytes(wire.tensor_bytes(_nan())),
+            ],
+            Code.INVALID_ARGUMENT,
+            False,
+        ),
+        "truncated push": (
+            [
+                wire.pack_header(pb.DataRequest(push=push_header(session), payload_bytes=N * 4)),
+                bytes(wire.tensor_bytes(good))[: N * 2],
+            ],
+            Code.INVALID_ARGUMENT,
+            "half-close",
+        ),
+        "wrong plan": (
+            [
+                wire.pack_header(pb.DataRequest(push=push_header(session, plan="x" * 64), payload_bytes=N * 4)),
+                bytes(wire.tensor_bytes(good)),
+            ],
+            Code.FAILED_PRECONDITION,
+            False,
+        ),
+        "unknown session": (
+            [
+                wire.pack_header(pb.DataRequest(push=push_header(session + 99), payload_bytes=N * 4)),
+                bytes(wire.tensor_bytes(good)),
+            ],
+            Code.FAILED_PRECONDITION,
+            False,
+        ),
+        "repeated clock": (
+            [
+                wire.pack_header(pb.DataRequest(push=push_header(session, clock=0), payload_bytes=N * 4)),
+                bytes(wire.tensor_bytes(good)),
+            ],
+            Code.ALREADY_EXISTS,
+            False,
+        ),
     }
 
 
@@ -234,8 +272,9 @@ def test_psclient_over_tls_and_mutual_tls_uses_the_data_plane(start_server, pki)
     good = client(pki, token=TOKEN, cert="client")
     server = start_server(security=good, token=TOKEN, heartbeat_timeout=3600, **tls_flags(pki, mutual=True))
     model = mlp()
-    with PSClient([server.address], model, optimizer={"name": "sgd", "lr": 0.01}, options=FAST_FAIL,
-                  security=good) as ps:
+    with PSClient(
+        [server.address], model, optimizer={"name": "sgd", "lr": 0.01}, options=FAST_FAIL, security=good
+    ) as ps:
         for x, y in batches(3):
             ps.pull()
             torch.nn.functional.mse_loss(model(x), y).backward()
@@ -248,8 +287,10 @@ def test_psclient_over_tls_and_mutual_tls_uses_the_data_plane(start_server, pki)
         sock.sendall(wire.DATA_MAGIC + wire.pack_header(pb.DataRequest(hello=pb.DataHello(token=TOKEN))))
         got = until_closed(sock)
         assert got[:1] in (b"", b"\x15"), got  # nothing, or a TLS alert: never an answer
-    for name, sec in (("no certificate", client(pki, token=TOKEN)),
-                      ("another CA's certificate", client(pki, token=TOKEN, cert="other-client"))):
+    for name, sec in (
+        ("no certificate", client(pki, token=TOKEN)),
+        ("another CA's certificate", client(pki, token=TOKEN, cert="other-client")),
+    ):
         channel = DataChannel("127.0.0.1", port, sec)
         with pytest.raises(DataError) as err:
             channel.pull_into(pull_request(1), torch.empty(N), deadline(), _abort())
@@ -259,6 +300,7 @@ def test_psclient_over_tls_and_mutual_tls_uses_the_data_plane(start_server, pki)
 
 def _abort():
     from worker.dataplane import Abort
+
     return Abort()
 
 
@@ -333,11 +375,13 @@ def test_a_client_gone_during_a_bound_wait_leaves_nothing_behind():
     srv = InProcessServer(ServerConfig(heartbeat_timeout=600), data_plane=True)
     try:
         w0 = torch.randn(N, generator=torch.Generator().manual_seed(5))
-        head = pb.InitHeader(plan_hash=PLAN, shard_index=0, num_shards=1, numel=N,
-                             optimizer=default_config("sgd", lr=1.0), worker_id="w")
+        head = pb.InitHeader(
+            plan_hash=PLAN, shard_index=0, num_shards=1, numel=N, optimizer=default_config("sgd", lr=1.0), worker_id="w"
+        )
         with stub(srv.address) as s:
-            assert s.Init(iter([wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(w0, 1 << 14)]),
-                          timeout=RPC_TIMEOUT).accepted
+            assert s.Init(
+                iter([wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(w0, 1 << 14)]), timeout=RPC_TIMEOUT
+            ).accepted
             session = s.Register(pb.RegisterRequest(worker_id="w", plan_hash=PLAN), timeout=RPC_TIMEOUT).session
         sv = srv.servicer
         conn = connect(sv.data_port, token=None)
@@ -348,8 +392,10 @@ def test_a_client_gone_during_a_bound_wait_leaves_nothing_behind():
         poll(lambda: not sv.clocks._changed._waiters, 10, "the abandoned wait to be cancelled")
         g = torch.ones(N)
         with stub(srv.address) as s:
-            s.Push(iter([wire.encode_frame(pb.Frame(push=push_header(session))), *wire.chunk_frames(g, 1 << 14)]),
-                   timeout=RPC_TIMEOUT)
+            s.Push(
+                iter([wire.encode_frame(pb.Frame(push=push_header(session))), *wire.chunk_frames(g, 1 << 14)]),
+                timeout=RPC_TIMEOUT,
+            )
         store = sv.store
         assert store.version == 1 and torch.equal(store._flat.detach(), w0 - g)
         assert store._snapshot is None or store._snapshot.readers == 0

@@ -38,9 +38,17 @@ def run_worker(server, tmp_path, monkeypatch, flush: bool) -> list[bool]:
     monkeypatch.setattr(ByteGPT, "loss", spy)
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
-    cfg = WorkerConfig(servers=[server.address], optimizer=default_config("adamw", lr=1e-3), task=TINY,
-                       data=str(text), steps=3, batch_size=2, device="cpu", flush_denormal=flush,
-                       worker_id=f"w-{flush}")
+    cfg = WorkerConfig(
+        servers=[server.address],
+        optimizer=default_config("adamw", lr=1e-3),
+        task=TINY,
+        data=str(text),
+        steps=3,
+        batch_size=2,
+        device="cpu",
+        flush_denormal=flush,
+        worker_id=f"w-{flush}",
+    )
     assert train(cfg)["steps"] == 3
     return seen
 

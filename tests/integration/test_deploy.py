@@ -71,34 +71,48 @@ def test_worker_down_alert_fires_for_a_worker_that_died_not_for_one_that_finishe
     holds it up for that scrape); `crashed` never did; `rerun` finished once, was started
     again (0 again) and then died at 5m45s.
     """
-    rule = next(r for r in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"][0]["rules"]
-                if r.get("alert") == "AsyncpsWorkerDown")
+    rule = next(
+        r
+        for r in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"][0]["rules"]
+        if r.get("alert") == "AsyncpsWorkerDown"
+    )
     job = 'job="asyncps-worker"'
 
     def series(instance: str, up: str, finished: str) -> list[dict]:
-        return [{"series": f'up{{{job}, instance="{instance}"}}', "values": up},
-                {"series": f'asyncps_worker_finished{{{job}, instance="{instance}", worker="{instance}"}}',
-                 "values": finished}]
+        return [
+            {"series": f'up{{{job}, instance="{instance}"}}', "values": up},
+            {
+                "series": f'asyncps_worker_finished{{{job}, instance="{instance}", worker="{instance}"}}',
+                "values": finished,
+            },
+        ]
 
     def firing(*instances: str) -> list[dict]:
-        return [{"exp_labels": {"job": "asyncps-worker", "instance": i, **rule["labels"]},
-                 "exp_annotations": {k: v.replace("{{ $labels.instance }}", i) for k, v in rule["annotations"].items()}}
-                for i in instances]
+        return [
+            {
+                "exp_labels": {"job": "asyncps-worker", "instance": i, **rule["labels"]},
+                "exp_annotations": {k: v.replace("{{ $labels.instance }}", i) for k, v in rule["annotations"].items()},
+            }
+            for i in instances
+        ]
+
     cases = {
         "rule_files": [str(DEPLOY / "alerts.yml")],
         "evaluation_interval": "15s",
-        "tests": [{
-            "interval": "15s",
-            "input_series": series("finished", "1x8 0x40", "0x7 1 stale")
-            + series("crashed", "1x8 0x40", "0x8 stale")
-            + series("rerun", "1x8 0x4 1x8 0x30", "0x7 1 stale _x4 0x8 stale"),
-            "alert_rule_test": [
-                {"eval_time": "1m30s", "alertname": "AsyncpsWorkerDown", "exp_alerts": []},
-                {"eval_time": "3m", "alertname": "AsyncpsWorkerDown", "exp_alerts": []},  # down < 1m: pending
-                {"eval_time": "4m", "alertname": "AsyncpsWorkerDown", "exp_alerts": firing("crashed")},
-                {"eval_time": "9m", "alertname": "AsyncpsWorkerDown", "exp_alerts": firing("crashed", "rerun")},
-            ],
-        }],
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": series("finished", "1x8 0x40", "0x7 1 stale")
+                + series("crashed", "1x8 0x40", "0x8 stale")
+                + series("rerun", "1x8 0x4 1x8 0x30", "0x7 1 stale _x4 0x8 stale"),
+                "alert_rule_test": [
+                    {"eval_time": "1m30s", "alertname": "AsyncpsWorkerDown", "exp_alerts": []},
+                    {"eval_time": "3m", "alertname": "AsyncpsWorkerDown", "exp_alerts": []},  # down < 1m: pending
+                    {"eval_time": "4m", "alertname": "AsyncpsWorkerDown", "exp_alerts": firing("crashed")},
+                    {"eval_time": "9m", "alertname": "AsyncpsWorkerDown", "exp_alerts": firing("crashed", "rerun")},
+                ],
+            }
+        ],
     }
     spec = tmp_path / "worker_down_test.yml"
     spec.write_text(yaml.safe_dump(cases, sort_keys=False))
@@ -173,8 +187,11 @@ def test_prometheus_scrapes_every_service_and_grafana_is_provisioned(monkeypatch
     mounts = dict(bind_mount(v) for svc in ("prometheus", "grafana") for v in cfg["services"][svc]["volumes"])
     assert mounts["/etc/prometheus/prometheus.yml"] == str(DEPLOY / "prometheus.yml")
     assert mounts["/etc/prometheus/alerts.yml"] == str(DEPLOY / "alerts.yml")
-    for target in ("/etc/grafana/provisioning/datasources", "/etc/grafana/provisioning/dashboards",
-                   "/var/lib/grafana/dashboards"):
+    for target in (
+        "/etc/grafana/provisioning/datasources",
+        "/etc/grafana/provisioning/dashboards",
+        "/var/lib/grafana/dashboards",
+    ):
         assert Path(mounts[target]).is_dir(), target
     datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
     uids = {d["uid"] for d in datasources["datasources"]}
@@ -182,20 +199,29 @@ def test_prometheus_scrapes_every_service_and_grafana_is_provisioned(monkeypatch
     assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
     dashboard = json.loads((DEPLOY / "grafana/dashboards/asyncps.json").read_text())
     used = {p["datasource"]["uid"] for p in dashboard["panels"]} | {
-        t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+        t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]
+    }
     assert used == uids
 
 
-@pytest.mark.parametrize("module, argv", [
-    ("ps_server.cli", ["--port", "0"]),
-    ("worker.cli", ["--servers", "127.0.0.1:1", "--steps", "1"]),
-])
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        ("ps_server.cli", ["--port", "0"]),
+        ("worker.cli", ["--servers", "127.0.0.1:1", "--steps", "1"]),
+    ],
+)
 def test_metrics_port_taken_is_one_line_and_exit_2(module, argv):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", module, *argv, "--metrics-port", str(port)],
-                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+        r = subprocess.run(
+            [sys.executable, "-m", module, *argv, "--metrics-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "cannot serve metrics" in lines[0], r.stderr

@@ -96,8 +96,9 @@ def test_restart_after_sigkill_resumes_at_the_checkpoint(start_server, tmp_path)
 
     model = mlp(seed=123)  # different initial weights: everything must come from the server
     x, y = data[-1]
-    with PSClient([server.address], model, optimizer={"name": "sgd", "lr": 1.0}, staleness=0, worker_id="w",
-                  options=FAST_FAIL) as ps:
+    with PSClient(
+        [server.address], model, optimizer={"name": "sgd", "lr": 1.0}, staleness=0, worker_id="w", options=FAST_FAIL
+    ) as ps:
         assert ps.clock == BEFORE  # the checkpointed clock, not 0 and not the lost BEFORE + AFTER
         ps.pull()
         assert torch.equal(flat(model), saved_weights), "restored weights differ from the checkpoint"

@@ -21,12 +21,15 @@ pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the qui
 
 STEPS = 20
 CASES = {
-    "sgd-momentum": ({"name": "sgd", "lr": 0.05, "momentum": 0.9},
-                     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
-    "sgd-nesterov-wd": ({"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
-                        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)),
-    "adamw": ({"name": "adamw", "lr": 1e-2, "weight_decay": 0.05},
-              lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05)),
+    "sgd-momentum": ({"name": "sgd", "lr": 0.05, "momentum": 0.9}, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+    "sgd-nesterov-wd": (
+        {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    ),
+    "adamw": (
+        {"name": "adamw", "lr": 1e-2, "weight_decay": 0.05},
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
+    ),
 }
 
 
@@ -41,8 +44,9 @@ def test_one_worker_s0_equals_torch_optim(start_server, case):
     opt = local_opt(ref.parameters())
     initial = [p.detach().clone() for p in model.parameters()]
 
-    with PSClient([s.address for s in servers], model, optimizer=server_opt, staleness=0,
-                  worker_id="solo", options=FAST_FAIL) as ps:
+    with PSClient(
+        [s.address for s in servers], model, optimizer=server_opt, staleness=0, worker_id="solo", options=FAST_FAIL
+    ) as ps:
         # The plan cuts the second weight matrix in two: both servers update parts of it.
         cut = [piece.name for piece in ps.plan.shards[0].pieces][-1]
         assert cut in [piece.name for piece in ps.plan.shards[1].pieces], "no tensor straddles the shard cut"
@@ -92,8 +96,9 @@ def test_two_workers_averaging_equals_one_large_batch(start_server, rows):
 
     def run(rank: int) -> None:
         try:
-            with PSClient(addresses, models[rank], optimizer=cfg, staleness=0, worker_id=f"avg-{rank}",
-                          options=FAST_FAIL) as ps:
+            with PSClient(
+                addresses, models[rank], optimizer=cfg, staleness=0, worker_id=f"avg-{rank}", options=FAST_FAIL
+            ) as ps:
                 registered.wait()
                 n = rows[rank]
                 for x, y in data[rank]:
@@ -114,7 +119,7 @@ def test_two_workers_averaging_equals_one_large_batch(start_server, rows):
 
     for (x0, y0), (x1, y1) in zip(*data):
         opt.zero_grad()
-        x, y = torch.cat([x0[:rows[0]], x1[:rows[1]]]), torch.cat([y0[:rows[0]], y1[:rows[1]]])
+        x, y = torch.cat([x0[: rows[0]], x1[: rows[1]]]), torch.cat([y0[: rows[0]], y1[: rows[1]]])
         torch.nn.functional.mse_loss(ref(x), y).backward()
         opt.step()
 

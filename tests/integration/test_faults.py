@@ -57,8 +57,11 @@ def _step(out: Path, name: str) -> int:
 
 def _pid(out: Path, token: str) -> int:
     """The one live process of this run whose command line holds `token`."""
-    pids = [p for p in processes_mentioning(str(out))
-            if token in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()]
+    pids = [
+        p
+        for p in processes_mentioning(str(out))
+        if token in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    ]
     assert len(pids) == 1, (token, pids)
     return pids[0]
 
@@ -85,8 +88,9 @@ def _finish(proc: subprocess.Popen, out: Path, timeout: float) -> dict:
 def test_killed_server_restarts_from_its_checkpoint_and_training_finishes(tmp_path, corpus, procs):
     out, steps = tmp_path / "run", 600
     # no periodic checkpoint during the test: the only ones are after Init and the one asked for below
-    proc = procs.popen(_cmd(out, corpus, steps, "--checkpoint-interval", "600"),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = procs.popen(
+        _cmd(out, corpus, steps, "--checkpoint-interval", "600"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     poll(lambda: _step(out, "worker-0") >= 20, 120, "training to start")
     address = _server_address(out, 0)
     with stub(address) as s:
@@ -104,6 +108,7 @@ def test_killed_server_restarts_from_its_checkpoint_and_training_finishes(tmp_pa
             v = _status(address).version
             same, last[0] = v == last[0], v
             return same
+
         poll(settled, 10, "the version to settle", interval=0.1)
         killed_at = last[0]
         steps_at_kill = sum(_step(out, f"worker-{r}") for r in range(2))
@@ -156,11 +161,15 @@ def test_killed_worker_stalls_others_at_most_a_timeout_and_rejoins(tmp_path, cor
 def test_a_process_out_of_restarts_fails_the_cluster_naming_it(tmp_path, corpus, procs):
     """With its restarts used up, a failure stops the cluster (exit 1) and says so (--max-restarts 0: test_cluster)."""
     out = tmp_path / "run"
-    proc = procs.popen(_cmd(out, corpus, 100000, "--max-restarts", "1", "--servers", "1", "--workers", "1"),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = procs.popen(
+        _cmd(out, corpus, 100000, "--max-restarts", "1", "--servers", "1", "--workers", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
     def starts() -> int:
         return sum(r["event"] == "start" for r in _records(out, "worker-0"))
+
     poll(lambda: starts() == 1, 120, "worker-0 to start")
     os.kill(_pid(out, "--worker-id worker-0 "), signal.SIGKILL)
     poll(lambda: starts() == 2, 120, "worker-0 to be restarted")
@@ -171,14 +180,18 @@ def test_a_process_out_of_restarts_fails_the_cluster_naming_it(tmp_path, corpus,
     poll(lambda: processes_mentioning(str(out)) == [], 30, "every cluster process to exit")
 
 
-def test_server_restarted_by_hand_in_ssp_mode_counts_its_losses_and_applies_nothing_twice(start_server, procs, tmp_path):
+def test_server_restarted_by_hand_in_ssp_mode_counts_its_losses_and_applies_nothing_twice(
+    start_server, procs, tmp_path
+):
     """`ps-server` alone (as under compose's restart policy), asynchronous SSP (s = 2), no averaging:
     the restarted server on the same port and checkpoint folder resumes; each applied push was
     acknowledged to exactly one push; the lost updates are those since the checkpoint."""
     flags = dict(checkpoint_dir=tmp_path / "ckpt", checkpoint_interval=600, heartbeat_timeout=HEARTBEAT, staleness=2)
     server = start_server(**flags)
-    workers = [start_worker(procs, [server.address], f"w{i}", 150, tmp_path, sleep=0.01, staleness=2,
-                            retry_seconds=120) for i in range(2)]
+    workers = [
+        start_worker(procs, [server.address], f"w{i}", 150, tmp_path, sleep=0.01, staleness=2, retry_seconds=120)
+        for i in range(2)
+    ]
     poll(lambda: _status(server.address).version >= 20, 60, "training to start")
     with stub(server.address) as s:
         ckpt = s.Checkpoint(pb.CheckpointRequest(), timeout=10).version
@@ -192,6 +205,7 @@ def test_server_restarted_by_hand_in_ssp_mode_counts_its_losses_and_applies_noth
             v = _status(server.address).version
             same, last[0] = v == last[0], v
             return same
+
         poll(settled, 10, "the version to settle", interval=0.1)
         killed_at = last[0]
         server.proc.kill()

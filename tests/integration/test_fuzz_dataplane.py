@@ -38,15 +38,22 @@ def data_messages(draw, t: Live) -> bytes:
         body = draw(st.binary(max_size=100))
         return len(body).to_bytes(4, "little") + body
     if kind == "pull":
-        req = pb.PullRequest(worker_id=draw(st.sampled_from(["w", "x", ""])),
-                             session=draw(st.sampled_from([t.session, t.session + 1, 0])),
-                             plan_hash=draw(st.sampled_from([PLAN, "g" * 64])), clock=draw(st.integers(0, 3)))
+        req = pb.PullRequest(
+            worker_id=draw(st.sampled_from(["w", "x", ""])),
+            session=draw(st.sampled_from([t.session, t.session + 1, 0])),
+            plan_hash=draw(st.sampled_from([PLAN, "g" * 64])),
+            clock=draw(st.integers(0, 3)),
+        )
         return wire.pack_header(pb.DataRequest(pull=req, payload_bytes=draw(st.sampled_from([0, 0, 4]))))
     size = draw(st.sampled_from([N * 4, N * 4, N * 4 - 4, N * 4 + 4, 0, 1 << 40]))
     defect = draw(st.sampled_from(["session", "plan", "clock", "nan"] if size == N * 4 else ["size"]))
-    head = pb.PushHeader(worker_id="w", session=t.session + (defect == "session"),
-                         plan_hash="g" * 64 if defect == "plan" else PLAN,
-                         clock=t.clock - 1 if defect == "clock" else t.clock, read_version=t.version)
+    head = pb.PushHeader(
+        worker_id="w",
+        session=t.session + (defect == "session"),
+        plan_hash="g" * 64 if defect == "plan" else PLAN,
+        clock=t.clock - 1 if defect == "clock" else t.clock,
+        read_version=t.version,
+    )
     g = gradient()
     if defect == "nan":
         g[draw(st.integers(0, N - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))

@@ -35,12 +35,16 @@ def split(model: torch.nn.Module) -> tuple[list, list]:
 
 
 CASES = {
-    "sgd": ({"name": "sgd", "lr": 0.05, "momentum": 0.9},
-            lambda w, b: [{"params": w, "weight_decay": 0.05}, {"params": b, "lr": 0.02, "momentum": 0.5}],
-            lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9)),
-    "adamw": ({"name": "adamw", "lr": 1e-2, "weight_decay": 0.1},
-              lambda w, b: [{"params": w}, {"params": b, "weight_decay": 0.0, "lr": 3e-3, "betas": (0.8, 0.99)}],
-              lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1)),
+    "sgd": (
+        {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        lambda w, b: [{"params": w, "weight_decay": 0.05}, {"params": b, "lr": 0.02, "momentum": 0.5}],
+        lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9),
+    ),
+    "adamw": (
+        {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1},
+        lambda w, b: [{"params": w}, {"params": b, "weight_decay": 0.0, "lr": 3e-3, "betas": (0.8, 0.99)}],
+        lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1),
+    ),
 }
 
 
@@ -52,8 +56,14 @@ def test_grouped_model_equals_torch_optim(start_server, case):
     ref = copy.deepcopy(model)
     opt = local_opt(make_groups(*split(ref)))
     initial = [p.detach().clone() for p in model.parameters()]
-    with PSClient([s.address for s in servers], make_groups(*split(model)), optimizer=server_opt, staleness=0,
-                  worker_id="grouped", options=FAST_FAIL) as ps:
+    with PSClient(
+        [s.address for s in servers],
+        make_groups(*split(model)),
+        optimizer=server_opt,
+        staleness=0,
+        worker_id="grouped",
+        options=FAST_FAIL,
+    ) as ps:
         shard1 = ps.plan.shards[1].segments(ps.plan.params)
         assert [g for _, _, g in shard1] == [0, 1], "shard 1 should hold the end of the matrices and the biases"
         for x, y in batches(STEPS):
@@ -86,8 +96,14 @@ def test_other_group_layout_is_refused_and_changes_nothing(start_server):
     addresses = [s.address for s in servers]
     cfg = {"name": "adamw", "lr": 1e-2}
     model = mlp()
-    with PSClient(addresses, [{"params": split(model)[0]}, {"params": split(model)[1], "weight_decay": 0.0}],
-                  optimizer=cfg, staleness=0, worker_id="first", options=FAST_FAIL) as ps:
+    with PSClient(
+        addresses,
+        [{"params": split(model)[0]}, {"params": split(model)[1], "weight_decay": 0.0}],
+        optimizer=cfg,
+        staleness=0,
+        worker_id="first",
+        options=FAST_FAIL,
+    ) as ps:
         x, y = batches(1)[0]
         ps.pull()
         torch.nn.functional.mse_loss(model(x), y).backward()
@@ -98,14 +114,19 @@ def test_other_group_layout_is_refused_and_changes_nothing(start_server):
                 m = mlp()
                 other = [{"params": split(m)[1], "weight_decay": 0.0}, {"params": split(m)[0]}]
             with pytest.raises(RpcFailed) as err:
-                PSClient(addresses, other, optimizer=cfg, staleness=0, worker_id=f"other-{layout}",
-                         options=FAST_FAIL).start()
+                PSClient(
+                    addresses, other, optimizer=cfg, staleness=0, worker_id=f"other-{layout}", options=FAST_FAIL
+                ).start()
             assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION, layout
             assert "plan hash" in err.value.details
         after = [status(a) for a in addresses]
         for b, a in zip(before, after):
-            assert (a.version, a.live_workers, a.plan_hash, a.pushes_applied) == \
-                   (b.version, b.live_workers, b.plan_hash, b.pushes_applied)
+            assert (a.version, a.live_workers, a.plan_hash, a.pushes_applied) == (
+                b.version,
+                b.live_workers,
+                b.plan_hash,
+                b.pushes_applied,
+            )
             assert [c.worker_id for c in a.clocks] == ["first"]
 
 
@@ -115,11 +136,16 @@ def test_group_that_changes_a_shard_wide_setting_is_invalid_argument(start_serve
     bad = pb.OptimizerConfig()
     bad.CopyFrom(base)
     bad.average_gradients = True
-    for groups, words in (([pb.ParamGroup(start=0, stop=4, optimizer=base), pb.ParamGroup(start=4, stop=8, optimizer=bad)],
-                           "average_gradients"),
-                          ([pb.ParamGroup(start=0, stop=5, optimizer=base)], "cover 5 of")):
-        head = pb.InitHeader(plan_hash="a" * 64, shard_index=0, num_shards=1, numel=8, optimizer=base,
-                             worker_id="w", groups=groups)
+    for groups, words in (
+        (
+            [pb.ParamGroup(start=0, stop=4, optimizer=base), pb.ParamGroup(start=4, stop=8, optimizer=bad)],
+            "average_gradients",
+        ),
+        ([pb.ParamGroup(start=0, stop=5, optimizer=base)], "cover 5 of"),
+    ):
+        head = pb.InitHeader(
+            plan_hash="a" * 64, shard_index=0, num_shards=1, numel=8, optimizer=base, worker_id="w", groups=groups
+        )
         with stub(server.address) as s:
             with pytest.raises(grpc.RpcError) as err:
                 s.Init(iter([wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(torch.zeros(8))]), timeout=10)
@@ -138,8 +164,14 @@ def test_built_in_task_with_undecayed_groups_trains_and_exports(start_server):
     undecayed = {n for n, _ in groups[1]["params"]}
     assert {"tok_emb.weight", "pos_emb.weight", "ln_f.weight", "blocks.0.ln1.bias"} <= undecayed
     assert not any(n.endswith("fc.weight") for n in undecayed)
-    with PSClient([server.address], groups, optimizer={"name": "adamw", "lr": 1e-2, "weight_decay": 0.1},
-                  staleness=0, worker_id="w", options=FAST_FAIL) as ps:
+    with PSClient(
+        [server.address],
+        groups,
+        optimizer={"name": "adamw", "lr": 1e-2, "weight_decay": 0.1},
+        staleness=0,
+        worker_id="w",
+        options=FAST_FAIL,
+    ) as ps:
         x = torch.randint(0, 256, (2, 16))
         ps.pull()
         model.loss(x, x).backward()

@@ -30,8 +30,11 @@ GRACE = 1.5
 
 def health(address: str, name: str) -> int:
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name),
-                                                          timeout=RPC_TIMEOUT).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=name), timeout=RPC_TIMEOUT)
+            .status
+        )
 
 
 def test_health_serving_and_sigterm_exits_0(start_server):
@@ -55,8 +58,12 @@ def test_sigterm_with_a_call_in_flight_exits_0_within_the_grace_period(start_ser
     server = start_server(grace=GRACE, staleness=0, heartbeat_timeout=3600)
     plan = "h" * 64
     head = pb.InitHeader(plan_hash=plan, shard_index=0, num_shards=1, numel=16, optimizer=default_config())
-    assert call(server.address, "Init", [wire.encode_frame(pb.Frame(init=head)),
-                                         wire.encode_frame(tensor=torch.zeros(16))])[0] == grpc.StatusCode.OK
+    assert (
+        call(
+            server.address, "Init", [wire.encode_frame(pb.Frame(init=head)), wire.encode_frame(tensor=torch.zeros(16))]
+        )[0]
+        == grpc.StatusCode.OK
+    )
     with stub(server.address) as s:
         session = s.Register(pb.RegisterRequest(worker_id="w", plan_hash=plan), timeout=RPC_TIMEOUT).session
 

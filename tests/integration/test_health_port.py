@@ -30,15 +30,27 @@ def free_port() -> int:
 def test_plaintext_health_port_beside_mutual_tls(start_server, tmp_path):
     pki = make_pki(tmp_path / "pki")
     port = free_port()
-    sec = Security(token="t0ken", ca=pki["ca.crt"].read_bytes(), cert=pki["client.crt"].read_bytes(),
-                   key=pki["client.key"].read_bytes())
-    server = start_server(security=sec, tls_cert=pki["server.crt"], tls_key=pki["server.key"],
-                          tls_client_ca=pki["ca.crt"], token="t0ken", health_port=port)
+    sec = Security(
+        token="t0ken",
+        ca=pki["ca.crt"].read_bytes(),
+        cert=pki["client.crt"].read_bytes(),
+        key=pki["client.key"].read_bytes(),
+    )
+    server = start_server(
+        security=sec,
+        tls_cert=pki["server.crt"],
+        tls_key=pki["server.key"],
+        tls_client_ca=pki["ca.crt"],
+        token="t0ken",
+        health_port=port,
+    )
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         check = health_pb2_grpc.HealthStub(channel).Check
         for name in ("", service.SERVICE_NAME):
-            assert check(health_pb2.HealthCheckRequest(service=name), timeout=RPC_TIMEOUT).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                check(health_pb2.HealthCheckRequest(service=name), timeout=RPC_TIMEOUT).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         with pytest.raises(grpc.RpcError) as err:
             service.Stub(channel).Status(pb.StatusRequest(), timeout=RPC_TIMEOUT)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -41,8 +41,12 @@ POD_INDEX = "metadata.labels['apps.kubernetes.io/pod-index']"
 def render(overlay: str) -> list[dict]:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is missing: scripts/setup.sh installs Debian's kubernetes-client (as root)"
-    r = subprocess.run([kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone",
-                        str(DEPLOY / "k8s" / "overlays" / overlay)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(DEPLOY / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return [d for d in yaml.safe_load_all(r.stdout) if d]
 
@@ -83,8 +87,16 @@ def only_container(obj: dict) -> dict:
 def test_every_object_passes_kubernetes_validate_strict(rendered):
     _, objs = rendered
     version = kubernetes_validate.latest_version()
-    assert set(objs) >= {"Service", "StatefulSet", "PodDisruptionBudget", "Job", "PodMonitor",
-                         "ConfigMap/asyncps-alerts", "ConfigMap/asyncps-dashboard", "ConfigMap/asyncps-prometheus"}
+    assert set(objs) >= {
+        "Service",
+        "StatefulSet",
+        "PodDisruptionBudget",
+        "Job",
+        "PodMonitor",
+        "ConfigMap/asyncps-alerts",
+        "ConfigMap/asyncps-dashboard",
+        "ConfigMap/asyncps-prometheus",
+    }
     for key, obj in objs.items():
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # a CRD: no schema in kubernetes-validate; see test_prometheus_finds_every_pod
@@ -105,8 +117,9 @@ def test_every_container_parses_with_our_own_parsers(rendered, monkeypatch, caps
         assert args.host == "0.0.0.0" and args.metrics_port > 0 and args.health_port and args.data_port
     for i in range(job["spec"]["completions"]):
         env = env_of(only_container(job))
-        parser, args = parse_service(monkeypatch, {"command": only_container(job)["command"], "environment": env},
-                                     capsys)
+        parser, args = parse_service(
+            monkeypatch, {"command": only_container(job)["command"], "environment": env}, capsys
+        )
         assert args.rank is None, "the rank must come from the completion index"
         assert resolve_rank(args.rank, args.world, {"JOB_COMPLETION_INDEX": str(i)}) == (i, True)
         assert args.retry_seconds >= 120 and args.metrics_host == "0.0.0.0"
@@ -200,6 +213,6 @@ def test_prometheus_finds_every_pod_with_the_alert_rules_job_names(rendered):
     assert objs["ConfigMap/asyncps-alerts"]["data"]["alerts.yml"] == alerts
     dashboard = objs["ConfigMap/asyncps-dashboard"]
     assert json.loads(dashboard["data"]["asyncps.json"]) == json.loads(
-        (DEPLOY / "grafana/dashboards/asyncps.json").read_text())
+        (DEPLOY / "grafana/dashboards/asyncps.json").read_text()
+    )
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-

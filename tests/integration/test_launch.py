@@ -50,8 +50,22 @@ def run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
 
 def test_digits_example_trains_far_above_chance_under_the_launcher(tmp_path):
     out = tmp_path / "run"
-    r = run([*LAUNCH, "--servers", "2", "--workers", "2", "--out", str(out), "--",
-             sys.executable, "examples/digits/train.py", "--epochs", "4"])
+    r = run(
+        [
+            *LAUNCH,
+            "--servers",
+            "2",
+            "--workers",
+            "2",
+            "--out",
+            str(out),
+            "--",
+            sys.executable,
+            "examples/digits/train.py",
+            "--epochs",
+            "4",
+        ]
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads((out / "digits.json").read_text())
     assert result["accuracy"] > 0.85, result  # chance is 0.10
@@ -68,9 +82,27 @@ def test_digits_example_trains_far_above_chance_under_the_launcher(tmp_path):
 
 def test_environment_token_and_restart_of_a_failed_copy(tmp_path):
     out = tmp_path / "run"
-    r = run([*LAUNCH, "--servers", "2", "--workers", "2", "--max-restarts", "1", "--token", "s3cret-t0ken",
-             "--out", str(out), "--", sys.executable, "-c", ENV_SCRIPT, str(out)],
-            timeout=240)
+    r = run(
+        [
+            *LAUNCH,
+            "--servers",
+            "2",
+            "--workers",
+            "2",
+            "--max-restarts",
+            "1",
+            "--token",
+            "s3cret-t0ken",
+            "--out",
+            str(out),
+            "--",
+            sys.executable,
+            "-c",
+            ENV_SCRIPT,
+            str(out),
+        ],
+        timeout=240,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["restarts"]["worker-1"] == 1 and summary["restarts"]["worker-0"] == 0
@@ -80,7 +112,11 @@ def test_environment_token_and_restart_of_a_failed_copy(tmp_path):
         seen = json.loads((out / f"env-{rank}-0.json").read_text())
         env = seen["env"]
         assert env["ASYNCPS_SERVERS"] == ",".join(summary["addresses"])
-        assert (env["ASYNCPS_RANK"], env["ASYNCPS_WORLD"], env["ASYNCPS_WORKER_ID"]) == (str(rank), "2", f"worker-{rank}")
+        assert (env["ASYNCPS_RANK"], env["ASYNCPS_WORLD"], env["ASYNCPS_WORKER_ID"]) == (
+            str(rank),
+            "2",
+            f"worker-{rank}",
+        )
         assert env["ASYNCPS_TOKEN"] == "s3cret-t0ken"
         assert "s3cret-t0ken" not in " ".join(seen["argv"])
     # three pushes per life, the restarted life included
@@ -91,8 +127,24 @@ def test_environment_token_and_restart_of_a_failed_copy(tmp_path):
 def test_a_copy_that_fails_for_good_stops_everything_with_its_log_tail(tmp_path):
     out = tmp_path / "run"
     code = "import os, sys; print('loading my data...'); sys.exit(3 if os.environ['ASYNCPS_RANK'] == '1' else 0)"
-    r = run([*LAUNCH, "--servers", "1", "--workers", "2", "--max-restarts", "0", "--out", str(out), "--",
-             sys.executable, "-c", code, str(out)])
+    r = run(
+        [
+            *LAUNCH,
+            "--servers",
+            "1",
+            "--workers",
+            "2",
+            "--max-restarts",
+            "0",
+            "--out",
+            str(out),
+            "--",
+            sys.executable,
+            "-c",
+            code,
+            str(out),
+        ]
+    )
     assert r.returncode == 1
     assert "worker-1 failed with exit code 3" in r.stderr and "loading my data..." in r.stderr
     assert "Traceback" not in r.stderr
@@ -102,9 +154,12 @@ def test_a_copy_that_fails_for_good_stops_everything_with_its_log_tail(tmp_path)
 def test_ctrl_c_stops_every_process(tmp_path, procs):
     out = tmp_path / "run"
     code = "import time; time.sleep(120)"
-    launcher = procs.popen([*LAUNCH, "--servers", "2", "--workers", "2", "--out", str(out), "--",
-                            sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+    launcher = procs.popen(
+        [*LAUNCH, "--servers", "2", "--workers", "2", "--out", str(out), "--", sys.executable, "-c", code, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     poll(lambda: len(processes_mentioning(str(out))) >= 5, 120, "the launcher, 2 servers and 2 copies")
     launcher.send_signal(signal.SIGINT)
     _, err = launcher.communicate(timeout=60)
@@ -112,25 +167,37 @@ def test_ctrl_c_stops_every_process(tmp_path, procs):
     assert not processes_mentioning(str(out))
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--"], "nothing to run after --"),
-    (["--workers", "0", "--", "true"], "--workers"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--"], "nothing to run after --"),
+        (["--workers", "0", "--", "true"], "--workers"),
+    ],
+)
 def test_launcher_mistakes_are_one_line_exit_2(argv, words, tmp_path):
     r = run([*LAUNCH, "--out", str(tmp_path / "run"), *argv], timeout=60)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
 
 
-@pytest.mark.parametrize("env, words", [
-    ({"ASYNCPS_WORLD": "2"}, "no rank for this worker of 2"),
-    ({"ASYNCPS_WORLD": "2", "JOB_COMPLETION_INDEX": "2"}, "rank 2 is outside the world of 2"),
-    ({"ASYNCPS_WORLD": "2", "ASYNCPS_RANK": "5"}, "rank 5 is outside the world of 2"),
-])
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        ({"ASYNCPS_WORLD": "2"}, "no rank for this worker of 2"),
+        ({"ASYNCPS_WORLD": "2", "JOB_COMPLETION_INDEX": "2"}, "rank 2 is outside the world of 2"),
+        ({"ASYNCPS_WORLD": "2", "ASYNCPS_RANK": "5"}, "rank 5 is outside the world of 2"),
+    ],
+)
 def test_ps_worker_without_a_rank_or_outside_the_world_is_one_line_exit_2(env, words):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCPS_") and k != "JOB_COMPLETION_INDEX"}
-    r = subprocess.run([sys.executable, "-m", "worker.cli", "--servers", "127.0.0.1:1", "--steps", "1"],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT, env={**clean, **env})
+    r = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "--servers", "127.0.0.1:1", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**clean, **env},
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
 

@@ -66,11 +66,13 @@ class LoadClient:
             versions = [0] * len(shards)
             clock = 0
             while time.monotonic() < end[0]:
-                heads = await asyncio.gather(*(self._pull(s, sess, clock, w) for s, sess, w in
-                                               zip(shards, sessions, weights)))
+                heads = await asyncio.gather(
+                    *(self._pull(s, sess, clock, w) for s, sess, w in zip(shards, sessions, weights))
+                )
                 versions = [h.version for h in heads]
-                await asyncio.gather(*(self._push(s, sess, clock, v, g) for s, sess, v, g in
-                                       zip(shards, sessions, versions, grads)))
+                await asyncio.gather(
+                    *(self._push(s, sess, clock, v, g) for s, sess, v, g in zip(shards, sessions, versions, grads))
+                )
                 clock += 1
             for s, sess in zip(shards, sessions):
                 await s.leave(self.worker_id, sess)
@@ -87,8 +89,9 @@ class LoadClient:
         return head
 
     async def _push(self, shard: ShardClient, session: int, clock: int, version: int, grad: torch.Tensor) -> None:
-        head = pb.PushHeader(worker_id=self.worker_id, session=session, plan_hash=self.plan_hash, clock=clock,
-                             read_version=version)
+        head = pb.PushHeader(
+            worker_id=self.worker_id, session=session, plan_hash=self.plan_hash, clock=clock, read_version=version
+        )
         t0 = time.perf_counter()
         await shard.push(head, grad)  # None: ALREADY_EXISTS, a retry of a push the shard applied
         self.push_seconds.append(time.perf_counter() - t0)
@@ -97,16 +100,19 @@ class LoadClient:
 
 def quantiles_ms(seconds: list[float]) -> dict[str, float]:
     a = np.asarray(seconds) * 1000
-    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
-            "max_ms": round(float(a.max()), 3), "count": int(a.size)}
+    return {
+        "p50_ms": round(float(np.percentile(a, 50)), 3),
+        "p99_ms": round(float(np.percentile(a, 99)), 3),
+        "max_ms": round(float(a.max()), 3),
+        "count": int(a.size),
+    }
 
 
 def test_16_clients_pull_and_push_without_error_or_lost_update(start_server, tmp_path):
     servers = start_server.shards(2, heartbeat_timeout=120)
     addresses = [s.address for s in servers]
     model = mlp()
-    with PSClient(addresses, model, optimizer=OPTIMIZER, staleness=math.inf, worker_id="initializer",
-                  options=OPTIONS):
+    with PSClient(addresses, model, optimizer=OPTIMIZER, staleness=math.inf, worker_id="initializer", options=OPTIONS):
         pass  # initializes both shards (version 0), registers and leaves
     plan = make_plan(param_specs(model.named_parameters()), len(addresses))
     sizes = [spec.numel for spec in plan.shards]
@@ -133,11 +139,15 @@ def test_16_clients_pull_and_push_without_error_or_lost_update(start_server, tmp
     accepted = [sum(c.accepted[i] for c in clients) for i in range(len(addresses))]
     statuses = [status(a) for a in addresses]
     report = {
-        "clients": CLIENTS, "servers": len(addresses), "duration_seconds": round(elapsed, 2),
-        "model_elements": plan.numel, "shard_elements": sizes,
+        "clients": CLIENTS,
+        "servers": len(addresses),
+        "duration_seconds": round(elapsed, 2),
+        "model_elements": plan.numel,
+        "shard_elements": sizes,
         "pull": quantiles_ms([x for c in clients for x in c.pull_seconds]),
         "push": quantiles_ms([x for c in clients for x in c.push_seconds]),
-        "pushes_accepted_per_shard": accepted, "shard_versions": [st.version for st in statuses],
+        "pushes_accepted_per_shard": accepted,
+        "shard_versions": [st.version for st in statuses],
         "iterations_per_second": round(sum(len(c.push_seconds) for c in clients) / len(addresses) / elapsed, 1),
         "retries": sum(c.retries for c in clients),
     }

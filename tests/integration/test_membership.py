@@ -44,8 +44,11 @@ def test_killed_worker_is_evicted_and_a_returning_worker_starts_at_the_slowest_c
 
     poll(registered, 90, "both workers to register")
     gate.touch()
-    poll(lambda: all((clock_of(status(a), "slow") or 0) >= KILL_AT for a in addresses), 60,
-         f"the straggler to reach clock {KILL_AT}")
+    poll(
+        lambda: all((clock_of(status(a), "slow") or 0) >= KILL_AT for a in addresses),
+        60,
+        f"the straggler to reach clock {KILL_AT}",
+    )
 
     kill_group(slow)
     t_kill = time.monotonic()
@@ -85,8 +88,9 @@ def test_killed_worker_is_evicted_and_a_returning_worker_starts_at_the_slowest_c
     # each starts at the slowest live clock, not at 0 and not at its old clock.
     for worker_id in ("slow", "newcomer"):
         model = small_model()
-        with PSClient(addresses, model, optimizer={"name": "sgd", "lr": 0.01}, staleness=S,
-                      worker_id=worker_id, options=FAST_FAIL) as ps:
+        with PSClient(
+            addresses, model, optimizer={"name": "sgd", "lr": 0.01}, staleness=S, worker_id=worker_id, options=FAST_FAIL
+        ) as ps:
             sts = [status(a) for a in addresses]
             for st in sts:
                 assert clock_of(st, worker_id) == ps.clock == st.min_clock
@@ -113,10 +117,12 @@ def test_averaging_shard_stops_waiting_for_a_killed_worker(start_server, procs, 
     servers = start_server.shards(2, staleness=0, heartbeat_timeout=HEARTBEAT_TIMEOUT)
     addresses = [s.address for s in servers]
     gate = tmp_path / "go"
-    victim, victim_files = start_worker(procs, addresses, "victim", 100000, tmp_path, staleness=0, gate=gate,
-                                        average=True)
-    survivor, survivor_files = start_worker(procs, addresses, "survivor", 30, tmp_path, staleness=0, gate=gate,
-                                            average=True)
+    victim, victim_files = start_worker(
+        procs, addresses, "victim", 100000, tmp_path, staleness=0, gate=gate, average=True
+    )
+    survivor, survivor_files = start_worker(
+        procs, addresses, "survivor", 30, tmp_path, staleness=0, gate=gate, average=True
+    )
     poll(lambda: victim_files["ready"].exists() and survivor_files["ready"].exists(), 90, "both workers to register")
     gate.touch()
     poll(lambda: all((clock_of(status(a), "victim") or 0) >= 5 for a in addresses), 60, "a few averaged clocks")
@@ -150,9 +156,14 @@ def test_averaged_update_advances_a_worker_that_re_registered_while_its_gradient
     a = server.address
     n, plan = 8, "p" * 64
     cfg = pb.OptimizerConfig(name="sgd", lr=0.5, average_gradients=True)
-    init = [wire.encode_frame(pb.Frame(init=pb.InitHeader(plan_hash=plan, shard_index=0, num_shards=1, numel=n,
-                                                          optimizer=cfg, staleness=0))),
-            wire.encode_frame(tensor=torch.zeros(n), offset=0)]
+    init = [
+        wire.encode_frame(
+            pb.Frame(
+                init=pb.InitHeader(plan_hash=plan, shard_index=0, num_shards=1, numel=n, optimizer=cfg, staleness=0)
+            )
+        ),
+        wire.encode_frame(tensor=torch.zeros(n), offset=0),
+    ]
     assert call(a, "Init", init)[0].name == "OK"
 
     def register(worker: str) -> pb.RegisterResponse:
@@ -160,8 +171,16 @@ def test_averaged_update_advances_a_worker_that_re_registered_while_its_gradient
             return s.Register(pb.RegisterRequest(worker_id=worker, plan_hash=plan), timeout=10)
 
     def push(worker: str, session: int, clock: int):
-        return call(a, "Push", [wire.encode_frame(pb.Frame(push=pb.PushHeader(
-            worker_id=worker, session=session, plan_hash=plan, clock=clock))), wire.encode_frame(tensor=torch.ones(n))])
+        return call(
+            a,
+            "Push",
+            [
+                wire.encode_frame(
+                    pb.Frame(push=pb.PushHeader(worker_id=worker, session=session, plan_hash=plan, clock=clock))
+                ),
+                wire.encode_frame(tensor=torch.ones(n)),
+            ],
+        )
 
     quiet = register("quiet")  # will push nothing and be evicted
     first = register("w")
@@ -179,7 +198,8 @@ def test_averaged_update_advances_a_worker_that_re_registered_while_its_gradient
     st = status(a)
     assert st.version == 1 and clock_of(st, "w") == 1 and clock_of(st, "quiet") is None
     assert st.weights_checksum == pytest.approx(n * 0.5)  # one update of mean gradient 1 at lr 0.5, not two
-    code, details, _ = call(a, "Pull", pb.PullRequest(worker_id="w", session=again.session, plan_hash=plan, clock=1),
-                            timeout=10)
+    code, details, _ = call(
+        a, "Pull", pb.PullRequest(worker_id="w", session=again.session, plan_hash=plan, clock=1), timeout=10
+    )
     assert code.name == "OK", details
     del quiet

@@ -29,8 +29,12 @@ pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the qui
 
 
 def tls_metrics_flags(pki: dict[str, Path], port_file: Path, mutual: bool = True) -> dict[str, str]:
-    flags = {"metrics_port": "0", "metrics_port_file": str(port_file), "metrics_tls_cert": str(pki["server.crt"]),
-             "metrics_tls_key": str(pki["server.key"])}
+    flags = {
+        "metrics_port": "0",
+        "metrics_port_file": str(port_file),
+        "metrics_tls_cert": str(pki["server.crt"]),
+        "metrics_tls_key": str(pki["server.key"]),
+    }
     if mutual:
         flags["metrics_tls_client_ca"] = str(pki["ca.crt"])
     return flags
@@ -69,12 +73,12 @@ def test_server_metrics_over_mutual_tls_answer_only_certified_scrapers(start_ser
         assert "asyncps_server_live_workers" in fetch(url, scraper(pki, "client"))  # not held up by `silent`
     finally:
         silent.close()
-    assert refused(f"http://127.0.0.1:{port}/metrics")                 # plain HTTP
-    assert refused(url, scraper(pki, None))                            # TLS, no client certificate
-    assert refused(url, scraper(pki, "other-client"))                  # a certificate nobody here trusts
+    assert refused(f"http://127.0.0.1:{port}/metrics")  # plain HTTP
+    assert refused(url, scraper(pki, None))  # TLS, no client certificate
+    assert refused(url, scraper(pki, "other-client"))  # a certificate nobody here trusts
     untrusting = ssl.create_default_context(cafile=str(pki["other-ca.crt"]))
     untrusting.load_cert_chain(str(pki["client.crt"]), str(pki["client.key"]))
-    assert refused(url, untrusting)                                    # the scraper does not trust the server
+    assert refused(url, untrusting)  # the scraper does not trust the server
     assert "asyncps_server_pushes_total" in fetch(url, scraper(pki, "client"))  # still serving after all that
 
 
@@ -82,16 +86,23 @@ def prometheus_tls_config(pki: dict[str, Path], target: str, path: Path) -> None
     """Two jobs scraping the same HTTPS target every second: `certified` presents the
     client certificate, `anonymous` only trusts the CA."""
     tls = {"ca_file": str(pki["ca.crt"])}
-    jobs = [{"job_name": "certified", "scheme": "https", "static_configs": [{"targets": [target]}],
-             "tls_config": {**tls, "cert_file": str(pki["client.crt"]), "key_file": str(pki["client.key"])}},
-            {"job_name": "anonymous", "scheme": "https", "static_configs": [{"targets": [target]}],
-             "tls_config": tls}]
-    path.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                                    "scrape_configs": jobs}))
+    jobs = [
+        {
+            "job_name": "certified",
+            "scheme": "https",
+            "static_configs": [{"targets": [target]}],
+            "tls_config": {**tls, "cert_file": str(pki["client.crt"]), "key_file": str(pki["client.key"])},
+        },
+        {"job_name": "anonymous", "scheme": "https", "static_configs": [{"targets": [target]}], "tls_config": tls},
+    ]
+    path.write_text(
+        yaml.safe_dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": jobs})
+    )
 
 
-def test_a_real_prometheus_scrapes_a_worker_over_mutual_tls(tmp_path, pki, corpus, procs, start_server,
-                                                            prometheus_binary):
+def test_a_real_prometheus_scrapes_a_worker_over_mutual_tls(
+    tmp_path, pki, corpus, procs, start_server, prometheus_binary
+):
     """ps-worker serves the same flags (one shared endpoint): a real Prometheus with the
     client certificate scrapes it; without one, its target is down."""
     server = start_server(staleness="inf")
@@ -99,12 +110,46 @@ def test_a_real_prometheus_scrapes_a_worker_over_mutual_tls(tmp_path, pki, corpu
     log = tmp_path / "worker.log"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in tls_metrics_flags(pki, port_file).items()]
     with open(log, "wb") as out:
-        worker = procs.popen([sys.executable, "-m", "worker.cli", "--servers", server.address, "--worker-id", "w-tls",
-                              "--steps", "100000", "--staleness", "inf", "--no-average-gradients", "--data", str(corpus),
-                              "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32",
-                              "--batch-size", "4", "--threads", "1", *flags], stdout=out, stderr=out)
-    port = int(poll(lambda: port_file.exists() and port_file.read_text().strip(), 60,
-                    lambda: f"the worker's metrics port: {log.read_text()[-2000:]}"))
+        worker = procs.popen(
+            [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "--servers",
+                server.address,
+                "--worker-id",
+                "w-tls",
+                "--steps",
+                "100000",
+                "--staleness",
+                "inf",
+                "--no-average-gradients",
+                "--data",
+                str(corpus),
+                "--d-model",
+                "32",
+                "--n-layer",
+                "1",
+                "--n-head",
+                "2",
+                "--context",
+                "32",
+                "--batch-size",
+                "4",
+                "--threads",
+                "1",
+                *flags,
+            ],
+            stdout=out,
+            stderr=out,
+        )
+    port = int(
+        poll(
+            lambda: port_file.exists() and port_file.read_text().strip(),
+            60,
+            lambda: f"the worker's metrics port: {log.read_text()[-2000:]}",
+        )
+    )
     assert worker.poll() is None, log.read_text()[-2000:]
 
     prom_port = free_port()
@@ -112,8 +157,17 @@ def test_a_real_prometheus_scrapes_a_worker_over_mutual_tls(tmp_path, pki, corpu
     config = tmp_path / "prometheus.yml"
     prometheus_tls_config(pki, f"127.0.0.1:{port}", config)
     with open(tmp_path / "prometheus.log", "wb") as out:
-        procs.popen([prometheus_binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                     f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"], stdout=out, stderr=out)
+        procs.popen(
+            [
+                prometheus_binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+                "--log.level=warn",
+            ],
+            stdout=out,
+            stderr=out,
+        )
 
     def both_scraped():
         try:
@@ -122,6 +176,7 @@ def test_a_real_prometheus_scrapes_a_worker_over_mutual_tls(tmp_path, pki, corpu
             return None  # not listening yet
         health = {t["labels"]["job"]: t for t in active}
         return health if len(health) == 2 and all(t["health"] != "unknown" for t in health.values()) else None
+
     targets = poll(both_scraped, 60, "Prometheus to scrape both jobs")
     assert targets["certified"]["health"] == "up", targets["certified"]
     assert targets["anonymous"]["health"] == "down", targets["anonymous"]
@@ -131,6 +186,7 @@ def test_a_real_prometheus_scrapes_a_worker_over_mutual_tls(tmp_path, pki, corpu
         answer = query(base, 'asyncps_worker_steps_total{job="certified",worker="w-tls"}')
         result = answer.get("data", {}).get("result", [])
         return result if result and float(result[0]["value"][1]) > 0 else None
+
     poll(worker_steps, 30, "Prometheus to read the worker's steps over TLS")
     assert worker.poll() is None, log.read_text()[-2000:]
 

@@ -74,8 +74,9 @@ def test_cut_worker_is_evicted_rejoins_and_no_push_is_applied_twice(netns, start
 
     # s = 2: the host worker can run at most 2 clocks ahead of the cut one until it is evicted.
     host, host_files = start_worker(procs, [address], "host", 300, tmp_path, sleep=0.01, staleness=2)
-    cut, cut_files = start_worker(procs, [address], "cut", 120, tmp_path, sleep=0.01, staleness=2,
-                                  prefix=("ip", "netns", "exec", ns))
+    cut, cut_files = start_worker(
+        procs, [address], "cut", 120, tmp_path, sleep=0.01, staleness=2, prefix=("ip", "netns", "exec", ns)
+    )
     poll(lambda: (clock_of(status(address), "cut") or 0) >= 10, 60, "the namespaced worker to train")
 
     _ip("link", "set", host_if, "down")
@@ -90,8 +91,11 @@ def test_cut_worker_is_evicted_rejoins_and_no_push_is_applied_twice(netns, start
         _ip("link", "set", host_if, "up")
     assert evicted_after >= TIMEOUT - 0.2, f"evicted after {evicted_after:.2f}s, before the {TIMEOUT}s timeout"
 
-    poll(lambda: clock_of(status(address), "cut") is not None or cut.poll() is not None, 60,
-         "the cut worker to register again")
+    poll(
+        lambda: clock_of(status(address), "cut") is not None or cut.poll() is not None,
+        60,
+        "the cut worker to register again",
+    )
     assert wait_exit(cut, 90, cut_files["log"]) == 0
     assert wait_exit(host, 90, host_files["log"]) == 0
     cut_stats = json.loads(cut_files["stats"].read_text())

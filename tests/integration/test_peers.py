@@ -20,9 +20,32 @@ import pytest
 pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "8",
-        "--warmup", "10", "--lr", "1e-2", "--threads", "1", "--budget", "3", "--snapshot-every", "0.5",
-        "--eval-windows", "16", "--target", "5.0"]
+TINY = [
+    "--d-model",
+    "32",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--context",
+    "32",
+    "--batch-size",
+    "8",
+    "--warmup",
+    "10",
+    "--lr",
+    "1e-2",
+    "--threads",
+    "1",
+    "--budget",
+    "3",
+    "--snapshot-every",
+    "0.5",
+    "--eval-windows",
+    "16",
+    "--target",
+    "5.0",
+]
 
 
 def test_peers_tiny_end_to_end(tmp_path, procs):
@@ -32,16 +55,37 @@ def test_peers_tiny_end_to_end(tmp_path, procs):
     for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py", "shutil.py", "typing.py"]:
         (corpus / name).write_bytes((stdlib / name).read_bytes())
     out = tmp_path / "peers.json"
-    proc = procs.popen([sys.executable, str(ROOT / "bench" / "peers.py"), *TINY, "--data", str(corpus),
-                        "--systems", "ddp-gloo,asyncps-s2", "--scenarios", "straggler",
-                        "--json", str(out), "--results", str(tmp_path / "results"), "--log-level", "WARNING"],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = procs.popen(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "peers.py"),
+            *TINY,
+            "--data",
+            str(corpus),
+            "--systems",
+            "ddp-gloo,asyncps-s2",
+            "--scenarios",
+            "straggler",
+            "--json",
+            str(out),
+            "--results",
+            str(tmp_path / "results"),
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, log
     doc = json.loads(out.read_text())
     assert doc["machine"]["cores"] >= 1 and doc["settings"]["target_loss"] == 5.0
     rows = doc["rows"]
-    assert sorted((r["system"], r["scenario"]) for r in rows) == [("asyncps-s2", "straggler"), ("ddp-gloo", "straggler")]
+    assert sorted((r["system"], r["scenario"]) for r in rows) == [
+        ("asyncps-s2", "straggler"),
+        ("ddp-gloo", "straggler"),
+    ]
     for r in rows:
         assert r["workers"] == 2 and r["target_loss"] == 5.0
         assert math.isfinite(r["samples_per_second"]) and r["samples_per_second"] > 0, r

@@ -34,12 +34,15 @@ def test_a_push_applied_while_its_worker_changes_or_its_call_ends_is_counted_onc
     srv = InProcessServer(ServerConfig(heartbeat_timeout=600))
     release, started = threading.Event(), threading.Event()
     try:
-        head = pb.InitHeader(plan_hash=PLAN, shard_index=0, num_shards=1, numel=N,
-                             optimizer=default_config("sgd", lr=1.0), worker_id="a")
+        head = pb.InitHeader(
+            plan_hash=PLAN, shard_index=0, num_shards=1, numel=N, optimizer=default_config("sgd", lr=1.0), worker_id="a"
+        )
         g = torch.ones(N)
         with stub(srv.address) as s:
-            s.Init(iter([wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(torch.zeros(N), 1 << 12)]),
-                   timeout=RPC_TIMEOUT)
+            s.Init(
+                iter([wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(torch.zeros(N), 1 << 12)]),
+                timeout=RPC_TIMEOUT,
+            )
             session = s.Register(pb.RegisterRequest(worker_id="a", plan_hash=PLAN), timeout=RPC_TIMEOUT).session
 
         opt = srv.servicer.store._opt
@@ -56,8 +59,9 @@ def test_a_push_applied_while_its_worker_changes_or_its_call_ends_is_counted_onc
         def push() -> None:
             with stub(srv.address) as s:
                 try:
-                    outcome["response"] = s.Push(iter(_push_frames("a", session, 0, g)),
-                                                 timeout=2.0 if meanwhile == "cancel" else 60)
+                    outcome["response"] = s.Push(
+                        iter(_push_frames("a", session, 0, g)), timeout=2.0 if meanwhile == "cancel" else 60
+                    )
                 except grpc.RpcError as exc:
                     outcome["code"] = exc.code()
 
@@ -78,8 +82,11 @@ def test_a_push_applied_while_its_worker_changes_or_its_call_ends_is_counted_onc
             assert outcome["response"].version == 1  # applied, so acknowledged
         with stub(srv.address) as s:
             # a cancelled call's commit finishes on its own, after the call has ended
-            poll(lambda: s.Status(pb.StatusRequest(), timeout=RPC_TIMEOUT).pushes_applied >= 1, 30,
-                 "the held push to be committed")
+            poll(
+                lambda: s.Status(pb.StatusRequest(), timeout=RPC_TIMEOUT).pushes_applied >= 1,
+                30,
+                "the held push to be committed",
+            )
             st = s.Status(pb.StatusRequest(), timeout=RPC_TIMEOUT)
             assert st.version == st.pushes_applied == 1, st
             snap = srv.servicer.store.lease()

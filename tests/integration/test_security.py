@@ -48,12 +48,16 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def client(pki: dict[str, Path], token: str | None = None, ca: str | None = "ca.crt",
-           cert: str | None = None) -> Security:
+def client(
+    pki: dict[str, Path], token: str | None = None, ca: str | None = "ca.crt", cert: str | None = None
+) -> Security:
     """A client's Security from the test PKI: `cert` is a stem ("client", "other-client")."""
-    return Security(token=token, ca=pki[ca].read_bytes() if ca else None,
-                    cert=pki[f"{cert}.crt"].read_bytes() if cert else None,
-                    key=pki[f"{cert}.key"].read_bytes() if cert else None)
+    return Security(
+        token=token,
+        ca=pki[ca].read_bytes() if ca else None,
+        cert=pki[f"{cert}.crt"].read_bytes() if cert else None,
+        key=pki[f"{cert}.key"].read_bytes() if cert else None,
+    )
 
 
 def tls_flags(pki: dict[str, Path], mutual: bool = False) -> dict[str, str]:
@@ -64,8 +68,9 @@ def tls_flags(pki: dict[str, Path], mutual: bool = False) -> dict[str, str]:
 
 
 def init_frames() -> list[bytes]:
-    head = pb.InitHeader(plan_hash=PLAN, shard_index=0, num_shards=1, numel=N,
-                         optimizer=default_config("sgd", lr=0.1), worker_id="w")
+    head = pb.InitHeader(
+        plan_hash=PLAN, shard_index=0, num_shards=1, numel=N, optimizer=default_config("sgd", lr=0.1), worker_id="w"
+    )
     return [wire.encode_frame(pb.Frame(init=head)), wire.encode_frame(tensor=torch.ones(N))]
 
 
@@ -85,8 +90,14 @@ def push_frames(session: int, clock: int, version: int) -> list[bytes]:
 
 def snapshot(address: str, sec: Security) -> tuple:
     st = status(address, sec)
-    return (st.initialized, st.version, st.weights_checksum, st.pushes_applied,
-            [(c.worker_id, c.clock) for c in st.clocks], st.checkpoint_version)
+    return (
+        st.initialized,
+        st.version,
+        st.weights_checksum,
+        st.pushes_applied,
+        [(c.worker_id, c.clock) for c in st.clocks],
+        st.checkpoint_version,
+    )
 
 
 def every_rpc(session: int, st: pb.StatusResponse) -> list[tuple[str, object]]:
@@ -106,15 +117,19 @@ def every_rpc(session: int, st: pb.StatusResponse) -> list[tuple[str, object]]:
 
 def health(address: str, sec: Security = NONE) -> int:
     with sec.channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service.SERVICE_NAME), timeout=RPC_TIMEOUT).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=service.SERVICE_NAME), timeout=RPC_TIMEOUT)
+            .status
+        )
 
 
 def train(addresses: list[str], sec: Security, steps: int = 3, options: CallOptions = NO_RETRY) -> list[int]:
     """A PSClient trains `steps` iterations; returns the shards' versions after."""
     model = mlp()
-    with PSClient(addresses, model, optimizer={"name": "sgd", "lr": 0.01}, worker_id="trainer",
-                  options=options, security=sec) as ps:
+    with PSClient(
+        addresses, model, optimizer={"name": "sgd", "lr": 0.01}, worker_id="trainer", options=options, security=sec
+    ) as ps:
         for x, y in batches(steps):
             ps.pull()
             torch.nn.functional.mse_loss(model(x), y).backward()
@@ -124,6 +139,7 @@ def train(addresses: list[str], sec: Security, steps: int = 3, options: CallOpti
 
 
 # -- token ----------------------------------------------------------------------------------
+
 
 def test_token_refuses_every_rpc_without_it_and_changes_nothing(start_server):
     server = start_server(token=TOKEN, heartbeat_timeout=3600, checkpoint_dir=str(start_server.directory / "ck"))
@@ -165,6 +181,7 @@ def test_psclient_with_token_trains_and_without_fails_at_once(start_server, tmp_
 
 # -- TLS ------------------------------------------------------------------------------------
 
+
 def test_tls_round_trip_and_untrusted_clients_fail(start_server, pki):
     tls = client(pki)
     server = start_server(security=tls, heartbeat_timeout=3600, **tls_flags(pki))
@@ -172,8 +189,7 @@ def test_tls_round_trip_and_untrusted_clients_fail(start_server, pki):
     before = snapshot(server.address, tls)
     st = status(server.address, tls)
     for name, sec in (("plaintext", NONE), ("wrong CA", client(pki, ca="other-ca.crt"))):
-        for method, request in (("Status", pb.StatusRequest()),
-                                ("Push", push_frames(1, 0, st.version))):
+        for method, request in (("Status", pb.StatusRequest()), ("Push", push_frames(1, 0, st.version))):
             code, details, _ = call(server.address, method, request, timeout=5, security=sec)
             assert code == Code.UNAVAILABLE, f"{name} {method}: {code.name} {details}"
     assert snapshot(server.address, tls) == before
@@ -206,10 +222,26 @@ def test_token_and_tls_together(start_server, pki):
 
 def test_cluster_passes_token_and_mutual_tls_to_every_child(pki, corpus, tmp_path):
     out = tmp_path / "run"
-    args = cluster_cmd(out, corpus, 20, "--no-metrics", "--eval-windows", "4",
-                       "--tls-cert", str(pki["server.crt"]), "--tls-key", str(pki["server.key"]),
-                       "--tls-ca", str(pki["ca.crt"]), "--tls-client-ca", str(pki["ca.crt"]),
-                       "--tls-client-cert", str(pki["client.crt"]), "--tls-client-key", str(pki["client.key"]))
+    args = cluster_cmd(
+        out,
+        corpus,
+        20,
+        "--no-metrics",
+        "--eval-windows",
+        "4",
+        "--tls-cert",
+        str(pki["server.crt"]),
+        "--tls-key",
+        str(pki["server.key"]),
+        "--tls-ca",
+        str(pki["ca.crt"]),
+        "--tls-client-ca",
+        str(pki["ca.crt"]),
+        "--tls-client-cert",
+        str(pki["client.crt"]),
+        "--tls-client-key",
+        str(pki["client.key"]),
+    )
     # Configured through the environment too: ASYNCPS_TLS_CERT is the servers' certificate, which the
     # workers must not take for their own; the token reaches every child without a command line.
     env = {**os.environ, "ASYNCPS_TOKEN": TOKEN, "ASYNCPS_TLS_CERT": str(pki["server.crt"])}
@@ -222,6 +254,7 @@ def test_cluster_passes_token_and_mutual_tls_to_every_child(pki, corpus, tmp_pat
 
 
 # -- the command line ---------------------------------------------------------------------------
+
 
 def _cli_cases(pki: dict[str, Path], tmp: Path) -> dict[str, tuple[str, list[str], dict]]:
     (tmp / "empty").write_text("\n")
@@ -237,37 +270,77 @@ def _cli_cases(pki: dict[str, Path], tmp: Path) -> dict[str, tuple[str, list[str
         "server-token-file-empty": ("ps_server.cli", ["--token-file", str(tmp / "empty")], {}),
         "server-token-and-file": ("ps_server.cli", ["--token", "a", "--token-file", str(pki["ca.crt"])], {}),
         "server-token-with-space": ("ps_server.cli", ["--token", "a b"], {}),
-        "worker-cert-without-ca": ("worker.cli", ["--servers", "127.0.0.1:1", "--tls-cert", cert, "--tls-key", key], {}),
+        "worker-cert-without-ca": (
+            "worker.cli",
+            ["--servers", "127.0.0.1:1", "--tls-cert", cert, "--tls-key", key],
+            {},
+        ),
         "worker-ca-missing": ("worker.cli", ["--servers", "127.0.0.1:1", "--tls-ca", str(tmp / "nope")], {}),
         "server-metrics-key-without-cert": ("ps_server.cli", ["--metrics-tls-key", key], {}),
-        "server-metrics-client-ca-without-cert": ("ps_server.cli", ["--metrics-port", "0",
-                                                                     "--metrics-tls-client-ca", ca], {}),
-        "server-metrics-key-of-another-cert": ("ps_server.cli", ["--metrics-port", "0", "--metrics-tls-cert", cert,
-                                                                  "--metrics-tls-key", str(pki["other-server.key"])], {}),
-        "worker-metrics-cert-not-pem": ("worker.cli", ["--servers", "127.0.0.1:1", "--metrics-tls-cert",
-                                                       str(tmp / "not-pem"), "--metrics-tls-key", key], {}),
-        "worker-metrics-cert-env-missing": ("worker.cli", ["--servers", "127.0.0.1:1", "--metrics-tls-key", key],
-                                            {"ASYNCPS_METRICS_TLS_CERT": str(tmp / "nope.crt")}),
+        "server-metrics-client-ca-without-cert": (
+            "ps_server.cli",
+            ["--metrics-port", "0", "--metrics-tls-client-ca", ca],
+            {},
+        ),
+        "server-metrics-key-of-another-cert": (
+            "ps_server.cli",
+            ["--metrics-port", "0", "--metrics-tls-cert", cert, "--metrics-tls-key", str(pki["other-server.key"])],
+            {},
+        ),
+        "worker-metrics-cert-not-pem": (
+            "worker.cli",
+            ["--servers", "127.0.0.1:1", "--metrics-tls-cert", str(tmp / "not-pem"), "--metrics-tls-key", key],
+            {},
+        ),
+        "worker-metrics-cert-env-missing": (
+            "worker.cli",
+            ["--servers", "127.0.0.1:1", "--metrics-tls-key", key],
+            {"ASYNCPS_METRICS_TLS_CERT": str(tmp / "nope.crt")},
+        ),
         "cluster-cert-without-ca": ("worker.cluster", ["--tls-cert", cert, "--tls-key", key], {}),
-        "cluster-client-ca-without-client-cert": ("worker.cluster", ["--tls-cert", cert, "--tls-key", key,
-                                                                     "--tls-ca", ca, "--tls-client-ca", ca], {}),
+        "cluster-client-ca-without-client-cert": (
+            "worker.cluster",
+            ["--tls-cert", cert, "--tls-key", key, "--tls-ca", ca, "--tls-client-ca", ca],
+            {},
+        ),
     }
 
 
-CLI_CASES = ["server-cert-missing", "server-key-without-cert", "server-client-ca-without-cert", "server-cert-not-pem",
-             "server-key-is-a-cert", "server-token-file-env-missing", "server-token-file-empty", "server-token-and-file",
-             "server-token-with-space", "worker-cert-without-ca", "worker-ca-missing", "cluster-cert-without-ca",
-             "cluster-client-ca-without-client-cert", "server-metrics-key-without-cert",
-             "server-metrics-client-ca-without-cert", "server-metrics-key-of-another-cert", "worker-metrics-cert-not-pem",
-             "worker-metrics-cert-env-missing"]
+CLI_CASES = [
+    "server-cert-missing",
+    "server-key-without-cert",
+    "server-client-ca-without-cert",
+    "server-cert-not-pem",
+    "server-key-is-a-cert",
+    "server-token-file-env-missing",
+    "server-token-file-empty",
+    "server-token-and-file",
+    "server-token-with-space",
+    "worker-cert-without-ca",
+    "worker-ca-missing",
+    "cluster-cert-without-ca",
+    "cluster-client-ca-without-client-cert",
+    "server-metrics-key-without-cert",
+    "server-metrics-client-ca-without-cert",
+    "server-metrics-key-of-another-cert",
+    "worker-metrics-cert-not-pem",
+    "worker-metrics-cert-env-missing",
+]
 
 
 @pytest.mark.parametrize("name", CLI_CASES)
 def test_cli_security_mistake_is_one_line_and_exit_2(pki, tmp_path, name):
     module, args, env = _cli_cases(pki, tmp_path)[name]
-    proc = subprocess.run([sys.executable, "-m", module, "--port", "0", *args] if module == "ps_server.cli"
-                          else [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **env}, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--port", "0", *args]
+        if module == "ps_server.cli"
+        else [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

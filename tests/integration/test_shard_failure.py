@@ -27,10 +27,10 @@ from .support import FAST_FAIL, batches, mlp, poll
 
 
 @pytest.mark.parametrize("average", [False, True], ids=["ssp", "averaging"])
-def test_a_failed_update_stops_the_shard_at_once_and_leaves_the_last_checkpoint(tmp_path, monkeypatch, caplog,
-                                                                                average):
+def test_a_failed_update_stops_the_shard_at_once_and_leaves_the_last_checkpoint(tmp_path, monkeypatch, caplog, average):
     def fail(self, *args, **kwargs):
         raise RuntimeError("injected: out of memory")
+
     monkeypatch.setattr(ShardStore, "apply", fail)
     servicer = Servicer(ServerConfig(staleness=0, checkpoint_dir=str(tmp_path / "ckpt")))
     port_file = tmp_path / "port"
@@ -40,8 +40,14 @@ def test_a_failed_update_stops_the_shard_at_once_and_leaves_the_last_checkpoint(
         try:
             port = poll(lambda: port_file.exists() and int(port_file.read_text()), 30, "the port file")
             model = mlp()
-            with PSClient([f"127.0.0.1:{port}"], model, staleness=0, worker_id="w", options=FAST_FAIL,
-                          optimizer={"name": "sgd", "lr": 0.1, "average_gradients": average}) as ps:
+            with PSClient(
+                [f"127.0.0.1:{port}"],
+                model,
+                staleness=0,
+                worker_id="w",
+                options=FAST_FAIL,
+                optimizer={"name": "sgd", "lr": 0.1, "average_gradients": average},
+            ) as ps:
                 x, y = batches(1)[0]
                 ps.pull()
                 torch_loss = ((model(x) - y) ** 2).mean()

@@ -36,8 +36,9 @@ def run_pair(start_server, procs, tmp_path, staleness: str):
     servers = start_server.shards(2, staleness=staleness, heartbeat_timeout=5)
     addresses = [s.address for s in servers]
     gate = tmp_path / "go"
-    slow, slow_files = start_worker(procs, addresses, "slow", STEPS, tmp_path, sleep=SLOW_SLEEP,
-                                    staleness=staleness, gate=gate)
+    slow, slow_files = start_worker(
+        procs, addresses, "slow", STEPS, tmp_path, sleep=SLOW_SLEEP, staleness=staleness, gate=gate
+    )
     fast, fast_files = start_worker(procs, addresses, "fast", STEPS, tmp_path, staleness=staleness, gate=gate)
 
     def registered() -> bool:

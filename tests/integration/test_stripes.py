@@ -43,8 +43,18 @@ from worker import CallOptions, PSClient
 from worker.dataplane import Abort, DataChannel
 
 from .support import RPC_TIMEOUT, batches, poll, status
-from .test_dataplane import (AUTH, N, answer, data_port, deadline, pull_request, push_header, ready,  # noqa: F401
-                             shard, state)
+from .test_dataplane import (
+    AUTH,
+    N,
+    answer,
+    data_port,
+    deadline,
+    pull_request,
+    push_header,
+    ready,  # noqa: F401
+    shard,
+    state,
+)
 from .test_wire_path import OddModel, push_exact, raw
 
 pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
@@ -67,14 +77,19 @@ class Part:
 
     def __init__(self, req: pb.DataRequest, payload: bytes = b"", cut: int | None = None, leave: bool = False):
         self.req, self.payload = req, payload
-        self.cut = cut      # send only this many payload bytes, then half-close (a truncated part)
+        self.cut = cut  # send only this many payload bytes, then half-close (a truncated part)
         self.leave = leave  # hang up after sending, without reading the answer
 
 
 def push_parts(session: int, g: torch.Tensor, count: int, sid: int, head: pb.PushHeader | None = None) -> list[Part]:
     head = head or push_header(session)
-    return [Part(pb.DataRequest(push=head, payload_bytes=(hi - lo) * 4, stripe=pb.Stripe(id=sid, index=i, count=count)),
-                 bytes(wire.tensor_bytes(g[lo:hi]))) for i, (lo, hi) in enumerate(wire.stripes(N, count))]
+    return [
+        Part(
+            pb.DataRequest(push=head, payload_bytes=(hi - lo) * 4, stripe=pb.Stripe(id=sid, index=i, count=count)),
+            bytes(wire.tensor_bytes(g[lo:hi])),
+        )
+        for i, (lo, hi) in enumerate(wire.stripes(N, count))
+    ]
 
 
 def exchange(port: int, parts: list[Part]) -> list[pb.DataResponse | None]:
@@ -113,8 +128,10 @@ def striped_pull(port: int, session: int, clock: int, count: int, sid: int) -> t
     def one(i: int, lo: int, hi: int) -> pb.PullHeader:
         conn = conns[i]
         go.wait(RPC_TIMEOUT)
-        conn.send(pb.DataRequest(pull=pull_request(session, clock), stripe=pb.Stripe(id=sid, index=i, count=count)),
-                  deadline=deadline())
+        conn.send(
+            pb.DataRequest(pull=pull_request(session, clock), stripe=pb.Stripe(id=sid, index=i, count=count)),
+            deadline=deadline(),
+        )
         resp = answer(conn)
         assert resp is not None and resp.code == 0, resp
         assert resp.payload_bytes == (hi - lo) * 4 and resp.pull.numel == N
@@ -149,6 +166,7 @@ def assert_push_works(address: str, port: int, session: int, sid: int = 999) -> 
 
 # -- the good path ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("count", [2, 3])
 def test_striped_push_then_pull_is_bit_exact(shard, count):
     server, session, w0 = shard
@@ -170,6 +188,7 @@ def test_striped_push_then_pull_is_bit_exact(shard, count):
 
 # -- refusals --------------------------------------------------------------------------------
 
+
 def _refusals(session: int) -> dict:
     """Case -> (parts, the code every answered part gets)."""
     g = grad()
@@ -179,27 +198,41 @@ def _refusals(session: int) -> dict:
     wrong_plan = push_parts(session, g, 2, 21, push_header(session, plan="x" * 64))
     bad_nan = push_parts(session, nan, 3, 21)
     short = push_parts(session, g, 2, 21)
-    short[1] = Part(pb.DataRequest(push=push_header(session), payload_bytes=short[1].req.payload_bytes - 4,
-                                   stripe=short[1].req.stripe), short[1].payload[:-4])
+    short[1] = Part(
+        pb.DataRequest(
+            push=push_header(session), payload_bytes=short[1].req.payload_bytes - 4, stripe=short[1].req.stripe
+        ),
+        short[1].payload[:-4],
+    )
     long = push_parts(session, g, 2, 21)
-    long[0] = Part(pb.DataRequest(push=push_header(session), payload_bytes=long[0].req.payload_bytes + 4,
-                                  stripe=long[0].req.stripe), long[0].payload + b"\0" * 4)
+    long[0] = Part(
+        pb.DataRequest(
+            push=push_header(session), payload_bytes=long[0].req.payload_bytes + 4, stripe=long[0].req.stripe
+        ),
+        long[0].payload + b"\0" * 4,
+    )
     truncated = push_parts(session, g, 2, 21)
     truncated[1].cut = len(truncated[1].payload) // 2
     dup = push_parts(session, g, 2, 21)
-    dup[1] = Part(pb.DataRequest(push=push_header(session), payload_bytes=dup[0].req.payload_bytes,
-                                 stripe=pb.Stripe(id=21, index=0, count=2)), dup[0].payload)
+    dup[1] = Part(
+        pb.DataRequest(
+            push=push_header(session), payload_bytes=dup[0].req.payload_bytes, stripe=pb.Stripe(id=21, index=0, count=2)
+        ),
+        dup[0].payload,
+    )
     mismatch = push_parts(session, g, 2, 21)
     three = push_parts(session, g, 3, 21)
     mismatch[1] = three[1]  # says 3 parts, the other says 2
     other_head = push_parts(session, g, 2, 21)
     other_head[1].req.push.read_version = 5
+
     def with_stripe(**fields):
         parts = push_parts(session, g, 2, 21)
         for p in parts:
             for k, v in fields.items():
                 setattr(p.req.stripe, k, v)
         return parts
+
     beyond = push_parts(session, g, 2, 21)
     for p, index in zip(beyond, (2, 7)):
         p.req.stripe.index = index
@@ -247,8 +280,9 @@ def test_a_part_of_an_ended_exchange_is_aborted(shard):
     for part in parts:  # the same parts again, one by one: the exchange is over
         assert codes(exchange(port, [part])) == [Code.ABORTED]
     heads, got = striped_pull(port, session, 1, 2, sid=32)
-    assert codes(exchange(port, [Part(pb.DataRequest(pull=pull_request(session, 1),
-                                                     stripe=pb.Stripe(id=32, index=1, count=2)))])) == [Code.ABORTED]
+    assert codes(
+        exchange(port, [Part(pb.DataRequest(pull=pull_request(session, 1), stripe=pb.Stripe(id=32, index=1, count=2)))])
+    ) == [Code.ABORTED]
     assert state(server.address) == before
     assert torch.equal(bits(got), bits(w0 - grad()))
 
@@ -275,8 +309,9 @@ def test_a_striped_pull_whose_client_hangs_up_gives_its_lease_back_at_once(shard
     port = data_port(server.address)
     conn = ready(port)
     try:  # part 0 of 2, read whole; part 1 never comes
-        conn.send(pb.DataRequest(pull=pull_request(session), stripe=pb.Stripe(id=61, index=0, count=2)),
-                  deadline=deadline())
+        conn.send(
+            pb.DataRequest(pull=pull_request(session), stripe=pb.Stripe(id=61, index=0, count=2)), deadline=deadline()
+        )
         resp = answer(conn)
         assert resp.code == 0 and resp.payload_bytes == wire.stripes(N, 2)[0][1] * 4
         conn.recv_exact(resp.payload_bytes, deadline())
@@ -316,9 +351,10 @@ def test_data_channel_reports_a_stale_session_as_unknown_worker(shard):
         assert wire.stripe_count(N, 3, 4096) == 3
         seen: dict[str, list] = {"push": [], "pull": []}
         for _ in range(ATTEMPTS):
-            for op, fn in (("push", lambda: channel.push(push_header(session + 99), grad(), deadline(), Abort())),
-                           ("pull", lambda: channel.pull_into(pull_request(session + 99), torch.empty(N), deadline(),
-                                                              Abort()))):
+            for op, fn in (
+                ("push", lambda: channel.push(push_header(session + 99), grad(), deadline(), Abort())),
+                ("pull", lambda: channel.pull_into(pull_request(session + 99), torch.empty(N), deadline(), Abort())),
+            ):
                 with pytest.raises(DataError) as err:
                     fn()
                 seen[op].append((err.value.code().name, err.value.reason))
@@ -331,18 +367,21 @@ def test_data_channel_reports_a_stale_session_as_unknown_worker(shard):
         channel.close()
     wanted = (Code.FAILED_PRECONDITION.name, service.UNKNOWN_WORKER)
     wrong = {op: sorted({c for c in got if c != wanted}) for op, got in seen.items()}
-    assert seen["push"] == seen["pull"] == [wanted] * ATTEMPTS, \
-        f"answers other than {wanted} in {ATTEMPTS} tries: {wrong}; " \
+    assert seen["push"] == seen["pull"] == [wanted] * ATTEMPTS, (
+        f"answers other than {wanted} in {ATTEMPTS} tries: {wrong}; "
         f"{sum(c != wanted for c in seen['push'])} pushes, {sum(c != wanted for c in seen['pull'])} pulls"
+    )
 
 
 # -- PSClient ---------------------------------------------------------------------------------
 
+
 def wide_mlp() -> torch.nn.Module:
     """21060 parameters: ~42 KB a shard over two shards, 3 parts of >= 4 KiB each."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64), torch.nn.Tanh(),
-                               torch.nn.Linear(64, 4))
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)
+    )
 
 
 def stripe_counts(monkeypatch) -> list[int]:
@@ -360,8 +399,15 @@ def stripe_counts(monkeypatch) -> list[int]:
 
 def train(addresses: list[str], streams: int) -> list[bytes]:
     model = wide_mlp()
-    opts = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=5.0, transport="tcp",
-                       data_streams=streams, stripe_min_bytes=4096)
+    opts = CallOptions(
+        timeout=10.0,
+        push_timeout=30.0,
+        pull_timeout=60.0,
+        retry_seconds=5.0,
+        transport="tcp",
+        data_streams=streams,
+        stripe_min_bytes=4096,
+    )
     with PSClient(addresses, model, optimizer={"name": "sgd", "lr": 0.05}, options=opts) as ps:
         assert [s.transport for s in ps._shards] == ["tcp", "tcp"]
         for x, y in batches(4):
@@ -391,8 +437,15 @@ def test_psclient_striped_pull_and_push_of_odd_sizes_are_bit_exact(start_server,
     model = OddModel(seed=7)
     original = [raw(p) for p in model.parameters()]
     seen = stripe_counts(monkeypatch)
-    opts = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=5.0, transport="tcp",
-                       data_streams=8, stripe_min_bytes=4096)
+    opts = CallOptions(
+        timeout=10.0,
+        push_timeout=30.0,
+        pull_timeout=60.0,
+        retry_seconds=5.0,
+        transport="tcp",
+        data_streams=8,
+        stripe_min_bytes=4096,
+    )
     with PSClient([s.address for s in servers], model, optimizer={"name": "sgd", "lr": 1.0}, options=opts) as ps:
         with torch.no_grad():
             for p in model.parameters():
@@ -405,9 +458,12 @@ def test_psclient_striped_pull_and_push_of_odd_sizes_are_bit_exact(start_server,
 
 # -- the command line -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, env", [(["--data-streams", "0"], {}), (["--data-streams", "17"], {}),
-                                       ([], {"ASYNCPS_DATA_STREAMS": "0"})],
-                         ids=["flag-0", "flag-17", "env-0"])
+
+@pytest.mark.parametrize(
+    "args, env",
+    [(["--data-streams", "0"], {}), (["--data-streams", "17"], {}), ([], {"ASYNCPS_DATA_STREAMS": "0"})],
+    ids=["flag-0", "flag-17", "env-0"],
+)
 def test_worker_cli_refuses_data_streams_outside_1_to_16(args, env):
     cmd = [sys.executable, "-m", "worker.cli", "--servers", "127.0.0.1:1", *args]
     proc = subprocess.run(cmd, capture_output=True, timeout=60, env={**os.environ, **env}, stdin=subprocess.DEVNULL)
@@ -418,6 +474,7 @@ def test_worker_cli_refuses_data_streams_outside_1_to_16(args, env):
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
     assert lines[0].startswith("ps-worker: error: ") and "DATA_STREAMS" in lines[0].upper().replace("-", "_")
     assert proc.stdout == b""
-    ok = subprocess.run([*cmd[:3], "--data-streams", "16", "--help"], capture_output=True, timeout=60,
-                        stdin=subprocess.DEVNULL)
+    ok = subprocess.run(
+        [*cmd[:3], "--data-streams", "16", "--help"], capture_output=True, timeout=60, stdin=subprocess.DEVNULL
+    )
     assert ok.returncode == 0, ok.stderr.decode()  # 16 itself is accepted

@@ -59,11 +59,12 @@ def awkward_values(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Genera
     t = bits.view(dtype).clone()
     t[~torch.isfinite(t)] = 1.5  # Init refuses NaN/Inf
     info = torch.finfo(dtype)
-    specials = torch.tensor([0.0, -0.0, info.tiny, -info.tiny, info.smallest_normal / 4, info.max, info.min], dtype=dtype)
+    specials = torch.tensor(
+        [0.0, -0.0, info.tiny, -info.tiny, info.smallest_normal / 4, info.max, info.min], dtype=dtype
+    )
     k = min(n, specials.numel())
     t[:k] = specials[:k]
     return t.reshape(shape)
-
 
 
 def push_exact(ps: PSClient, model: torch.nn.Module) -> None:
@@ -88,14 +89,23 @@ def raw(t: torch.Tensor) -> bytes:
 
 
 @pytest.mark.parametrize("transport", ["tcp", "grpc"])
-@pytest.mark.parametrize("num_shards, chunk_bytes", [(1, wire.DEFAULT_CHUNK_BYTES), (2, 4100), (3, 65532 + 4 * 7)],
-                         ids=["1-shard-default-chunks", "2-shards-4100B", "3-shards-65560B"])
+@pytest.mark.parametrize(
+    "num_shards, chunk_bytes",
+    [(1, wire.DEFAULT_CHUNK_BYTES), (2, 4100), (3, 65532 + 4 * 7)],
+    ids=["1-shard-default-chunks", "2-shards-4100B", "3-shards-65560B"],
+)
 def test_init_pull_push_round_trip_is_bit_exact(start_server, num_shards, chunk_bytes, transport):
     servers = start_server.shards(num_shards, heartbeat_timeout=600)
     model = OddModel(seed=num_shards)
     original = [raw(p) for p in model.parameters()]
-    opts = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=5.0, chunk_bytes=chunk_bytes,
-                       transport=transport)
+    opts = CallOptions(
+        timeout=10.0,
+        push_timeout=30.0,
+        pull_timeout=60.0,
+        retry_seconds=5.0,
+        chunk_bytes=chunk_bytes,
+        transport=transport,
+    )
     with PSClient([s.address for s in servers], model, optimizer={"name": "sgd", "lr": 1.0}, options=opts) as ps:
         assert [s.transport for s in ps._shards] == [transport] * num_shards
         assert all(s.numel % (chunk_bytes // 4) for s in ps.plan.shards), "chunks should not divide the shards"
@@ -113,8 +123,9 @@ def test_init_pull_push_round_trip_is_bit_exact(start_server, num_shards, chunk_
 N = 300_001
 
 
-def _pull(srv: InProcessServer, transport: str, worker_id: str, session: int,
-          timeout: float) -> tuple[int, torch.Tensor]:
+def _pull(
+    srv: InProcessServer, transport: str, worker_id: str, session: int, timeout: float
+) -> tuple[int, torch.Tensor]:
     if transport == "tcp":
         return _pull_data(srv.servicer.data_port, worker_id, session, timeout)
     return _pull_grpc(srv.address, worker_id, session, timeout)
@@ -124,8 +135,12 @@ def _pull_data(port: int, worker_id: str, session: int, timeout: float) -> tuple
     channel = DataChannel("127.0.0.1", port)
     try:
         out = torch.empty(N)
-        head = channel.pull_into(pb.PullRequest(worker_id=worker_id, session=session, plan_hash="p" * 64, clock=0),
-                                 out, time.monotonic() + timeout, Abort())
+        head = channel.pull_into(
+            pb.PullRequest(worker_id=worker_id, session=session, plan_hash="p" * 64, clock=0),
+            out,
+            time.monotonic() + timeout,
+            Abort(),
+        )
         return head.version, out
     finally:
         channel.close()
@@ -133,8 +148,12 @@ def _pull_data(port: int, worker_id: str, session: int, timeout: float) -> tuple
 
 def _pull_grpc(address: str, worker_id: str, session: int, timeout: float) -> tuple[int, torch.Tensor]:
     with stub(address) as s:
-        return grpc_pull(s, pb.PullRequest(worker_id=worker_id, session=session, plan_hash="p" * 64, clock=0,
-                                           chunk_bytes=1 << 16), N, timeout)
+        return grpc_pull(
+            s,
+            pb.PullRequest(worker_id=worker_id, session=session, plan_hash="p" * 64, clock=0, chunk_bytes=1 << 16),
+            N,
+            timeout,
+        )
 
 
 @pytest.mark.parametrize("transport", ["tcp", "grpc"])
@@ -144,12 +163,20 @@ def test_pull_is_not_stalled_by_an_apply_in_progress(transport):
     try:
         w0 = torch.randn(N, generator=torch.Generator().manual_seed(0))
         g = torch.randn(N, generator=torch.Generator().manual_seed(1))
-        head = pb.InitHeader(plan_hash="p" * 64, shard_index=0, num_shards=1, numel=N,
-                             optimizer=default_config("sgd", lr=1.0), worker_id="a")
+        head = pb.InitHeader(
+            plan_hash="p" * 64,
+            shard_index=0,
+            num_shards=1,
+            numel=N,
+            optimizer=default_config("sgd", lr=1.0),
+            worker_id="a",
+        )
         with stub(srv.address) as s:
             s.Init(iter([wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(w0, 1 << 16)]), timeout=RPC_TIMEOUT)
-            sess = {w: s.Register(pb.RegisterRequest(worker_id=w, plan_hash="p" * 64), timeout=RPC_TIMEOUT).session
-                    for w in ("a", "b")}
+            sess = {
+                w: s.Register(pb.RegisterRequest(worker_id=w, plan_hash="p" * 64), timeout=RPC_TIMEOUT).session
+                for w in ("a", "b")
+            }
 
         opt = srv.servicer.store._opt
         real_step, started = opt.step, threading.Event()
@@ -163,8 +190,15 @@ def test_pull_is_not_stalled_by_an_apply_in_progress(transport):
         results: dict[str, object] = {}
 
         def push(clock: int) -> None:
-            frames = [wire.encode_frame(pb.Frame(push=pb.PushHeader(
-                worker_id="a", session=sess["a"], plan_hash="p" * 64, clock=clock, read_version=clock)))]
+            frames = [
+                wire.encode_frame(
+                    pb.Frame(
+                        push=pb.PushHeader(
+                            worker_id="a", session=sess["a"], plan_hash="p" * 64, clock=clock, read_version=clock
+                        )
+                    )
+                )
+            ]
             with stub(srv.address) as s:
                 results[f"push{clock}"] = s.Push(iter(frames + list(wire.chunk_frames(g, 1 << 16))), timeout=60)
 
@@ -203,4 +237,3 @@ def test_pull_is_not_stalled_by_an_apply_in_progress(transport):
     finally:
         release.set()
         srv.close()
-

@@ -69,8 +69,14 @@ def main() -> int:
     model = small_model()
     gen = torch.Generator().manual_seed(zlib.crc32(args.worker_id.encode()))
     opts = CallOptions(timeout=10.0, push_timeout=30.0, pull_timeout=60.0, retry_seconds=args.retry_seconds)
-    ps = PSClient(args.servers.split(","), model, optimizer={"name": "sgd", "lr": 0.01, "average_gradients": args.average},
-                  staleness=args.staleness, worker_id=args.worker_id, options=opts)
+    ps = PSClient(
+        args.servers.split(","),
+        model,
+        optimizer={"name": "sgd", "lr": 0.01, "average_gradients": args.average},
+        staleness=args.staleness,
+        worker_id=args.worker_id,
+        options=opts,
+    )
     ps.start()
     try:
         if args.ready:
@@ -89,9 +95,18 @@ def main() -> int:
         ps.wait()
         if args.stats:  # a push a shard refused (evicted session) or had already applied answers None
             answers = [r for t in tickets for r in t.wait()]
-            write_atomically(args.stats, json.dumps({
-                "pushes": len(tickets), "accepted": sum(r is not None for r in answers),
-                "refused": ps.stats.pushes_dropped, "reregistrations": ps.stats.reregistrations, "clock": ps.clock}))
+            write_atomically(
+                args.stats,
+                json.dumps(
+                    {
+                        "pushes": len(tickets),
+                        "accepted": sum(r is not None for r in answers),
+                        "refused": ps.stats.pushes_dropped,
+                        "reregistrations": ps.stats.reregistrations,
+                        "clock": ps.clock,
+                    }
+                ),
+            )
         if args.done:
             write_atomically(args.done, str(ps.clock))
         if args.hold:

@@ -25,8 +25,10 @@ def test_a_speed_that_is_not_positive_and_finite_is_refused(bad):
         shares(8, {"a": 1.0, "b": bad})
 
 
-@given(total=st.integers(1, 10_000),
-       speeds=st.dictionaries(st.text(min_size=1, max_size=4), st.floats(1e-3, 1e3), min_size=1, max_size=8))
+@given(
+    total=st.integers(1, 10_000),
+    speeds=st.dictionaries(st.text(min_size=1, max_size=4), st.floats(1e-3, 1e3), min_size=1, max_size=8),
+)
 def test_shares_are_exact_at_least_one_and_within_one_of_proportional(total, speeds):
     out = shares(total, speeds)
     assert out.keys() == speeds.keys()
@@ -77,17 +79,19 @@ def test_speed_is_smoothed_and_bad_observations_are_ignored():
     b = Balancer(smoothing=0.5)
     for w in "ab":
         b.register(w, 10)
-    b.observe("a", 10, 1.0)   # 10/s
-    b.observe("a", 10, 0.5)   # 20/s -> 15/s
-    b.observe("a", 10, 0.0)   # ignored
-    b.observe("a", 0, 1.0)    # ignored
+    b.observe("a", 10, 1.0)  # 10/s
+    b.observe("a", 10, 0.5)  # 20/s -> 15/s
+    b.observe("a", 10, 0.0)  # ignored
+    b.observe("a", 0, 1.0)  # ignored
     b.observe("a", 10, math.nan)  # ignored
-    b.observe("b", 5, 1.0)    # 5/s
+    b.observe("b", 5, 1.0)  # 5/s
     assert b.batch_for("a", 0, ["a", "b"]) == 15 and b.batch_for("b", 0, ["a", "b"]) == 5
 
 
-@pytest.mark.parametrize("fixed, per_sample", [((0.0, 0.0), (1.0, 3.0)), ((0.02, 0.02), (0.01, 0.03)),
-                                               ((0.05, 0.0, 0.01), (0.01, 0.01, 0.04))])
+@pytest.mark.parametrize(
+    "fixed, per_sample",
+    [((0.0, 0.0), (1.0, 3.0)), ((0.02, 0.02), (0.01, 0.03)), ((0.05, 0.0, 0.01), (0.01, 0.01, 0.04))],
+)
 def test_repeated_balancing_evens_out_step_times(fixed, per_sample):
     """Workers whose step takes fixed + per_sample * batch: after a few clocks their steps take
     about equally long, which is what lets a synchronous clock run at the fast workers' pace."""

@@ -21,8 +21,9 @@ def gen():
 
 
 def test_cli_docs_are_current(gen) -> None:
-    assert (ROOT / "docs" / "cli.md").read_text() == gen.render(), \
+    assert (ROOT / "docs" / "cli.md").read_text() == gen.render(), (
         "docs/cli.md is stale: run python scripts/gen_cli_docs.py and commit it"
+    )
 
 
 def test_every_flag_and_variable_is_documented(gen, monkeypatch) -> None:

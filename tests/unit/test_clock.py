@@ -45,6 +45,7 @@ def ssp_reference(clocks: dict[str, int], reader: str, c: int, s: float, own_lag
 
 # -- the SSP rule ----------------------------------------------------------------------
 
+
 def test_lockstep_s0() -> None:
     table, ss = table_with({"a": 3, "b": 3}, staleness=0)
     assert table.can_read("a", 3) and table.can_read("b", 3)
@@ -97,6 +98,7 @@ def test_negative_staleness_rejected() -> None:
 
 # -- membership ------------------------------------------------------------------------
 
+
 def test_register_starts_at_slowest_live_clock() -> None:
     table, _ = table_with({"a": 5, "b": 3}, staleness=math.inf)
     assert table.min_clock() == 3
@@ -121,8 +123,12 @@ def test_sessions_are_unique_and_old_ones_are_refused() -> None:
     new, _ = table.register("a")
     other, _ = table.register("b")
     assert len({old, new, other}) == 3
-    for call in (lambda: table.check("a", old), lambda: table.check_push("a", old, 0),
-                 lambda: table.advance("a", old, 0), lambda: table.leave("a", old)):
+    for call in (
+        lambda: table.check("a", old),
+        lambda: table.check_push("a", old, 0),
+        lambda: table.advance("a", old, 0),
+        lambda: table.leave("a", old),
+    ):
         with pytest.raises(UnknownWorker, match="stale"):
             call()
     assert table.check("a", new).clock == 0
@@ -164,6 +170,7 @@ def test_leave_stops_holding_others_back() -> None:
 
 # -- eviction --------------------------------------------------------------------------
 
+
 def test_silent_workers_are_evicted_after_the_timeout() -> None:
     now = FakeNow(0.0)
     table, ss = table_with({"a": 6, "b": 2, "c": 4}, staleness=2, timeout=10.0, now=now)
@@ -203,6 +210,7 @@ def test_rejoin_with_none_live_starts_at_the_floor() -> None:
 
 # -- waiting -----------------------------------------------------------------------------
 
+
 async def _blocked(task: asyncio.Task) -> bool:
     for _ in range(20):
         await asyncio.sleep(0)
@@ -240,6 +248,7 @@ def test_wait_readable_blocks_until_the_slow_worker_advances() -> None:
 
 def test_waiting_for_the_own_push_is_not_bound_waiting() -> None:
     """Only the staleness bound counts as waiting; read-my-writes waits for the reader's own push."""
+
     async def main() -> None:
         now = FakeNow(0.0)
         table, ss = table_with({"a": 0, "b": 0}, staleness=1, now=now)
@@ -256,6 +265,7 @@ def test_waiting_for_the_own_push_is_not_bound_waiting() -> None:
 
 def test_lockstep_wait_for_the_own_push_is_not_bound_waiting() -> None:
     """s = 0: the others are all there; only the reader's own push of the last clock is missing."""
+
     async def main() -> None:
         now = FakeNow(0.0)
         table, ss = table_with({"a": 0, "b": 1}, staleness=0, now=now)
@@ -327,6 +337,7 @@ def test_wait_readable_rejects_own_lag_beyond_the_bound() -> None:
 
 # -- durability -------------------------------------------------------------------------
 
+
 def test_state_dict_round_trip(tmp_path) -> None:
     now = FakeNow(0.0)
     table, ss = table_with({"a": 5, "b": 3, "c": 4}, staleness=math.inf, timeout=1.0, now=now)
@@ -383,4 +394,3 @@ def test_restored_worker_registers_again_at_its_own_clock() -> None:
         restored.check_push("b", ss["b"], 3)  # a push of the old session is refused, not applied
     assert restored.register("b", start_clock=0)[1] == 9  # a fresh process starts at the slowest live clock
     assert restored.can_read("a", 9)
-

@@ -27,7 +27,8 @@ CAL = {
     ],
     "comm": [
         {"servers": 1, "workers": p, "bytes": b, "clock_seconds": p * b / 4000 * 0.01}
-        for p in (1, 2, 4) for b in (4000, 8000)
+        for p in (1, 2, 4)
+        for b in (4000, 8000)
     ],
     "startup": [
         {"params": 1000, "tokens": 10, "workers": 1, "servers": 1, "wall_seconds": 10.11},
@@ -106,6 +107,7 @@ def test_staleness_averaging_and_pipeline():
 def test_recommend_prefers_fewer_processes_within_tolerance():
     def pred(p, s, t):
         return Prediction(p, s, 100, 0.0, t, 0.0, 0.0, 0.0, 0.0, 1)
+
     preds = [pred(1, 1, 20.0), pred(1, 2, 20.5), pred(2, 1, 12.0), pred(2, 2, 11.8), pred(4, 1, 14.0), pred(4, 2, 14.5)]
     pick, reason = recommend(preds, cores=2)
     assert (pick.workers, pick.servers) == (2, 1)
@@ -125,8 +127,10 @@ def test_lockstep_takes_the_slowest_worker_per_iteration():
 
 def test_error_summary():
     rows = [{"seed_error": e, "refined_error": e / 10} for e in (-0.5, 0.1, 0.3)]
-    assert error_summary(rows) == {"seed": {"median_abs": 0.3, "max_abs": 0.5},
-                                   "refined": {"median_abs": 0.03, "max_abs": 0.05}}
+    assert error_summary(rows) == {
+        "seed": {"median_abs": 0.3, "max_abs": 0.5},
+        "refined": {"median_abs": 0.03, "max_abs": 0.05},
+    }
 
 
 def test_calibration_round_trip(tmp_path):
@@ -143,8 +147,30 @@ def test_predict_cli_writes_rows(tmp_path, capsys):
     path = tmp_path / "cal.json"
     write_json(CAL, path)
     out = tmp_path / "p.json"
-    assert cli.main(["predict", "--calibration", str(path), "--params", "1000", "--batch-size", "1", "--context", "10",
-                     "--steps", "100", "--workers", "1,2,4", "--servers", "1", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--calibration",
+                str(path),
+                "--params",
+                "1000",
+                "--batch-size",
+                "1",
+                "--context",
+                "10",
+                "--steps",
+                "100",
+                "--workers",
+                "1,2,4",
+                "--servers",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [(r["workers"], r["servers"]) for r in rows] == [(1, 1), (2, 1), (4, 1)]
     assert rows[1]["refined_seconds"] == pytest.approx(17.5)
@@ -152,24 +178,32 @@ def test_predict_cli_writes_rows(tmp_path, capsys):
     assert "recommended: P=2, S=1" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["predict", "--calibration", "{missing}"], "no calibration at"),
-    (["predict", "--calibration", "{notjson}"], "cannot read calibration"),
-    (["predict", "--calibration", "{wrong}"], "is not a ps-cost calibration"),
-    (["predict", "--calibration", "{incomplete}"], "is incomplete"),
-    (["predict", "--workers", "0,2"], "expected positive whole numbers"),
-    (["predict", "--staleness", "0", "--pipeline"], "--pipeline needs --staleness"),
-    (["predict", "--calibration", "{good}", "--d-model", "10", "--n-head", "4"], "not divisible"),
-    (["calibrate", "--models", "huge"], "unknown model 'huge'"),
-    (["calibrate", "--startup", "1-1"], "expected P:S pairs"),
-    (["validate", "--json", "x.json", "--models", "small,wide", "--steps", "1,2,3"], "gives 3 values for 2 models"),
-    (["validate", "--json", "x.json", "--steps", "2"], "at least the largest worker count"),
-    (["validate"], "required: --json"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--calibration", "{missing}"], "no calibration at"),
+        (["predict", "--calibration", "{notjson}"], "cannot read calibration"),
+        (["predict", "--calibration", "{wrong}"], "is not a ps-cost calibration"),
+        (["predict", "--calibration", "{incomplete}"], "is incomplete"),
+        (["predict", "--workers", "0,2"], "expected positive whole numbers"),
+        (["predict", "--staleness", "0", "--pipeline"], "--pipeline needs --staleness"),
+        (["predict", "--calibration", "{good}", "--d-model", "10", "--n-head", "4"], "not divisible"),
+        (["calibrate", "--models", "huge"], "unknown model 'huge'"),
+        (["calibrate", "--startup", "1-1"], "expected P:S pairs"),
+        (["validate", "--json", "x.json", "--models", "small,wide", "--steps", "1,2,3"], "gives 3 values for 2 models"),
+        (["validate", "--json", "x.json", "--steps", "2"], "at least the largest worker count"),
+        (["validate"], "required: --json"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
-    files = {"missing": tmp_path / "none.json", "notjson": tmp_path / "bad.json", "wrong": tmp_path / "wrong.json",
-             "incomplete": tmp_path / "inc.json", "good": tmp_path / "good.json"}
+    files = {
+        "missing": tmp_path / "none.json",
+        "notjson": tmp_path / "bad.json",
+        "wrong": tmp_path / "wrong.json",
+        "incomplete": tmp_path / "inc.json",
+        "good": tmp_path / "good.json",
+    }
     files["notjson"].write_text("{not json")
     files["wrong"].write_text(json.dumps({"format": "other"}))
     files["incomplete"].write_text(json.dumps({**CAL, "comm": []}))

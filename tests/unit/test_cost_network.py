@@ -49,8 +49,11 @@ def test_compression_changes_the_bytes():
 
 
 def _cal() -> dict:
-    return {"format": network.FORMAT, "link": {"gbit": 1.0, "latency_ms": 0.0, "efficiency": 1.0},
-            "compute": [{"model": "wide", "params": N, "batch_size": 2, "compute_seconds": 0.05}]}
+    return {
+        "format": network.FORMAT,
+        "link": {"gbit": 1.0, "latency_ms": 0.0, "efficiency": 1.0},
+        "compute": [{"model": "wide", "params": N, "batch_size": 2, "compute_seconds": 0.05}],
+    }
 
 
 def test_predictions_and_comparison_against_rows():
@@ -63,8 +66,10 @@ def test_predictions_and_comparison_against_rows():
     assert network.clock_seconds("asyncps", 1.0, 2.0, True, (2.0, 2.0)) == pytest.approx(2.5)
     assert network.clock_seconds("asyncps", 3.0, 1.0, True, (1.0, 1.0)) == pytest.approx(3.0)
     assert network.clock_seconds("asyncps", 1.0, 4.0, False) == pytest.approx(5.0)
-    rows = [{"system": "asyncps", "model": "wide", "servers": 4, "compression": "none", "samples_per_second": v}
-            for v in (sps * 0.9, sps, sps * 1.2)]
+    rows = [
+        {"system": "asyncps", "model": "wide", "servers": 4, "compression": "none", "samples_per_second": v}
+        for v in (sps * 0.9, sps, sps * 1.2)
+    ]
     result = {"link_gbit": 0.1, "workers": 4, "asyncps": {"pipeline": True}, "rows": rows}
     cmp = network.compare(_cal(), result)
     assert cmp["rows"][0]["runs"] == 3 and cmp["errors"]["median_abs"] == pytest.approx(0.0, abs=1e-3)
@@ -74,13 +79,30 @@ def test_predictions_and_comparison_against_rows():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker.cost.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cost.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_predict_validate_and_bad_input(tmp_path):
-    r = _cli("predict", "--link-gbit", "1", "--latency-ms", "0", "--params", str(N), "--workers", "4",
-             "--servers", "1,4", "--pipeline", "--staleness", "1", "--json", str(tmp_path / "p.json"))
+    r = _cli(
+        "predict",
+        "--link-gbit",
+        "1",
+        "--latency-ms",
+        "0",
+        "--params",
+        str(N),
+        "--workers",
+        "4",
+        "--servers",
+        "1,4",
+        "--pipeline",
+        "--staleness",
+        "1",
+        "--json",
+        str(tmp_path / "p.json"),
+    )
     assert r.returncode == 0, r.stderr
     rows = {(x["system"], x["servers"]): x for x in json.loads((tmp_path / "p.json").read_text())["rows"]}
     assert rows[("asyncps", 4)]["comm_seconds"] == pytest.approx(M_OVER_B / 0.95)
@@ -90,10 +112,34 @@ def test_cli_predict_validate_and_bad_input(tmp_path):
     cal = tmp_path / "net.json"
     cal.write_text(json.dumps(_cal()))
     runs = tmp_path / "runs.json"
-    runs.write_text(json.dumps({"link_gbit": 1.0, "workers": 4, "asyncps": {"pipeline": True}, "rows": [
-        {"system": "asyncps", "model": "wide", "servers": 4, "compression": "none", "samples_per_second": 100.0}]}))
-    r = _cli("validate", "--network", "--network-calibration", str(cal), "--from-rows", str(runs),
-             "--json", str(tmp_path / "v.json"))
+    runs.write_text(
+        json.dumps(
+            {
+                "link_gbit": 1.0,
+                "workers": 4,
+                "asyncps": {"pipeline": True},
+                "rows": [
+                    {
+                        "system": "asyncps",
+                        "model": "wide",
+                        "servers": 4,
+                        "compression": "none",
+                        "samples_per_second": 100.0,
+                    }
+                ],
+            }
+        )
+    )
+    r = _cli(
+        "validate",
+        "--network",
+        "--network-calibration",
+        str(cal),
+        "--from-rows",
+        str(runs),
+        "--json",
+        str(tmp_path / "v.json"),
+    )
     assert r.returncode == 0, r.stderr
     assert "absolute error, median / worst" in r.stdout
     assert json.loads((tmp_path / "v.json").read_text())["rows"][0]["measured_samples_per_second"] == 100.0

@@ -43,11 +43,13 @@ def soon(seconds: float = 10.0) -> float:
 
 def send_in_thread(fn) -> threading.Thread:
     """Run `fn` (a send) in a thread; the receiver may close the pair before it ends."""
+
     def run() -> None:
         try:
             fn()
         except (OSError, DataError):
             pass
+
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
@@ -112,10 +114,13 @@ def test_deadline_exceeded(pair):
     assert err.value.code() == Code.DEADLINE_EXCEEDED
 
 
-@pytest.mark.parametrize("raw, what", [
-    ((wire.HEADER_LIMIT + 1).to_bytes(4, "little"), "limit"),
-    ((5).to_bytes(4, "little") + b"\xff\xff\xff\xff\xff", "does not parse"),
-])
+@pytest.mark.parametrize(
+    "raw, what",
+    [
+        ((wire.HEADER_LIMIT + 1).to_bytes(4, "little"), "limit"),
+        ((5).to_bytes(4, "little") + b"\xff\xff\xff\xff\xff", "does not parse"),
+    ],
+)
 def test_bad_headers_are_invalid_argument(pair, raw, what):
     left, right = pair
     left.sock.sendall(raw)
@@ -141,6 +146,7 @@ def test_abort_wakes_a_blocked_receive(pair):
             right.recv_into(memoryview(bytearray(4)), soon(30))
         except DataError as exc:
             errors.append(exc)
+
     t = send_in_thread(wait)
     time.sleep(0.1)  # let it block (if it has not yet, abort makes its first recv fail at once)
     right.abort()
@@ -150,7 +156,9 @@ def test_abort_wakes_a_blocked_receive(pair):
 
 def test_drain_discards_exactly_n_bytes(pair):
     left, right = pair
-    send_in_thread(lambda: left.sock.sendall(b"\0" * ((3 << 20) + 5) + wire.pack_header(pb.DataRequest(payload_bytes=9))))
+    send_in_thread(
+        lambda: left.sock.sendall(b"\0" * ((3 << 20) + 5) + wire.pack_header(pb.DataRequest(payload_bytes=9)))
+    )
     right.drain((3 << 20) + 5, soon())
     assert right.recv_header(pb.DataRequest, soon()).payload_bytes == 9
 

@@ -21,8 +21,11 @@ def grads(n: int, seed: int = 0) -> list[torch.Tensor]:
 
 def test_delayed_nesterov_with_period_1_is_sgd_nesterov():
     w0 = torch.randn(N, generator=torch.Generator().manual_seed(1))
-    dn = ShardStore("p", w0, default_config("sgd", lr=0.3, momentum=0.9, update_rule="delayed-nesterov",
-                                            local_steps=4, outer_period=1))
+    dn = ShardStore(
+        "p",
+        w0,
+        default_config("sgd", lr=0.3, momentum=0.9, update_rule="delayed-nesterov", local_steps=4, outer_period=1),
+    )
     ref = ShardStore("p", w0, default_config("sgd", lr=0.3, momentum=0.9, nesterov=True, local_steps=4))
     for g in grads(6):
         dn.apply(g.clone(), dn.version)
@@ -32,8 +35,11 @@ def test_delayed_nesterov_with_period_1_is_sgd_nesterov():
 
 def test_delayed_nesterov_momentum_only_every_period():
     w0 = torch.zeros(N)
-    store = ShardStore("p", w0, default_config("sgd", lr=1.0, momentum=0.5, update_rule="delayed-nesterov",
-                                               local_steps=2, outer_period=3))
+    store = ShardStore(
+        "p",
+        w0,
+        default_config("sgd", lr=1.0, momentum=0.5, update_rule="delayed-nesterov", local_steps=2, outer_period=3),
+    )
     g = torch.ones(N)
     store.apply(g.clone(), 0)
     store.apply(g.clone(), 1)
@@ -42,10 +48,14 @@ def test_delayed_nesterov_momentum_only_every_period():
     assert torch.allclose(store.state_dict()["weights"], -3.5 * g)
 
 
-@pytest.mark.parametrize("cfg", [
-    default_config("sgd", lr=0.5, momentum=0.9, update_rule="delayed-nesterov", local_steps=4, outer_period=2),
-    default_config("adamw", lr=1e-2, update_rule="dc"),
-], ids=["delayed-nesterov", "dc"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        default_config("sgd", lr=0.5, momentum=0.9, update_rule="delayed-nesterov", local_steps=4, outer_period=2),
+        default_config("adamw", lr=1e-2, update_rule="dc"),
+    ],
+    ids=["delayed-nesterov", "dc"],
+)
 def test_checkpoint_keeps_the_outer_and_compensation_state(cfg):
     gs = grads(8)
     a = ShardStore("p", torch.randn(N, generator=torch.Generator().manual_seed(2)), cfg, history=3)
@@ -87,14 +97,17 @@ def test_history_sizes():
     assert delay.history_size(default_config("adamw", lr=1e-3), 2.0) == 0
 
 
-@pytest.mark.parametrize("cfg,staleness,mention", [
-    (default_config("sgd", lr=1, local_steps=2, update_rule="dc"), None, "plain gradients"),
-    (default_config("sgd", lr=1, momentum=0.9, update_rule="delayed-nesterov"), None, "needs local steps"),
-    (default_config("adamw", lr=1e-3, update_rule="dc", history_versions=2), 2.0, "s + 1"),
-    (default_config("sgd", lr=1, outer_period=2), None, "delayed-nesterov"),
-    (default_config("adamw", lr=1e-3, local_steps=2), None, "must be sgd"),
-    (default_config("sgd", lr=1, history_versions=3), None, "dc update rule only"),
-])
+@pytest.mark.parametrize(
+    "cfg,staleness,mention",
+    [
+        (default_config("sgd", lr=1, local_steps=2, update_rule="dc"), None, "plain gradients"),
+        (default_config("sgd", lr=1, momentum=0.9, update_rule="delayed-nesterov"), None, "needs local steps"),
+        (default_config("adamw", lr=1e-3, update_rule="dc", history_versions=2), 2.0, "s + 1"),
+        (default_config("sgd", lr=1, outer_period=2), None, "delayed-nesterov"),
+        (default_config("adamw", lr=1e-3, local_steps=2), None, "must be sgd"),
+        (default_config("sgd", lr=1, history_versions=3), None, "dc update rule only"),
+    ],
+)
 def test_validate_refuses_incompatible_choices(cfg, staleness, mention):
     with pytest.raises(ValueError, match=mention.replace("+", r"\+")):
         delay.validate(cfg, staleness)

@@ -56,8 +56,9 @@ def test_every_relative_link_and_anchor_resolves(page: Path) -> None:
 def test_nothing_refers_outside_the_repository() -> None:
     """The contract is docs/spec.md: no file (but the CI scripts) points at the old spec beside the checkout."""
     outside = r"\.\./" + "shared"  # spelt in two parts, so that this file does not match itself
-    found = subprocess.run(["git", "grep", "-n", outside, "--", ".", ":!.ci", ":!scripts"],
-                           cwd=ROOT, capture_output=True, text=True)
+    found = subprocess.run(
+        ["git", "grep", "-n", outside, "--", ".", ":!.ci", ":!scripts"], cwd=ROOT, capture_output=True, text=True
+    )
     assert found.returncode == 1 and not found.stdout, found.stdout
 
 

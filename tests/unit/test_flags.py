@@ -17,9 +17,22 @@ from asyncps_common.flags import FlagParser, non_negative, parse_bool, positive
 ROOT = Path(__file__).resolve().parents[2]
 
 # Flags a compose file or orchestrator relies on (more may exist; each must have its variable).
-KNOWN_FLAGS = {"host", "port", "port-file", "shard-index", "num-shards", "staleness", "heartbeat-timeout",
-               "checkpoint-dir", "checkpoint-interval", "chunk-bytes", "max-message-bytes", "max-shard-bytes",
-               "grace", "log-level"}
+KNOWN_FLAGS = {
+    "host",
+    "port",
+    "port-file",
+    "shard-index",
+    "num-shards",
+    "staleness",
+    "heartbeat-timeout",
+    "checkpoint-dir",
+    "checkpoint-interval",
+    "chunk-bytes",
+    "max-message-bytes",
+    "max-shard-bytes",
+    "grace",
+    "log-level",
+}
 
 
 def env_var(flag: str) -> str:
@@ -39,11 +52,16 @@ def no_asyncps_env(monkeypatch):
 
 
 def parser_flags(parser: argparse.ArgumentParser) -> list[str]:
-    return [opt[2:] for a in parser._actions for opt in a.option_strings
-            if opt.startswith("--") and opt != "--help" and not opt.startswith("--no-")]
+    return [
+        opt[2:]
+        for a in parser._actions
+        for opt in a.option_strings
+        if opt.startswith("--") and opt != "--help" and not opt.startswith("--no-")
+    ]
 
 
 # -- help --------------------------------------------------------------------------------
+
 
 def test_help_names_every_flags_env_variable() -> None:
     parser = cli.build_parser()
@@ -73,17 +91,21 @@ def test_help_shows_the_value_in_force(monkeypatch) -> None:
 
 # -- environment defaults -------------------------------------------------------------------
 
-@pytest.mark.parametrize("var, raw, attr, value", [
-    ("ASYNCPS_PORT", "123", "port", 123),
-    ("ASYNCPS_HOST", "0.0.0.0", "host", "0.0.0.0"),
-    ("ASYNCPS_STALENESS", "inf", "staleness", math.inf),
-    ("ASYNCPS_STALENESS", "4", "staleness", 4.0),
-    ("ASYNCPS_HEARTBEAT_TIMEOUT", "2.5", "heartbeat_timeout", 2.5),
-    ("ASYNCPS_NUM_SHARDS", "8", "num_shards", 8),
-    ("ASYNCPS_CHECKPOINT_DIR", "/data/ckpt", "checkpoint_dir", "/data/ckpt"),
-    ("ASYNCPS_LOG_LEVEL", "DEBUG", "log_level", "DEBUG"),
-    ("ASYNCPS_GRACE", "0", "grace", 0.0),
-])
+
+@pytest.mark.parametrize(
+    "var, raw, attr, value",
+    [
+        ("ASYNCPS_PORT", "123", "port", 123),
+        ("ASYNCPS_HOST", "0.0.0.0", "host", "0.0.0.0"),
+        ("ASYNCPS_STALENESS", "inf", "staleness", math.inf),
+        ("ASYNCPS_STALENESS", "4", "staleness", 4.0),
+        ("ASYNCPS_HEARTBEAT_TIMEOUT", "2.5", "heartbeat_timeout", 2.5),
+        ("ASYNCPS_NUM_SHARDS", "8", "num_shards", 8),
+        ("ASYNCPS_CHECKPOINT_DIR", "/data/ckpt", "checkpoint_dir", "/data/ckpt"),
+        ("ASYNCPS_LOG_LEVEL", "DEBUG", "log_level", "DEBUG"),
+        ("ASYNCPS_GRACE", "0", "grace", 0.0),
+    ],
+)
 def test_env_sets_defaults(monkeypatch, var: str, raw: str, attr: str, value) -> None:
     baseline = getattr(cli.build_parser().parse_args([]), attr)
     assert baseline != value
@@ -104,7 +126,9 @@ def test_defaults_without_env() -> None:
     args = cli.build_parser().parse_args([])
     assert args.port == 50051 and args.num_shards == 1 and args.shard_index == 0
     assert args.staleness is None  # unset: the first worker's bound
-    cfg = cli.config_from_args(cli.build_parser().parse_args(["--num-shards", "3", "--shard-index", "2", "--staleness", "1"]))
+    cfg = cli.config_from_args(
+        cli.build_parser().parse_args(["--num-shards", "3", "--shard-index", "2", "--staleness", "1"])
+    )
     assert (cfg.shard_index, cfg.num_shards, cfg.staleness) == (2, 3, 1.0)
 
 
@@ -150,12 +174,26 @@ def assert_one_line_error(err: str, mention: str) -> None:
 @pytest.fixture(scope="module")
 def subprocess_results() -> dict[str, subprocess.CompletedProcess]:
     """`--help` and every BAD case run as `python -m ps_server.cli ...`, all at once (each imports torch)."""
-    running = {"help": subprocess.Popen([sys.executable, "-m", "ps_server.cli", "--help"], cwd=ROOT, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**clean_env(), "COLUMNS": "300"})}
+    running = {
+        "help": subprocess.Popen(
+            [sys.executable, "-m", "ps_server.cli", "--help"],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**clean_env(), "COLUMNS": "300"},
+        )
+    }
     for name, (argv, env, _) in BAD.items():
         safe = argv if "--port" in argv else argv + ["--port", "0"]  # never a fixed port, should one start
-        running[name] = subprocess.Popen([sys.executable, "-m", "ps_server.cli", *safe], cwd=ROOT, text=True,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**clean_env(), **env})
+        running[name] = subprocess.Popen(
+            [sys.executable, "-m", "ps_server.cli", *safe],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**clean_env(), **env},
+        )
     results = {}
     for name, proc in running.items():
         try:
@@ -197,6 +235,7 @@ def test_bad_input_in_process(monkeypatch, capsys, name: str) -> None:
 
 
 # -- FlagParser building blocks ---------------------------------------------------------------
+
 
 def test_env_switch(monkeypatch, capsys) -> None:
     def parse(argv=()):

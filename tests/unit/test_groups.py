@@ -16,8 +16,9 @@ BASE = default_config("adamw", lr=1e-2, weight_decay=0.1)
 
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 6), torch.nn.LayerNorm(6),
-                               torch.nn.Linear(6, 3))
+    return torch.nn.Sequential(
+        torch.nn.Embedding(10, 4), torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 3)
+    )
 
 
 def test_module_is_one_group_and_hashes_as_before_groups():
@@ -31,13 +32,21 @@ def test_module_is_one_group_and_hashes_as_before_groups():
 
 def test_groups_take_their_own_settings_and_the_rest_from_the_optimizer():
     m = model()
-    g = pg.parse([{"params": [m[1].weight, m[3].weight], "lr": 3e-3},
-                  {"params": [m[1].bias], "weight_decay": 0.0, "betas": (0.8, 0.99), "param_names": ["b1"]}], BASE)
+    g = pg.parse(
+        [
+            {"params": [m[1].weight, m[3].weight], "lr": 3e-3},
+            {"params": [m[1].bias], "weight_decay": 0.0, "betas": (0.8, 0.99), "param_names": ["b1"]},
+        ],
+        BASE,
+    )
     assert [n for n, _ in g.named] == ["group0.0", "group0.1", "b1"]
     assert g.group_of == [0, 0, 1]
     assert (g.configs[0].lr, g.configs[0].weight_decay) == (pytest.approx(3e-3), pytest.approx(0.1))
     assert (g.configs[1].lr, g.configs[1].weight_decay, g.configs[1].beta1) == (
-        pytest.approx(1e-2), 0.0, pytest.approx(0.8))
+        pytest.approx(1e-2),
+        0.0,
+        pytest.approx(0.8),
+    )
     plan = make_plan(param_specs(g.named, g.group_of), 1)
     assert plan.shards[0].segments(plan.params) == [(0, 24 + 18, 0), (42, 48, 1)]
     assert [s.stop for s in pg.segments(plan, 0, g.configs)] == [42, 48]
@@ -55,14 +64,17 @@ def _named(g: pg.Groups):
     return g.named, g.group_of
 
 
-@pytest.mark.parametrize("groups, words", [
-    ([], "no parameters"),
-    ([{"params": []}], "no parameters"),
-    ([{"params": [torch.zeros(2)], "foo": 1}], "unknown setting"),
-    ([{"params": [torch.zeros(2)], "betas": 0.9}], "betas must be two numbers"),
-    ("twice", "more than one group"),
-    ([{"params": [torch.zeros(2)], "param_names": ["a", "b"]}], "param_names"),
-])
+@pytest.mark.parametrize(
+    "groups, words",
+    [
+        ([], "no parameters"),
+        ([{"params": []}], "no parameters"),
+        ([{"params": [torch.zeros(2)], "foo": 1}], "unknown setting"),
+        ([{"params": [torch.zeros(2)], "betas": 0.9}], "betas must be two numbers"),
+        ("twice", "more than one group"),
+        ([{"params": [torch.zeros(2)], "param_names": ["a", "b"]}], "param_names"),
+    ],
+)
 def test_bad_groups_are_value_errors(groups, words):
     if groups == "twice":
         p = torch.zeros(2)
@@ -75,8 +87,13 @@ def test_no_decay_groups_leave_norms_biases_and_embeddings_undecayed():
     m = model()
     decay, rest = pg.no_decay_groups(m, 0.1)
     assert {id(p) for _, p in decay["params"]} == {id(m[1].weight), id(m[3].weight)}
-    assert {id(p) for _, p in rest["params"]} == {id(m[0].weight), id(m[1].bias), id(m[2].weight), id(m[2].bias),
-                                                  id(m[3].bias)}
+    assert {id(p) for _, p in rest["params"]} == {
+        id(m[0].weight),
+        id(m[1].bias),
+        id(m[2].weight),
+        id(m[2].bias),
+        id(m[3].bias),
+    }
     assert (decay["weight_decay"], rest["weight_decay"]) == (0.1, 0.0)
 
 

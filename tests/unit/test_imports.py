@@ -60,7 +60,9 @@ def test_packages_import_only_what_the_rule_allows(package: str) -> None:
 def test_the_rule_is_checked_on_real_imports(tmp_path: Path) -> None:
     """The checker sees imports inside functions and `import a.b` forms, not only top-level `from` lines."""
     src = tmp_path / "m.py"
-    src.write_text("import os\nimport ps_server.store as s\n\ndef f():\n    from worker import task\n    from . import x\n")
+    src.write_text(
+        "import os\nimport ps_server.store as s\n\ndef f():\n    from worker import task\n    from . import x\n"
+    )
     assert first_party_imports(src) == {"ps_server", "worker"}
 
 
@@ -69,6 +71,10 @@ def test_the_shared_package_is_what_both_sides_use() -> None:
     for name in ("flags", "security", "metrics_http", "optimizer"):
         assert (ROOT / "asyncps_common" / f"{name}.py").is_file()
         assert not (ROOT / "ps_server" / f"{name}.py").exists(), f"ps_server/{name}.py is back: use asyncps_common"
-    users = {p.relative_to(ROOT).parts[0] for pkg in ("ps_server", "worker") for p in modules(pkg)
-             if "asyncps_common" in first_party_imports(p)}
+    users = {
+        p.relative_to(ROOT).parts[0]
+        for pkg in ("ps_server", "worker")
+        for p in modules(pkg)
+        if "asyncps_common" in first_party_imports(p)
+    }
     assert users == {"ps_server", "worker"}

@@ -46,9 +46,17 @@ def test_a_worker_says_it_finished_and_knows_when_a_scrape_has_read_it():
     assert m.wait_scraped(0.01)
 
 
-@pytest.mark.parametrize("s, live, averaging, bound", [
-    (0, 2, False, 1), (2, 2, False, 6), (1, 3, False, 7), (0, 1, False, 0), (2, 3, True, 2), (math.inf, 2, False, math.inf),
-])
+@pytest.mark.parametrize(
+    "s, live, averaging, bound",
+    [
+        (0, 2, False, 1),
+        (2, 2, False, 6),
+        (1, 3, False, 7),
+        (0, 1, False, 0),
+        (2, 3, True, 2),
+        (math.inf, 2, False, math.inf),
+    ],
+)
 def test_update_staleness_bound(s, live, averaging, bound):
     assert update_staleness_bound(s, live, averaging) == bound
 

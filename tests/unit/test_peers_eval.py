@@ -16,10 +16,10 @@ def test_crossing_lies_on_the_line_between_the_bracketing_snapshots():
     curve = [[0.0, 5.0], [1.0, 3.0], [2.0, 2.4], [3.0, 2.0], [4.0, 2.1]]
     # 2.2 is halfway from 2.4 (t=2) to 2.0 (t=3); the first snapshot at or below it is t=3
     assert crossing(curve, 2.2) == pytest.approx(2.5)
-    assert crossing(curve, 2.0) == 3.0                      # reached exactly at a snapshot
+    assert crossing(curve, 2.0) == 3.0  # reached exactly at a snapshot
     assert crossing(curve, 4.0) == pytest.approx(0.5)
-    assert crossing(curve, 5.0) == 0.0                      # already there at the start
-    assert crossing(curve, 1.9) is None                     # never reached (2.1 later does not count)
+    assert crossing(curve, 5.0) == 0.0  # already there at the start
+    assert crossing(curve, 1.9) is None  # never reached (2.1 later does not count)
 
 
 def test_crossing_after_a_diverged_point_is_the_snapshot_itself():

@@ -83,12 +83,15 @@ def gather_scatter_roundtrip(plan: Plan, specs: tuple[ParamSpec, ...]) -> None:
     back = {p.name: torch.full((p.numel,), float("nan")) for p in specs}
     for s, buf in zip(plan.shards, shards):
         for piece in s.pieces:
-            back[piece.name][piece.start : piece.stop] = buf[piece.shard_offset : piece.shard_offset + piece.stop - piece.start]
+            back[piece.name][piece.start : piece.stop] = buf[
+                piece.shard_offset : piece.shard_offset + piece.stop - piece.start
+            ]
     for p in specs:
         assert torch.equal(back[p.name].view(p.shape), tensors[p.name])
 
 
 # -- determinism ------------------------------------------------------------------------
+
 
 def test_same_specs_same_plan_and_hash() -> None:
     for s in range(1, 6):
@@ -124,13 +127,20 @@ def test_hash_is_the_same_in_fresh_processes() -> None:
     code = _SUBPROCESS_HASH.format(specs=[(p.name, list(p.shape), p.dtype) for p in SPECS])
     expected = [make_plan(SPECS, k).hash for k in range(1, 6)]
     seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONHASHSEED": seed})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONHASHSEED": seed},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == expected
 
 
 # -- coverage and balance ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("num_shards", [1, 2, 3, 5, 7, 8])
 def test_fixed_model_coverage(num_shards: int) -> None:
@@ -204,6 +214,7 @@ def test_random_small_models(shapes, num_shards: int) -> None:
 
 # -- hash sensitivity -------------------------------------------------------------------
 
+
 def _replace(specs, i, **kw):
     p = specs[i]
     new = ParamSpec(kw.get("name", p.name), kw.get("shape", p.shape), kw.get("dtype", p.dtype))
@@ -235,6 +246,7 @@ def test_hash_does_not_collide_on_name_concatenation() -> None:
 
 
 # -- errors ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("num_shards", [0, -1])
 def test_rejects_fewer_than_one_shard(num_shards: int) -> None:

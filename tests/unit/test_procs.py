@@ -12,8 +12,9 @@ from worker.procs import Children
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the parent-death guard is Linux's prctl")
 def test_child_refuses_to_start_when_its_launcher_is_gone():
-    r = subprocess.run([sys.executable, "-m", "worker.procs", "1", "ps_server.cli", "--help"],
-                       capture_output=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "worker.procs", "1", "ps_server.cli", "--help"], capture_output=True, timeout=60
+    )
     assert r.returncode == 1
     assert b"the launcher (pid 1) is gone" in r.stderr and b"usage" not in r.stdout
 

@@ -25,16 +25,22 @@ ROOT = Path(__file__).resolve().parents[2]
 GEN_DIR = Path("protos/asyncps/v1")
 PROTO_TEXT = (ROOT / generate.PROTO).read_text()
 # rpc Name(stream? Req) returns (stream? Resp);  read from the .proto text itself
-RPCS = {m[0]: (bool(m[1]), m[2], bool(m[3]), m[4])
-        for m in re.findall(r"rpc\s+(\w+)\s*\(\s*(stream\s+)?(\w+)\s*\)\s*returns\s*\(\s*(stream\s+)?(\w+)\s*\)", PROTO_TEXT)}
+RPCS = {
+    m[0]: (bool(m[1]), m[2], bool(m[3]), m[4])
+    for m in re.findall(
+        r"rpc\s+(\w+)\s*\(\s*(stream\s+)?(\w+)\s*\)\s*returns\s*\(\s*(stream\s+)?(\w+)\s*\)", PROTO_TEXT
+    )
+}
 
 
 # -- generated code is fresh -------------------------------------------------------------
 
+
 def test_check_passes_on_the_committed_code() -> None:
     before = {name: (ROOT / GEN_DIR / name).read_bytes() for name in generate.OUTPUTS}
-    proc = subprocess.run([sys.executable, "-m", "protos.generate", "--check"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "protos.generate", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert {name: (ROOT / GEN_DIR / name).read_bytes() for name in generate.OUTPUTS} == before  # --check wrote nothing
@@ -62,8 +68,13 @@ def test_stale_check_on_a_copy(proto_copy: Path, capsys) -> None:
     assert err.count("\n") == 1 and str(GEN_DIR / "ps_pb2.py") in err
 
     # The command line says the same, and exits non-zero.
-    proc = subprocess.run([sys.executable, "-m", "protos.generate", "--check", "--root", str(proto_copy)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "protos.generate", "--check", "--root", str(proto_copy)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert str(GEN_DIR / "ps_pb2.py") in proc.stderr and "stale" in proc.stderr
 
@@ -79,10 +90,13 @@ def test_stale_check_names_missing_and_edited_files(proto_copy: Path) -> None:
     (proto_copy / GEN_DIR / "ps_pb2_grpc.py").unlink()
     with open(proto_copy / GEN_DIR / "ps_pb2.pyi", "a") as f:
         f.write("# hand edit\n")
-    assert sorted(generate.stale_files(proto_copy)) == sorted([str(GEN_DIR / "ps_pb2_grpc.py"), str(GEN_DIR / "ps_pb2.pyi")])
+    assert sorted(generate.stale_files(proto_copy)) == sorted(
+        [str(GEN_DIR / "ps_pb2_grpc.py"), str(GEN_DIR / "ps_pb2.pyi")]
+    )
 
 
 # -- the method table ----------------------------------------------------------------------
+
 
 def test_descriptor_matches_the_proto_text() -> None:
     assert RPCS, "no rpc found in the .proto"
@@ -90,15 +104,25 @@ def test_descriptor_matches_the_proto_text() -> None:
     assert set(methods) == set(RPCS)
     for name, (cstream, req, sstream, resp) in RPCS.items():
         m = methods[name]
-        assert (m.client_streaming, m.input_type.name, m.server_streaming, m.output_type.name) == (cstream, req, sstream, resp)
+        assert (m.client_streaming, m.input_type.name, m.server_streaming, m.output_type.name) == (
+            cstream,
+            req,
+            sstream,
+            resp,
+        )
     assert service.SERVICE_NAME == "asyncps.v1.ParameterServer"
     # The tensor-carrying methods this product depends on.
     assert RPCS["Push"][:2] == (True, "Frame") and RPCS["Init"][:2] == (True, "Frame")
     assert RPCS["Pull"][2:] == (True, "Frame")
 
 
-_SCALARS = {FieldDescriptor.TYPE_STRING: "x", FieldDescriptor.TYPE_UINT64: 7, FieldDescriptor.TYPE_UINT32: 3,
-            FieldDescriptor.TYPE_DOUBLE: 0.5, FieldDescriptor.TYPE_BOOL: True}
+_SCALARS = {
+    FieldDescriptor.TYPE_STRING: "x",
+    FieldDescriptor.TYPE_UINT64: 7,
+    FieldDescriptor.TYPE_UINT32: 3,
+    FieldDescriptor.TYPE_DOUBLE: 0.5,
+    FieldDescriptor.TYPE_BOOL: True,
+}
 
 
 def _sample(type_name: str):
@@ -129,8 +153,12 @@ def test_method_handlers_cover_every_method() -> None:
         h = generic.service(SimpleNamespace(method=f"/{service.SERVICE_NAME}/{name}", invocation_metadata=()))
         assert h is not None, name
         assert (h.request_streaming, h.response_streaming) == (cstream, sstream)
-        behaviour = {(False, False): h.unary_unary, (False, True): h.unary_stream,
-                     (True, False): h.stream_unary, (True, True): h.stream_stream}[(cstream, sstream)]
+        behaviour = {
+            (False, False): h.unary_unary,
+            (False, True): h.unary_stream,
+            (True, False): h.stream_unary,
+            (True, True): h.stream_stream,
+        }[(cstream, sstream)]
         # unary requests pass through a wrapper answering an undecodable one INVALID_ARGUMENT
         assert getattr(behaviour, "__wrapped__", behaviour) is getattr(servicer, name)
         if req == "Frame":
@@ -155,6 +183,7 @@ class FakeChannel:
         def make(self, path, request_serializer=None, response_deserializer=None):
             self.made[path] = (kind, request_serializer, response_deserializer)
             return (kind, path)
+
         return make
 
     unary_unary = _factory("unary_unary")
@@ -211,8 +240,10 @@ def test_frames_travel_as_raw_bytes_over_grpc() -> None:
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = service.Stub(channel)
-                frames = [wire.encode_frame(pb.Frame(push=pb.PushHeader(worker_id="w", clock=1))),
-                          wire.encode_frame(tensor=torch.tensor([1.5, -2.0]), offset=2)]
+                frames = [
+                    wire.encode_frame(pb.Frame(push=pb.PushHeader(worker_id="w", clock=1))),
+                    wire.encode_frame(tensor=torch.tensor([1.5, -2.0]), offset=2),
+                ]
 
                 async def gen():
                     for f in frames:

@@ -27,11 +27,19 @@ CASES = {
     "sgd-nesterov": ("sgd", 0.05, dict(momentum=0.9, nesterov=True), dict(momentum=0.9, nesterov=True)),
     "sgd-wd": ("sgd", 0.05, dict(momentum=0.9, weight_decay=0.01), dict(momentum=0.9, weight_decay=0.01)),
     "adam": ("adam", 1e-2, {}, {}),
-    "adam-wd": ("adam", 3e-3, dict(weight_decay=0.1, beta1=0.8, beta2=0.99, eps=1e-6),
-                dict(weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6)),
+    "adam-wd": (
+        "adam",
+        3e-3,
+        dict(weight_decay=0.1, beta1=0.8, beta2=0.99, eps=1e-6),
+        dict(weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6),
+    ),
     "adamw": ("adamw", 1e-2, {}, {}),
-    "adamw-custom": ("adamw", 5e-3, dict(weight_decay=0.05, beta1=0.85, beta2=0.95, eps=1e-7),
-                     dict(weight_decay=0.05, betas=(0.85, 0.95), eps=1e-7)),
+    "adamw-custom": (
+        "adamw",
+        5e-3,
+        dict(weight_decay=0.05, beta1=0.85, beta2=0.95, eps=1e-7),
+        dict(weight_decay=0.05, betas=(0.85, 0.95), eps=1e-7),
+    ),
 }
 TORCH_OPT = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
@@ -60,6 +68,7 @@ def weights(store: ShardStore) -> torch.Tensor:
 
 # -- the update rule equals torch.optim ------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_flat_store_equals_torch_optim_per_parameter(case: str) -> None:
     name, lr, fields, torch_kw = CASES[case]
@@ -76,10 +85,13 @@ def test_flat_store_equals_torch_optim_per_parameter(case: str) -> None:
         version, staleness = store.apply(flat(gs), read_version=store.version)
         assert (version, staleness) == (step + 1, 0)
         torch.testing.assert_close(weights(store), flat(params), rtol=1e-6, atol=1e-7)
-    assert not torch.equal(weights(store), flat([torch.randn(s, generator=torch.Generator().manual_seed(3)) for s in SHAPES]))
+    assert not torch.equal(
+        weights(store), flat([torch.randn(s, generator=torch.Generator().manual_seed(3)) for s in SHAPES])
+    )
 
 
 # -- versions and staleness --------------------------------------------------------------------
+
 
 def test_apply_returns_version_and_staleness() -> None:
     store = make_store(optim.default_config("sgd", 0.01))
@@ -170,10 +182,18 @@ def test_apply_does_not_modify_or_keep_the_callers_gradient() -> None:
     assert torch.equal(weights(store), weights(other))
 
 
-@pytest.mark.parametrize("bad", [
-    torch.zeros(39), torch.zeros(41), torch.zeros(40, 1), torch.zeros(40, dtype=torch.float64),
-    torch.zeros(40, dtype=torch.float16), torch.zeros(40, dtype=torch.int32),
-], ids=["short", "long", "2d", "f64", "f16", "i32"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(39),
+        torch.zeros(41),
+        torch.zeros(40, 1),
+        torch.zeros(40, dtype=torch.float64),
+        torch.zeros(40, dtype=torch.float16),
+        torch.zeros(40, dtype=torch.int32),
+    ],
+    ids=["short", "long", "2d", "f64", "f16", "i32"],
+)
 def test_rejects_wrong_shape_or_dtype_and_changes_nothing(bad: torch.Tensor) -> None:
     store = make_store(optim.default_config("adam", 0.01))
     store.apply(grads(40, 1)[0], read_version=0)
@@ -205,6 +225,7 @@ def test_constructor_copies_the_initial_weights() -> None:
 
 
 # -- snapshots -----------------------------------------------------------------------------------
+
 
 def test_a_lease_is_the_live_weights_without_a_copy_and_cached_per_version() -> None:
     store = make_store(optim.default_config("sgd", 0.1, momentum=0.5))
@@ -272,6 +293,7 @@ def test_a_lease_during_an_update(reader: bool) -> None:
         started.set()
         assert go.wait(30)
         return real_step(*args, **kw)
+
     store._opt.step = held_step
     updater = threading.Thread(target=store.apply, args=(grads(store.numel, 1)[0], 0))
     updater.start()
@@ -296,6 +318,7 @@ def test_checksum_is_sum_of_abs() -> None:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", ["sgd-momentum", "sgd-nesterov", "adam-wd", "adamw"])
 @pytest.mark.parametrize("aware", [False, True])
@@ -390,6 +413,7 @@ def test_checkpoint_load_rejects_bad_files(tmp_path) -> None:
 
 # -- optimizer configs ---------------------------------------------------------------------------
 
+
 def test_default_config_matches_torch_defaults() -> None:
     p = [torch.nn.Parameter(torch.zeros(1))]
     for name, cls in TORCH_OPT.items():
@@ -403,22 +427,25 @@ def test_default_config_matches_torch_defaults() -> None:
                 assert group[key] == pytest.approx(ref[key]), (name, key)
 
 
-@pytest.mark.parametrize("cfg, message", [
-    (pb.OptimizerConfig(name="rmsprop", lr=0.1), "unknown optimizer 'rmsprop'; choose one of sgd, adam, adamw"),
-    (pb.OptimizerConfig(name="", lr=0.1), "unknown optimizer ''"),
-    (pb.OptimizerConfig(name="SGD", lr=0.1), "unknown optimizer 'SGD'"),
-    (optim.default_config("sgd", 0.0), "learning rate must be positive, got 0.0"),
-    (optim.default_config("adam", -1e-3), "learning rate must be positive"),
-    (optim.default_config("sgd", math.nan), "learning rate must be positive"),
-    (optim.default_config("sgd", 0.1, nesterov=True), "Nesterov momentum needs momentum > 0"),
-    (optim.default_config("sgd", 0.1, nesterov=True, momentum=0.9, dampening=0.1), "dampening = 0"),
-    (optim.default_config("adam", 0.1, beta1=1.0), "betas must lie in"),
-    (optim.default_config("adamw", 0.1, beta2=1.5), "betas must lie in"),
-    (optim.default_config("adam", 0.1, beta1=-0.1), "betas must lie in"),
-    (optim.default_config("sgd", 0.1, weight_decay=-0.1), "must not be negative"),
-    (optim.default_config("sgd", 0.1, momentum=-0.9), "must not be negative"),
-    (optim.default_config("adam", 0.1, eps=-1e-8), "must not be negative"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (pb.OptimizerConfig(name="rmsprop", lr=0.1), "unknown optimizer 'rmsprop'; choose one of sgd, adam, adamw"),
+        (pb.OptimizerConfig(name="", lr=0.1), "unknown optimizer ''"),
+        (pb.OptimizerConfig(name="SGD", lr=0.1), "unknown optimizer 'SGD'"),
+        (optim.default_config("sgd", 0.0), "learning rate must be positive, got 0.0"),
+        (optim.default_config("adam", -1e-3), "learning rate must be positive"),
+        (optim.default_config("sgd", math.nan), "learning rate must be positive"),
+        (optim.default_config("sgd", 0.1, nesterov=True), "Nesterov momentum needs momentum > 0"),
+        (optim.default_config("sgd", 0.1, nesterov=True, momentum=0.9, dampening=0.1), "dampening = 0"),
+        (optim.default_config("adam", 0.1, beta1=1.0), "betas must lie in"),
+        (optim.default_config("adamw", 0.1, beta2=1.5), "betas must lie in"),
+        (optim.default_config("adam", 0.1, beta1=-0.1), "betas must lie in"),
+        (optim.default_config("sgd", 0.1, weight_decay=-0.1), "must not be negative"),
+        (optim.default_config("sgd", 0.1, momentum=-0.9), "must not be negative"),
+        (optim.default_config("adam", 0.1, eps=-1e-8), "must not be negative"),
+    ],
+)
 def test_validate_rejects_with_a_readable_message(cfg: pb.OptimizerConfig, message: str) -> None:
     with pytest.raises(ValueError) as info:
         optim.validate(cfg)
@@ -427,11 +454,14 @@ def test_validate_rejects_with_a_readable_message(cfg: pb.OptimizerConfig, messa
         optim.build(cfg, torch.nn.Parameter(torch.zeros(2)))
 
 
-@pytest.mark.parametrize("cfg", [
-    optim.default_config("sgd", 0.1),
-    optim.default_config("sgd", 0.1, nesterov=True, momentum=0.9),
-    optim.default_config("adam", 1e-3, beta1=0.0, beta2=0.0),
-    optim.default_config("adamw", 1e-3, weight_decay=0.0),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        optim.default_config("sgd", 0.1),
+        optim.default_config("sgd", 0.1, nesterov=True, momentum=0.9),
+        optim.default_config("adam", 1e-3, beta1=0.0, beta2=0.0),
+        optim.default_config("adamw", 1e-3, weight_decay=0.0),
+    ],
+)
 def test_validate_accepts_good_configs(cfg: pb.OptimizerConfig) -> None:
     optim.validate(cfg)

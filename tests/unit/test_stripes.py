@@ -66,6 +66,7 @@ class Waiter:
 
 # -- the cut -------------------------------------------------------------------------------
 
+
 @settings(max_examples=300, deadline=None)
 @given(numel=st.integers(0, 1 << 22), count=st.integers(1, 64))
 def test_stripes_are_contiguous_in_order_cover_everything_and_balanced(numel, count):
@@ -125,10 +126,12 @@ def test_data_channel_refuses_a_stream_count_outside_1_to_16(streams):
 
 # -- Stripes.join ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("index, count, sid", [(0, 1, 5), (0, 17, 5), (0, 0, 5), (1, 1, 5), (2, 2, 5), (16, 16, 5),
-                                               (0, 2, 0)],
-                         ids=["count-1", "count-17", "count-0", "index-1-of-1", "index-2-of-2", "index-16-of-16",
-                              "id-0"])
+
+@pytest.mark.parametrize(
+    "index, count, sid",
+    [(0, 1, 5), (0, 17, 5), (0, 0, 5), (1, 1, 5), (2, 2, 5), (16, 16, 5), (0, 2, 0)],
+    ids=["count-1", "count-17", "count-0", "index-1-of-1", "index-2-of-2", "index-16-of-16", "id-0"],
+)
 def test_join_refuses_bad_parts_without_opening_anything(index, count, sid):
     stripes = Stripes(FAR)
     with pytest.raises(StripeError) as err:
@@ -231,10 +234,10 @@ def test_close_fails_open_exchanges_and_refuses_new_ones():
 
 # -- Assembly --------------------------------------------------------------------------------
 
+
 def test_wait_returns_true_once_what_it_waits_for_happens():
     asm = Assembly(2, HEAD, FAR)
-    waiting = Waiter(lambda: asm.wait(lambda: asm.opened is not None, "the opening", asm.deadline,
-                                      gone=lambda: False))
+    waiting = Waiter(lambda: asm.wait(lambda: asm.opened is not None, "the opening", asm.deadline, gone=lambda: False))
     asm.open(("store", "buf"))
     assert waiting.result() is True and asm.failure is None
 
@@ -305,8 +308,9 @@ def test_a_sealed_exchange_ignores_deadlines_and_leaving_clients_but_not_its_com
     assert asm.finish(True) is False
     assert asm.finish(True) is True  # every part moved: sealed, the commit begins
     # a part waiting for the commit: its deadline passed, its client left; it still waits
-    waiting = Waiter(lambda: asm.wait(lambda: asm.result is not None, "the commit", time.monotonic() - 1,
-                                      gone=lambda: True))
+    waiting = Waiter(
+        lambda: asm.wait(lambda: asm.result is not None, "the commit", time.monotonic() - 1, gone=lambda: True)
+    )
     assert not waiting.done.wait(0.3)  # longer than one POLL_SECONDS: gone() was asked and ignored
     asm.fail((Code.CANCELLED, "a part's client went away", ""))
     assert asm.failure is None

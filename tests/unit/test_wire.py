@@ -51,6 +51,7 @@ def buffer_address(buf: bytes) -> int:
 
 # -- round trips ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
 def test_round_trip_every_dtype_and_odd_shape(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -86,7 +87,11 @@ def tensors(draw) -> torch.Tensor:
 @settings(max_examples=150, deadline=None)
 @given(tensors(), st.integers(0, 2**64 - 1), st.booleans())
 def test_round_trip_hypothesis(t: torch.Tensor, offset: int, with_head: bool) -> None:
-    head = pb.Frame(push=pb.PushHeader(worker_id="w-1", session=2**40 + 3, plan_hash="ab" * 32, clock=9, read_version=7)) if with_head else None
+    head = (
+        pb.Frame(push=pb.PushHeader(worker_id="w-1", session=2**40 + 3, plan_hash="ab" * 32, clock=9, read_version=7))
+        if with_head
+        else None
+    )
     frame, payload = wire.decode_frame(wire.encode_frame(head, t, offset))
     assert frame.tensor.offset == offset
     if with_head:
@@ -122,6 +127,7 @@ def test_tensor_bytes_is_a_zero_copy_view(dtype: torch.dtype) -> None:
 
 # -- chunking ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int8, torch.bool], ids=str)
 @pytest.mark.parametrize("chunk_bytes", [1, 3, 7, 1000, 4097, 1 << 20])
 def test_chunk_frames_reassemble_exactly(dtype: torch.dtype, chunk_bytes: int) -> None:
@@ -150,12 +156,20 @@ def test_chunk_frames_of_empty_tensor_is_no_frames() -> None:
 
 # -- protobuf interoperability -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_frames_made_by_protobuf_decode(dtype: torch.dtype) -> None:
     t = random_tensor(dtype, (4, 5), np.random.default_rng(1))
     th = pb.TensorHeader(offset=99, dtype=wire.TORCH_TO_WIRE[dtype], shape=[4, 5])
-    init = pb.InitHeader(plan_hash="h", shard_index=1, num_shards=2, numel=20, worker_id="w", staleness=math.inf,
-                         optimizer=pb.OptimizerConfig(name="adam", lr=1e-3))
+    init = pb.InitHeader(
+        plan_hash="h",
+        shard_index=1,
+        num_shards=2,
+        numel=20,
+        worker_id="w",
+        staleness=math.inf,
+        optimizer=pb.OptimizerConfig(name="adam", lr=1e-3),
+    )
     buf = pb.Frame(init=init, tensor=th, data=raw_bytes(t)).SerializeToString()
     frame, payload = wire.decode_frame(buf)
     assert frame.init == init and frame.tensor == th
@@ -179,6 +193,7 @@ def test_our_frames_parse_with_protobuf(t: torch.Tensor, offset: int) -> None:
 
 
 # -- bad frames -------------------------------------------------------------------------
+
 
 def decode_all(buf: bytes) -> torch.Tensor:
     return wire.payload_tensor(*wire.decode_frame(buf))
@@ -260,7 +275,9 @@ def test_zero_size_shape_with_a_huge_dimension() -> None:
 def test_unknown_fields_are_tolerated() -> None:
     """Forward compatibility: a field this version does not know is skipped, like protobuf does."""
     t = torch.arange(3, dtype=torch.int16)
-    buf = wire._varint((30 << 3) | 0) + bytes([7]) + wire.encode_frame(tensor=t) + wire._varint((31 << 3) | 2) + b"\x02zz"
+    buf = (
+        wire._varint((30 << 3) | 0) + bytes([7]) + wire.encode_frame(tensor=t) + wire._varint((31 << 3) | 2) + b"\x02zz"
+    )
     assert torch.equal(decode_all(buf), t)
 
 
@@ -282,8 +299,7 @@ def test_random_bytes_raise_only_frame_error(buf: bytes) -> None:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
-       st.integers(0, 10_000))
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4), st.integers(0, 10_000))
 def test_mutated_frames_raise_only_frame_error(edits, cut: int) -> None:
     buf = bytearray(small_frame())
     for pos, byte in edits:
@@ -292,6 +308,7 @@ def test_mutated_frames_raise_only_frame_error(edits, cut: int) -> None:
 
 
 # -- zero copy ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_payload_tensor_shares_memory_with_the_received_bytes(dtype: torch.dtype) -> None:

@@ -55,12 +55,23 @@ class ModelSpec:
         return {"d_model": self.d_model, "n_layer": self.n_layer, "n_head": self.n_head, "context": self.context}
 
     def flags(self) -> list[str]:
-        return ["--d-model", str(self.d_model), "--n-layer", str(self.n_layer), "--n-head", str(self.n_head),
-                "--context", str(self.context), "--batch-size", str(self.batch_size)]
+        return [
+            "--d-model",
+            str(self.d_model),
+            "--n-layer",
+            str(self.n_layer),
+            "--n-head",
+            str(self.n_head),
+            "--context",
+            str(self.context),
+            "--batch-size",
+            str(self.batch_size),
+        ]
 
     @property
     def params(self) -> int:
         from worker.task import ByteGPT, TaskConfig
+
         return sum(p.numel() for p in ByteGPT(TaskConfig(**self.task())).parameters())
 
     @property
@@ -82,11 +93,11 @@ class Settings:
     workers: list[int] = field(default_factory=lambda: [1, 2, 4])
     servers: list[int] = field(default_factory=lambda: [1, 2])
     startup: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1), (4, 2)])
-    iters: int = 12                 # timed iterations per compute probe (after 3 warm-up ones)
-    clocks: int = 12                # timed clocks per comm probe (after 3 warm-up ones)
-    rounds: int = 2                 # compute probes repeated, apart in time; the faster counts
+    iters: int = 12  # timed iterations per compute probe (after 3 warm-up ones)
+    clocks: int = 12  # timed clocks per comm probe (after 3 warm-up ones)
+    rounds: int = 2  # compute probes repeated, apart in time; the faster counts
     device: str = "cpu"
-    data: str | None = None         # ps-cluster --data for the start-up probes
+    data: str | None = None  # ps-cluster --data for the start-up probes
     cluster_flags: list[str] = field(default_factory=list)
 
 
@@ -100,15 +111,25 @@ def machine() -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"hostname": socket.gethostname(), "cpus": os.cpu_count() or 1, "cpu_model": cpu, "gpu": gpu,
-            "gpus": torch.cuda.device_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "hostname": socket.gethostname(),
+        "cpus": os.cpu_count() or 1,
+        "cpu_model": cpu,
+        "gpu": gpu,
+        "gpus": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 # -- probe processes ----------------------------------------------------------------------
 
+
 def _compute_probe(rank: int, barrier, task: dict, batch: int, threads: int, iters: int, device: str) -> list[float]:
     from worker.task import ByteGPT, TaskConfig
+
     torch.set_num_threads(threads)
     torch.manual_seed(rank)
     dev = torch.device(device)
@@ -132,8 +153,11 @@ def _compute_probe(rank: int, barrier, task: dict, batch: int, threads: int, ite
     return times
 
 
-def _comm_probe(rank: int, barrier, addresses: list[str], nbytes: int, clocks: int, threads: int, tag: str) -> list[float]:
+def _comm_probe(
+    rank: int, barrier, addresses: list[str], nbytes: int, clocks: int, threads: int, tag: str
+) -> list[float]:
     from worker import PSClient
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = FlatModel(nbytes)
@@ -221,6 +245,7 @@ def lockstep(times: list[list[float]]) -> tuple[float, float]:
 
 # -- the probes ---------------------------------------------------------------------------
 
+
 def probe_compute(pool: ProbePool, s: Settings, cores: int) -> list[dict]:
     """Every (model, P) probe `s.rounds` times, the rounds apart in time; the faster round counts.
 
@@ -230,15 +255,32 @@ def probe_compute(pool: ProbePool, s: Settings, cores: int) -> list[dict]:
     for _ in range(s.rounds):
         for m in s.models:
             for p in s.workers:
-                times = pool.run("compute", p, task=m.task(), batch=m.batch_size, threads=threads_for(p, cores),
-                                 iters=s.iters, device=s.device)
+                times = pool.run(
+                    "compute",
+                    p,
+                    task=m.task(),
+                    batch=m.batch_size,
+                    threads=threads_for(p, cores),
+                    iters=s.iters,
+                    device=s.device,
+                )
                 lock, mean = lockstep(times)
                 log.info("compute %s P=%d: lockstep %.1f ms, mean %.1f ms", m.name, p, lock * 1e3, mean * 1e3)
                 old = best.get((m.name, p))
                 best[(m.name, p)] = (lock, mean) if old is None or lock < old[0] else old
-    return [{"model": m.name, "params": m.params, "tokens": m.tokens, "workers": p, "threads": threads_for(p, cores),
-             "lockstep_seconds": best[(m.name, p)][0], "mean_seconds": best[(m.name, p)][1]}
-            for m in s.models for p in s.workers]
+    return [
+        {
+            "model": m.name,
+            "params": m.params,
+            "tokens": m.tokens,
+            "workers": p,
+            "threads": threads_for(p, cores),
+            "lockstep_seconds": best[(m.name, p)][0],
+            "mean_seconds": best[(m.name, p)][1],
+        }
+        for m in s.models
+        for p in s.workers
+    ]
 
 
 def probe_comm(pool: ProbePool, s: Settings, cores: int, workdir: Path) -> list[dict]:
@@ -249,8 +291,15 @@ def probe_comm(pool: ProbePool, s: Settings, cores: int, workdir: Path) -> list[
             procs, addrs = start_servers(n, workdir, extra=["--staleness", "0"])
             try:
                 for p in s.workers:
-                    times = pool.run("comm", p, addresses=addrs, nbytes=nbytes, clocks=s.clocks,
-                                     threads=threads_for(p, cores), tag=f"{m.name}-{n}-{p}")
+                    times = pool.run(
+                        "comm",
+                        p,
+                        addresses=addrs,
+                        nbytes=nbytes,
+                        clocks=s.clocks,
+                        threads=threads_for(p, cores),
+                        tag=f"{m.name}-{n}-{p}",
+                    )
                     clock = statistics.median(x for t in times for x in t)
                     rows.append({"model": m.name, "bytes": nbytes, "servers": n, "workers": p, "clock_seconds": clock})
                     log.info("comm %s S=%d P=%d: %.1f ms per clock", m.name, n, p, clock * 1e3)
@@ -259,8 +308,16 @@ def probe_comm(pool: ProbePool, s: Settings, cores: int, workdir: Path) -> list[
     return rows
 
 
-def run_cluster(out: Path, model: ModelSpec, workers: int, servers: int, steps: int,
-                data: str | None, extra: list[str], timeout: float = 900) -> tuple[float, dict]:
+def run_cluster(
+    out: Path,
+    model: ModelSpec,
+    workers: int,
+    servers: int,
+    steps: int,
+    data: str | None,
+    extra: list[str],
+    timeout: float = 900,
+) -> tuple[float, dict]:
     """One real ps-cluster run; (wall seconds from launch to exit, its summary.json).
 
     The launcher dies with this process (parent-death signal), and is stopped on any error here.
@@ -268,8 +325,20 @@ def run_cluster(out: Path, model: ModelSpec, workers: int, servers: int, steps: 
     import json
 
     from worker.procs import Children
-    argv = ["--workers", str(workers), "--servers", str(servers), "--steps", str(steps), "--out", str(out),
-            "--no-progress", *model.flags(), *extra]
+
+    argv = [
+        "--workers",
+        str(workers),
+        "--servers",
+        str(servers),
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+        "--no-progress",
+        *model.flags(),
+        *extra,
+    ]
     if data:
         argv += ["--data", data]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +351,9 @@ def run_cluster(out: Path, model: ModelSpec, workers: int, servers: int, steps: 
         children.stop_all()
     wall = time.perf_counter() - t0
     if code != 0:
-        raise RuntimeError(f"ps-cluster {' '.join(argv)} failed ({code}): " + " | ".join(child.log_tail(5).splitlines()))
+        raise RuntimeError(
+            f"ps-cluster {' '.join(argv)} failed ({code}): " + " | ".join(child.log_tail(5).splitlines())
+        )
     return wall, json.loads((out / "summary.json").read_text())
 
 
@@ -291,8 +362,18 @@ def probe_startup(s: Settings, workdir: Path) -> list[dict]:
     for m in s.models:
         for p, n in s.startup:
             wall, summary = run_cluster(workdir / f"startup-{m.name}-{p}-{n}", m, p, n, p, s.data, s.cluster_flags)
-            rows.append({"model": m.name, "params": m.params, "tokens": m.tokens, "workers": p, "servers": n,
-                         "steps": p, "wall_seconds": wall, "summary_wall_seconds": summary["wall_seconds"]})
+            rows.append(
+                {
+                    "model": m.name,
+                    "params": m.params,
+                    "tokens": m.tokens,
+                    "workers": p,
+                    "servers": n,
+                    "steps": p,
+                    "wall_seconds": wall,
+                    "summary_wall_seconds": summary["wall_seconds"],
+                }
+            )
             log.info("startup %s P=%d S=%d: %.1f s", m.name, p, n, wall)
     return rows
 
@@ -306,6 +387,7 @@ def from_summaries(paths: list[str]) -> dict:
     probes (the launcher's own start is not in `wall_seconds`), but free.
     """
     import json
+
     rows: dict[str, list[dict]] = {"compute": [], "comm": [], "startup": []}
     for path in paths:
         s = json.loads(Path(path).read_text())
@@ -313,25 +395,51 @@ def from_summaries(paths: list[str]) -> dict:
         tokens = int(s["batch_size"]) * int(task.get("context", 128))
         p, n, params = int(s["workers"]), int(s["servers"]), int(s["parameters"])
         clock = s["t_task_seconds"] + s["t_comm_seconds"]
-        rows["compute"].append({"model": path, "params": params, "tokens": tokens, "workers": p,
-                                "lockstep_seconds": s["t_task_seconds"], "mean_seconds": s["t_task_seconds"]})
-        rows["comm"].append({"model": path, "bytes": 4 * params, "servers": n, "workers": p,
-                             "clock_seconds": s["t_comm_seconds"]})
+        rows["compute"].append(
+            {
+                "model": path,
+                "params": params,
+                "tokens": tokens,
+                "workers": p,
+                "lockstep_seconds": s["t_task_seconds"],
+                "mean_seconds": s["t_task_seconds"],
+            }
+        )
+        rows["comm"].append(
+            {"model": path, "bytes": 4 * params, "servers": n, "workers": p, "clock_seconds": s["t_comm_seconds"]}
+        )
         clocks = -(-int(s["iterations"]) // p)
-        rows["startup"].append({"model": path, "params": params, "tokens": tokens, "workers": p, "servers": n,
-                                "steps": int(s["iterations"]), "wall_seconds": s["wall_seconds"] - (clocks - 1) * clock})
+        rows["startup"].append(
+            {
+                "model": path,
+                "params": params,
+                "tokens": tokens,
+                "workers": p,
+                "servers": n,
+                "steps": int(s["iterations"]),
+                "wall_seconds": s["wall_seconds"] - (clocks - 1) * clock,
+            }
+        )
     return {"format": FORMAT, "machine": machine(), "settings": {"device": "cpu", "from_summaries": paths}, **rows}
 
 
 def calibrate(s: Settings) -> dict:
     cores = os.cpu_count() or 1
     t0 = time.perf_counter()
-    result: dict = {"format": FORMAT, "machine": machine(),
-                    "settings": {"device": s.device, "staleness": 0, "average_gradients": True, "optimizer": "adamw",
-                                 "threads": "cores // workers", "data": s.data or "standard library",
-                                 "cluster_flags": s.cluster_flags},
-                    "models": [{"name": m.name, **m.task(), "batch_size": m.batch_size, "params": m.params}
-                               for m in s.models]}
+    result: dict = {
+        "format": FORMAT,
+        "machine": machine(),
+        "settings": {
+            "device": s.device,
+            "staleness": 0,
+            "average_gradients": True,
+            "optimizer": "adamw",
+            "threads": "cores // workers",
+            "data": s.data or "standard library",
+            "cluster_flags": s.cluster_flags,
+        },
+        "models": [{"name": m.name, **m.task(), "batch_size": m.batch_size, "params": m.params} for m in s.models],
+    }
     load = os.getloadavg()[0]
     if load > cores / 2:
         log.warning("load average %.1f on %d cores before calibrating: other jobs will slow the probes", load, cores)

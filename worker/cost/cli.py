@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 from asyncps_common.flags import FlagParser, positive, staleness_flag
+from worker.cost import network_cli
 from worker.cost.calibrate import FORMAT, PRESETS, ModelSpec, Settings, calibrate, from_summaries
 from worker.cost.model import CostModel, Job, recommend
-from worker.cost import network_cli
-from worker.cost.validate import plot, table, validate, write_json
-from worker.cost.validate import PLOTS_HINT, plots_available
+from worker.cost.validate import PLOTS_HINT, plot, plots_available, table, validate, write_json
 
 DEFAULT_CALIBRATION = "runs/cost/calibration.json"
 
@@ -58,7 +57,9 @@ def pairs(text: str) -> list[tuple[int, int]]:
 
 
 def build_parser() -> FlagParser:
-    p = FlagParser(prog="ps-cost", description="Predict how long a ps-cluster run takes, and how many workers and servers to use.")
+    p = FlagParser(
+        prog="ps-cost", description="Predict how long a ps-cluster run takes, and how many workers and servers to use."
+    )
     p.env_flag("log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     sub = p.add_subparsers(dest="command", required=True, parser_class=FlagParser)
 
@@ -73,8 +74,12 @@ def build_parser() -> FlagParser:
     c.env_flag("rounds", type=positive(int), default=2, help="rounds of compute probes (the faster round counts)")
     c.env_flag("device", default="cpu", help="device of the compute probes (cpu, cuda)")
     c.env_flag("data", default=None, help="ps-cluster --data for the start-up probes (default: the standard library)")
-    c.env_flag("from-summary", type=lambda t: [x for x in t.split(",") if x], default=None,
-               help="no probes: build the calibration from these ps-cluster summary.json files (comma-separated)")
+    c.env_flag(
+        "from-summary",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=None,
+        help="no probes: build the calibration from these ps-cluster summary.json files (comma-separated)",
+    )
 
     q = sub.add_parser("predict", help="predicted run time for each (P, S) and a recommendation")
     q.env_flag("calibration", default=DEFAULT_CALIBRATION, help="calibration file from ps-cost calibrate")
@@ -128,6 +133,7 @@ def cmd_calibrate(p: FlagParser, a: argparse.Namespace) -> int:
         return network_cli.cmd_calibrate(p, a, DEFAULT_CALIBRATION)
     if a.device.startswith("cuda"):
         import torch
+
         if not torch.cuda.is_available():
             p.error("--device cuda asked for, but no CUDA GPU is available")
     if a.data is not None and not os.path.exists(a.data):
@@ -140,12 +146,23 @@ def cmd_calibrate(p: FlagParser, a: argparse.Namespace) -> int:
         write_json(cal, Path(a.out))
         sys.stdout.write(f"calibration from {len(a.from_summary)} summaries written to {a.out}\n")
         return 0
-    s = Settings(models=a.models, workers=sorted(set(a.workers)), servers=sorted(set(a.servers)), startup=a.startup,
-                 iters=a.iters, clocks=a.clocks, rounds=a.rounds, device=a.device, data=a.data)
+    s = Settings(
+        models=a.models,
+        workers=sorted(set(a.workers)),
+        servers=sorted(set(a.servers)),
+        startup=a.startup,
+        iters=a.iters,
+        clocks=a.clocks,
+        rounds=a.rounds,
+        device=a.device,
+        data=a.data,
+    )
     cal = calibrate(s)
     write_json(cal, Path(a.out))
-    sys.stdout.write(f"calibration written to {a.out} ({cal['calibration_seconds']:.0f} s on {cal['machine']['hostname']}, "
-                     f"{cal['machine']['cpus']} cores)\n")
+    sys.stdout.write(
+        f"calibration written to {a.out} ({cal['calibration_seconds']:.0f} s on {cal['machine']['hostname']}, "
+        f"{cal['machine']['cpus']} cores)\n"
+    )
     return 0
 
 
@@ -154,10 +171,17 @@ def job_from(a: argparse.Namespace, cal: dict) -> Job:
         params, tokens = a.params, a.batch_size * a.context
     else:
         from worker.task import ByteGPT, TaskConfig
+
         cfg = TaskConfig(d_model=a.d_model, n_layer=a.n_layer, n_head=a.n_head, context=a.context)
         params, tokens = sum(t.numel() for t in ByteGPT(cfg).parameters()), a.batch_size * a.context
-    return Job(params=params, tokens=tokens, steps=a.steps, staleness=a.staleness,
-               average_gradients=a.average_gradients, pipeline=a.pipeline)
+    return Job(
+        params=params,
+        tokens=tokens,
+        steps=a.steps,
+        staleness=a.staleness,
+        average_gradients=a.average_gradients,
+        pipeline=a.pipeline,
+    )
 
 
 def cmd_predict(p: FlagParser, a: argparse.Namespace) -> int:
@@ -176,21 +200,33 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace) -> int:
     pick, reason = recommend(preds, cost.cores, a.tolerance)
     m = cal["machine"]
     gap = "inf" if math.isinf(job.staleness) else f"{job.staleness:g}"
-    out = [f"{job.steps} iterations of a {job.params / 1e6:.2f} M-parameter model, batch × context {job.tokens}, s={gap}"
-           f"{', averaged' if job.average_gradients else ''}{', pipelined' if job.pipeline else ''}; "
-           f"calibrated on {m['hostname']} ({m['cpus']} cores"
-           f"{', ' + m['gpu'] if m.get('gpu') else ''}, {m['date']})",
-           f"{'P':>3} {'S':>3} {'seed formula':>13} {'refined':>9} "
-           f"{'start-up':>9} {'clock':>9} {'compute':>9} {'comm':>9}"]
+    out = [
+        f"{job.steps} iterations of a {job.params / 1e6:.2f} M-parameter model, batch × context {job.tokens}, s={gap}"
+        f"{', averaged' if job.average_gradients else ''}{', pipelined' if job.pipeline else ''}; "
+        f"calibrated on {m['hostname']} ({m['cpus']} cores"
+        f"{', ' + m['gpu'] if m.get('gpu') else ''}, {m['date']})",
+        f"{'P':>3} {'S':>3} {'seed formula':>13} {'refined':>9} "
+        f"{'start-up':>9} {'clock':>9} {'compute':>9} {'comm':>9}",
+    ]
     for r in preds:
-        out.append(f"{r.workers:>3} {r.servers:>3} {r.seed_formula_seconds:>12.1f}s {r.refined_seconds:>8.1f}s "
-                   f"{r.startup_seconds:>8.1f}s {1e3 * r.clock_seconds:>7.1f}ms {1e3 * r.compute_seconds:>7.1f}ms "
-                   f"{1e3 * r.comm_seconds:>7.1f}ms")
+        out.append(
+            f"{r.workers:>3} {r.servers:>3} {r.seed_formula_seconds:>12.1f}s {r.refined_seconds:>8.1f}s "
+            f"{r.startup_seconds:>8.1f}s {1e3 * r.clock_seconds:>7.1f}ms {1e3 * r.compute_seconds:>7.1f}ms "
+            f"{1e3 * r.comm_seconds:>7.1f}ms"
+        )
     out.append(f"recommended: {reason}")
     sys.stdout.write("\n".join(out) + "\n")
     if a.json:
-        write_json({"calibration": a.calibration, "machine": m, "job": job.__dict__, "rows": [r.row() for r in preds],
-                    "recommended": {"workers": pick.workers, "servers": pick.servers, "reason": reason}}, Path(a.json))
+        write_json(
+            {
+                "calibration": a.calibration,
+                "machine": m,
+                "job": job.__dict__,
+                "rows": [r.row() for r in preds],
+                "recommended": {"workers": pick.workers, "servers": pick.servers, "reason": reason},
+            },
+            Path(a.json),
+        )
     return 0
 
 

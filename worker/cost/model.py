@@ -148,7 +148,9 @@ class CostModel:
         s = min(by_s, key=lambda v: (abs(v - servers), -v))  # nearest probed server count
         rows = [r for r in self.cal["comm"] if r["servers"] == s]
         by_p = sorted({r["workers"] for r in rows})
-        per_p = [(p, line(job.bytes, [(r["bytes"], r["clock_seconds"]) for r in rows if r["workers"] == p])) for p in by_p]
+        per_p = [
+            (p, line(job.bytes, [(r["bytes"], r["clock_seconds"]) for r in rows if r["workers"] == p])) for p in by_p
+        ]
         t = line(workers, per_p)
         if not job.average_gradients and workers > 1:  # P updates per clock instead of one, shards in parallel
             t += (workers - 1) * job.bytes / servers / (self.cal.get("apply", {}).get("adamw_gbps", 2.0) * 1e9)
@@ -193,8 +195,18 @@ class CostModel:
         clock, compute, comm = self.clock(job, workers, servers)
         clocks = math.ceil(job.steps / workers)
         startup = self.startup(job, workers, servers)
-        return Prediction(workers, servers, job.steps, seed_formula(job.steps, workers, t_task, t_comm),
-                          startup + clocks * clock, startup, clock, compute, comm, clocks)
+        return Prediction(
+            workers,
+            servers,
+            job.steps,
+            seed_formula(job.steps, workers, t_task, t_comm),
+            startup + clocks * clock,
+            startup,
+            clock,
+            compute,
+            comm,
+            clocks,
+        )
 
     def table(self, job: Job, workers: list[int], servers: list[int]) -> list[Prediction]:
         return [self.predict(job, p, s) for p in workers for s in servers]
@@ -208,8 +220,14 @@ def _flat_line(x: float, pts: list[tuple[float, float]]) -> float:
 
 
 def job_like(job: Job, params: int, tokens: int) -> Job:
-    return Job(params=params, tokens=tokens, steps=job.steps, staleness=job.staleness,
-               average_gradients=job.average_gradients, pipeline=job.pipeline)
+    return Job(
+        params=params,
+        tokens=tokens,
+        steps=job.steps,
+        staleness=job.staleness,
+        average_gradients=job.average_gradients,
+        pipeline=job.pipeline,
+    )
 
 
 def recommend(preds: list[Prediction], cores: int, tolerance: float = 0.05) -> tuple[Prediction, str]:
@@ -224,13 +242,21 @@ def recommend(preds: list[Prediction], cores: int, tolerance: float = 0.05) -> t
     if more_p:
         q = min(more_p, key=lambda p: p.workers)
         gain = 1 - q.refined_seconds / pick.refined_seconds
-        why = f" ({q.workers} workers oversubscribe {cores} cores)" if q.workers * threads_for(q.workers, cores) > cores else ""
-        notes.append(f"P={q.workers} {'is ' + _pct(-gain) + ' slower' if gain < 0 else 'saves ' + _pct(gain) + ' only'}{why}")
+        why = (
+            f" ({q.workers} workers oversubscribe {cores} cores)"
+            if q.workers * threads_for(q.workers, cores) > cores
+            else ""
+        )
+        notes.append(
+            f"P={q.workers} {'is ' + _pct(-gain) + ' slower' if gain < 0 else 'saves ' + _pct(gain) + ' only'}{why}"
+        )
     more_s = [p for p in preds if p.workers == pick.workers and p.servers > pick.servers]
     if more_s:
         q = min(more_s, key=lambda p: p.servers)
         gain = 1 - q.refined_seconds / pick.refined_seconds
-        notes.append(f"S={q.servers} {'is ' + _pct(-gain) + ' slower' if gain < 0 else 'saves ' + _pct(gain) + ' only'}")
+        notes.append(
+            f"S={q.servers} {'is ' + _pct(-gain) + ' slower' if gain < 0 else 'saves ' + _pct(gain) + ' only'}"
+        )
     head = f"P={pick.workers}, S={pick.servers}: {pick.refined_seconds:.0f} s predicted"
     return pick, head + (": " + "; ".join(notes) if notes else "")
 

@@ -37,8 +37,8 @@ FORMAT = "asyncps-network-calibration-1"
 
 @dataclass(frozen=True)
 class Link:
-    gbit: float              # the link's rate
-    latency_s: float = 0.0   # one way, host to switch
+    gbit: float  # the link's rate
+    latency_s: float = 0.0  # one way, host to switch
     efficiency: float = 0.95  # TCP payload / link rate (measured: raw TCP over the shaped link)
 
     @property
@@ -52,7 +52,9 @@ def wire_bytes(params: int, compression: str) -> tuple[int, int]:
     return compress.push_bytes(name, params), params * compress.pull_dtype(name).itemsize
 
 
-def asyncps_parts(params: int, workers: int, servers: int, link: Link, compression: str = "none") -> tuple[float, float]:
+def asyncps_parts(
+    params: int, workers: int, servers: int, link: Link, compression: str = "none"
+) -> tuple[float, float]:
     """(push, pull) seconds of one asyncps clock on the busiest link of each direction, a round trip each."""
     push, pull = wire_bytes(params, compression)
     fan_in = max(1.0, workers / servers)  # the busiest link: a worker's own, or a server's share of P
@@ -60,8 +62,9 @@ def asyncps_parts(params: int, workers: int, servers: int, link: Link, compressi
     return fan_in * push / b + rtt, fan_in * pull / b + rtt
 
 
-def asyncps_comm(params: int, workers: int, servers: int, link: Link, compression: str = "none",
-                 pipeline: bool = True) -> float:
+def asyncps_comm(
+    params: int, workers: int, servers: int, link: Link, compression: str = "none", pipeline: bool = True
+) -> float:
     """Seconds of communication of one asyncps clock (see the module docstring)."""
     up, down = asyncps_parts(params, workers, servers, link, compression)
     return max(up, down) if pipeline else up + down
@@ -75,8 +78,14 @@ def ddp_comm(params: int, workers: int, link: Link, compression: str = "none") -
     return 2 * (workers - 1) / workers * nbytes / link.bytes_per_second + 2 * (workers - 1) * 4 * link.latency_s
 
 
-def clock_seconds(system: str, compute: float, comm: float, pipeline: bool = True,
-                  parts: tuple[float, float] | None = None, apply: float = 0.0) -> float:
+def clock_seconds(
+    system: str,
+    compute: float,
+    comm: float,
+    pipeline: bool = True,
+    parts: tuple[float, float] | None = None,
+    apply: float = 0.0,
+) -> float:
     """One iteration of every worker. DDP: compute, then the all-reduce (a model under DDP's
     25 MB bucket is one bucket, reduced after the backward pass: nothing overlaps). asyncps
     without --pipeline: compute + push + pull. Pipelined, with push U and pull D: the pull of
@@ -107,21 +116,24 @@ class NetworkModel:
         cal["link"]["gbit"] = gbit
         return NetworkModel(cal)
 
-    def comm(self, system: str, params: int, workers: int, servers: int, compression: str,
-             pipeline: bool = True) -> float:
+    def comm(
+        self, system: str, params: int, workers: int, servers: int, compression: str, pipeline: bool = True
+    ) -> float:
         if system == "ddp-gloo":
             return ddp_comm(params, workers, self.link, compression)
         return asyncps_comm(params, workers, servers, self.link, compression, pipeline)
 
-    def samples_per_second(self, system: str, model: str, workers: int, servers: int, compression: str,
-                           pipeline: bool = True) -> tuple[float, float]:
+    def samples_per_second(
+        self, system: str, model: str, workers: int, servers: int, compression: str, pipeline: bool = True
+    ) -> tuple[float, float]:
         """(samples/s, T_comm per clock) of a run of the calibrated `model` on these links."""
         c = self.compute[model]
         comm = self.comm(system, c["params"], workers, servers, compression, pipeline)
         parts = asyncps_parts(c["params"], workers, servers, self.link, compression) if system == "asyncps" else None
         apply = self.apply_seconds(c["params"], workers, servers) if system == "asyncps" else 0.0
-        return workers * c["batch_size"] / clock_seconds(system, c["compute_seconds"], comm, pipeline, parts,
-                                                         apply), comm
+        return workers * c["batch_size"] / clock_seconds(
+            system, c["compute_seconds"], comm, pipeline, parts, apply
+        ), comm
 
     def apply_seconds(self, params: int, workers: int, servers: int) -> float:
         """A server's work per clock on its 1/S of the model: taking in P gradients, averaging,
@@ -141,8 +153,14 @@ def measure_link(gbit: float, delay_ms: float) -> dict:
     with shaped.ShapedNet(["a", "b"], rate_mbit=gbit * 1000, delay_ms=delay_ms) as net:
         goodput = statistics.median(shaped.tcp_rate_mbit(net, "a", "b", seconds=1.0) for _ in range(2))
         rtt = shaped.tcp_rtt_ms(net, "a", "b")
-        return {"gbit": gbit, "efficiency": round(goodput / (gbit * 1000), 4), "latency_ms": round(rtt / 4, 4),
-                "rtt_ms": round(rtt, 4), "delay_applied": net.delay_applied, "measured": True}
+        return {
+            "gbit": gbit,
+            "efficiency": round(goodput / (gbit * 1000), 4),
+            "latency_ms": round(rtt / 4, 4),
+            "rtt_ms": round(rtt, 4),
+            "delay_applied": net.delay_applied,
+            "measured": True,
+        }
 
 
 def predicted_scaleout(cal: dict, result: dict) -> dict:
@@ -152,8 +170,15 @@ def predicted_scaleout(cal: dict, result: dict) -> dict:
     out = {}
     for model in sorted({r["model"] for r in result["rows"]}):
         if model in nm.compute:
-            out[model] = {s: round(nm.samples_per_second("asyncps", model, result["workers"], s, "none",
-                                                         result["asyncps"]["pipeline"])[0], 2) for s in servers}
+            out[model] = {
+                s: round(
+                    nm.samples_per_second(
+                        "asyncps", model, result["workers"], s, "none", result["asyncps"]["pipeline"]
+                    )[0],
+                    2,
+                )
+                for s in servers
+            }
     return out
 
 
@@ -164,16 +189,27 @@ def compare(cal: dict, result: dict) -> dict:
     for r in result["rows"]:
         if "samples_per_second" in r and r["model"] in nm.compute:
             groups.setdefault((r["model"], r["system"], r["servers"] or 0, r["compression"]), []).append(
-                r["samples_per_second"])
+                r["samples_per_second"]
+            )
     rows = []
     for (model, system, servers, comp), values in groups.items():
         measured = statistics.median(values)
-        pred, comm = nm.samples_per_second(system, model, result["workers"], servers, comp,
-                                           result["asyncps"]["pipeline"])
-        rows.append({"model": model, "system": system, "servers": servers or None, "compression": comp,
-                     "measured_samples_per_second": round(measured, 3), "predicted_samples_per_second": round(pred, 3),
-                     "predicted_comm_seconds": round(comm, 4), "error": round(pred / measured - 1, 4),
-                     "runs": len(values)})
+        pred, comm = nm.samples_per_second(
+            system, model, result["workers"], servers, comp, result["asyncps"]["pipeline"]
+        )
+        rows.append(
+            {
+                "model": model,
+                "system": system,
+                "servers": servers or None,
+                "compression": comp,
+                "measured_samples_per_second": round(measured, 3),
+                "predicted_samples_per_second": round(pred, 3),
+                "predicted_comm_seconds": round(comm, 4),
+                "error": round(pred / measured - 1, 4),
+                "runs": len(values),
+            }
+        )
     errs = [abs(r["error"]) for r in rows]
     summary = {"median_abs": round(statistics.median(errs), 4), "max_abs": round(max(errs), 4)} if errs else {}
     return {"rows": rows, "errors": summary, "link_gbit": result["link_gbit"]}
@@ -187,16 +223,32 @@ def compute_from_runs(models: list, result: dict) -> list[dict]:
         name = _bench_name(m.name)
         vals = [r["compute_seconds"] for r in result["rows"] if r["model"] == name and "compute_seconds" in r]
         if vals:
-            out.append({"model": name, "params": m.params, "batch_size": m.batch_size, "tokens": m.tokens,
-                        "workers": result["workers"], "compute_seconds": statistics.median(vals),
-                        "source": f"{len(vals)} DDP runs of bench/network.py"})
+            out.append(
+                {
+                    "model": name,
+                    "params": m.params,
+                    "batch_size": m.batch_size,
+                    "tokens": m.tokens,
+                    "workers": result["workers"],
+                    "compute_seconds": statistics.median(vals),
+                    "source": f"{len(vals)} DDP runs of bench/network.py",
+                }
+            )
     if not out:
         raise ValueError("no DDP rows with compute_seconds for these models")
     return out
 
 
-def calibrate_network(models: list, workers: int, gbit: float, delay_ms: float, latency_ms: float | None = None,
-                      efficiency: float = 0.95, iters: int = 8, compute_from: dict | None = None) -> dict:
+def calibrate_network(
+    models: list,
+    workers: int,
+    gbit: float,
+    delay_ms: float,
+    latency_ms: float | None = None,
+    efficiency: float = 0.95,
+    iters: int = 8,
+    compute_from: dict | None = None,
+) -> dict:
     """A network calibration: the link (measured on the shaped harness, or `latency_ms` and
     `efficiency` taken as given) and each model's compute per iteration with `workers`
     processes computing at once (bench/network.py's threads: one each on a small machine):
@@ -215,15 +267,30 @@ def calibrate_network(models: list, workers: int, gbit: float, delay_ms: float, 
     else:
         pool = ProbePool(workers, [workers])
         try:
-            rows = probe_compute(pool, Settings(models=models, workers=[workers], rounds=1, iters=iters),
-                                 os.cpu_count() or 1)
+            rows = probe_compute(
+                pool, Settings(models=models, workers=[workers], rounds=1, iters=iters), os.cpu_count() or 1
+            )
         finally:
             pool.close()
-        compute = [{"model": _bench_name(m.name), "params": m.params, "batch_size": m.batch_size, "tokens": m.tokens,
-                    "workers": workers, "compute_seconds": r["lockstep_seconds"], "source": "probe"}
-                   for m, r in zip(models, rows)]
-    return {"format": FORMAT, "machine": machine(), "link": link, "compute": compute,
-            "server_seconds_per_param": server_probe(workers)}
+        compute = [
+            {
+                "model": _bench_name(m.name),
+                "params": m.params,
+                "batch_size": m.batch_size,
+                "tokens": m.tokens,
+                "workers": workers,
+                "compute_seconds": r["lockstep_seconds"],
+                "source": "probe",
+            }
+            for m, r in zip(models, rows)
+        ]
+    return {
+        "format": FORMAT,
+        "machine": machine(),
+        "link": link,
+        "compute": compute,
+        "server_seconds_per_param": server_probe(workers),
+    }
 
 
 def server_probe(workers: int, params: int = 1 << 20, rounds: int = 3) -> float:
@@ -263,11 +330,15 @@ def _bench_name(name: str) -> str:
 
 
 def table(cmp: dict) -> str:
-    lines = [f"{'model':<8} {'system':<9} {'S':>2} {'compr.':<7} {'measured':>9} {'predicted':>10} {'error':>6}  samples/s"]
+    lines = [
+        f"{'model':<8} {'system':<9} {'S':>2} {'compr.':<7} {'measured':>9} {'predicted':>10} {'error':>6}  samples/s"
+    ]
     for r in cmp["rows"]:
-        lines.append(f"{r['model']:<8} {r['system']:<9} {r['servers'] or '-':>2} {r['compression']:<7} "
-                     f"{r['measured_samples_per_second']:>9.2f} {r['predicted_samples_per_second']:>10.2f} "
-                     f"{100 * r['error']:>+5.0f}%")
+        lines.append(
+            f"{r['model']:<8} {r['system']:<9} {r['servers'] or '-':>2} {r['compression']:<7} "
+            f"{r['measured_samples_per_second']:>9.2f} {r['predicted_samples_per_second']:>10.2f} "
+            f"{100 * r['error']:>+5.0f}%"
+        )
     e = cmp["errors"]
     if e:
         lines.append(f"absolute error, median / worst: {100 * e['median_abs']:.0f}% / {100 * e['max_abs']:.0f}%")

@@ -29,15 +29,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_flags(c: FlagParser, q: FlagParser, v: FlagParser) -> None:
-    c.env_switch("network", default=False, help="calibrate the link and each model's compute for bench/network.py's runs")
+    c.env_switch(
+        "network", default=False, help="calibrate the link and each model's compute for bench/network.py's runs"
+    )
     for p in (c, q):
         p.env_flag("link-gbit", type=positive(float), default=None, help="link rate (Gbit/s); calibrate default 1")
-        p.env_flag("latency-ms", type=non_negative(float), default=None,
-                   help="one-way latency per link (ms): taken as given (calibrate: not measured)")
+        p.env_flag(
+            "latency-ms",
+            type=non_negative(float),
+            default=None,
+            help="one-way latency per link (ms): taken as given (calibrate: not measured)",
+        )
     c.env_flag("delay-ms", type=non_negative(float), default=0.1, help="delay the shaped links add (needs netem)")
     c.env_flag("efficiency", type=positive(float), default=0.95, help="TCP goodput / rate when not measured")
-    c.env_flag("compute-from", default=None,
-               help="no compute probes: each model's compute as bench/network.py's DDP runs in this file measured it")
+    c.env_flag(
+        "compute-from",
+        default=None,
+        help="no compute probes: each model's compute as bench/network.py's DDP runs in this file measured it",
+    )
     q.env_flag("network-calibration", default=None, help="a calibration from `ps-cost calibrate --network`")
     q.env_flag("compression", default="none", help="none, bf16, fp16, onebit")
     v.env_switch("network", default=False, help="validate the network model on the shaped harness (bench/network.py)")
@@ -66,13 +75,16 @@ def cmd_calibrate(p: FlagParser, a: argparse.Namespace, default_out: str) -> int
             network.compute_from_runs(a.models, runs)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             p.error(f"--compute-from {a.compute_from}: {exc}")
-    cal = network.calibrate_network(a.models, max(a.workers), a.link_gbit or 1.0, a.delay_ms, a.latency_ms,
-                                    a.efficiency, a.iters, runs)
+    cal = network.calibrate_network(
+        a.models, max(a.workers), a.link_gbit or 1.0, a.delay_ms, a.latency_ms, a.efficiency, a.iters, runs
+    )
     write_json(cal, out)
     link = cal["link"]
-    sys.stdout.write(f"network calibration written to {out}: {link['gbit']:g} Gbit/s links, TCP efficiency "
-                     f"{link['efficiency']:.3f}, one-way latency {link['latency_ms']:.3f} ms "
-                     f"({'measured' if link['measured'] else 'given'})\n")
+    sys.stdout.write(
+        f"network calibration written to {out}: {link['gbit']:g} Gbit/s links, TCP efficiency "
+        f"{link['efficiency']:.3f}, one-way latency {link['latency_ms']:.3f} ms "
+        f"({'measured' if link['measured'] else 'given'})\n"
+    )
     return 0
 
 
@@ -87,8 +99,11 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace, params: int, batch: int) -
         p.error(f"--compression: {exc}")
     cal = load(p, a.network_calibration) if a.network_calibration else None
     if cal is None:
-        cal = {"format": network.FORMAT, "link": {"gbit": a.link_gbit, "latency_ms": a.latency_ms or 0.0,
-                                                  "efficiency": 0.95}, "compute": []}
+        cal = {
+            "format": network.FORMAT,
+            "link": {"gbit": a.link_gbit, "latency_ms": a.latency_ms or 0.0, "efficiency": 0.95},
+            "compute": [],
+        }
     if a.link_gbit:
         cal["link"]["gbit"] = a.link_gbit
     if a.latency_ms is not None:
@@ -96,12 +111,17 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace, params: int, batch: int) -
     nm = network.NetworkModel(cal)
     compute = next((r for r in cal["compute"] if r["params"] == params), None)
     push, pull = network.wire_bytes(params, comp)
-    out = [f"{params / 1e6:.2f} M parameters, {comp}: push {push / 1e6:.2f} MB, pull {pull / 1e6:.2f} MB per worker "
-           f"and clock; links {nm.link.gbit:g} Gbit/s (goodput x{nm.link.efficiency:.2f}), "
-           f"{nm.link.latency_s * 1e3:.3f} ms one way"
-           + (f"; compute {compute['compute_seconds'] * 1e3:.0f} ms/iteration ({compute['model']})" if compute else
-              "; no compute calibrated for this size: T_comm only"),
-           f"{'system':<9} {'P':>3} {'S':>3} {'T_comm/clock':>13} {'clock':>9} {'samples/s':>10}"]
+    out = [
+        f"{params / 1e6:.2f} M parameters, {comp}: push {push / 1e6:.2f} MB, pull {pull / 1e6:.2f} MB per worker "
+        f"and clock; links {nm.link.gbit:g} Gbit/s (goodput x{nm.link.efficiency:.2f}), "
+        f"{nm.link.latency_s * 1e3:.3f} ms one way"
+        + (
+            f"; compute {compute['compute_seconds'] * 1e3:.0f} ms/iteration ({compute['model']})"
+            if compute
+            else "; no compute calibrated for this size: T_comm only"
+        ),
+        f"{'system':<9} {'P':>3} {'S':>3} {'T_comm/clock':>13} {'clock':>9} {'samples/s':>10}",
+    ]
     rows = []
     for w in sorted(set(a.workers)):
         cases = [("ddp-gloo", 0)] + [("asyncps", s) for s in sorted(set(a.servers))]
@@ -110,12 +130,25 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace, params: int, batch: int) -
                 continue
             comm = nm.comm(system, params, w, s, comp, a.pipeline)
             parts = network.asyncps_parts(params, w, s, nm.link, comp) if system == "asyncps" else None
-            clock = network.clock_seconds(system, compute["compute_seconds"], comm, a.pipeline, parts) if compute else None
+            clock = (
+                network.clock_seconds(system, compute["compute_seconds"], comm, a.pipeline, parts) if compute else None
+            )
             sps = w * batch / clock if clock else None
-            rows.append({"system": system, "workers": w, "servers": s or None, "compression": comp,
-                         "comm_seconds": comm, "clock_seconds": clock, "samples_per_second": sps})
-            out.append(f"{system:<9} {w:>3} {s or '-':>3} {1e3 * comm:>11.1f}ms "
-                       f"{'' if clock is None else f'{1e3 * clock:.0f}ms':>9} {'' if sps is None else f'{sps:.1f}':>10}")
+            rows.append(
+                {
+                    "system": system,
+                    "workers": w,
+                    "servers": s or None,
+                    "compression": comp,
+                    "comm_seconds": comm,
+                    "clock_seconds": clock,
+                    "samples_per_second": sps,
+                }
+            )
+            out.append(
+                f"{system:<9} {w:>3} {s or '-':>3} {1e3 * comm:>11.1f}ms "
+                f"{'' if clock is None else f'{1e3 * clock:.0f}ms':>9} {'' if sps is None else f'{sps:.1f}':>10}"
+            )
     sys.stdout.write("\n".join(out) + "\n")
     if a.json:
         write_json({"link": cal["link"], "params": params, "compression": comp, "rows": rows}, Path(a.json))

@@ -30,16 +30,34 @@ class FlatModel(torch.nn.Module):
         self.ps = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(k) * 0.01) for k in sizes])
 
 
-def start_servers(n: int, workdir: Path, chunk_bytes: int | None = None,
-                  extra: list[str] | None = None) -> tuple[list[subprocess.Popen], list[str]]:
+def start_servers(
+    n: int, workdir: Path, chunk_bytes: int | None = None, extra: list[str] | None = None
+) -> tuple[list[subprocess.Popen], list[str]]:
     """n shards of one model; returns their processes and addresses once every one serves."""
     from worker.rpc import wait_serving
+
     procs, files = [], []
     for i in range(n):
         pf = workdir / f"s{n}-{i}.port"
         pf.unlink(missing_ok=True)
-        args = [sys.executable, "-m", "ps_server.cli", "--host", "127.0.0.1", "--port", "0", "--port-file", str(pf),
-                "--shard-index", str(i), "--num-shards", str(n), "--heartbeat-timeout", "600", *(extra or [])]
+        args = [
+            sys.executable,
+            "-m",
+            "ps_server.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--port-file",
+            str(pf),
+            "--shard-index",
+            str(i),
+            "--num-shards",
+            str(n),
+            "--heartbeat-timeout",
+            "600",
+            *(extra or []),
+        ]
         if chunk_bytes:
             args += ["--chunk-bytes", str(chunk_bytes)]
         with open(workdir / f"s{n}-{i}.log", "wb") as log:
@@ -78,10 +96,15 @@ def apply_rates(nbytes: int, reps: int) -> dict[str, list[float]]:
     """GB/s of gradient the shard store applies per optimizer step: SGD, SGD momentum, Adam, AdamW."""
     from asyncps_common.optimizer import default_config
     from ps_server.store import ShardStore
+
     n = nbytes // 4
     w, g = torch.randn(n), torch.randn(n) * 1e-3
-    cfgs = {"sgd": default_config("sgd", lr=0.01), "sgd_momentum": default_config("sgd", lr=0.01, momentum=0.9),
-            "adam": default_config("adam", lr=1e-3), "adamw": default_config("adamw", lr=1e-3)}
+    cfgs = {
+        "sgd": default_config("sgd", lr=0.01),
+        "sgd_momentum": default_config("sgd", lr=0.01, momentum=0.9),
+        "adam": default_config("adam", lr=1e-3),
+        "adamw": default_config("adamw", lr=1e-3),
+    }
     out = {}
     for name, cfg in cfgs.items():
         store = ShardStore("bench", w, cfg)

@@ -24,12 +24,21 @@ log = logging.getLogger(__name__)
 
 
 def job_for(m: ModelSpec, steps: int, staleness: float = 0.0, average: bool = True, pipeline: bool = False) -> Job:
-    return Job(params=m.params, tokens=m.tokens, steps=steps, staleness=staleness, average_gradients=average,
-               pipeline=pipeline)
+    return Job(
+        params=m.params, tokens=m.tokens, steps=steps, staleness=staleness, average_gradients=average, pipeline=pipeline
+    )
 
 
-def validate(cal: dict, models: list[ModelSpec], steps: list[int], workers: list[int], servers: list[int],
-             out: Path, data: str | None = None, extra: list[str] | None = None) -> dict:
+def validate(
+    cal: dict,
+    models: list[ModelSpec],
+    steps: list[int],
+    workers: list[int],
+    servers: list[int],
+    out: Path,
+    data: str | None = None,
+    extra: list[str] | None = None,
+) -> dict:
     cost = CostModel(cal)
     rows = []
     for m, m_steps in zip(models, steps):
@@ -45,18 +54,42 @@ def validate(cal: dict, models: list[ModelSpec], steps: list[int], workers: list
                     wall, summary = run_cluster(out / f"{m.name}-P{p}-S{s}-retry", m, p, s, m_steps, data, extra or [])
                     retried = True
                 pred = cost.predict(job, p, s)
-                row = {"model": m.name, "params": m.params, "workers": p, "servers": s, "steps": m_steps,
-                       "measured_seconds": round(wall, 3), "load_average_before": round(load, 2), "retried": retried,
-                       "seed_formula_seconds": round(pred.seed_formula_seconds, 3),
-                       "refined_seconds": round(pred.refined_seconds, 3),
-                       "seed_error": round(pred.seed_formula_seconds / wall - 1, 4),
-                       "refined_error": round(pred.refined_seconds / wall - 1, 4),
-                       "predicted": pred.row(),
-                       "summary": {k: summary.get(k) for k in ("wall_seconds", "train_seconds", "t_task_seconds",
-                                                               "t_comm_seconds", "bound_wait_seconds", "heldout_loss")}}
+                row = {
+                    "model": m.name,
+                    "params": m.params,
+                    "workers": p,
+                    "servers": s,
+                    "steps": m_steps,
+                    "measured_seconds": round(wall, 3),
+                    "load_average_before": round(load, 2),
+                    "retried": retried,
+                    "seed_formula_seconds": round(pred.seed_formula_seconds, 3),
+                    "refined_seconds": round(pred.refined_seconds, 3),
+                    "seed_error": round(pred.seed_formula_seconds / wall - 1, 4),
+                    "refined_error": round(pred.refined_seconds / wall - 1, 4),
+                    "predicted": pred.row(),
+                    "summary": {
+                        k: summary.get(k)
+                        for k in (
+                            "wall_seconds",
+                            "train_seconds",
+                            "t_task_seconds",
+                            "t_comm_seconds",
+                            "bound_wait_seconds",
+                            "heldout_loss",
+                        )
+                    },
+                }
                 rows.append(row)
-                log.info("%s P=%d S=%d: measured %.1f s, seed %.1f s, refined %.1f s", m.name, p, s, wall,
-                         pred.seed_formula_seconds, pred.refined_seconds)
+                log.info(
+                    "%s P=%d S=%d: measured %.1f s, seed %.1f s, refined %.1f s",
+                    m.name,
+                    p,
+                    s,
+                    wall,
+                    pred.seed_formula_seconds,
+                    pred.refined_seconds,
+                )
     return {"calibration_machine": cal["machine"], "rows": rows, "errors": error_summary(rows)}
 
 
@@ -69,22 +102,30 @@ def error_summary(rows: list[dict]) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'model':<8} {'P':>2} {'S':>2} {'steps':>6} {'measured':>9} "
-             f"{'seed':>8} {'err':>6} {'refined':>8} {'err':>6} {'load':>5}"]
+    lines = [
+        f"{'model':<8} {'P':>2} {'S':>2} {'steps':>6} {'measured':>9} "
+        f"{'seed':>8} {'err':>6} {'refined':>8} {'err':>6} {'load':>5}"
+    ]
     for r in result["rows"]:
-        lines.append(f"{r['model']:<8} {r['workers']:>2} {r['servers']:>2} {r['steps']:>6} {r['measured_seconds']:>8.1f}s "
-                     f"{r['seed_formula_seconds']:>7.1f}s {100 * r['seed_error']:>+5.0f}% "
-                     f"{r['refined_seconds']:>7.1f}s {100 * r['refined_error']:>+5.0f}% "
-                     f"{r.get('load_average_before', math.nan):>5.1f}")
+        lines.append(
+            f"{r['model']:<8} {r['workers']:>2} {r['servers']:>2} {r['steps']:>6} {r['measured_seconds']:>8.1f}s "
+            f"{r['seed_formula_seconds']:>7.1f}s {100 * r['seed_error']:>+5.0f}% "
+            f"{r['refined_seconds']:>7.1f}s {100 * r['refined_error']:>+5.0f}% "
+            f"{r.get('load_average_before', math.nan):>5.1f}"
+        )
     e = result["errors"]
-    lines.append(f"absolute error, median / worst: seed formula {100 * e['seed']['median_abs']:.0f}% / "
-                 f"{100 * e['seed']['max_abs']:.0f}%,  refined model {100 * e['refined']['median_abs']:.0f}% / "
-                 f"{100 * e['refined']['max_abs']:.0f}%")
+    lines.append(
+        f"absolute error, median / worst: seed formula {100 * e['seed']['median_abs']:.0f}% / "
+        f"{100 * e['seed']['max_abs']:.0f}%,  refined model {100 * e['refined']['median_abs']:.0f}% / "
+        f"{100 * e['refined']['max_abs']:.0f}%"
+    )
     return "\n".join(lines) + "\n"
 
 
-PLOTS_HINT = ("ps-cost: matplotlib is not installed, so validate draws no plot (the rows and the table are written); "
-              "install the plots extra: pip install 'asyncps[plots]' (in a checkout: pip install -e '.[plots]')")
+PLOTS_HINT = (
+    "ps-cost: matplotlib is not installed, so validate draws no plot (the rows and the table are written); "
+    "install the plots extra: pip install 'asyncps[plots]' (in a checkout: pip install -e '.[plots]')"
+)
 
 
 def plots_available() -> bool:
@@ -98,6 +139,7 @@ def plots_available() -> bool:
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -108,15 +150,27 @@ def plot(result: dict, path: Path) -> None:
     for i, name in enumerate(names):
         rs = [r for r in rows if r["model"] == name]
         x = [r["measured_seconds"] for r in rs]
-        ax.scatter(x, [r["seed_formula_seconds"] for r in rs], marker=markers[i % 5], facecolors="none",
-                   edgecolors="tab:gray", label=f"seed formula, {name}")
-        ax.scatter(x, [r["refined_seconds"] for r in rs], marker=markers[i % 5], color="tab:blue",
-                   label=f"refined model, {name}")
+        ax.scatter(
+            x,
+            [r["seed_formula_seconds"] for r in rs],
+            marker=markers[i % 5],
+            facecolors="none",
+            edgecolors="tab:gray",
+            label=f"seed formula, {name}",
+        )
+        ax.scatter(
+            x,
+            [r["refined_seconds"] for r in rs],
+            marker=markers[i % 5],
+            color="tab:blue",
+            label=f"refined model, {name}",
+        )
     vals = [v for r in rows for v in (r["measured_seconds"], r["seed_formula_seconds"], r["refined_seconds"]) if v > 0]
     lo, hi = min(vals) * 0.8, max(vals) * 1.25
     ax.plot([lo, hi], [lo, hi], color="black", lw=1, label="predicted = measured")
     ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="tab:blue", alpha=0.08, label="±10%")
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_xscale("log")
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):
@@ -129,9 +183,12 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("predicted (s)")
     e = result["errors"]
     m = result.get("calibration_machine", {})
-    ax.set_title(f"ps-cost validate: {len(rows)} runs, {m.get('cpus', '?')} cores"
-                 f"\nmedian/worst |error|: refined {100 * e['refined']['median_abs']:.0f}%/{100 * e['refined']['max_abs']:.0f}%,"
-                 f" seed {100 * e['seed']['median_abs']:.0f}%/{100 * e['seed']['max_abs']:.0f}%", fontsize=10)
+    ax.set_title(
+        f"ps-cost validate: {len(rows)} runs, {m.get('cpus', '?')} cores"
+        f"\nmedian/worst |error|: refined {100 * e['refined']['median_abs']:.0f}%/{100 * e['refined']['max_abs']:.0f}%,"
+        f" seed {100 * e['seed']['median_abs']:.0f}%/{100 * e['seed']['max_abs']:.0f}%",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(True, which="both", alpha=0.2)
     fig.tight_layout()
