@@ -248,6 +248,7 @@ def test_synchronous_local_steps_two_workers_equal_diloco(start_server):
         assert rel_err(got, w) < 1e-5
 
 
+@pytest.mark.slow
 def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs):
     """ps-cluster end to end with asynchronous local steps: iterations count batches, summary.json
     names the mode, and with --dynamic-local-steps the slowed worker is given the smaller H."""

@@ -26,6 +26,8 @@ from worker.environment import placement, resolve_rank
 from .support import poll
 from .test_cluster import processes_mentioning
 
+pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
+
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, "-m", "worker.cluster", "--heartbeat-timeout", "3"]
 

@@ -84,6 +84,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_predict_validate_and_bad_input(tmp_path):
     r = _cli(
         "predict",
