@@ -24,6 +24,7 @@ from worker import PSClient
 from worker.local_steps import LocalSteps
 
 from .support import FAST_FAIL, batches, mlp, rel_err, status
+from .test_cluster import SMALL, corpus  # noqa: F401  (corpus is a fixture)
 
 STEPS, DELAY, H = 12, 2, 3
 INNER = default_config("adamw", lr=1e-2, weight_decay=0.01)
@@ -249,59 +250,18 @@ def test_synchronous_local_steps_two_workers_equal_diloco(start_server):
 
 
 @pytest.mark.slow
-def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs):
+def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs, corpus):
     """ps-cluster end to end with asynchronous local steps: iterations count batches, summary.json
     names the mode, and with --dynamic-local-steps the slowed worker is given the smaller H."""
     import json
     import subprocess
     import sys
-    import sysconfig
-    from pathlib import Path
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py", "typing.py", "enum.py"]:
-        (corpus / name).write_bytes((stdlib / name).read_bytes())
     out = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "worker.cluster",
-        "--servers",
-        "2",
-        "--workers",
-        "2",
-        "--steps",
-        "160",
-        "--data",
-        str(corpus),
-        "--out",
-        str(out),
-        "--d-model",
-        "32",
-        "--n-layer",
-        "1",
-        "--n-head",
-        "2",
-        "--context",
-        "32",
-        "--batch-size",
-        "8",
-        "--lr",
-        "1e-2",
-        "--warmup",
-        "10",
-        "--heartbeat-timeout",
-        "10",
-        "--no-progress",
-        "--no-metrics",
-        "--staleness",
-        "2",
-        "--no-average-gradients",
-        "--local-steps",
-        "4",
-        "--dynamic-local-steps",
+        *[sys.executable, "-m", "worker.cluster", "--servers", "2", "--workers", "2", "--steps", "160"],
+        *["--data", str(corpus), "--out", str(out), *SMALL, "--heartbeat-timeout", "10", "--no-metrics"],
+        *["--staleness", "2", "--no-average-gradients", "--local-steps", "4", "--dynamic-local-steps"],
     ]
     proc = procs.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, stderr = proc.communicate(timeout=300)
