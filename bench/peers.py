@@ -83,7 +83,11 @@ def build_parser() -> FlagParser:
     p = FlagParser(prog="bench/peers.py", description=__doc__.split("\n\n")[0])
     p.env_flag("json", help="write every row (with its loss curve) to this file")
     p.env_flag("results", default=str(ROOT / "bench" / "results"), help="folder for the table and the plots")
-    p.env_flag("systems", default=",".join(SYSTEM_ORDER), help="comma-separated systems to run")
+    p.env_flag(
+        "systems",
+        default=",".join(SYSTEM_ORDER),
+        help="comma-separated systems to run (system@scenario: that system in that scenario only)",
+    )
     p.env_flag("scenarios", default=",".join(SCENARIOS), help="comma-separated: uniform, straggler, jitter")
     p.env_flag("workers", type=positive(int), default=2, help="workers (processes) of every distributed system")
     p.env_flag("budget", type=positive(float), default=60.0, help="seconds of training per run, after start-up")
@@ -241,7 +245,11 @@ def _row(
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    only: dict[str, set[str]] = {}  # system@scenario: that system in those scenarios only
+    for item in [s.strip() for s in args.systems.split(",") if s.strip()]:
+        name, _, where = item.partition("@")
+        only.setdefault(name, set()).add(where or "*")
+    systems = list(only)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     for s in systems:
         if s not in SYSTEM_ORDER:
@@ -301,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             for system in systems:
                 if system == "single" and scenario != "uniform":
                     continue  # filled in from the uniform run below
+                if "*" not in only[system] and scenario not in only[system]:
+                    continue
                 wanted = not repeat_only or system in repeat_only or f"{system}@{scenario}" in repeat_only
                 n = args.repeats if wanted else 1
                 row = _row(base, system, scenario, work, ev, args.target, n, failures)
