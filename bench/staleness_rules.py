@@ -63,6 +63,8 @@ VARIANTS: dict[str, Variant] = {
     "local4-nesterov": Variant(4, {"lr": 0.7, "momentum": 0.9, "nesterov": True}, True),
     "local4-dn": Variant(4, {"update_rule": "delayed-nesterov", "lr": 1.0, "momentum": 0.5}, True),
     "local2-avg": Variant(2, {"lr": 1.0}, True),
+    "local8-avg": Variant(8, {"lr": 1.0}, True),
+    "local16-avg": Variant(16, {"lr": 1.0}, True),
     "local4-sync": Variant(4, {"lr": 1.0}, synchronous=True),
     "ab": Variant(braking=1.0),
     "local4-mshrink": Variant(4, {"lr": 1.0}, True, momentum_shrink=True),
