@@ -11,16 +11,25 @@ same number of workers in every system, each for `--budget` seconds of wall time
 * ddp-gloo         DistributedDataParallel, gloo, P processes (bench/peers_ddp.py);
 * rpc-ps           a torch.distributed.rpc parameter server after PyTorch's tutorial,
                    asynchronous, lock around the apply (bench/peers_rpc.py);
+* diloco-gloo      synchronous local steps (DiLoCo): H steps of AdamW per rank, then the
+                   pseudo-gradients all-reduced and an outer SGD step (bench/peers_diloco.py);
 * asyncps-s0       real ps-server / ps-worker processes: s = 0 with gradient averaging
                    (the project's default), asyncps-s2 (s = 2), asyncps-inf (s = inf),
                    asyncps-inf-salr (s = inf, --staleness-aware-lr); no averaging for
                    the last three; asyncps-s0-lb: s = 0 with averaging and
-                   --balance-batches, each worker's batch by its speed (bench/peers_asyncps.py).
+                   --balance-batches, each worker's batch by its speed (bench/peers_asyncps.py);
+                   asyncps-dc-s2 (s = 2, --update-rule dc); asyncps-local-s0 (--local-steps
+                   H, s = 0, averaging: synchronous DiLoCo), asyncps-local-s2 (H, s = 2, no
+                   averaging, each push at 1/P), asyncps-local-s2-dyn (+ --dynamic-local-steps).
 
 Scenarios: `uniform`, and `straggler` — the last worker sleeps (F-1) x its measured
 compute time after each forward+backward (F = --slowdown, 3), the same mechanism as
-`ps-worker --slowdown` in every system. `single` has no worker to slow down: it runs
-once and its row is repeated for the straggler scenario, marked not applicable.
+`ps-worker --slowdown` in every system; `jitter` — transient stragglers: at each step
+every worker, with probability P from its own seeded generator, sleeps F x its compute
+time (--jitter P,F, default 0.1,4; asyncps_common/jitter.py, as `ps-worker --jitter`).
+`single` has no worker to slow down: it runs once and its row is repeated for the other
+scenarios, marked not applicable. `--repeats N` runs every row (or those of
+`--repeat-only`) N times and reports the median time to the target and every run's.
 
 Measured: samples/s over the training phase (first step to end, start-up excluded) and
 the wall time until the held-out loss first reaches --target. The held-out loss is
@@ -56,13 +65,14 @@ import peers_rpc  # noqa: E402
 import peers_single  # noqa: E402
 from peers_common import RunSpec, free_port  # noqa: E402
 from peers_eval import Evaluator, evaluate  # noqa: E402
-from peers_report import SYSTEM_ORDER, machine, plot, table  # noqa: E402
+import peers_diloco  # noqa: E402
+from peers_report import SCENARIOS, SYSTEM_ORDER, _median, machine, plot, table  # noqa: E402
 from asyncps_common.flags import FlagParser, positive, non_negative  # noqa: E402
+from asyncps_common.jitter import parse_jitter  # noqa: E402
 from worker.data import Corpus, default_corpus_path  # noqa: E402
 from worker.task import TaskConfig  # noqa: E402
 
 log = logging.getLogger("peers")
-SCENARIOS = ("uniform", "straggler")
 
 
 class RunFailed(Exception):
@@ -73,12 +83,35 @@ def build_parser() -> FlagParser:
     p = FlagParser(prog="bench/peers.py", description=__doc__.split("\n\n")[0])
     p.env_flag("json", help="write every row (with its loss curve) to this file")
     p.env_flag("results", default=str(ROOT / "bench" / "results"), help="folder for the table and the plots")
-    p.env_flag("systems", default=",".join(SYSTEM_ORDER), help="comma-separated systems to run")
-    p.env_flag("scenarios", default=",".join(SCENARIOS), help="comma-separated: uniform, straggler")
+    p.env_flag(
+        "systems",
+        default=",".join(SYSTEM_ORDER),
+        help="comma-separated systems to run (system@scenario: that system in that scenario only)",
+    )
+    p.env_flag("scenarios", default=",".join(SCENARIOS), help="comma-separated: uniform, straggler, jitter")
     p.env_flag("workers", type=positive(int), default=2, help="workers (processes) of every distributed system")
     p.env_flag("budget", type=positive(float), default=60.0, help="seconds of training per run, after start-up")
     p.env_flag("target", type=positive(float), default=2.2, help="held-out loss (nats/byte) for time-to-target")
     p.env_flag("slowdown", type=positive(float), default=3.0, help="the straggler's slowdown factor")
+    p.env_flag("jitter", type=parse_jitter, default=(0.1, 4.0), help="the jitter scenario's P,F")
+    p.env_flag("local-steps", type=positive(int), default=4, help="H of diloco-gloo and asyncps-local-*")
+    p.env_flag(
+        "outer-lr",
+        type=positive(float),
+        help="outer lr of diloco-gloo and asyncps-local-* (default: asyncps's, 1 with averaging, 1/P without)",
+    )
+    p.env_flag(
+        "outer-momentum",
+        type=non_negative(float),
+        default=0.0,
+        help="> 0: their outer optimizer is SGD with this Nesterov momentum",
+    )
+    p.env_flag("repeats", type=positive(int), default=1, help="runs of each row; the median is reported")
+    p.env_flag(
+        "repeat-only",
+        default="",
+        help="comma-separated systems (or system@scenario) that get --repeats runs (default: all)",
+    )
     p.env_flag("snapshot-every", type=positive(float), default=1.0, help="seconds between weight snapshots")
     p.env_flag("eval-windows", type=positive(int), default=64, help="held-out windows per evaluation")
     p.env_flag("batch-size", type=positive(int), default=16, help="sequences per iteration per worker")
@@ -138,6 +171,9 @@ def run_system(spec: RunSpec) -> None:
     elif spec.system == "ddp-gloo":
         port = free_port()
         _spawn(spec, [(peers_ddp.run, (spec, r, port)) for r in range(spec.workers)])
+    elif spec.system == "diloco-gloo":
+        port = free_port()
+        _spawn(spec, [(peers_diloco.run, (spec, r, port)) for r in range(spec.workers)])
     elif spec.system == "rpc-ps":
         port = free_port()
         _spawn(spec, [(peers_rpc.run, (spec, r, port)) for r in range(spec.workers + 1)])
@@ -148,14 +184,79 @@ def run_system(spec: RunSpec) -> None:
             raise RunFailed(f"{spec.system}: {exc}") from exc
 
 
+def _run_once(spec: RunSpec, ev: Evaluator, target: float) -> dict:
+    log.info("%s, %s: training for %.0f s", spec.system, spec.scenario, spec.budget)
+    try:
+        run_system(spec)
+    except RunFailed as exc:  # keep the other systems' rows; the exit status says it
+        log.error("%s", exc)
+        return {
+            "workers": spec.workers,
+            "failed": str(exc),
+            "samples_per_second": None,
+            "time_to_target_seconds": None,
+            "time_to_target_interpolated_seconds": None,
+            "target_loss": target,
+            "final_heldout_loss": None,
+            "curve": [],
+        }
+    row = {"workers": spec.workers, **evaluate(spec, ev, target, spec.budget)}
+    log.info(
+        "%s, %s: %s samples/s, target %.2f after %s s (interpolated), held-out %.3f at the end",
+        spec.system,
+        spec.scenario,
+        row["samples_per_second"],
+        target,
+        row["time_to_target_interpolated_seconds"],
+        row["final_heldout_loss"],
+    )
+    return row
+
+
+def _row(
+    base: RunSpec, system: str, scenario: str, work: Path, ev: Evaluator, target: float, n: int, failures: list[str]
+) -> dict:
+    """`n` runs of one system in one scenario; the row is the median run's (by the interpolated
+    time to the target; a run that never reaches it counts as the slowest), with every run's figures."""
+    runs = []
+    for i in range(n):
+        spec = replace(
+            base,
+            system=system,
+            scenario=scenario,
+            out=str(work / f"{system}-{scenario}-{i}"),
+            workers=1 if system == "single" else base.workers,
+        )
+        runs.append(_run_once(spec, ev, target))
+        if runs[-1].get("failed"):
+            failures.append(runs[-1]["failed"])
+    key = "time_to_target_interpolated_seconds"
+    done = [r for r in runs if not r.get("failed")] or runs
+    median = _median([r[key] for r in done])
+    row = next((r for r in done if r[key] == median), done[len(done) // 2])
+    row = {"system": system, "scenario": scenario, **row}
+    if n > 1:
+        row["runs_time_to_target"] = [r[key] for r in runs]
+        row["runs_final_heldout_loss"] = [r["final_heldout_loss"] for r in runs]
+        row["runs_samples_per_second"] = [r["samples_per_second"] for r in runs]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    only: dict[str, set[str]] = {}  # system@scenario: that system in those scenarios only
+    for item in [s.strip() for s in args.systems.split(",") if s.strip()]:
+        name, _, where = item.partition("@")
+        only.setdefault(name, set()).add(where or "*")
+    systems = list(only)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     for s in systems:
         if s not in SYSTEM_ORDER:
             p.error(f"--systems: unknown system {s!r}; choose from {', '.join(SYSTEM_ORDER)}")
+    for s in [s.strip().split("@")[0] for s in args.repeat_only.split(",") if s.strip()]:
+        if s not in SYSTEM_ORDER:
+            p.error(f"--repeat-only: unknown system {s!r}; choose from {', '.join(SYSTEM_ORDER)}")
     for s in scenarios:
         if s not in SCENARIOS:
             p.error(f"--scenarios: unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
@@ -192,79 +293,43 @@ def main(argv: list[str] | None = None) -> int:
         snapshot_every=args.snapshot_every,
         threads=args.threads,
         flush_denormal=args.flush_denormal,
+        jitter_probability=args.jitter[0],
+        jitter_factor=args.jitter[1],
+        local_steps=args.local_steps,
+        outer_lr=args.outer_lr,
+        outer_momentum=args.outer_momentum,
     )
     ev = Evaluator(base, corpus, args.eval_windows)
+    repeat_only = {s.strip() for s in args.repeat_only.split(",") if s.strip()}
     rows: list[dict] = []
     failures: list[str] = []
     started = time.monotonic()
     try:
         for scenario in scenarios:
             for system in systems:
-                if system == "single" and scenario == "straggler":
+                if system == "single" and scenario != "uniform":
                     continue  # filled in from the uniform run below
-                spec = replace(
-                    base,
-                    system=system,
-                    scenario=scenario,
-                    out=str(work / f"{system}-{scenario}"),
-                    workers=1 if system == "single" else args.workers,
-                )
-                log.info("%s, %s: training for %.0f s", system, scenario, spec.budget)
-                try:
-                    run_system(spec)
-                except RunFailed as exc:  # keep the other systems' rows; the exit status says it
-                    log.error("%s", exc)
-                    failures.append(str(exc))
-                    rows.append(
-                        {
-                            "system": system,
-                            "scenario": scenario,
-                            "workers": spec.workers,
-                            "failed": str(exc),
-                            "samples_per_second": None,
-                            "time_to_target_seconds": None,
-                            "time_to_target_interpolated_seconds": None,
-                            "target_loss": args.target,
-                            "final_heldout_loss": None,
-                            "curve": [],
-                        }
-                    )
+                if "*" not in only[system] and scenario not in only[system]:
                     continue
-                row = {
-                    "system": system,
-                    "scenario": scenario,
-                    "workers": spec.workers,
-                    **evaluate(spec, ev, args.target, spec.budget),
-                }
-                log.info(
-                    "%s, %s: %s samples/s, target %.2f after %s s, held-out %.3f at the end",
-                    system,
-                    scenario,
-                    row["samples_per_second"],
-                    args.target,
-                    row["time_to_target_seconds"],
-                    row["final_heldout_loss"],
-                )
+                wanted = not repeat_only or system in repeat_only or f"{system}@{scenario}" in repeat_only
+                n = args.repeats if wanted else 1
+                row = _row(base, system, scenario, work, ev, args.target, n, failures)
                 rows.append(row)
-        if "single" in systems and "straggler" in scenarios:
+        others = [s for s in scenarios if s != "uniform"]
+        if "single" in systems and others:
             ref = next((r for r in rows if r["system"] == "single"), None)
-            if ref is None:  # straggler only: the reference still runs once, without a straggler
-                spec = replace(base, system="single", scenario="uniform", out=str(work / "single-uniform"), workers=1)
-                run_system(spec)
-                ref = {
-                    "system": "single",
-                    "scenario": "uniform",
-                    "workers": 1,
-                    **evaluate(spec, ev, args.target, spec.budget),
-                }
-            rows.append(
-                {
-                    **ref,
-                    "scenario": "straggler",
-                    "not_applicable": True,
-                    "note": "one process has no straggler; the figures repeat the uniform run",
-                }
-            )
+            if ref is None:  # no uniform scenario: the reference still runs once, without pauses
+                n = args.repeats if not repeat_only or "single" in repeat_only else 1
+                ref = _row(base, "single", "uniform", work, ev, args.target, n, failures)
+            for scenario in others:
+                rows.append(
+                    {
+                        **ref,
+                        "scenario": scenario,
+                        "not_applicable": True,
+                        "note": "one process has no straggler; the figures repeat the uniform run",
+                    }
+                )
     except RunFailed as exc:
         sys.stderr.write(f"bench/peers.py: {exc}\n")
         return 1

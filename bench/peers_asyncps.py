@@ -9,7 +9,12 @@ processes `ps-cluster` starts, then watches them from this process while they tr
   done, its first step begins); polled every 20 ms.
 * samples: every 0.5 s one `Status` per shard (the cheap form, no checksum) gives every
   worker's clock, i.e. the iterations applied; samples = sum of clocks x batch (with
-  --balance-batches too: each clock's batches sum to the workers' combined batch).
+  --balance-batches too: each clock's batches sum to the workers' combined batch). With
+  local steps (a clock is a push of H batches) the workers' progress lines count them.
+* the local-steps rows (`asyncps-local-*`) run `--local-steps H` (RunSpec.local_steps)
+  with asyncps's outer optimizer defaults (sgd, lr 1 with averaging, 1/P without);
+  `-dyn` adds `--dynamic-local-steps`; `asyncps-dc-s2` pushes gradients with
+  `--update-rule dc`. In the jitter scenario every worker runs `--jitter P,F`.
 * held-out snapshots: worker 0 saves the weights it has just pulled every
   `snapshot_every` seconds (`ps-worker --snapshot-dir`, one safetensors file each, no
   fsync), as DDP's rank 0 copies its own. Not the servers' checkpoints: those write the
@@ -48,6 +53,9 @@ class Variant:
     average: bool
     staleness_aware_lr: bool = False
     balance: bool = False
+    local_steps: int = 0  # > 0: --local-steps H (RunSpec.local_steps)
+    dynamic: bool = False  # --dynamic-local-steps
+    update_rule: str = "plain"
 
 
 VARIANTS = {
@@ -56,6 +64,10 @@ VARIANTS = {
     "asyncps-inf": Variant(math.inf, False),
     "asyncps-inf-salr": Variant(math.inf, False, True),
     "asyncps-s0-lb": Variant(0, True, balance=True),
+    "asyncps-dc-s2": Variant(2, False, update_rule="dc"),
+    "asyncps-local-s0": Variant(0, True, local_steps=1),
+    "asyncps-local-s2": Variant(2, False, local_steps=1),
+    "asyncps-local-s2-dyn": Variant(2, False, local_steps=1, dynamic=True),
 }
 
 
@@ -99,7 +111,17 @@ def _training_argv(spec: RunSpec, v: Variant) -> list[str]:
         "--staleness-aware-lr" if v.staleness_aware_lr else "--no-staleness-aware-lr",
         "--balance-batches" if v.balance else "--no-balance-batches",
         "--flush-denormal" if spec.flush_denormal else "--no-flush-denormal",
+        "--update-rule",
+        v.update_rule,
+        "--jitter",
+        "{},{}".format(*spec.jitter_args()),
     ]
+    if v.local_steps:
+        argv += ["--local-steps", str(spec.local_steps)]
+        argv += ["--dynamic-local-steps"] if v.dynamic else []
+        argv += ["--outer-lr", str(spec.outer_lr)] if spec.outer_lr is not None else []
+        if spec.outer_momentum > 0:
+            argv += ["--outer-optimizer", "nesterov", "--outer-momentum", str(spec.outer_momentum)]
     return argv + (["--data", spec.data] if spec.data else [])
 
 
@@ -200,7 +222,7 @@ def _run(spec: RunSpec, v: Variant, children: Children, logs: Path, snaps: Path,
             now = time.time()
             if now >= next_status or now >= deadline:
                 next_status = now + 0.5
-                trace.append(_samples(stubs, spec.batch_size))
+                trace.append(_report_samples(reports) if v.local_steps else _samples(stubs, spec.batch_size))
             if now >= deadline:
                 break
             _check(children)
@@ -243,6 +265,22 @@ def _samples(stubs: list, batch_size: int) -> tuple[float, int]:
         st = stub.Status(pb.StatusRequest(), timeout=10)
         counts.append(sum(c.clock for c in st.clocks if c.worker_id.startswith("worker-")))
     return time.time(), min(counts) * batch_size
+
+
+def _report_samples(reports: list[Path]) -> tuple[float, int]:
+    """(now, samples computed): with local steps a clock is a push of H (or, dynamic, a varying
+    number of) batches, so the workers' own progress lines (every 0.5 s) count the samples."""
+    total = 0
+    for path in reports:
+        last = 0
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.endswith("}"):
+                    rec = json.loads(line)
+                    if rec.get("event") == "progress":
+                        last = int(rec.get("samples", 0))
+        total += last
+    return time.time(), total
 
 
 def _snapshots(snaps: Path) -> list[tuple[float, dict[str, torch.Tensor]]]:

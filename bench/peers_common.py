@@ -7,7 +7,8 @@ the initial weights); `Recorder` keeps a run's progress trace (absolute time, sa
 done) and its weight snapshots (a copy every `snapshot_every` seconds, a few
 microseconds per call otherwise) for the held-out evaluation after the run, so the
 evaluation never competes with the training for CPU. `straggle` is the one straggler
-mechanism: sleep (F-1) x the compute time just measured. Nothing here is thread-safe
+mechanism: sleep (F-1) x the compute time just measured; `RunSpec.jitter_of` gives each
+worker its transient-straggler pauses (asyncps_common/jitter.py, as `ps-worker --jitter`). Nothing here is thread-safe
 except where a caller holds its own lock (the rpc-ps server does).
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from asyncps_common.jitter import Jitter
 from worker.data import BatchStream, Corpus, default_corpus_path, worker_slice
 from worker.task import ByteGPT, TaskConfig
 
@@ -31,7 +33,7 @@ class RunSpec:
     """One system's run; picklable, handed to spawned processes."""
 
     system: str
-    scenario: str  # "uniform" or "straggler"
+    scenario: str  # "uniform", "straggler" or "jitter"
     workers: int
     out: str  # this run's folder
     budget: float = 60.0  # seconds of training after the first step
@@ -49,10 +51,23 @@ class RunSpec:
     snapshot_every: float = 1.0
     threads: int = 0  # torch threads per process (0: cores / processes)
     flush_denormal: bool = True  # on the CPU, denormal floats become zero (ps-worker's default)
+    jitter_probability: float = 0.1  # jitter scenario: each step pauses with this probability
+    jitter_factor: float = 4.0  # ... for this many times its compute time
+    local_steps: int = 4  # diloco-gloo and asyncps's local-steps rows: H
+    outer_lr: float | None = None  # their outer lr (None: asyncps's default, 1 with averaging, 1/P without)
+    outer_momentum: float = 0.0  # > 0: outer SGD with Nesterov momentum
 
     def slowdown_of(self, rank: int) -> float:
         """The last worker is the straggler; everyone else runs at full speed."""
         return self.slowdown if self.scenario == "straggler" and rank == self.workers - 1 else 1.0
+
+    def jitter_args(self) -> tuple[float, float]:
+        """(P, F) of the jitter scenario; (0, 0) otherwise."""
+        return (self.jitter_probability, self.jitter_factor) if self.scenario == "jitter" else (0.0, 0.0)
+
+    def jitter_of(self, rank: int) -> Jitter:
+        """Worker `rank`'s pauses, the same sequence as `ps-worker --jitter P,F --seed S --rank r`."""
+        return Jitter(*self.jitter_args(), seed=self.seed, rank=rank)
 
     def threads_for(self, processes: int) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // processes)

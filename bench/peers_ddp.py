@@ -5,7 +5,8 @@ worker; DDP all-reduces (averages) the gradients during backward, and every rank
 steps its own torch.optim.AdamW with the project's warm-up schedule — one update of
 P x batch samples per iteration, like asyncps with s = 0 and gradient averaging. The
 straggler (the last rank) sleeps (F-1) x its forward+backward time after backward; the
-others wait for it in the next all-reduce. The ranks agree to stop with one tiny
+others wait for it in the next all-reduce; in the jitter scenario every rank pauses as
+`ps-worker --jitter` does (RunSpec.jitter_of). The ranks agree to stop with one tiny
 all-reduce per iteration (a flag: has rank 0's budget run out?). Rank 0 records the
 trace and snapshots. `run(spec, rank, port)` is one rank's process body; blocks.
 """
@@ -46,6 +47,7 @@ def _train(spec: RunSpec, rank: int) -> None:
     model = DDP(task.model, device_ids=[task.device.index or 0] if on_gpu else None)
     opt = make_optimizer(spec, model.parameters())
     slowdown = spec.slowdown_of(rank)
+    jitter = spec.jitter_of(rank)
     rec = Recorder(spec.snapshot_every)
     stop = torch.zeros(1)
     start = torch.zeros(1, dtype=torch.float64)
@@ -68,6 +70,7 @@ def _train(spec: RunSpec, rank: int) -> None:
         t2 = time.perf_counter()
         compute += t2 - t1
         straggle(t2 - t1, slowdown)
+        jitter.pause(t2 - t1)
         set_lr(opt, lr_at(spec, updates))
         opt.step()
         updates += 1

@@ -8,6 +8,7 @@ display needed). Pure functions of their inputs, apart from the files they write
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from pathlib import Path
@@ -23,7 +24,18 @@ SYSTEM_ORDER = [
     "asyncps-inf",
     "asyncps-inf-salr",
     "asyncps-s0-lb",
+    "diloco-gloo",
+    "asyncps-dc-s2",
+    "asyncps-local-s0",
+    "asyncps-local-s2",
+    "asyncps-local-s2-dyn",
 ]
+SCENARIOS = ("uniform", "straggler", "jitter")
+TITLES = {
+    "uniform": "uniform workers",
+    "straggler": "one worker 3× slower (straggler)",
+    "jitter": "transient stragglers (each step: p 0.1 of a 4× pause)",
+}
 
 
 def machine() -> dict:
@@ -51,41 +63,53 @@ def _fmt(value, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _median(values: list[float | None]) -> float | None:
+    """The median of the runs, None if any run did not reach the target (it counts as last)."""
+    if not values:
+        return None
+    ordered = sorted(values, key=lambda v: math.inf if v is None else v)
+    mid = ordered[len(ordered) // 2]
+    return mid
+
+
+def _ratio(base: float | None, this: float | None) -> str:
+    if this is None:
+        return "not reached"
+    return f"{base / this:.2f}" if base else "—"
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown table: one line per system and scenario, with the ratios the targets are about."""
+    """Markdown table: one line per system and scenario, with the ratios the targets are about.
+
+    Time to target is the interpolated crossing (peers_eval.crossing); with repeated runs
+    (`--repeats`) the median, and every run's figure in the last column."""
     by = {(r["system"], r["scenario"]): r for r in rows}
     lines = [
         "| system | scenario | workers | samples/s | × single | time to target (s) | DDP's time ÷ this "
-        "| interpolated: time (s), DDP's ÷ this | held-out at end |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| asyncps-s0's ÷ this | held-out at end | runs: time to target (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for scenario in ("uniform", "straggler"):
-        single = by.get(("single", "uniform"), {}).get("samples_per_second")
-        ddp = by.get(("ddp-gloo", scenario), {}).get("time_to_target_seconds")
-        ddp_line = by.get(("ddp-gloo", scenario), {}).get("time_to_target_interpolated_seconds")
+    for scenario in SCENARIOS:
+        single = next((r["samples_per_second"] for r in rows if r["system"] == "single"), None)
+        ddp = by.get(("ddp-gloo", scenario), {}).get("time_to_target_interpolated_seconds")
+        s0 = by.get(("asyncps-s0", scenario), {}).get("time_to_target_interpolated_seconds")
         for system in SYSTEM_ORDER:
             r = by.get((system, scenario))
             if r is None:
                 continue
             sps = r["samples_per_second"]
-            ttt = r["time_to_target_seconds"]
+            ttt = r.get("time_to_target_interpolated_seconds")
             ratio = f"{sps / single:.2f}" if sps and single else "—"
-            if system == "ddp-gloo":
-                speedup = "1" if ttt else "not reached"
-            elif ttt is None:
-                speedup = "not reached"
-            else:
-                speedup = f"{ddp / ttt:.2f}" if ddp else "(DDP did not reach it)"
-            line = r.get("time_to_target_interpolated_seconds")
-            interpolated = "—" if line is None else f"{line:.1f}" + (f", {ddp_line / line:.2f}" if ddp_line else "")
             name = (
                 system
                 + (" (n/a: uniform run)" if r.get("not_applicable") else "")
                 + (" (failed)" if r.get("failed") else "")
             )
+            runs = r.get("runs_time_to_target")
+            runs_text = " / ".join("—" if t is None else f"{t:.1f}" for t in runs) if runs else "1 run"
             lines.append(
-                f"| {name} | {scenario} | {r['workers']} | {_fmt(sps, 0)} | {ratio} | "
-                f"{_fmt(ttt)} | {speedup} | {interpolated} | {_fmt(r['final_heldout_loss'], 3)} |"
+                f"| {name} | {scenario} | {r['workers']} | {_fmt(sps, 0)} | {ratio} | {_fmt(ttt)} | "
+                f"{_ratio(ddp, ttt)} | {_ratio(s0, ttt)} | {_fmt(r['final_heldout_loss'], 3)} | {runs_text} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -103,7 +127,8 @@ def plot(rows: list[dict], scenario: str, path: Path, target: float) -> None:
             continue
         t, loss = zip(*r["curve"])
         label = system + (" (no straggler: reference)" if r.get("not_applicable") else "")
-        ax.plot(t, loss, label=label, linestyle="--" if system == "single" else "-", linewidth=1.6)
+        style = "--" if system == "single" else (":" if system in ("rpc-ps", "diloco-gloo") else "-")
+        ax.plot(t, loss, label=label, linestyle=style, linewidth=1.6)
     ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
     ax.text(0, target, f" target {target:g}", va="bottom", color="grey", fontsize=8)
     finite = [l for r in rows if r["scenario"] == scenario for _, l in r["curve"][1:]]
@@ -111,7 +136,7 @@ def plot(rows: list[dict], scenario: str, path: Path, target: float) -> None:
         ax.set_ylim(min(min(finite), target) - 0.1, min(max(finite) + 0.2, 4.0))
     ax.set_xlabel("wall time since the first step (s)")
     ax.set_ylabel("held-out loss (nats/byte)")
-    title = "uniform workers" if scenario == "uniform" else "one worker 3× slower (straggler)"
+    title = TITLES[scenario]
     ax.set_title(f"ByteGPT, {max(r['workers'] for r in rows)} workers: {title}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -103,6 +103,7 @@ def _trainer(spec: RunSpec, rank: int) -> None:
     model = task.model
     params = list(model.parameters())
     slowdown = spec.slowdown_of(worker)
+    jitter = spec.jitter_of(worker)
     ps_rref = rpc.rpc_sync("ps", _ps_rref)
     weights, deadline = rpc.rpc_sync("ps", ParameterServer.get_model, args=(ps_rref,))
     while time.time() < deadline:
@@ -118,5 +119,6 @@ def _trainer(spec: RunSpec, rank: int) -> None:
         float(loss.detach())
         t2 = time.perf_counter()
         straggle(t2 - t1, slowdown)
+        jitter.pause(t2 - t1)
         grads = [p.grad.to("cpu") for p in params]
         weights = rpc.rpc_sync("ps", ParameterServer.update_and_fetch, args=(ps_rref, grads))

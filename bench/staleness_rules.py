@@ -14,6 +14,14 @@ deterministically injected delays:
   run of U updates takes U / H pushes. `local4-sync` is the synchronous counterpart with
   the same P workers: all start from the same weights, their deltas averaged (DiLoCo, outer lr 1).
 
+Two tries that live in the bench only (not server rules; kept to report their figures):
+`ab`, Adaptive Braking (Venigalla et al. 2020): each gradient g is scaled by
+1 - rho * cos(g, v) before the push, v the running mean (beta1) of the gradients pushed
+so far, so a gradient against the velocity brakes it harder and one along it adds less;
+`local4-mshrink`, momentum shrinking with asynchrony (Mitliagkas et al. 2016): P
+asynchronous workers add an implicit momentum of about 1 - 1/P, so the outer Nesterov
+momentum is max(0, 0.9 - (1 - 1/P)) (lr 1/P): 0.9 with one worker, 0.23 with three.
+
 `VARIANTS` names each rule's settings; the bench's table reports them side by side.
 """
 
@@ -36,6 +44,8 @@ class Variant:
     outer: dict = field(default_factory=dict)  # OptimizerConfig fields of the shard's optimizer
     outer_lr_per_worker: bool = False  # local steps: the outer lr is divided by the number of workers
     synchronous: bool = False  # local steps: all workers start from the same weights, deltas averaged
+    braking: float = 0.0  # gradients: Adaptive Braking's rho (0: off)
+    momentum_shrink: bool = False  # local steps: outer Nesterov momentum 0.9 - (1 - 1/P)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -53,7 +63,11 @@ VARIANTS: dict[str, Variant] = {
     "local4-nesterov": Variant(4, {"lr": 0.7, "momentum": 0.9, "nesterov": True}, True),
     "local4-dn": Variant(4, {"update_rule": "delayed-nesterov", "lr": 1.0, "momentum": 0.5}, True),
     "local2-avg": Variant(2, {"lr": 1.0}, True),
+    "local8-avg": Variant(8, {"lr": 1.0}, True),
+    "local16-avg": Variant(16, {"lr": 1.0}, True),
     "local4-sync": Variant(4, {"lr": 1.0}, synchronous=True),
+    "ab": Variant(braking=1.0),
+    "local4-mshrink": Variant(4, {"lr": 1.0}, True, momentum_shrink=True),
 }
 
 
@@ -100,6 +114,10 @@ class Runner:
         fields = dict(self.v.outer)
         if self.v.local_steps:
             lr = fields.pop("lr", 1.0) / (self.workers if self.v.outer_lr_per_worker else 1)
+            if self.v.momentum_shrink:
+                momentum = 0.9 - (1 - 1 / self.workers)
+                if momentum > 0:
+                    fields.update(momentum=momentum, nesterov=True)
             cfg = default_config("sgd", lr=lr, local_steps=self.v.local_steps, **fields)
         else:
             base = {
@@ -115,6 +133,7 @@ class Runner:
         self.store = ShardStore("bench", flat0, cfg, history=history)
         self.history = [flat0.clone()]  # gradient rules: the weights of the last versions
         self.batches = 0
+        self.velocity = torch.zeros_like(flat0)  # Adaptive Braking: the running mean of pushed gradients
         if self.v.local_steps:
             self.locals = [LocalSteps(t.model, inner_config(spec), self.v.local_steps) for t in self.tasks]
             self.read = [0] * self.workers
@@ -143,9 +162,19 @@ class Runner:
         x, y = self.tasks[u % 2].batch()
         self.model.zero_grad(set_to_none=True)
         self.model.loss(x, y).backward()
-        self.store.apply(grads_of(self.model), read)
+        self.store.apply(self._brake(grads_of(self.model)), read)
         self.history = (self.history + [self.weights()])[-6:]
         self.batches += 1
+
+    def _brake(self, g: torch.Tensor) -> torch.Tensor:
+        """Adaptive Braking: g x (1 - rho cos(g, v)); v follows the pushed gradients (beta1)."""
+        if not self.v.braking:
+            return g
+        v = self.velocity
+        cos = float(g @ v) / (float(g.norm() * v.norm()) + 1e-12)
+        g = g * (1 - self.v.braking * cos)
+        v.mul_(self.spec.beta1).add_(g, alpha=1 - self.spec.beta1)
+        return g
 
     def _synchronous_round(self) -> None:
         """Synchronous local steps (DiLoCo with outer lr 1 when averaged): every worker from the same weights."""

@@ -17,6 +17,7 @@ from typing import Any
 from asyncps_common import security
 from asyncps_common.delay import DEFAULT_DC_LAMBDA, RULES, UNBOUNDED_HISTORY
 from asyncps_common.flags import FlagParser, int_range, non_negative, positive, staleness_flag
+from asyncps_common.jitter import parse_jitter
 from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from asyncps_common.optimizer import OPTIMIZERS, default_config, validate
 from protos import compress, wire
@@ -283,6 +284,13 @@ def build_parser() -> FlagParser:
     p.env_flag("worker-id", help="name for this worker (default: host-pid)")
     p.env_flag("threads", type=non_negative(int), default=0, help="torch threads (0: torch's default)")
     p.env_flag("slowdown", type=positive(float), default=1.0, help="straggler factor: sleep (F-1) x compute per step")
+    p.env_flag(
+        "jitter",
+        type=parse_jitter,
+        default=(0.0, 0.0),
+        help="transient stragglers P,F: at each step, with probability P (seeded by --seed and --rank), "
+        "sleep F x that step's compute time (e.g. 0.1,4; default off)",
+    )
     p.env_flag("report", help="append JSON-lines progress to this file")
     p.env_flag(
         "report-every", type=non_negative(float), default=0.5, help="seconds between progress lines (0: every step)"
@@ -361,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         threads=args.threads,
         slowdown=args.slowdown,
+        jitter=args.jitter,
         report=args.report,
         report_every=args.report_every,
         first_step=args.first_step,

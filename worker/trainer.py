@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from asyncps_common.jitter import Jitter
 from asyncps_common.security import NONE, Security
 from protos.asyncps.v1 import ps_pb2 as pb
 from worker.client import PSClient
@@ -52,6 +53,7 @@ class WorkerConfig:
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0: leave torch's default
     slowdown: float = 1.0  # >1: sleep (slowdown-1) x compute time per step (a straggler)
+    jitter: tuple[float, float] = (0.0, 0.0)  # (P, F): with probability P per step sleep F x compute
     report: str | None = None  # JSON-lines progress file
     report_every: float = 0.5  # seconds between progress lines
     snapshot_dir: str | None = None  # write the pulled weights here every `snapshot_every` seconds
@@ -178,6 +180,7 @@ def train(cfg: WorkerConfig) -> dict:
                 t=0.0,
             )
             snapshots = _Snapshots(cfg.snapshot_dir, cfg.snapshot_every, cfg.rank)
+            jitter = Jitter(*cfg.jitter, seed=cfg.seed, rank=cfg.rank)
             step = cfg.first_step
             while step < cfg.steps:
                 t0 = time.perf_counter()
@@ -199,6 +202,7 @@ def train(cfg: WorkerConfig) -> dict:
                 t2 = time.perf_counter()
                 if cfg.slowdown > 1:
                     time.sleep((cfg.slowdown - 1) * (t2 - t1))
+                jitter.pause(t2 - t1, done)
                 t3 = time.perf_counter()
                 ps.push(samples=weight, busy_seconds=t3 - t1)
                 t4 = time.perf_counter()

@@ -82,3 +82,34 @@ def test_staleness_bench_bad_flags_exit_2(tmp_path):
         timeout=60,
     )
     assert r.returncode == 2 and "--delays" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_staleness_bench_braking_and_momentum_shrinking(tmp_path):
+    """The two bench-only tries run, and each changes the training (differs from its base rule)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py"]:
+        (corpus / name).write_bytes((stdlib / name).read_bytes())
+    out = tmp_path / "rules.json"
+    tiny = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "4"]
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "staleness.py"),
+            "--data",
+            str(corpus),
+            *tiny,
+            *["--warmup", "2", "--lr", "1e-2", "--threads", "1", "--eval-windows", "8", "--qk-norm", "off"],
+            *["--rules", "plain", "ab", "local4-avg", "local4-mshrink", "--delays", "2", "--updates", "8"],
+            *["--every", "8", "--json", str(out)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    final = {x["rule"]: x["final_heldout"] for x in json.loads(out.read_text())["runs"]}
+    assert set(final) == {"plain", "ab", "local4-avg", "local4-mshrink"}
+    assert all(math.isfinite(v) and 0 < v < 6 for v in final.values())
+    assert final["ab"] != final["plain"] and final["local4-mshrink"] != final["local4-avg"]

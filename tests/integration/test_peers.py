@@ -48,12 +48,17 @@ TINY = [
 ]
 
 
-def test_peers_tiny_end_to_end(tmp_path, procs):
+def _corpus(tmp_path: Path) -> Path:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py", "shutil.py", "typing.py"]:
         (corpus / name).write_bytes((stdlib / name).read_bytes())
+    return corpus
+
+
+def test_peers_tiny_end_to_end(tmp_path, procs):
+    corpus = _corpus(tmp_path)
     out = tmp_path / "peers.json"
     proc = procs.popen(
         [
@@ -105,3 +110,48 @@ def test_peers_tiny_end_to_end(tmp_path, procs):
     assert "| ddp-gloo | straggler | 2 |" in table and "| asyncps-s2 | straggler | 2 |" in table
     png = (tmp_path / "results" / "peers-straggler.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_peers_jitter_diloco_and_local_steps(tmp_path, procs):
+    """The jitter scenario with the new peer (diloco-gloo) and asyncps's local-steps row."""
+    out = tmp_path / "peers.json"
+    proc = procs.popen(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "peers.py"),
+            *TINY,
+            "--data",
+            str(_corpus(tmp_path)),
+            "--systems",
+            "diloco-gloo,asyncps-local-s2",
+            "--scenarios",
+            "jitter",
+            "--jitter",
+            "0.2,4",
+            "--local-steps",
+            "2",
+            "--json",
+            str(out),
+            "--results",
+            str(tmp_path / "results"),
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["jitter_probability"] == 0.2 and doc["settings"]["local_steps"] == 2
+    rows = {r["system"]: r for r in doc["rows"]}
+    assert set(rows) == {"diloco-gloo", "asyncps-local-s2"}
+    for r in rows.values():
+        assert r["scenario"] == "jitter" and r["workers"] == 2
+        assert r["samples_per_second"] > 0 and r["samples"] > 0 and r["updates"] > 0
+        losses = [loss for _, loss in r["curve"]]
+        assert len(losses) >= 3 and losses[-1] < losses[0] - 0.3, f"{r['system']} did not train: {r['curve']}"
+    table = (tmp_path / "results" / "peers.md").read_text()
+    assert "| diloco-gloo | jitter | 2 |" in table and "| asyncps-local-s2 | jitter | 2 |" in table
+    assert (tmp_path / "results" / "peers-jitter.png").read_bytes().startswith(b"\x89PNG")
