@@ -270,7 +270,12 @@ def add_transport_flag(p: FlagParser) -> None:
 
 def build_parser() -> FlagParser:
     p = FlagParser(prog="ps-worker", description="Run one asyncps worker of the built-in byte-level LM task.")
-    p.env_flag("servers", required=False, help="comma-separated server addresses host:port, in shard order")
+    p.env_flag(
+        "servers",
+        required=False,
+        help="comma-separated server addresses host:port, in shard order "
+        "(a replicated shard: its replicas joined by |, head first)",
+    )
     p.env_flag("steps", type=positive(int), default=1000, help="iterations this worker runs")
     p.env_flag(
         "rank",
