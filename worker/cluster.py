@@ -107,6 +107,7 @@ class Cluster:
         self.addresses: list[str] = []  # per shard; a replicated one: its replicas joined by "|"
         self.servers: list = []  # the server children, shard by shard (replica by replica)
         self.arbiter: Child | None = None
+        self.replicas = getattr(args, "replicas", 1)  # the launcher (ps-cluster -- CMD) has no --replicas
         self.arbiter_address = ""
         self.metrics: dict[str, str] = {}  # process name -> its /metrics URL
         self.restarts: dict[str, int] = {}  # process name -> times restarted
@@ -193,15 +194,15 @@ class Cluster:
 
     def _start_servers(self) -> None:
         a = self.args
-        if a.replicas > 1:
+        if self.replicas > 1:
             self._start_arbiter()
         for i in range(a.servers):
-            if a.replicas == 1:
+            if self.replicas == 1:
                 self.servers.append(
                     self.children.start(f"server-{i}", "ps_server.cli", self._server_argv(f"server-{i}", i, 0, [], 0))
                 )
                 continue
-            chain = [f"127.0.0.1:{p}" for p in free_ports(a.replicas)]
+            chain = [f"127.0.0.1:{p}" for p in free_ports(self.replicas)]
             for k, address in enumerate(chain):
                 name = f"server-{i}-{k}"
                 port = int(address.rsplit(":", 1)[1])
@@ -216,9 +217,9 @@ class Cluster:
                 wait_serving(f"127.0.0.1:{port}", timeout=120, is_alive=alive, security=self.security)
             except RuntimeError:
                 self._check(child)
-            if a.replicas == 1:
+            if self.replicas == 1:
                 self.addresses.append(f"127.0.0.1:{port}")
-        if a.replicas > 1:
+        if self.replicas > 1:
             for i in range(a.servers):
                 self._wait_chain(i)
 
@@ -320,7 +321,7 @@ class Cluster:
 
     def _servers_serving(self) -> None:
         """Before the final report: every server up (restarted if it just failed) and serving."""
-        if self.args.replicas > 1:  # a head answers for each shard (a restarted replica may still be joining)
+        if self.replicas > 1:  # a head answers for each shard (a restarted replica may still be joining)
             for i in range(self.args.servers):
                 self._head_status(i)
             return
@@ -341,7 +342,7 @@ class Cluster:
             else:
                 args.extend([flag, value])
 
-        if child.name.startswith("server-") and self.args.replicas == 1:
+        if child.name.startswith("server-") and self.replicas == 1:
             i = int(child.name.split("-")[1])
             put("--port", self.addresses[i].rsplit(":", 1)[1])
         elif child.name.startswith("server-") or child.name == "arbiter":
