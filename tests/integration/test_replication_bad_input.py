@@ -49,6 +49,19 @@ def test_an_inconsistent_replica_list_is_one_line_and_exit_2(flags, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("servers", ["127.0.0.1:5|127.0.0.1:5", "127.0.0.1:5||127.0.0.1:6"])
+def test_a_worker_given_an_inconsistent_replica_list_is_one_line_and_exit_2(servers):
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "--servers", servers, "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "must be distinct host:port entries" in lines[0], proc.stderr
+
+
 def _code(fn, request) -> tuple[grpc.StatusCode, str, dict]:
     try:
         fn(request, timeout=RPC_TIMEOUT)
