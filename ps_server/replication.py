@@ -393,7 +393,7 @@ class Replication:
             try:
                 if self.role in (JOINING, DEPOSED):
                     await self._try_join()
-                elif self.role == FOLLOWER and time.monotonic() - self.last_heard > self.lease:
+                elif self.role == FOLLOWER and time.monotonic() - self.last_heard > self._patience():
                     await self._promote()
                 elif self.role == HEAD and len(self.members) > 1:
                     await self._ping()
@@ -429,10 +429,20 @@ class Replication:
             "shard %d: %s joined the chain %s (epoch %d)", self.shard, self.me, ", ".join(self.members), self.epoch
         )
 
+    def _patience(self) -> float:
+        """The lease, and half a lease more per place further down the chain: the first follower
+        takes over first, so followers do not race each other for the next epoch (R >= 3)."""
+        place = self.members.index(self.me) if self.me in self.members else len(self.members)
+        return self.lease * (1 + 0.5 * max(0, place - 1))
+
     async def _promote(self) -> None:
         async with self.s._apply_lock:
-            if self.role != FOLLOWER or time.monotonic() - self.last_heard <= self.lease:
+            if self.role != FOLLOWER or time.monotonic() - self.last_heard <= self._patience():
                 return
+            # the chain in force (entries carry the epoch, not the members): keep every other follower
+            cfg = await self._arbiter.Config(pb.ConfigRequest(shard_index=self.shard), timeout=2 * self.lease)
+            if cfg.epoch >= self.epoch and self.me in cfg.members:
+                self.epoch, self.members = cfg.epoch, list(cfg.members)
             members = [self.me] + [m for m in self.members[1:] if m != self.me]
             if await self._acquire(members):
                 self.role, self.acked = HEAD, time.monotonic()

@@ -25,8 +25,20 @@ pytestmark = pytest.mark.slow  # real clusters: left out of the quick loop (-m "
 STEPS = 80
 
 
-def _run(out: Path, corpus: Path, *extra: str) -> list[str]:
-    cmd = cluster_cmd(out, corpus, STEPS, "--no-metrics", "--average-gradients", "--staleness", "0", "--replicas", "2", "--seed", "3", *extra)
+def _run(out: Path, corpus: Path, replicas: int = 2) -> list[str]:
+    cmd = cluster_cmd(
+        out,
+        corpus,
+        STEPS,
+        "--no-metrics",
+        "--average-gradients",
+        "--staleness",
+        "0",
+        "--replicas",
+        str(replicas),
+        "--seed",
+        "3",
+    )
     # one worker: which of two registers first (and runs clocks alone) is a race, so two
     # unkilled runs could differ; one worker at s = 0 with averaging is deterministic
     cmd[cmd.index("--workers") + 1] = "1"
@@ -114,4 +126,20 @@ def test_killed_replica_loses_nothing_and_the_model_is_bit_identical(tmp_path, p
     log = (out / "logs" / f"server-0-{1 - replica}.log").read_text()
     assert ("took over as head" in log) if replica == 0 else ("follower 127.0.0.1" in log and "failed" in log)
     assert time.monotonic() - killed < 200
+    assert processes_mentioning(str(out)) == []
+
+
+def test_three_replicas_the_first_follower_takes_over_keeping_the_other(tmp_path, procs, reference):
+    """R = 3: the head killed; the first follower of the chain leads with the third still in its chain (no
+    race between followers, no re-join), and the model is the same as unkilled R = 2's."""
+    out = tmp_path / "run"
+    proc = procs.popen(_run(out, _corpus_dir(tmp_path), replicas=3), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    poll(lambda: _step(out, "worker-0") >= 0.4 * STEPS, 120, "40 % of the run")
+    os.kill(_pid(out, "server-0-0.port"), signal.SIGKILL)
+    summary = _finish(proc, out)
+    assert summary["lost_updates"] == 0 and summary["iterations"] == STEPS
+    assert _tensors(out / "model.safetensors") == reference
+    logs = {k: (out / "logs" / f"server-0-{k}.log").read_text() for k in range(3)}
+    assert sum("took over as head" in logs[k] for k in (1, 2)) == 1  # the follower first in the chain
+    assert not any("steps down" in text for text in logs.values())
     assert processes_mentioning(str(out)) == []
