@@ -7,6 +7,15 @@ corpus of a dozen standard-library modules), waits until worker-0 has done 60 st
 kills the process with SIGKILL and reports: how long until the restarted server serves
 again (health check), how long until worker-0 makes progress again, the lost updates,
 restarts and iterations from summary.json. Prints one line per case.
+
+    python bench/faults.py --replication [--repeats 3] [--steps 300]
+
+Replicated shards instead (docs/replication.md), all in the same run, median and range of
+`--repeats`: the stall of worker-0 after shard 0's server is killed at step 60 with
+`--replicas 1` (restart from its checkpoint) and with `--replicas 2` (the head killed: a
+follower takes over); samples/s of unkilled runs, R = 2 against R = 1; and the state
+transfer of a 64 MB shard to a replica that joins (ps-server processes, SGD with momentum:
+64 MB of weights and 64 MB of momentum). Writes bench/results/faults-replication.json.
 """
 
 from __future__ import annotations
@@ -82,7 +91,13 @@ def main() -> int:
     ap.add_argument("--heartbeat-timeout", type=float, default=2.0)
     ap.add_argument("--checkpoint-interval", type=float, default=5.0)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "faults")
+    ap.add_argument("--replication", action="store_true", help="the replicated-shard figures instead")
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
+    if a.replication:
+        from replication_figures import replication
+
+        return replication(a, _corpus(a.out), lambda out, *extra: _cluster_cmd(a, _corpus(a.out), out, *extra))
     corpus = a.out / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -153,6 +168,25 @@ def main() -> int:
             f"restarts {s['restarts']}, iterations {s['iterations']}/{a.steps}, wall {s['wall_seconds']:.1f}s"
         )
     return 0
+
+
+def _corpus(root: Path) -> Path:
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in MODULES:
+        shutil.copy(stdlib / name, corpus / name.replace("/", "_"))
+    return corpus
+
+
+def _cluster_cmd(a: argparse.Namespace, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        *[sys.executable, "-m", "worker.cluster", "--servers", "2", "--workers", "2", "--steps", str(a.steps)],
+        *["--data", str(corpus), "--out", str(out), "--d-model", "32", "--n-layer", "1", "--n-head", "2"],
+        *["--context", "32", "--batch-size", "8", "--lr", "1e-2", "--warmup", "10", "--no-progress", "--no-metrics"],
+        *["--heartbeat-timeout", str(a.heartbeat_timeout), "--checkpoint-interval", str(a.checkpoint_interval)],
+        *extra,
+    ]
 
 
 def _listening(address: str) -> bool:

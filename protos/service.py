@@ -5,7 +5,8 @@ are passed as raw bytes (encoded and decoded by `protos.wire`), so protobuf neve
 copies a payload. Every other message uses protobuf's own (de)serializers; a request
 that does not parse is answered INVALID_ARGUMENT (gRPC itself would say UNKNOWN and log
 a traceback). Server handlers and client stubs are both built from this one table, so
-they cannot drift from the `.proto` or from each other. A `Stub` given `metadata`
+they cannot drift from the `.proto` or from each other; the same table serves the
+`Replica` and `Arbiter` services (`name`). A `Stub` given `metadata`
 (e.g. the auth token) sends it with every call.
 """
 
@@ -23,6 +24,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"]
 SERVICE_NAME = SERVICE.full_name
 REASON_KEY = "asyncps-reason"  # trailing metadata naming a rejection the client acts on
 UNKNOWN_WORKER = "unknown-worker"  # its value when the server does not know the worker's session
+NOT_HEAD = "not-head"  # a replica that does not take workers' calls now: try the shard's next replica
+STALE_EPOCH = "stale-epoch"  # a replicated entry from an epoch older than the replica's
 
 
 class Undecodable:
@@ -77,10 +80,11 @@ def _codec(desc) -> tuple[Any, Any]:
     return cls.SerializeToString, cls.FromString
 
 
-def method_handlers(servicer: object) -> grpc.GenericRpcHandler:
-    """Generic handler routing every method of the service to `servicer.<Method>`."""
+def method_handlers(servicer: object, name: str = "ParameterServer") -> grpc.GenericRpcHandler:
+    """Generic handler routing every method of service `name` to `servicer.<Method>`."""
     handlers = {}
-    for m in SERVICE.methods:
+    svc = pb.DESCRIPTOR.services_by_name[name]
+    for m in svc.methods:
         _, req_de = _codec(m.input_type)
         resp_ser, _ = _codec(m.output_type)
         fn = getattr(servicer, m.name)
@@ -94,7 +98,7 @@ def method_handlers(servicer: object) -> grpc.GenericRpcHandler:
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(m.client_streaming, m.server_streaming)]
         handlers[m.name] = kind(fn, request_deserializer=req_de, response_serializer=resp_ser)
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+    return grpc.method_handlers_generic_handler(svc.full_name, handlers)
 
 
 class _WithMetadata:
@@ -132,9 +136,14 @@ class Stub:
     Pull: Any
     Status: Any
     Checkpoint: Any
+    Apply: Any  # Replica (name="Replica")
+    Join: Any
+    Config: Any  # Arbiter (name="Arbiter")
+    Acquire: Any
 
-    def __init__(self, channel: grpc.aio.Channel | grpc.Channel, metadata: tuple = ()):
-        for m in SERVICE.methods:
+    def __init__(self, channel: grpc.aio.Channel | grpc.Channel, metadata: tuple = (), name: str = "ParameterServer"):
+        svc = pb.DESCRIPTOR.services_by_name[name]
+        for m in svc.methods:
             req_ser, _ = _codec(m.input_type)
             _, resp_de = _codec(m.output_type)
             factory = {
@@ -143,5 +152,5 @@ class Stub:
                 (True, False): channel.stream_unary,
                 (True, True): channel.stream_stream,
             }[(m.client_streaming, m.server_streaming)]
-            fn = factory(f"/{SERVICE_NAME}/{m.name}", request_serializer=req_ser, response_deserializer=resp_de)
+            fn = factory(f"/{svc.full_name}/{m.name}", request_serializer=req_ser, response_deserializer=resp_de)
             setattr(self, m.name, _WithMetadata(fn, tuple(metadata)) if metadata else fn)

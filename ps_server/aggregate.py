@@ -99,6 +99,24 @@ class Aggregator:
             done.append(self._buckets.pop(clock))
         return done
 
+    def state_dict(self) -> list[dict]:
+        """The waiting buckets (copies), for a replica joining the chain."""
+        return [
+            {
+                "clock": b.clock,
+                "total": b.total.clone(),
+                "read_version": b.read_version,
+                "contributors": dict(b.contributors),
+                "read_versions": list(b.read_versions),
+                "samples": list(b.samples),
+                "weighted": b.weighted,
+            }
+            for b in self._buckets.values()
+        ]
+
+    def load_state_dict(self, state: list[dict]) -> None:
+        self._buckets = {int(b["clock"]): Bucket(**b) for b in state}
+
     @property
     def pending(self) -> int:
         return len(self._buckets)

@@ -84,6 +84,17 @@ class Balancer:
         old = self._speed.get(worker_id)
         self._speed[worker_id] = speed if old is None else old + self.smoothing * (speed - old)
 
+    def state_dict(self) -> dict:
+        return {
+            "batch": dict(self._batch),
+            "speed": dict(self._speed),
+            "splits": {c: dict(s) for c, s in self._splits.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._batch, self._speed = dict(state["batch"]), dict(state["speed"])
+        self._splits = {int(c): dict(s) for c, s in state["splits"].items()}
+
     def batch_for(self, worker_id: str, clock: int, live: Iterable[str]) -> int:
         """The batch `worker_id` is to use at `clock`, among the `live` workers; 0 if it gave no batch size.
 

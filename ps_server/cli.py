@@ -17,6 +17,7 @@ from asyncps_common import security
 from asyncps_common.flags import FlagParser, non_negative, positive, staleness_flag
 from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from protos import wire
+from ps_server.replication import Replication, warm_up
 from ps_server.server import serve
 from ps_server.servicer import ServerConfig, Servicer, ShardFailed
 
@@ -65,6 +66,19 @@ def build_parser() -> FlagParser:
     p.env_flag("chunk-bytes", type=positive(int), default=wire.DEFAULT_CHUNK_BYTES, help="bytes per streamed chunk")
     p.env_flag("max-message-bytes", type=positive(int), default=8 << 20, help="largest gRPC message accepted")
     p.env_flag("max-shard-bytes", type=positive(int), default=8 << 30, help="largest shard accepted at Init")
+    p.env_flag(
+        "replicas",
+        help="replicated shard: this shard's replicas as host:port|host:port|... (the first starts the chain); "
+        "needs --arbiter and --replica-index",
+    )
+    p.env_flag("replica-index", type=non_negative(int), default=0, help="which of --replicas this server is")
+    p.env_flag("arbiter", help="host:port of ps-arbiter, which holds the chain's configuration (with --replicas)")
+    p.env_flag(
+        "lease",
+        type=positive(float),
+        default=1.0,
+        help="seconds without word from the head after which a follower takes over (with --replicas)",
+    )
     p.env_flag("grace", type=non_negative(float), default=5.0, help="seconds given to calls in flight on stop")
     add_metrics_flags(p, None, "address for /metrics (default: --host)")
     security.add_security_flags(p, "server")
@@ -94,6 +108,33 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def replica_list(parser: FlagParser, args: argparse.Namespace) -> list[str]:
+    """The checked --replicas list (empty: not replicated); one line + exit 2 for an inconsistent one."""
+    if not args.replicas:
+        if args.arbiter:
+            parser.error("--arbiter is for replicated shards: give --replicas too")
+        return []
+    members = [a.strip() for a in args.replicas.split("|")]
+    for a in members:
+        host, _, port = a.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            parser.error(f"--replicas: {a!r} is not host:port with a port in 1..65535")
+    if len(set(members)) != len(members):
+        parser.error(f"--replicas names a replica twice: {args.replicas}")
+    if args.replica_index >= len(members):
+        parser.error(f"--replica-index {args.replica_index} is outside the {len(members)} replicas of --replicas")
+    if int(members[args.replica_index].rpartition(":")[2]) != args.port:
+        parser.error(
+            f"--replicas names this server (index {args.replica_index}) {members[args.replica_index]}, "
+            f"but it listens on port {args.port}"
+        )
+    if not args.arbiter:
+        parser.error("--replicas needs --arbiter (host:port of ps-arbiter)")
+    if args.tls_cert:
+        parser.error("--tls-cert is not supported with --replicas (replicas talk plaintext with a token)")
+    return members
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -106,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format=f"%(asctime)s ps-server[{args.shard_index}] %(levelname)s %(message)s"
     )
+    members = replica_list(parser, args)
     servicer = Servicer(config_from_args(args))
+    if members:
+        Replication(servicer, members[args.replica_index], args.replica_index == 0, args.arbiter, args.lease, sec)
+        warm_up()
     try:
         servicer.restore()
     except (ValueError, OSError) as exc:

@@ -30,7 +30,6 @@ Not thread-safe: use it from the server's event loop only. `wait_readable` block
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ class ClockTable:
         self.heartbeat_timeout = heartbeat_timeout
         self._now = now
         self._entries: dict[str, Entry] = {}
-        self._sessions = itertools.count(int(time.time() * 1000) << 8)
+        self._next_session = int(time.time() * 1000) << 8
         self._floor = 0
         self._changed = asyncio.Condition()
         self.max_read_gap = 0
@@ -69,15 +68,20 @@ class ClockTable:
         self.evictions = 0
 
     # -- membership -------------------------------------------------------------------
-    def register(self, worker_id: str, start_clock: int = 0) -> tuple[int, int]:
+    def new_session(self) -> int:
+        """The session the next `register` would give (a replicated head names it in its log entry)."""
+        return self._next_session
+
+    def register(self, worker_id: str, start_clock: int = 0, session: int | None = None) -> tuple[int, int]:
         """(session, start clock) for a worker joining or rejoining: the slowest live clock
-        (or `start_clock` if that is later)."""
+        (or `start_clock` if that is later). `session`: the one a replicated head gave."""
         others = [e.clock for w, e in self._entries.items() if w != worker_id]
         start = max(start_clock, min(others) if others else self._floor)
         old = self._entries.get(worker_id)
         if old is not None and old.restored and old.clock > start:
             start = old.clock  # never behind what the checkpoint says it had pushed
-        session = next(self._sessions)
+        session = self._next_session if session is None else session
+        self._next_session = max(self._next_session, session + 1)
         self._entries[worker_id] = Entry(session, start, self._now())
         self._notify()
         return session, start
@@ -110,8 +114,22 @@ class ClockTable:
 
     def evict_silent(self) -> list[str]:
         """Evict workers silent for longer than the heartbeat timeout; returns their ids."""
+        return self.evict(self.silent())
+
+    def silent(self) -> list[str]:
+        """The workers silent for longer than the heartbeat timeout."""
         cutoff = self._now() - self.heartbeat_timeout
-        gone = [w for w, e in self._entries.items() if e.last_seen < cutoff]
+        return [w for w, e in self._entries.items() if e.last_seen < cutoff]
+
+    def touch_all(self) -> None:
+        """Count every worker as just seen (a promoted replica: liveness was the old head's business)."""
+        now = self._now()
+        for e in self._entries.values():
+            e.last_seen = now
+
+    def evict(self, workers: list[str]) -> list[str]:
+        """Evict these workers (those still here); returns them."""
+        gone = [w for w in workers if w in self._entries]
         if gone:
             self._floor = max(self._floor, self.min_clock())
         for w in gone:
@@ -218,6 +236,25 @@ class ClockTable:
             "floor": self._floor,
             "staleness": self.staleness,
         }
+
+    def replica_state(self) -> dict:
+        """Everything a replica joining the chain needs: sessions stay live (unlike a checkpoint)."""
+        return {
+            "entries": {w: (e.session, e.clock, e.restored) for w, e in self._entries.items()},
+            "floor": self._floor,
+            "staleness": self.staleness,
+            "next_session": self._next_session,
+            "counters": (self.max_read_gap, self.pulls_waited, self.wait_seconds, self.evictions),
+        }
+
+    def load_replica_state(self, state: dict) -> None:
+        now = self._now()
+        self._entries = {w: Entry(s, c, now, restored=bool(r)) for w, (s, c, r) in state["entries"].items()}
+        self._floor = int(state["floor"])
+        self.staleness = float(state["staleness"])
+        self._next_session = int(state["next_session"])
+        self.max_read_gap, self.pulls_waited, self.wait_seconds, self.evictions = state["counters"]
+        self._notify()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore clocks; restored workers count as just seen (they get one timeout to register again)."""

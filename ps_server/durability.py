@@ -136,4 +136,11 @@ class Durability:
             incarnation=self.incarnation,
             restored_version=self.restored_version,
             data_port=self.data_port,
+            **self._chain_status(),
         )
+
+    def _chain_status(self) -> dict:
+        repl = getattr(self, "replication", None)
+        if repl is None:
+            return {}
+        return {"role": repl.role, "epoch": repl.epoch, "members": repl.members}

@@ -24,6 +24,10 @@ class ShardFailed(Exception):
     """An update failed part-way (weights maybe half-stepped, an averaged clock lost): not to serve or save."""
 
 
+class NotHead(Exception):
+    """A replica that is not its shard's head was asked a worker's RPC (answered UNAVAILABLE, `not-head`)."""
+
+
 def rejection(exc: BaseException) -> tuple[grpc.StatusCode, str, str] | None:
     """(status code, message, asyncps-reason) for a domain error; None for anything else.
 
@@ -33,6 +37,8 @@ def rejection(exc: BaseException) -> tuple[grpc.StatusCode, str, str] | None:
         return exc.code, exc.message, ""
     if isinstance(exc, ShardFailed):  # retried by workers until the restarted shard answers
         return Code.UNAVAILABLE, str(exc), ""
+    if isinstance(exc, NotHead):  # the worker tries the shard's next replica
+        return Code.UNAVAILABLE, str(exc), service.NOT_HEAD
     if isinstance(exc, UnknownWorker):
         return Code.FAILED_PRECONDITION, str(exc), service.UNKNOWN_WORKER
     if isinstance(exc, DuplicatePush):

@@ -49,6 +49,8 @@ def build_server(
         ],
     )
     server.add_generic_rpc_handlers((service.method_handlers(servicer),))
+    if servicer.replication is not None:  # a replicated shard: its chain's Replica service too
+        server.add_generic_rpc_handlers((service.method_handlers(servicer.replication, "Replica"),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     creds = security.server_credentials()
@@ -112,6 +114,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     background = asyncio.create_task(servicer.run_background())
+    chain = asyncio.create_task(servicer.replication.run()) if servicer.replication is not None else None
     waits = [asyncio.create_task(stop.wait()), asyncio.create_task(servicer.failed.wait())]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -128,6 +131,8 @@ async def serve(
             await probe.stop(0)
     finally:
         background.cancel()
+        if chain is not None:
+            chain.cancel()
         for w in waits:
             w.cancel()
         if servicer.checkpoint_file and servicer.store is not None and servicer.failure is None:

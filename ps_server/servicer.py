@@ -22,13 +22,14 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
 from asyncps_common import delay
 from asyncps_common import optimizer as optim
-from protos import compress, service, wire
+from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import streams
 from ps_server.aggregate import Aggregator
@@ -37,8 +38,12 @@ from ps_server.balance import Balancer
 from ps_server.clock import ClockTable
 from ps_server.durability import Durability
 from ps_server.errors import Code, ShardFailed, _Reject, rejection
+from ps_server.membership import Membership
 from ps_server.metrics import ServerMetrics
 from ps_server.store import ShardStore, Snapshot
+
+if TYPE_CHECKING:
+    from ps_server.replication import Replication
 
 log = logging.getLogger(__name__)
 MAX_SAMPLES = 1 << 20  # PushHeader.samples above this is refused
@@ -58,7 +63,7 @@ class ServerConfig:
     max_shard_bytes: int = 8 << 30
 
 
-class Servicer(Durability):
+class Servicer(Durability, Membership):
     """One shard: its store (after Init), clock table, checkpoints and counters.
 
     `metrics` (one is made if not given) holds the shard's Prometheus registry.
@@ -88,6 +93,7 @@ class Servicer(Durability):
         self.failed = asyncio.Event()
         self.metrics = metrics if metrics is not None else ServerMetrics(cfg.shard_index)
         self.metrics.bind(self)
+        self.replication: Replication | None = None  # a replicated shard's chain (ps_server/replication.py)
 
     async def run_background(self) -> None:
         """Evict silent workers and checkpoint periodically, until cancelled."""
@@ -95,10 +101,7 @@ class Servicer(Durability):
         tick = max(0.05, min(self.cfg.heartbeat_timeout / 4, 1.0))
         while True:
             await asyncio.sleep(tick)
-            for w in self.clocks.evict_silent():
-                self.metrics.evictions.inc()
-                log.warning("evicted worker %s after %.1fs of silence", w, self.cfg.heartbeat_timeout)
-            await self._membership_changed()
+            await self._evict_silent()
             now = asyncio.get_running_loop().time()
             if (
                 self.checkpoint_file
@@ -147,6 +150,11 @@ class Servicer(Durability):
             for worker_id in bucket.contributors:  # an evicted contributor's gradient still counted
                 self.clocks.advance_contributor(worker_id, bucket.clock)
 
+    def gate(self) -> None:
+        """Raise NotHead unless this replica takes workers' calls (always, when not replicated)."""
+        if self.replication is not None:
+            self.replication.check_head()
+
     async def _membership_changed(self) -> None:
         if self.store is not None and self.store.config.average_gradients and self._aggregator.pending:
             await to_the_end(self._apply_pending())
@@ -157,6 +165,7 @@ class Servicer(Durability):
 
     # -- helpers ----------------------------------------------------------------------
     def _store_for(self, plan_hash: str) -> ShardStore:
+        self.gate()
         if self.store is None:
             raise _Reject(Code.FAILED_PRECONDITION, "shard is not initialized: call Init first")
         if plan_hash != self.store.plan_hash:
@@ -179,75 +188,10 @@ class Servicer(Durability):
             await context.abort(code, message, trailing_metadata=((service.REASON_KEY, reason),) if reason else ())
 
     # -- RPCs -------------------------------------------------------------------------
-    async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
-        async def body():
-            if not request.worker_id:
-                raise _Reject(Code.INVALID_ARGUMENT, "worker_id must not be empty")
-            wire_codec = compress.check(request.compression)  # ValueError: INVALID_ARGUMENT
-            if self.store is not None:
-                self._store_for(request.plan_hash)
-            restored_clock = self.clocks.restored_clock(request.worker_id)
-            session, clock = self.clocks.register(request.worker_id, request.start_clock)
-            self._balancer.register(request.worker_id, request.batch_size)
-            self._count_lost(request)
-            if restored_clock is not None and clock > restored_clock:
-                log.warning(
-                    "worker %s re-registered after the restart at clock %d: its pushes of clocks %d..%d "
-                    "were lost with the old process",
-                    request.worker_id,
-                    clock,
-                    restored_clock,
-                    clock - 1,
-                )
-            log.info("worker %s registered (session %d) at clock %d", request.worker_id, session, clock)
-            return pb.RegisterResponse(
-                session=session,
-                clock=clock,
-                staleness=self.clocks.staleness,
-                heartbeat_timeout_seconds=self.cfg.heartbeat_timeout,
-                incarnation=self.incarnation,
-                data_port=self.data_port,
-                compression=wire_codec,
-            )
-
-        return await self._guard(context, body())
-
-    def _count_lost(self, request: pb.RegisterRequest) -> None:
-        """A worker back from an earlier process of this shard reports the last version it saw there."""
-        if self.restored_version is None or request.seen_incarnation in (0, self.incarnation):
-            return
-        lost = self._lost_before + max(0, request.seen_version - self.restored_version)
-        if lost > self.lost_updates:
-            log.warning(
-                "shard %d lost %d updates in its restart: a worker saw version %d, the checkpoint held %d",
-                self.cfg.shard_index,
-                lost - self._lost_before,
-                request.seen_version,
-                self.restored_version,
-            )
-            self.metrics.lost_updates.inc(lost - self.lost_updates)
-            self.lost_updates = lost
-
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
-        async def body():
-            self.clocks.check(request.worker_id, request.session)
-            return pb.HeartbeatResponse(min_clock=self.clocks.min_clock(), live_workers=self.clocks.live)
-
-        return await self._guard(context, body())
-
-    async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
-        async def body():
-            self.clocks.leave(request.worker_id, request.session)
-            self._balancer.forget(request.worker_id)
-            log.info("worker %s left", request.worker_id)
-            await self._membership_changed()
-            return pb.LeaveResponse()
-
-        return await self._guard(context, body())
-
     async def Init(self, frames: AsyncIterator[bytes], context) -> pb.InitResponse:
         async def body():
             head = await streams.first_head(frames, "init")
+            self.gate()
             if (head.shard_index, head.num_shards) != (self.cfg.shard_index, self.cfg.num_shards):
                 raise _Reject(
                     Code.FAILED_PRECONDITION,
@@ -276,22 +220,12 @@ class Servicer(Durability):
                         f"shard of {head.numel * 4} bytes exceeds this server's limit of {self.cfg.max_shard_bytes}",
                     )
                 weights = await streams.receive_flat(frames, head.numel)
-                self.store = ShardStore(
-                    head.plan_hash,
-                    weights,
-                    head.optimizer,
-                    groups=head.groups,
-                    history=delay.history_size(head.optimizer, bound),
-                )
-                self.store.observe_compensation = self.metrics.compensation.observe
-                self.clocks.staleness = bound
-                log.info(
-                    "shard %d initialized by %s: %d elements, %s",
-                    self.cfg.shard_index,
-                    head.worker_id,
-                    head.numel,
-                    head.optimizer.name,
-                )
+                if self.replication is not None:
+                    async with self._apply_lock:
+                        await self.replication.forward(weights, init=head)
+                        self.init_store(head, weights, bound)
+                else:
+                    self.init_store(head, weights, bound)
                 if self.checkpoint_file:  # a restart before the first periodic checkpoint keeps the model
                     try:
                         await self.checkpoint_now()
@@ -300,6 +234,25 @@ class Servicer(Durability):
                 return self._init_response(self.store, accepted=True)
 
         return await self._guard(context, body())
+
+    def init_store(self, head: pb.InitHeader, weights: torch.Tensor, bound: float) -> None:
+        """Make the shard's store from checked Init input (a follower: from its head's entry)."""
+        self.store = ShardStore(
+            head.plan_hash,
+            weights,
+            head.optimizer,
+            groups=head.groups,
+            history=delay.history_size(head.optimizer, bound),
+        )
+        self.store.observe_compensation = self.metrics.compensation.observe
+        self.clocks.staleness = bound
+        log.info(
+            "shard %d initialized by %s: %d elements, %s",
+            self.cfg.shard_index,
+            head.worker_id,
+            head.numel,
+            head.optimizer.name,
+        )
 
     def _init_response(self, store: ShardStore, accepted: bool) -> pb.InitResponse:
         return pb.InitResponse(
@@ -376,33 +329,42 @@ class Servicer(Durability):
         return await to_the_end(self._commit_push(store, head, grad))
 
     async def _commit_push(self, store: ShardStore, head: pb.PushHeader, grad: torch.Tensor) -> pb.PushResponse:
-        m = self.metrics
         adopted = False  # the clock's first gradient becomes its averaging bucket: no copy
         try:
             async with self._apply_lock:
                 self.clocks.check_push(head.worker_id, head.session, head.clock)
-                if store.config.balance_batches:  # balanced batches, or dynamic local steps (samples: steps)
-                    self._balancer.observe(head.worker_id, head.samples, head.busy_seconds)
-                if store.config.average_gradients:
-                    adopted = self._aggregator.add(
-                        head.worker_id, head.session, head.clock, grad, head.read_version, head.samples, adopt=True
-                    )
-                    self.pushes_applied += 1
-                    m.push_bytes.inc(store.numel * 4)
-                    await self._apply_complete_buckets()
-                    return pb.PushResponse(version=store.version, staleness=0)
-                version, staleness = await self._apply(store, grad, head.read_version)
-                # Applied, so it stands even if the worker was evicted or re-registered meanwhile:
-                # counted, and its current session moved past this clock (no retry applies it again).
-                self.clocks.advance_contributor(head.worker_id, head.clock)
-                self.pushes_applied += 1
-                m.push_bytes.inc(store.numel * 4)
-                m.updates.inc()
-                m.update_staleness.observe(staleness)
-                return pb.PushResponse(version=version, staleness=staleness)
+                if self.replication is not None:  # every replica applies it before this one does
+                    await self.replication.forward(grad, push=head)
+                resp, adopted = await self.push_locked(store, head, grad)
+                return resp
         finally:
             if not adopted:
                 self._spare(grad)
+
+    async def push_locked(
+        self, store: ShardStore, head: pb.PushHeader, grad: torch.Tensor
+    ) -> tuple[pb.PushResponse, bool]:
+        """Apply a checked push under the apply lock; (answer, whether `grad` was adopted by a bucket)."""
+        m = self.metrics
+        if store.config.balance_batches:  # balanced batches, or dynamic local steps (samples: steps)
+            self._balancer.observe(head.worker_id, head.samples, head.busy_seconds)
+        if store.config.average_gradients:
+            adopted = self._aggregator.add(
+                head.worker_id, head.session, head.clock, grad, head.read_version, head.samples, adopt=True
+            )
+            self.pushes_applied += 1
+            m.push_bytes.inc(store.numel * 4)
+            await self._apply_complete_buckets()
+            return pb.PushResponse(version=store.version, staleness=0), adopted
+        version, staleness = await self._apply(store, grad, head.read_version)
+        # Applied, so it stands even if the worker was evicted or re-registered meanwhile:
+        # counted, and its current session moved past this clock (no retry applies it again).
+        self.clocks.advance_contributor(head.worker_id, head.clock)
+        self.pushes_applied += 1
+        m.push_bytes.inc(store.numel * 4)
+        m.updates.inc()
+        m.update_staleness.observe(staleness)
+        return pb.PushResponse(version=version, staleness=staleness), False
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[bytes]:
         t0 = time.perf_counter()

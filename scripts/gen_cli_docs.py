@@ -22,6 +22,7 @@ OUT = ROOT / "docs" / "cli.md"
 # console script -> module whose build_parser() defines it (pyproject.toml [project.scripts])
 COMMANDS = {
     "ps-server": "ps_server.cli",
+    "ps-arbiter": "ps_server.arbiter",
     "ps-worker": "worker.cli",
     "ps-cluster": "worker.cluster",
     "ps-sample": "worker.sample",

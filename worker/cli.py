@@ -271,7 +271,12 @@ def add_transport_flag(p: FlagParser) -> None:
 
 def build_parser() -> FlagParser:
     p = FlagParser(prog="ps-worker", description="Run one asyncps worker of the built-in byte-level LM task.")
-    p.env_flag("servers", required=False, help="comma-separated server addresses host:port, in shard order")
+    p.env_flag(
+        "servers",
+        required=False,
+        help="comma-separated server addresses host:port, in shard order "
+        "(a replicated shard: its replicas joined by |, head first)",
+    )
     p.env_flag("steps", type=positive(int), default=1000, help="iterations this worker runs")
     p.env_flag(
         "rank",
@@ -341,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     sec = security.from_args(p, args, "client")
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s ps-worker[{args.rank}] %(levelname)s %(message)s")
     servers = [a.strip() for a in args.servers.split(",") if a.strip()]
+    for i, shard in enumerate(servers):  # a replicated shard: its replicas joined by "|"
+        replicas = [r.strip() for r in shard.split("|")]
+        if not all(replicas) or len(set(replicas)) != len(replicas):
+            p.error(f"--servers: shard {i}'s replicas {shard!r} must be distinct host:port entries joined by |")
     worker_id = args.worker_id or default_worker_id(args.rank, rank_from_index)
     metrics = WorkerMetrics(worker_id, len(servers))
     metrics_ssl = metrics_tls(p, args)  # checked even with the endpoint off: a wrong file is a mistake

@@ -25,6 +25,7 @@ and the servers' `lost_updates`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from asyncps_common.flags import FlagParser, non_negative, positive
 from protos import service
 from protos.asyncps.v1 import ps_pb2 as pb
 from worker.cli import add_training_flags, add_transport_flag, check_training_args, task_config, training_argv
-from worker.procs import Children
+from worker.procs import Child, Children
 from worker.report import Monitor, final_report, write_summary
 from worker.rpc import wait_serving
 
@@ -71,6 +72,15 @@ def build_parser() -> FlagParser:
         default=3,
         help="restarts allowed per failed server or worker (0: a failure stops the cluster)",
     )
+    p.env_flag(
+        "replicas",
+        type=positive(int),
+        default=1,
+        help="processes per shard (R); above 1 each shard is a chain of replicas and one ps-arbiter runs too",
+    )
+    p.env_flag(
+        "lease", type=positive(float), default=1.0, help="replicated shards: seconds before a follower takes over"
+    )
     add_transport_flag(p)
     p.env_switch("resume", default=False, help="continue from the checkpoints already in --out")
     p.env_switch("progress", default=True, help="show the live progress bar")
@@ -94,7 +104,11 @@ class Cluster:
         self.security, self._server_tls_argv, self._worker_tls_argv = secured  # see security.cluster_children
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.children = Children(out / "logs")
-        self.addresses: list[str] = []
+        self.addresses: list[str] = []  # per shard; a replicated one: its replicas joined by "|"
+        self.servers: list = []  # the server children, shard by shard (replica by replica)
+        self.arbiter: Child | None = None
+        self.replicas = getattr(args, "replicas", 1)  # the launcher (ps-cluster -- CMD) has no --replicas
+        self.arbiter_address = ""
         self.metrics: dict[str, str] = {}  # process name -> its /metrics URL
         self.restarts: dict[str, int] = {}  # process name -> times restarted
 
@@ -140,43 +154,106 @@ class Cluster:
     def _staleness_argv(self) -> list[str]:
         return ["--staleness", str(self.args.staleness)]
 
+    def _server_argv(self, name: str, i: int, port: int, chain: list[str], k: int) -> list[str]:
+        a = self.args
+        port_file = self.out / "logs" / f"{name}.port"
+        port_file.unlink(missing_ok=True)
+        replicated = ["--replicas", "|".join(chain), "--replica-index", str(k)] if chain else []
+        if chain:
+            replicated += ["--arbiter", self.arbiter_address, "--lease", str(a.lease)]
+        return [
+            *self._metrics_argv(name),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-file",
+            str(port_file),
+            "--shard-index",
+            str(i),
+            "--num-shards",
+            str(a.servers),
+            *self._staleness_argv(),
+            "--checkpoint-dir",
+            str(self.out / "checkpoints" / (f"replica-{k}" if chain else "")),
+            "--checkpoint-interval",
+            str(a.checkpoint_interval),
+            "--heartbeat-timeout",
+            str(a.heartbeat_timeout),
+            *replicated,
+            *self._server_tls_argv,
+        ]
+
+    def _start_arbiter(self) -> None:
+        port_file = self.out / "logs" / "arbiter.port"
+        port_file.unlink(missing_ok=True)
+        argv = ["--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)]
+        argv += ["--state-file", str(self.out / "arbiter.json")]
+        self.arbiter = self.children.start("arbiter", "ps_server.arbiter", argv)
+        self.arbiter_address = f"127.0.0.1:{self._wait_port_file(self.arbiter, port_file)}"
+
     def _start_servers(self) -> None:
         a = self.args
+        if self.replicas > 1:
+            self._start_arbiter()
         for i in range(a.servers):
-            port_file = self.out / "logs" / f"server-{i}.port"
-            port_file.unlink(missing_ok=True)
-            self.children.start(
-                f"server-{i}",
-                "ps_server.cli",
-                [
-                    *self._metrics_argv(f"server-{i}"),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "0",
-                    "--port-file",
-                    str(port_file),
-                    "--shard-index",
-                    str(i),
-                    "--num-shards",
-                    str(a.servers),
-                    *self._staleness_argv(),
-                    "--checkpoint-dir",
-                    str(self.out / "checkpoints"),
-                    "--checkpoint-interval",
-                    str(a.checkpoint_interval),
-                    "--heartbeat-timeout",
-                    str(a.heartbeat_timeout),
-                    *self._server_tls_argv,
-                ],
-            )
-        for i, child in enumerate(self.children.items):
-            address = f"127.0.0.1:{self._wait_port_file(child, self.out / 'logs' / f'server-{i}.port')}"
+            if self.replicas == 1:
+                self.servers.append(
+                    self.children.start(f"server-{i}", "ps_server.cli", self._server_argv(f"server-{i}", i, 0, [], 0))
+                )
+                continue
+            chain = [f"127.0.0.1:{p}" for p in free_ports(self.replicas)]
+            for k, address in enumerate(chain):
+                name = f"server-{i}-{k}"
+                port = int(address.rsplit(":", 1)[1])
+                self.servers.append(
+                    self.children.start(name, "ps_server.cli", self._server_argv(name, i, port, chain, k))
+                )
+            self.addresses.append("|".join(chain))
+        for child in self.servers:
+            port = self._wait_port_file(child, self.out / "logs" / f"{child.name}.port")
             try:
-                wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)  # type: ignore[misc]
+                alive = functools.partial(_alive, child)
+                wait_serving(f"127.0.0.1:{port}", timeout=120, is_alive=alive, security=self.security)
             except RuntimeError:
                 self._check(child)
-            self.addresses.append(address)
+            if self.replicas == 1:
+                self.addresses.append(f"127.0.0.1:{port}")
+        if self.replicas > 1:
+            for i in range(a.servers):
+                self._wait_chain(i)
+
+    def _wait_chain(self, shard: int, timeout: float = 120) -> None:
+        """Until shard `shard`'s head has every replica in its chain (they joined by state transfer)."""
+        chain = self.addresses[shard].split("|")
+        end = time.monotonic() + timeout
+        while True:
+            for address in chain:
+                try:
+                    with self.security.channel(address) as ch:
+                        st = service.Stub(ch, metadata=self.security.metadata).Status(pb.StatusRequest(), timeout=5)
+                except Exception:  # a replica between lives: ask the next
+                    continue
+                if st.role == "head" and len(st.members) == len(chain):
+                    return
+            for child in self.servers:
+                self._supervise(child)
+            if time.monotonic() > end:
+                raise ClusterFailed(f"shard {shard}'s replicas did not form a chain within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def _head_status(self, shard: int) -> pb.StatusResponse:
+        """Status of shard `shard` from its head (from its only server, unreplicated)."""
+        chain = self.addresses[shard].split("|")
+        for address in chain:
+            with self.security.channel(address) as ch:
+                try:
+                    st = service.Stub(ch, metadata=self.security.metadata).Status(pb.StatusRequest(), timeout=10)
+                except Exception:
+                    continue
+            if len(chain) == 1 or st.role == "head":
+                return st
+        raise ClusterFailed(f"no replica of shard {shard} answers as its head")
 
     def _start_workers(self) -> list:
         a = self.args
@@ -244,7 +321,11 @@ class Cluster:
 
     def _servers_serving(self) -> None:
         """Before the final report: every server up (restarted if it just failed) and serving."""
-        for child, address in zip(self.children.items, self.addresses):
+        if self.replicas > 1:  # a head answers for each shard (a restarted replica may still be joining)
+            for i in range(self.args.servers):
+                self._head_status(i)
+            return
+        for child, address in zip(self.servers, self.addresses):
             self._supervise(child)
             try:
                 wait_serving(address, timeout=120, is_alive=lambda c=child: c.exited() is None, security=self.security)  # type: ignore[misc]
@@ -261,9 +342,11 @@ class Cluster:
             else:
                 args.extend([flag, value])
 
-        if child.name.startswith("server-"):
+        if child.name.startswith("server-") and self.replicas == 1:
             i = int(child.name.split("-")[1])
             put("--port", self.addresses[i].rsplit(":", 1)[1])
+        elif child.name.startswith("server-") or child.name == "arbiter":
+            pass  # same port (and a replica re-joins its chain by state transfer)
         else:
             steps = int(args[args.index("--steps") + 1])  # one step redone if it died after its last one
             put("--first-step", str(min(steps - 1, _steps_reported(self.out / "logs" / f"{child.name}.jsonl"))))
@@ -274,11 +357,11 @@ class Cluster:
     def run(self) -> dict:
         start = time.monotonic()
         self._start_servers()
-        channels = [self.security.channel(a) for a in self.addresses]
+        channels = [self.security.channel(a.split("|")[0]) for a in self.addresses]
         try:
             stubs = [service.Stub(c, metadata=self.security.metadata) for c in channels]
             workers = self._start_workers()
-            self._collect_metrics(self.children.items)
+            self._collect_metrics([c for c in self.children.items if c is not self.arbiter])
             monitor = Monitor(self.args, self.out, stubs, workers)
             while True:
                 for c in self.children.items:
@@ -290,7 +373,7 @@ class Cluster:
             monitor.close()
             self._servers_serving()
             summary = final_report(self.args, self.out, self.addresses, monitor, task_config(self.args), self.security)
-            statuses = [s.Status(pb.StatusRequest(), timeout=10) for s in stubs]
+            statuses = [self._head_status(i) for i in range(self.args.servers)]
             summary["max_clock_gap"] = max(st.max_read_gap for st in statuses)
             summary["lost_updates"] = sum(st.lost_updates for st in statuses)
             summary["lost_updates_by_server"] = {f"server-{st.shard_index}": st.lost_updates for st in statuses}
@@ -303,6 +386,27 @@ class Cluster:
         summary["metrics"] = self.metrics
         write_summary(self.out, summary)
         return summary
+
+
+def _alive(child: Child) -> bool:
+    return child.exited() is None
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on loopback (bound and released: a replica's address must be known
+    before it starts, since its chain names it)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _steps_reported(report: Path) -> int:

@@ -80,35 +80,73 @@ class RpcFailed(Exception):
 
 
 class ShardClient:
-    """RPCs to the server holding shard `index`."""
+    """RPCs to the server holding shard `index`.
+
+    `address` may name a replicated shard's replicas, `host:port|host:port|...` (head first):
+    a call answered UNAVAILABLE (a dead replica, or one that is not the head: reason
+    `not-head`) is retried on the next replica, round the list, within the same retry budget;
+    the session stays valid there (the chain replicated it), and the data plane follows the
+    new head's data port (Status) or falls back to gRPC.
+    """
 
     def __init__(self, address: str, index: int, opts: CallOptions = CallOptions(), security: Security = NONE):
-        self.address, self.index, self.opts = address, index, opts
+        self.replicas = [a.strip() for a in address.split("|") if a.strip()]
+        if not self.replicas or len(set(self.replicas)) != len(self.replicas):
+            raise ValueError(f"shard {index}: {address!r} is not a list of distinct host:port replicas")
+        self.address, self.index, self.opts = self.replicas[0], index, opts
         self.retries = 0
-        self._channel = security.aio_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", opts.max_message_bytes),
-                ("grpc.max_send_message_length", opts.max_message_bytes),
-                # reconnect to a restarted server within a second, not after gRPC's default backoff (up to 120 s)
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
-        )
+        self.failovers = 0  # times a call moved on to another replica
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._old_data: list[DataChannel] = []
+        self._probe_data = False  # after a failover: ask the new head for its data port
+        self.security = security
+        self._channel = self._channel_to(self.address)
         self.stub = service.Stub(self._channel, metadata=security.metadata)
         if opts.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {opts.transport!r}")
         if not 1 <= opts.data_streams <= wire.MAX_STRIPES:
             raise ValueError(f"data_streams must be 1 to {wire.MAX_STRIPES}, got {opts.data_streams}")
-        self.security = security
         self.data: DataChannel | None = None  # the shard's data plane, once Register offered one
         self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix=f"asyncps-data-{index}")
         self._pull_lock = asyncio.Lock()  # one pull at a time writes into this shard's slice
 
+    def _channel_to(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            opts = self.opts
+            ch = self._channels[address] = self.security.aio_channel(
+                address,
+                options=[
+                    ("grpc.max_receive_message_length", opts.max_message_bytes),
+                    ("grpc.max_send_message_length", opts.max_message_bytes),
+                    # reconnect to a restarted server within a second, not after gRPC's default backoff (up to 120 s)
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                ],
+            )
+        return ch
+
+    def _fail_over(self, failed: str) -> None:
+        """Move on to the replica after `failed` (unless another call already moved on)."""
+        if len(self.replicas) < 2 or self.address != failed:
+            return
+        self.address = self.replicas[(self.replicas.index(failed) + 1) % len(self.replicas)]
+        self._channel = self._channel_to(self.address)
+        self.stub = service.Stub(self._channel, metadata=self.security.metadata)
+        if self.data is not None:  # calls in flight on it may still end; closed with the client
+            self._old_data.append(self.data)
+            self.data = None
+        self._probe_data = self.opts.transport != "grpc"
+        self.failovers += 1
+        log.info("shard %d: trying replica %s", self.index, self.address)
+
     async def close(self) -> None:
         self._use_data_port(0)
-        await self._channel.close()
+        for d in self._old_data:
+            d.close()
+        for ch in self._channels.values():
+            await ch.close()
         self._executor.shutdown(wait=False)
 
     @property
@@ -158,6 +196,10 @@ class ShardClient:
         moved its data port (a restart: follow it) or it is out of reach from here
         (transport "auto": use gRPC for this shard until it registers again).
         """
+        if self._probe_data:  # the head changed: its data port, from Status (gRPC errors: retried by call)
+            st = await self.stub.Status(pb.StatusRequest(), timeout=self.opts.timeout)
+            self._probe_data = False
+            self._use_data_port(st.data_port)
         if self.data is None:
             return await grpc_fn()
         try:
@@ -190,20 +232,25 @@ class ShardClient:
         budget = self.opts.retry_seconds if retry_seconds is None else retry_seconds
         deadline = None
         backoff = self.opts.backoff_initial
+        # a replicated shard: the next replica may be the head already, so retry soon
+        most = self.opts.backoff_max if len(self.replicas) < 2 else min(self.opts.backoff_max, 0.25)
         while True:
+            used = self.address
             try:
                 return await attempt()
             except (grpc.aio.AioRpcError, DataError) as err:
                 code = err.code()
                 if deadline is None:
                     deadline = time.monotonic() + budget
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self._fail_over(used)
                 if code == grpc.StatusCode.UNAVAILABLE and time.monotonic() + backoff < deadline:
                     self.retries += 1
                     log.warning(
                         "%s to %s unavailable (%s); retrying in %.2fs", method, self.address, err.details(), backoff
                     )
                     await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self.opts.backoff_max)
+                    backoff = min(backoff * 2, most)
                     continue
                 reason = (
                     err.reason

@@ -24,13 +24,21 @@ pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable
 ROOT = Path(__file__).resolve().parents[2]
 GEN_DIR = Path("protos/asyncps/v1")
 PROTO_TEXT = (ROOT / generate.PROTO).read_text()
-# rpc Name(stream? Req) returns (stream? Resp);  read from the .proto text itself
-RPCS = {
-    m[0]: (bool(m[1]), m[2], bool(m[3]), m[4])
-    for m in re.findall(
-        r"rpc\s+(\w+)\s*\(\s*(stream\s+)?(\w+)\s*\)\s*returns\s*\(\s*(stream\s+)?(\w+)\s*\)", PROTO_TEXT
-    )
-}
+
+
+# rpc Name(stream? Req) returns (stream? Resp);  read from the .proto text itself, per service
+def _rpcs(service_name: str) -> dict[str, tuple]:
+    block = re.search(r"service\s+" + service_name + r"\s*\{(.*?)\}", PROTO_TEXT, re.S)
+    assert block, service_name
+    return {
+        m[0]: (bool(m[1]), m[2], bool(m[3]), m[4])
+        for m in re.findall(
+            r"rpc\s+(\w+)\s*\(\s*(stream\s+)?(\w+)\s*\)\s*returns\s*\(\s*(stream\s+)?(\w+)\s*\)", block.group(1)
+        )
+    }
+
+
+RPCS = _rpcs("ParameterServer")
 
 
 # -- generated code is fresh -------------------------------------------------------------
@@ -267,3 +275,20 @@ def test_frames_travel_as_raw_bytes_over_grpc() -> None:
             await server.stop(None)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", ["Replica", "Arbiter"])
+def test_the_replica_and_arbiter_tables_follow_the_proto_too(name) -> None:
+    """ps_server/replication.py and ps_server/arbiter.py are served and called from the same table."""
+    rpcs = _rpcs(name)
+    assert rpcs
+    full = f"asyncps.v1.{name}"
+    generic = service.method_handlers(SimpleNamespace(**{m: object() for m in rpcs}), name)
+    channel = FakeChannel()
+    stub = service.Stub(channel, name=name)
+    for method, (cstream, req, sstream, resp) in rpcs.items():
+        h = generic.service(SimpleNamespace(method=f"/{full}/{method}", invocation_metadata=()))
+        assert h is not None and (h.request_streaming, h.response_streaming) == (cstream, sstream), method
+        kind = ("stream" if cstream else "unary") + "_" + ("stream" if sstream else "unary")
+        assert getattr(stub, method) == (kind, f"/{full}/{method}")
+        assert (h.request_deserializer is None) == (req == "Frame")

@@ -147,18 +147,20 @@ class PullHeader(_message.Message):
     def __init__(self, version: _Optional[int] = ..., numel: _Optional[int] = ..., min_clock: _Optional[int] = ..., waited_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("init", "push", "pull", "tensor", "data")
+    __slots__ = ("init", "push", "pull", "entry", "tensor", "data")
     INIT_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     init: InitHeader
     push: PushHeader
     pull: PullHeader
+    entry: ReplicaEntry
     tensor: TensorHeader
     data: bytes
-    def __init__(self, init: _Optional[_Union[InitHeader, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, init: _Optional[_Union[InitHeader, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullHeader, _Mapping]] = ..., entry: _Optional[_Union[ReplicaEntry, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker_id", "plan_hash", "start_clock", "seen_version", "seen_incarnation", "batch_size", "compression")
@@ -283,7 +285,7 @@ class StatusRequest(_message.Message):
     def __init__(self, include_checksum: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("shard_index", "num_shards", "initialized", "plan_hash", "version", "numel", "clocks", "min_clock", "live_workers", "staleness", "max_read_gap", "pulls_waited", "wait_seconds", "pushes_applied", "pushes_rejected", "evictions", "weights_checksum", "optimizer", "checkpoint_version", "lost_updates", "incarnation", "restored_version", "data_port")
+    __slots__ = ("shard_index", "num_shards", "initialized", "plan_hash", "version", "numel", "clocks", "min_clock", "live_workers", "staleness", "max_read_gap", "pulls_waited", "wait_seconds", "pushes_applied", "pushes_rejected", "evictions", "weights_checksum", "optimizer", "checkpoint_version", "lost_updates", "incarnation", "restored_version", "data_port", "role", "epoch", "members")
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +309,9 @@ class StatusResponse(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RESTORED_VERSION_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     shard_index: int
     num_shards: int
     initialized: bool
@@ -330,7 +335,10 @@ class StatusResponse(_message.Message):
     incarnation: int
     restored_version: int
     data_port: int
-    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., initialized: _Optional[bool] = ..., plan_hash: _Optional[str] = ..., version: _Optional[int] = ..., numel: _Optional[int] = ..., clocks: _Optional[_Iterable[_Union[WorkerClock, _Mapping]]] = ..., min_clock: _Optional[int] = ..., live_workers: _Optional[int] = ..., staleness: _Optional[float] = ..., max_read_gap: _Optional[int] = ..., pulls_waited: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., weights_checksum: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., checkpoint_version: _Optional[int] = ..., lost_updates: _Optional[int] = ..., incarnation: _Optional[int] = ..., restored_version: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
+    role: str
+    epoch: int
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., initialized: _Optional[bool] = ..., plan_hash: _Optional[str] = ..., version: _Optional[int] = ..., numel: _Optional[int] = ..., clocks: _Optional[_Iterable[_Union[WorkerClock, _Mapping]]] = ..., min_clock: _Optional[int] = ..., live_workers: _Optional[int] = ..., staleness: _Optional[float] = ..., max_read_gap: _Optional[int] = ..., pulls_waited: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., weights_checksum: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., checkpoint_version: _Optional[int] = ..., lost_updates: _Optional[int] = ..., incarnation: _Optional[int] = ..., restored_version: _Optional[int] = ..., data_port: _Optional[int] = ..., role: _Optional[str] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ()
@@ -343,6 +351,114 @@ class CheckpointResponse(_message.Message):
     path: str
     version: int
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RegisterEntry(_message.Message):
+    __slots__ = ("request", "session")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    request: RegisterRequest
+    session: int
+    def __init__(self, request: _Optional[_Union[RegisterRequest, _Mapping]] = ..., session: _Optional[int] = ...) -> None: ...
+
+class EvictEntry(_message.Message):
+    __slots__ = ("worker_ids",)
+    WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StateEntry(_message.Message):
+    __slots__ = ("bytes", "members")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bytes: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReplicaEntry(_message.Message):
+    __slots__ = ("epoch", "seq", "init", "push", "register", "leave", "evict", "state", "ping")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_FIELD_NUMBER: _ClassVar[int]
+    EVICT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    seq: int
+    init: InitHeader
+    push: PushHeader
+    register: RegisterEntry
+    leave: LeaveRequest
+    evict: EvictEntry
+    state: StateEntry
+    ping: bool
+    def __init__(self, epoch: _Optional[int] = ..., seq: _Optional[int] = ..., init: _Optional[_Union[InitHeader, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., register: _Optional[_Union[RegisterEntry, _Mapping]] = ..., leave: _Optional[_Union[LeaveRequest, _Mapping]] = ..., evict: _Optional[_Union[EvictEntry, _Mapping]] = ..., state: _Optional[_Union[StateEntry, _Mapping]] = ..., ping: _Optional[bool] = ...) -> None: ...
+
+class ApplyResponse(_message.Message):
+    __slots__ = ("epoch", "version")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    version: int
+    def __init__(self, epoch: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("address", "shard_index", "num_shards")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    shard_index: int
+    num_shards: int
+    def __init__(self, address: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("epoch", "members", "seconds")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    members: _containers.RepeatedScalarFieldContainer[str]
+    seconds: float
+    def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ChainConfig(_message.Message):
+    __slots__ = ("shard_index", "epoch", "members")
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    epoch: int
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_index: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConfigRequest(_message.Message):
+    __slots__ = ("shard_index",)
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    def __init__(self, shard_index: _Optional[int] = ...) -> None: ...
+
+class AcquireRequest(_message.Message):
+    __slots__ = ("shard_index", "from_epoch", "caller", "members")
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    from_epoch: int
+    caller: str
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_index: _Optional[int] = ..., from_epoch: _Optional[int] = ..., caller: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AcquireResponse(_message.Message):
+    __slots__ = ("acquired", "config")
+    ACQUIRED_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    acquired: bool
+    config: ChainConfig
+    def __init__(self, acquired: _Optional[bool] = ..., config: _Optional[_Union[ChainConfig, _Mapping]] = ...) -> None: ...
 
 class DataHello(_message.Message):
     __slots__ = ("token",)

@@ -396,3 +396,233 @@ class ParameterServer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ReplicaStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Apply = channel.stream_unary(
+                '/asyncps.v1.Replica/Apply',
+                request_serializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.Frame.SerializeToString,
+                response_deserializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.ApplyResponse.FromString,
+                _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/asyncps.v1.Replica/Join',
+                request_serializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.JoinRequest.SerializeToString,
+                response_deserializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.JoinResponse.FromString,
+                _registered_method=True)
+
+
+class ReplicaServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Apply(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Join(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ReplicaServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Apply': grpc.stream_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.Frame.FromString,
+                    response_serializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.ApplyResponse.SerializeToString,
+            ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.JoinRequest.FromString,
+                    response_serializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.JoinResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'asyncps.v1.Replica', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('asyncps.v1.Replica', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Replica:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Apply(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/asyncps.v1.Replica/Apply',
+            protos_dot_asyncps_dot_v1_dot_ps__pb2.Frame.SerializeToString,
+            protos_dot_asyncps_dot_v1_dot_ps__pb2.ApplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asyncps.v1.Replica/Join',
+            protos_dot_asyncps_dot_v1_dot_ps__pb2.JoinRequest.SerializeToString,
+            protos_dot_asyncps_dot_v1_dot_ps__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ArbiterStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Config = channel.unary_unary(
+                '/asyncps.v1.Arbiter/Config',
+                request_serializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.ConfigRequest.SerializeToString,
+                response_deserializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.ChainConfig.FromString,
+                _registered_method=True)
+        self.Acquire = channel.unary_unary(
+                '/asyncps.v1.Arbiter/Acquire',
+                request_serializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.AcquireRequest.SerializeToString,
+                response_deserializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.AcquireResponse.FromString,
+                _registered_method=True)
+
+
+class ArbiterServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Config(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Acquire(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ArbiterServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Config': grpc.unary_unary_rpc_method_handler(
+                    servicer.Config,
+                    request_deserializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.ConfigRequest.FromString,
+                    response_serializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.ChainConfig.SerializeToString,
+            ),
+            'Acquire': grpc.unary_unary_rpc_method_handler(
+                    servicer.Acquire,
+                    request_deserializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.AcquireRequest.FromString,
+                    response_serializer=protos_dot_asyncps_dot_v1_dot_ps__pb2.AcquireResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'asyncps.v1.Arbiter', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('asyncps.v1.Arbiter', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Arbiter:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Config(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asyncps.v1.Arbiter/Config',
+            protos_dot_asyncps_dot_v1_dot_ps__pb2.ConfigRequest.SerializeToString,
+            protos_dot_asyncps_dot_v1_dot_ps__pb2.ChainConfig.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Acquire(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asyncps.v1.Arbiter/Acquire',
+            protos_dot_asyncps_dot_v1_dot_ps__pb2.AcquireRequest.SerializeToString,
+            protos_dot_asyncps_dot_v1_dot_ps__pb2.AcquireResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,137 @@
+"""The replicated-shard figures of `python bench/faults.py --replication` (see its docstring)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from faults import ROOT, pid_of, step, wait
+
+RESULTS = ROOT / "bench" / "results" / "faults-replication.json"
+SHARD_MB = 64
+
+
+def _stat(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+
+
+def _run(cmd: list[str], out: Path, kill: str | None) -> tuple[float | None, dict]:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stall = None
+    if kill:
+        wait(lambda: step(out, "worker-0") >= 60)
+        os.kill(pid_of(out, kill), signal.SIGKILL)
+        killed = time.monotonic()
+        before = step(out, "worker-0")
+        wait(lambda: step(out, "worker-0") >= before + 3)
+        stall = time.monotonic() - killed
+    _, err = proc.communicate(timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(err.decode()[-3000:])
+    return stall, json.loads((out / "summary.json").read_text())
+
+
+def _transfer(root: Path, repeats: int) -> list[float]:
+    """Seconds the head spends snapshotting and sending a 64 MB shard to a joining replica."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from integration.chains import free_ports, start_arbiter, status  # noqa: E402
+
+    from asyncps_common.optimizer import default_config
+    from protos import wire
+    from protos.asyncps.v1 import ps_pb2 as pb
+    from worker.rpc import wait_serving
+
+    class Group:  # the tests' ProcessGroup, minimal: every process started is stopped
+        procs: list[subprocess.Popen] = []
+
+        def popen(self, args, **kw):
+            p = subprocess.Popen(args, cwd=ROOT, **kw)
+            self.procs.append(p)
+            return p
+
+    group = Group()
+    root.mkdir(parents=True, exist_ok=True)
+    seconds = []
+    try:
+        arbiter = start_arbiter(group, root)
+        a, b = (f"127.0.0.1:{p}" for p in free_ports(2))
+        chain = f"{a}|{b}"
+
+        def start(k: int, port: str) -> subprocess.Popen:
+            args = [sys.executable, "-m", "ps_server.cli", "--port", port, "--replicas", chain]
+            args += ["--replica-index", str(k), "--arbiter", arbiter, "--max-shard-bytes", str(1 << 30)]
+            with open(root / f"replica-{k}.log", "ab") as log:
+                return group.popen(args, stdout=log, stderr=log)
+
+        start(0, a.rsplit(":", 1)[1])
+        wait_serving(a, timeout=60)
+        wait(lambda: status(a).role == "head", 60)
+        numel = SHARD_MB << 18
+        import grpc
+
+        from protos import service
+
+        with grpc.insecure_channel(a, options=[("grpc.max_send_message_length", 8 << 20)]) as ch:
+            head = pb.InitHeader(plan_hash="bench", shard_index=0, num_shards=1, numel=numel, worker_id="bench")
+            head.optimizer.CopyFrom(default_config(name="sgd", momentum=0.9))
+            frames = [wire.encode_frame(pb.Frame(init=head)), *wire.chunk_frames(torch.randn(numel), 4 << 20)]
+            service.Stub(ch).Init(iter(frames), timeout=120)
+            s = service.Stub(ch)
+            reg = s.Register(pb.RegisterRequest(worker_id="bench", plan_hash="bench"), timeout=30)
+            push = pb.PushHeader(worker_id="bench", session=reg.session, plan_hash="bench", clock=0)
+            s.Push(iter([wire.encode_frame(pb.Frame(push=push)), *wire.chunk_frames(torch.randn(numel))]), timeout=120)
+        for _ in range(repeats):
+            joiner = start(1, b.rsplit(":", 1)[1])
+            wait(lambda: len(status(a).members) == 2, 120)
+            log = (root / "replica-0.log").read_text().splitlines()
+            seconds.append(
+                float([ln for ln in log if "state transfer of" in ln][-1].split(" after a ")[1].split("s ")[0])
+            )
+            joiner.kill()
+            joiner.wait()
+            wait(lambda: len(status(a).members) == 1, 60)
+    finally:
+        for p in group.procs:
+            p.kill()
+            p.wait()
+    return seconds
+
+
+def replication(a, corpus: Path, cmd) -> int:
+    root = a.out / "replication"
+    stalls: dict[int, list[float]] = {1: [], 2: []}
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for i in range(a.repeats):
+        for r in (1, 2):  # alternating, so load drifts hit both alike
+            extra = ("--replicas", str(r))
+            _, s = _run(cmd(root / f"r{r}-plain-{i}", *extra), root / f"r{r}-plain-{i}", None)
+            rates[r].append(s["samples_per_second"])
+            kill = "server-0.port" if r == 1 else "server-0-0.port"
+            stall, s = _run(cmd(root / f"r{r}-kill-{i}", *extra), root / f"r{r}-kill-{i}", kill)
+            assert stall is not None
+            stalls[r].append(stall)
+            print(
+                f"R={r} run {i}: {rates[r][-1]:.0f} samples/s; stall after the kill {stall:.2f}s, "
+                f"lost updates {s['lost_updates']}",
+                flush=True,
+            )
+    transfer = _transfer(root / "transfer", a.repeats)
+    result = {
+        "stall_seconds": {"R=1 (restart from checkpoint)": _stat(stalls[1]), "R=2 (head killed)": _stat(stalls[2])},
+        "samples_per_second": {"R=1": _stat(rates[1]), "R=2": _stat(rates[2])},
+        "cost_of_replication": 1 - statistics.median(rates[2]) / statistics.median(rates[1]),
+        "state_transfer_seconds_64MB_shard": _stat(transfer),
+        "steps": a.steps,
+        "load_average": os.getloadavg(),
+    }
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
