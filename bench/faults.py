@@ -8,7 +8,7 @@ kills the process with SIGKILL and reports: how long until the restarted server 
 again (health check), how long until worker-0 makes progress again, the lost updates,
 restarts and iterations from summary.json. Prints one line per case.
 
-    python bench/faults.py --replication [--repeats 3] [--steps 300]
+    python bench/faults.py --replication [--repeats 3] [--steps 300] [--transfer-only]
 
 Replicated shards instead (docs/replication.md), all in the same run, median and range of
 `--repeats`: the stall of worker-0 after shard 0's server is killed at step 60 with
@@ -93,7 +93,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "faults")
     ap.add_argument("--replication", action="store_true", help="the replicated-shard figures instead")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--transfer-only", action="store_true", help="with --replication: re-measure only the state transfer"
+    )
     a = ap.parse_args()
+    if a.replication and a.transfer_only:
+        from replication_figures import transfer_only
+
+        return transfer_only(a)
     if a.replication:
         from replication_figures import replication
 

@@ -17,9 +17,10 @@ from asyncps_common import security
 from asyncps_common.flags import FlagParser, non_negative, positive, staleness_flag
 from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
 from protos import wire
-from ps_server.replication import Replication, warm_up
+from ps_server.replication import Replication
 from ps_server.server import serve
 from ps_server.servicer import ServerConfig, Servicer, ShardFailed
+from ps_server.transfer import warm_up
 
 
 def data_port_flag(text: str) -> int | None:

@@ -12,8 +12,11 @@ answer the worker: an acknowledged update is on every replica.
 Configurations (epoch, members) change only through the arbiter's compare-and-set
 (ps_server/arbiter.py): a head drops a follower that failed an entry or a ping; a follower
 that heard nothing from its head for the lease promotes itself; a replica that starts (or
-lost a vote) joins by state transfer from the head (`Replica.Join`: the head snapshots its
-whole state, streams it to the joiner and adds it with epoch + 1). Replicas refuse entries
+lost a vote) joins by state transfer from the head (`Replica.Join`): the head snapshots its
+whole state under the apply lock, then streams it to the joiner while workers go on; the
+entries applied meanwhile queue for the joiner (at most CATCH_UP_ENTRIES, past which the
+head waits for it) and follow the state; only the last few are sent under the lock, with
+the arbiter's epoch + 1 that adds the joiner. Replicas refuse entries
 of older epochs, and a write needs every member of its epoch, so at most one chain accepts
 updates at any time; the rule is in docs/spec.md ("Replicated shards").
 
@@ -38,86 +41,26 @@ from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import streams
 from ps_server.atomic import to_the_end
 from ps_server.errors import NotHead, rejection
-from ps_server.store import ShardStore
+from ps_server.transfer import Refused, _receive_bytes, _serialize, load_snapshot, snapshot
 
 if TYPE_CHECKING:
     from ps_server.servicer import Servicer
 
 log = logging.getLogger(__name__)
 HEAD, FOLLOWER, JOINING, DEPOSED = "head", "follower", "joining", "deposed"
+CATCHING_UP = "catching-up"  # has the state, takes the entries since it, not yet in the chain
+CATCH_UP_ENTRIES = 8  # entries (each a gradient copy) queued for a joiner at most; then forward waits
 INIT_SECONDS = 30.0  # more time for an Init or a state transfer: a follower's first optimizer is slow to make
 TRANSFER_BYTES_PER_SECOND = 50e6  # deadline of a state transfer or a large entry: at least this fast
 
 
-class Refused(Exception):
-    """An entry this replica does not apply (FAILED_PRECONDITION, with `reason`)."""
+class _CatchUp:
+    """The entries a joining replica still needs, in order (the head's side of a state transfer)."""
 
-    def __init__(self, message: str, reason: str = ""):
-        super().__init__(message)
-        self.reason = reason
-
-
-def snapshot(s: Servicer) -> dict:
-    """The shard's whole state, for a joiner (copies; call in a thread, under the apply lock)."""
-    return {
-        "shard": (s.cfg.shard_index, s.cfg.num_shards),
-        "store": s.store.state_dict() if s.store is not None else None,
-        "clocks": s.clocks.replica_state(),
-        "aggregator": s._aggregator.state_dict(),
-        "balancer": s._balancer.state_dict(),
-        "lost": (s.lost_updates, s._lost_before),
-        "restored_version": -1 if s.restored_version is None else s.restored_version,
-        "incarnation": s.incarnation,
-        "counters": (s.pushes_applied, s.pushes_rejected),
-    }
-
-
-def load_snapshot(s: Servicer, state: dict) -> None:
-    if tuple(state["shard"]) != (s.cfg.shard_index, s.cfg.num_shards):
-        raise Refused(f"the state is of shard {tuple(state['shard'])}, this replica holds shard {s.cfg.shard_index}")
-    s.store = ShardStore.from_state_dict(state["store"]) if state["store"] is not None else None
-    if s.store is not None:
-        s.store.observe_compensation = s.metrics.compensation.observe
-    s.clocks.load_replica_state(state["clocks"])
-    s._aggregator.load_state_dict(state["aggregator"])
-    s._balancer.load_state_dict(state["balancer"])
-    s.lost_updates, s._lost_before = state["lost"]
-    s.restored_version = None if state["restored_version"] < 0 else int(state["restored_version"])
-    s.incarnation = int(state["incarnation"])
-    s.pushes_applied, s.pushes_rejected = state["counters"]
-    s._grad_buffers.clear()
-
-
-def warm_up() -> None:
-    """Make and step one tiny optimizer: torch's first one takes seconds (lazy imports), which a
-    follower must not spend inside an entry's deadline."""
-    from asyncps_common.optimizer import default_config
-
-    store = ShardStore("warm-up", torch.zeros(8), default_config(name="adamw"))
-    store.apply(torch.ones(8), 0)
-
-
-def _serialize(state: dict) -> torch.Tensor:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8)
-
-
-async def _receive_bytes(frames: AsyncIterator[bytes], size: int) -> bytearray:
-    """Read uint8 chunk frames that must cover [0, size) exactly once, in order."""
-    out, pos = bytearray(size), 0
-    async for raw in frames:
-        frame, payload = wire.decode_frame(raw)
-        if frame.WhichOneof("head") is not None or payload is None or frame.tensor.offset != pos:
-            raise Refused(f"state transfer out of order at byte {pos}")
-        n = len(payload)
-        if pos + n > size:
-            raise Refused(f"state transfer runs past its {size} bytes")
-        out[pos : pos + n] = payload
-        pos += n
-    if pos != size:
-        raise Refused(f"state transfer broke off after {pos} of {size} bytes: this replica does not serve")
-    return out
+    def __init__(self, address: str):
+        self.address = address
+        self.queue: list[tuple[pb.ReplicaEntry, torch.Tensor | None]] = []
+        self.room = asyncio.Event()  # set whenever the queue shrinks (or the transfer ends)
 
 
 class Replication:
@@ -132,6 +75,7 @@ class Replication:
         self.transfer_seconds: float | None = None  # the last state transfer this replica received or sent
         self.sec = Security(token=sec.token)  # replicas talk plaintext + token (the CLI refuses TLS)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._catch_up: _CatchUp | None = None  # a joiner being brought up to date (head only)
         self.arbiter_address = arbiter
         servicer.replication = self
 
@@ -203,10 +147,16 @@ class Replication:
         if self.role != HEAD:
             raise NotHead(f"replica {self.me} of shard {self.shard} is no longer the head")
         followers = self.members[1:]
+        catch = self._catch_up
+        while catch is not None and len(catch.queue) >= CATCH_UP_ENTRIES and catch is self._catch_up:
+            catch.room.clear()  # the joiner is that far behind: wait for it (the lock is not needed to drain)
+            await catch.room.wait()
         self.seq += 1
+        entry = pb.ReplicaEntry(epoch=self.epoch, seq=self.seq, **op)
+        if catch is not None and catch is self._catch_up:
+            catch.queue.append((entry, None if tensor is None else tensor.clone()))
         if not followers:
             return
-        entry = pb.ReplicaEntry(epoch=self.epoch, seq=self.seq, **op)
         sent = time.monotonic()
         results = await asyncio.gather(*(self._send(a, entry, tensor) for a in followers), return_exceptions=True)
         failed = {a: r for a, r in zip(followers, results) if isinstance(r, BaseException)}
@@ -271,26 +221,59 @@ class Replication:
         raise AssertionError("unreachable")  # context.abort raises
 
     async def _admit(self, address: str) -> pb.JoinResponse:
+        t0 = time.monotonic()
         async with self.s._apply_lock:
             self.check_head()
-            t0 = time.monotonic()
-            blob = await asyncio.to_thread(lambda: _serialize(snapshot(self.s)))
-            members = [m for m in self.members if m != address] + [address]
-            state = pb.StateEntry(bytes=blob.numel(), members=members)
-            await self._send(address, pb.ReplicaEntry(epoch=self.epoch + 1, seq=self.seq, state=state), blob)
-            if not await self._acquire(members):
-                self._step_down("the arbiter refused to admit a joiner: a newer configuration exists")
+            if self._catch_up is not None:
+                raise NotHead(f"shard {self.shard}: {self._catch_up.address} is joining; one at a time")
+            if address in self.members and not await self._acquire([m for m in self.members if m != address]):
+                self._step_down("the arbiter refused to drop a re-joining member: a newer configuration exists")
                 raise NotHead(f"replica {self.me} of shard {self.shard} was deposed")
-            self.acked = time.monotonic()
-            self.transfer_seconds = self.acked - t0
-            log.warning(
-                "shard %d: %s joined after a %.2fs state transfer of %d bytes",
-                self.shard,
-                address,
-                self.transfer_seconds,
-                blob.numel(),
-            )
-            return pb.JoinResponse(epoch=self.epoch, members=self.members, seconds=self.transfer_seconds)
+            state = await asyncio.to_thread(snapshot, self.s)  # copies: the only part that holds workers
+            catch = self._catch_up = _CatchUp(address)
+            epoch, seq = self.epoch, self.seq
+            joined = [m for m in self.members if m != address] + [address]
+        try:
+            blob = await asyncio.to_thread(_serialize, state)
+            del state
+            entry = pb.ReplicaEntry(epoch=epoch, seq=seq, state=pb.StateEntry(bytes=blob.numel(), members=joined))
+            await self._send(address, entry, blob)
+            await self._drain(catch, leave=2)  # workers go on meanwhile; their entries queue behind
+            async with self.s._apply_lock:
+                self.check_head()
+                await self._drain(catch)  # the last few
+                members = [m for m in self.members if m != address] + [address]
+                if not await self._acquire(members):
+                    self._step_down("the arbiter refused to admit a joiner: a newer configuration exists")
+                    raise NotHead(f"replica {self.me} of shard {self.shard} was deposed")
+                self.acked = time.monotonic()
+                self._catch_up = None
+                try:  # a ping is the joiner's sign it is in the chain (a missed one: the next ping or entry)
+                    await self._send(address, pb.ReplicaEntry(epoch=self.epoch, seq=self.seq, ping=True), None)
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("shard %d: first ping to %s failed: %s", self.shard, address, exc.code().name)
+        finally:
+            if self._catch_up is catch:
+                self._catch_up = None
+            catch.room.set()
+        self.transfer_seconds = self.acked - t0
+        log.warning(
+            "shard %d: %s joined after a %.2fs state transfer of %d bytes",
+            self.shard,
+            address,
+            self.transfer_seconds,
+            blob.numel(),
+        )
+        return pb.JoinResponse(epoch=self.epoch, members=self.members, seconds=self.transfer_seconds)
+
+    async def _drain(self, catch: _CatchUp, leave: int = 0) -> None:
+        """Send the joiner the entries queued for it, oldest first, until `leave` are left (more
+        may queue meanwhile: a joiner never catches a busy head up exactly without its lock)."""
+        while len(catch.queue) > leave:
+            entry, tensor = catch.queue[0]
+            await self._send(catch.address, entry, tensor)
+            catch.queue.pop(0)
+            catch.room.set()
 
     # -- the followers' side ----------------------------------------------------------
     async def Apply(self, frames: AsyncIterator[bytes], context) -> pb.ApplyResponse:
@@ -318,10 +301,10 @@ class Replication:
             return await self._receive_state(entry, frames)
         if self.role == HEAD and entry.epoch > self.epoch:
             self._step_down(f"a head of epoch {entry.epoch} exists")
-        if self.role != FOLLOWER:
+        if self.role not in (FOLLOWER, CATCHING_UP):
             raise Refused(f"replica {self.me} is {self.role}, not a follower: it must join first")
-        if op == "ping":
-            self.epoch, self.last_heard = entry.epoch, time.monotonic()
+        if op == "ping":  # only members are pinged: a joiner that gets one is in the chain
+            self.epoch, self.last_heard, self.role = entry.epoch, time.monotonic(), FOLLOWER
             return pb.ApplyResponse(epoch=self.epoch)
         if entry.seq != self.seq + 1:
             raise Refused(f"entry {entry.seq} does not follow {self.seq}: this replica must join again")
@@ -382,7 +365,7 @@ class Replication:
         async with self.s._apply_lock:
             load_snapshot(self.s, state)
         self.epoch, self.members, self.seq = entry.epoch, list(entry.state.members), entry.seq
-        self.role, self.last_heard = FOLLOWER, time.monotonic()
+        self.role, self.last_heard = CATCHING_UP, time.monotonic()
         self.transfer_seconds = self.last_heard - t0
         return pb.ApplyResponse(epoch=self.epoch, version=self.s.store.version if self.s.store else 0)
 
@@ -421,10 +404,12 @@ class Replication:
         try:
             resp = await self._replica(head).Join(req, timeout=60 + self._timeout(None))
         except grpc.aio.AioRpcError:
-            if self.role == FOLLOWER:
+            if self.role in (FOLLOWER, CATCHING_UP):
                 self.role = JOINING  # the state arrived but the chain did not take it: not serving
             raise
         self.epoch, self.members = max(self.epoch, resp.epoch), list(resp.members)
+        if self.role == CATCHING_UP:
+            self.role, self.last_heard = FOLLOWER, time.monotonic()
         log.warning(
             "shard %d: %s joined the chain %s (epoch %d)", self.shard, self.me, ", ".join(self.members), self.epoch
         )
