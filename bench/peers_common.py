@@ -18,7 +18,9 @@ import dataclasses
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -184,3 +186,22 @@ def merge_traces(traces: list[list[tuple[float, int]]]) -> list[tuple[float, int
                 idx[i] += 1
         out.append((now, sum(cur)))
     return out
+
+
+def run_in_gloo_group(spec: RunSpec, rank: int, port: int, train: Callable[[RunSpec, int], None]) -> None:
+    """Join a gloo process group of spec.workers ranks on 127.0.0.1:port, run `train`, leave together."""
+    import torch.distributed as dist
+
+    spec.prepare_process(spec.workers)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=spec.workers,
+        timeout=timedelta(seconds=120),
+    )
+    try:
+        train(spec, rank)
+        dist.barrier()  # rank 0 saves its trace first; leaving together, gloo's teardown is clean
+    finally:
+        dist.destroy_process_group()

@@ -14,31 +14,17 @@ trace and snapshots. `run(spec, rank, port)` is one rank's process body; blocks.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, run_in_gloo_group, set_lr, straggle
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, set_lr, straggle
 
 
 def run(spec: RunSpec, rank: int, port: int) -> None:
-    spec.prepare_process(spec.workers)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=spec.workers,
-        timeout=timedelta(seconds=120),
-    )
-    try:
-        _train(spec, rank)
-        dist.barrier()  # rank 0 saves its trace first; leaving together, gloo's teardown is clean
-    finally:
-        dist.destroy_process_group()
+    run_in_gloo_group(spec, rank, port, _train)
 
 
 def _train(spec: RunSpec, rank: int) -> None:

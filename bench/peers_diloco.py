@@ -18,30 +18,16 @@ from __future__ import annotations
 
 import copy
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, run_in_gloo_group, set_lr, straggle
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
-
-from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, set_lr, straggle
 
 
 def run(spec: RunSpec, rank: int, port: int) -> None:
-    spec.prepare_process(spec.workers)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=spec.workers,
-        timeout=timedelta(seconds=120),
-    )
-    try:
-        _train(spec, rank)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_in_gloo_group(spec, rank, port, _train)
 
 
 def outer_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
