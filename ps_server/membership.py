@@ -94,6 +94,7 @@ class Membership:
                 self._store_for(request.plan_hash)
             if self.replication is None:  # no log to keep in order: not behind an update in progress
                 session, clock = self.register_locked(request, None)
+                await self._membership_changed()
             else:
                 session, clock = await to_the_end(self._register_replicated(request))
             return pb.RegisterResponse(
@@ -112,10 +113,16 @@ class Membership:
         async with self._apply_lock:
             given = self.clocks.new_session()
             await self.replication.forward(register=pb.RegisterEntry(request=request, session=given))  # type: ignore[union-attr]
-            return self.register_locked(request, given)
+            registered = self.register_locked(request, given)
+            await self._settle()
+            return registered
 
     def register_locked(self, request: pb.RegisterRequest, given: int | None) -> tuple[int, int]:
-        """Register a worker (`given`: the session a replicated head chose); under the apply lock."""
+        """Register a worker (`given`: the session a replicated head chose); under the apply lock.
+
+        The caller then settles the averaging buckets: a worker that registers again at a later
+        clock (its other shards are ahead) no longer holds back the clocks it jumped past.
+        """
         restored_clock = self.clocks.restored_clock(request.worker_id)
         session, clock = self.clocks.register(request.worker_id, request.start_clock, given)
         self._balancer.register(request.worker_id, request.batch_size)

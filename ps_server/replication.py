@@ -332,6 +332,7 @@ class Replication:
         async with s._apply_lock:
             if op == "register":
                 s.register_locked(entry.register.request, entry.register.session)
+                await s._settle()
             elif op == "leave":
                 s.leave_now(entry.leave)
                 await s._settle()

@@ -203,3 +203,53 @@ def test_averaged_update_advances_a_worker_that_re_registered_while_its_gradient
     )
     assert code.name == "OK", details
     del quiet
+
+
+@pytest.mark.parametrize("replicated", [False, True], ids=["one-process", "replicated"])
+def test_a_worker_registering_again_at_a_later_clock_releases_the_clock_it_jumped_past(
+    start_server, procs, tmp_path, replicated
+):
+    """Averaging: "a" pushes clock 1, which waits for "b" (live at clock 1). "b" registers again
+    at clock 2, as a worker does when another shard of its is already there; it will never push
+    clock 1, so clock 1's update is applied at once and "a" moves on (it used to wait for ever:
+    the bench's replicated run hung this way when a worker joined while the other ran). The
+    update is applied before Register answers, not at the next eviction sweep."""
+    from protos import wire
+    from protos.asyncps.v1 import ps_pb2 as pb
+
+    from .chains import start_chain
+    from .support import call
+
+    if replicated:
+        addresses = start_chain(start_server, procs, tmp_path, staleness=0, heartbeat_timeout=60).addresses
+    else:
+        addresses = [start_server.shards(1, staleness=0, heartbeat_timeout=60)[0].address]
+    a, n, plan = addresses[0], 8, "p" * 64
+    cfg = pb.OptimizerConfig(name="sgd", lr=0.5, average_gradients=True)
+    head = pb.InitHeader(plan_hash=plan, shard_index=0, num_shards=1, numel=n, optimizer=cfg, staleness=0)
+    assert (
+        call(a, "Init", [wire.encode_frame(pb.Frame(init=head)), wire.encode_frame(tensor=torch.zeros(n))])[0].name
+        == "OK"
+    )
+
+    def register(worker: str, start_clock: int = 0) -> pb.RegisterResponse:
+        with stub(a) as s:
+            return s.Register(pb.RegisterRequest(worker_id=worker, plan_hash=plan, start_clock=start_clock), timeout=10)
+
+    def push(worker: str, session: int, clock: int) -> str:
+        header = pb.PushHeader(worker_id=worker, session=session, plan_hash=plan, clock=clock)
+        frames = [wire.encode_frame(pb.Frame(push=header)), wire.encode_frame(tensor=torch.ones(n))]
+        return call(a, "Push", frames)[0].name
+
+    first = register("a")
+    assert push("a", first.session, 0) == "OK"  # alone: applied at once
+    assert register("b").clock == 1  # starts at the slowest live clock
+    assert push("a", first.session, 1) == "OK"  # waits in clock 1's bucket for "b"
+    assert status(a).version == 1
+    assert register("b", start_clock=2).clock == 2
+    for address in addresses:  # before Register answered, the head applied it, and so did its follower
+        st = status(address)
+        assert clock_of(st, "a") == clock_of(st, "b") == 2
+        assert st.weights_checksum == pytest.approx(
+            n * 0.5 * 2
+        )  # two updates of mean gradient 1 at lr 0.5 (sum of |w|)
