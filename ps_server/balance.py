@@ -104,15 +104,31 @@ class Balancer:
         speed measured yet keep their own batch size; the others split what remains of
         the combined batch in proportion to their speeds.
         """
+        split = self.new_split(worker_id, clock, live)
+        if split is not None:
+            self.adopt(clock, split)
+        return self.batch_of(worker_id, clock)
+
+    def new_split(self, worker_id: str, clock: int, live: Iterable[str]) -> dict[str, int] | None:
+        """The split `batch_for` would make for this question now, or None if it needs none (kept none)."""
+        if worker_id not in self._batch:
+            return None
+        split = self._splits.get(clock)
+        if split is not None and worker_id in split:
+            return None
+        return self._split({w for w in live if w in self._batch} | {worker_id})
+
+    def adopt(self, clock: int, split: Mapping[str, int]) -> None:
+        """Keep `split` as `clock`'s (a replicated shard's followers adopt the head's, ps_server/replication.py)."""
+        self._splits[clock] = dict(split)
+        for old in [c for c in self._splits if c < clock - KEEP_CLOCKS]:
+            del self._splits[old]
+
+    def batch_of(self, worker_id: str, clock: int) -> int:
+        """The batch kept for `worker_id` at `clock`; 0 if none (it gave no batch size)."""
         if worker_id not in self._batch:
             return 0
-        split = self._splits.get(clock)
-        if split is None or worker_id not in split:
-            split = self._split({w for w in live if w in self._batch} | {worker_id})
-            self._splits[clock] = split
-            for old in [c for c in self._splits if c < clock - KEEP_CLOCKS]:
-                del self._splits[old]
-        return split[worker_id]
+        return self._splits.get(clock, {}).get(worker_id, 0)
 
     def _split(self, members: set[str]) -> dict[str, int]:
         out = {w: self._batch[w] for w in members if w not in self._speed}

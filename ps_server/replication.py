@@ -336,6 +336,8 @@ class Replication:
             elif op == "leave":
                 s.leave_now(entry.leave)
                 await s._settle()
+            elif op == "split":
+                s._balancer.adopt(entry.split.clock, dict(entry.split.batches))
             elif op == "evict":
                 s.evicted(s.clocks.evict(list(entry.evict.worker_ids)))
                 await s._settle()

@@ -383,11 +383,35 @@ class Servicer(Durability, Membership):
     async def _await_readable(self, request: pb.PullRequest) -> tuple[ShardStore, float]:
         store = self._store_for(request.plan_hash)
         waited = await self.clocks.wait_readable(request.worker_id, request.session, request.clock, request.own_lag)
+        if store.config.balance_batches:
+            await self._split_batches(request)
         return store, waited
+
+    async def _split_batches(self, request: pb.PullRequest) -> None:
+        """Balanced batches: make the split of the pull's clock if it has none for this worker yet.
+
+        A replicated head logs the split (under the apply lock) before it answers, so that a
+        follower that takes over hands out the same batches for that clock.
+        """
+        split = self._balancer.new_split(request.worker_id, request.clock, self.clocks.clocks())
+        if split is None:
+            return
+        if self.replication is None:
+            self._balancer.adopt(request.clock, split)
+        else:
+            await to_the_end(self._split_replicated(request))
+
+    async def _split_replicated(self, request: pb.PullRequest) -> None:
+        async with self._apply_lock:
+            split = self._balancer.new_split(request.worker_id, request.clock, self.clocks.clocks())
+            if split is None:  # made meanwhile, by another pull of the same clock
+                return
+            await self.replication.forward(split=pb.SplitEntry(clock=request.clock, batches=split))  # type: ignore[union-attr]
+            self._balancer.adopt(request.clock, split)
 
     def _pull_header(self, store: ShardStore, version: int, waited: float, request: pb.PullRequest) -> pb.PullHeader:
         balance = store.config.balance_batches
-        batch = self._balancer.batch_for(request.worker_id, request.clock, self.clocks.clocks()) if balance else 0
+        batch = self._balancer.batch_of(request.worker_id, request.clock) if balance else 0
         return pb.PullHeader(
             version=version,
             numel=store.numel,

@@ -57,34 +57,19 @@ def _corpus(tmp_path: Path) -> Path:
     return corpus
 
 
-def test_peers_tiny_end_to_end(tmp_path, procs):
-    corpus = _corpus(tmp_path)
+def _peers(procs, tmp_path: Path, *args: str) -> dict:
+    """Run bench/peers.py (TINY, the small corpus, results under tmp_path) and return its JSON."""
     out = tmp_path / "peers.json"
-    proc = procs.popen(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "peers.py"),
-            *TINY,
-            "--data",
-            str(corpus),
-            "--systems",
-            "ddp-gloo,asyncps-s2",
-            "--scenarios",
-            "straggler",
-            "--json",
-            str(out),
-            "--results",
-            str(tmp_path / "results"),
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    argv = [sys.executable, str(ROOT / "bench" / "peers.py"), *TINY, "--data", str(_corpus(tmp_path)), *args]
+    argv += ["--json", str(out), "--results", str(tmp_path / "results"), "--log-level", "WARNING"]
+    proc = procs.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, log
-    doc = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_peers_tiny_end_to_end(tmp_path, procs):
+    doc = _peers(procs, tmp_path, "--systems", "ddp-gloo,asyncps-s2", "--scenarios", "straggler")
     assert doc["machine"]["cores"] >= 1 and doc["settings"]["target_loss"] == 5.0
     rows = doc["rows"]
     assert sorted((r["system"], r["scenario"]) for r in rows) == [
@@ -114,36 +99,12 @@ def test_peers_tiny_end_to_end(tmp_path, procs):
 
 def test_peers_jitter_diloco_and_local_steps(tmp_path, procs):
     """The jitter scenario with the new peer (diloco-gloo) and asyncps's local-steps row."""
-    out = tmp_path / "peers.json"
-    proc = procs.popen(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "peers.py"),
-            *TINY,
-            "--data",
-            str(_corpus(tmp_path)),
-            "--systems",
-            "diloco-gloo,asyncps-local-s2",
-            "--scenarios",
-            "jitter",
-            "--jitter",
-            "0.2,4",
-            "--local-steps",
-            "2",
-            "--json",
-            str(out),
-            "--results",
-            str(tmp_path / "results"),
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    doc = _peers(
+        procs,
+        tmp_path,
+        *["--systems", "diloco-gloo,asyncps-local-s2", "--scenarios", "jitter", "--jitter", "0.2,4"],
+        *["--local-steps", "2"],
     )
-    log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, log
-    doc = json.loads(out.read_text())
     assert doc["settings"]["jitter_probability"] == 0.2 and doc["settings"]["local_steps"] == 2
     rows = {r["system"]: r for r in doc["rows"]}
     assert set(rows) == {"diloco-gloo", "asyncps-local-s2"}

@@ -366,6 +366,21 @@ class EvictEntry(_message.Message):
     worker_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class SplitEntry(_message.Message):
+    __slots__ = ("clock", "batches")
+    class BatchesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    clock: int
+    batches: _containers.ScalarMap[str, int]
+    def __init__(self, clock: _Optional[int] = ..., batches: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class StateEntry(_message.Message):
     __slots__ = ("bytes", "members")
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -375,7 +390,7 @@ class StateEntry(_message.Message):
     def __init__(self, bytes: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicaEntry(_message.Message):
-    __slots__ = ("epoch", "seq", "init", "push", "register", "leave", "evict", "state", "ping")
+    __slots__ = ("epoch", "seq", "init", "push", "register", "leave", "evict", "state", "ping", "split")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
@@ -385,6 +400,7 @@ class ReplicaEntry(_message.Message):
     EVICT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     seq: int
     init: InitHeader
@@ -394,7 +410,8 @@ class ReplicaEntry(_message.Message):
     evict: EvictEntry
     state: StateEntry
     ping: bool
-    def __init__(self, epoch: _Optional[int] = ..., seq: _Optional[int] = ..., init: _Optional[_Union[InitHeader, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., register: _Optional[_Union[RegisterEntry, _Mapping]] = ..., leave: _Optional[_Union[LeaveRequest, _Mapping]] = ..., evict: _Optional[_Union[EvictEntry, _Mapping]] = ..., state: _Optional[_Union[StateEntry, _Mapping]] = ..., ping: _Optional[bool] = ...) -> None: ...
+    split: SplitEntry
+    def __init__(self, epoch: _Optional[int] = ..., seq: _Optional[int] = ..., init: _Optional[_Union[InitHeader, _Mapping]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., register: _Optional[_Union[RegisterEntry, _Mapping]] = ..., leave: _Optional[_Union[LeaveRequest, _Mapping]] = ..., evict: _Optional[_Union[EvictEntry, _Mapping]] = ..., state: _Optional[_Union[StateEntry, _Mapping]] = ..., ping: _Optional[bool] = ..., split: _Optional[_Union[SplitEntry, _Mapping]] = ...) -> None: ...
 
 class ApplyResponse(_message.Message):
     __slots__ = ("epoch", "version")
