@@ -13,7 +13,9 @@ restarts and iterations from summary.json. Prints one line per case.
 Replicated shards instead (docs/replication.md), all in the same run, median and range of
 `--repeats`: the stall of worker-0 after shard 0's server is killed at step 60 with
 `--replicas 1` (restart from its checkpoint) and with `--replicas 2` (the head killed: a
-follower takes over); samples/s of unkilled runs, R = 2 against R = 1; and the state
+follower takes over); samples/s of unkilled runs, R = 2 against R = 1, of README's main job
+(`ps-cluster --servers 2 --workers 2`, the built-in model, `--steps` long) and of the small
+model (where the extra round trip per push weighs most); and the state
 transfer of a 64 MB shard to a replica that joins (ps-server processes, SGD with momentum:
 64 MB of weights and 64 MB of momentum). Writes bench/results/faults-replication.json.
 """

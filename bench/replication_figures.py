@@ -152,22 +152,34 @@ def _transfer(root: Path, repeats: int) -> tuple[list[float], list[float], list[
     return seconds, longest, usual
 
 
+def _main_job(out: Path, steps: int, replicas: int) -> list[str]:
+    """README's main job (`ps-cluster --servers 2 --workers 2`, the built-in model), `steps` long."""
+    return [
+        *[sys.executable, "-m", "worker.cluster", "--servers", "2", "--workers", "2", "--steps", str(steps)],
+        *["--out", str(out), "--no-progress", "--no-metrics", "--replicas", str(replicas)],
+    ]
+
+
 def replication(a, corpus: Path, cmd) -> int:
+    """`cmd(out, *extra)`: the small-model `ps-cluster` command the stall is timed on."""
     root = a.out / "replication"
     stalls: dict[int, list[float]] = {1: [], 2: []}
-    rates: dict[int, list[float]] = {1: [], 2: []}
+    rates: dict[int, list[float]] = {1: [], 2: []}  # the main job
+    small: dict[int, list[float]] = {1: [], 2: []}  # the tests' small model: per-push costs dominate
     for i in range(a.repeats):
         for r in (1, 2):  # alternating, so load drifts hit both alike
             extra = ("--replicas", str(r))
-            _, s = _run(cmd(root / f"r{r}-plain-{i}", *extra), root / f"r{r}-plain-{i}", None)
+            _, s = _run(_main_job(root / f"r{r}-main-{i}", a.steps, r), root / f"r{r}-main-{i}", None)
             rates[r].append(s["samples_per_second"])
+            _, s = _run(cmd(root / f"r{r}-plain-{i}", *extra), root / f"r{r}-plain-{i}", None)
+            small[r].append(s["samples_per_second"])
             kill = "server-0.port" if r == 1 else "server-0-0.port"
             stall, s = _run(cmd(root / f"r{r}-kill-{i}", *extra), root / f"r{r}-kill-{i}", kill)
             assert stall is not None
             stalls[r].append(stall)
             print(
-                f"R={r} run {i}: {rates[r][-1]:.0f} samples/s; stall after the kill {stall:.2f}s, "
-                f"lost updates {s['lost_updates']}",
+                f"R={r} run {i}: main job {rates[r][-1]:.0f} samples/s, small model {small[r][-1]:.0f}; "
+                f"stall after the kill {stall:.2f}s, lost updates {s['lost_updates']}",
                 flush=True,
             )
     transfer, longest, usual = _transfer(root / "transfer", a.repeats)
@@ -175,6 +187,8 @@ def replication(a, corpus: Path, cmd) -> int:
         "stall_seconds": {"R=1 (restart from checkpoint)": _stat(stalls[1]), "R=2 (head killed)": _stat(stalls[2])},
         "samples_per_second": {"R=1": _stat(rates[1]), "R=2": _stat(rates[2])},
         "cost_of_replication": 1 - statistics.median(rates[2]) / statistics.median(rates[1]),
+        "samples_per_second_small_model": {"R=1": _stat(small[1]), "R=2": _stat(small[2])},
+        "cost_of_replication_small_model": 1 - statistics.median(small[2]) / statistics.median(small[1]),
         "state_transfer_seconds_64MB_shard": _stat(transfer),
         # a worker pushing without pause during each join: its longest push then, and its usual one
         "push_seconds_during_join": _stat(longest),
