@@ -24,6 +24,14 @@ from worker.rpc import wait_serving
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config) -> None:
+    """Tests stop launchers with SIGINT, as Ctrl-C in a terminal would. A suite started in the
+    background of a non-interactive shell (`bash -c '... &'`) inherits SIGINT ignored, and every
+    process it starts would keep ignoring it: give it back its default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class ProcessGroup:
     """Child processes of one test; `reap()` stops them all (SIGTERM, then SIGKILL)."""
 
