@@ -393,12 +393,10 @@ class Servicer(Durability, Membership):
         A replicated head logs the split (under the apply lock) before it answers, so that a
         follower that takes over hands out the same batches for that clock.
         """
-        split = self._balancer.new_split(request.worker_id, request.clock, self.clocks.clocks())
-        if split is None:
-            return
+        live = self.clocks.clocks()
         if self.replication is None:
-            self._balancer.adopt(request.clock, split)
-        else:
+            self._balancer.batch_for(request.worker_id, request.clock, live)  # makes the split if it needs one
+        elif self._balancer.new_split(request.worker_id, request.clock, live) is not None:
             await to_the_end(self._split_replicated(request))
 
     async def _split_replicated(self, request: pb.PullRequest) -> None:
