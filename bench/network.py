@@ -105,9 +105,21 @@ def build_parser() -> FlagParser:
     p.env_flag("steps", type=csv(int), default="40,16", help="iterations per worker of each model, in --models order")
     p.env_flag("warmup-steps", type=non_negative(int), default=3, help="first iterations not timed")
     p.env_flag(
+        "queue-ms",
+        type=positive(float),
+        default=shaped.DEFAULT_QUEUE_MS,
+        help="each link's queue, in milliseconds at its rate (a switch port's buffer)",
+    )
+    p.env_flag(
         "staleness", type=non_negative(float), default=1.0, help="asyncps staleness bound (with --pipeline: >= 1)"
     )
     p.env_switch("pipeline", default=True, help="asyncps: request the next pull before computing")
+    p.env_flag(
+        "prefetch",
+        type=positive(int),
+        default=1,
+        help="asyncps with --pipeline: pulls of the next N clocks in flight (needs --staleness >= N)",
+    )
     p.env_flag("threads", type=positive(int), default=1, help="torch threads per training process")
     p.env_flag(
         "calibration", default=None, help="network calibration (ps-cost calibrate --network) for the plot's prediction"
@@ -212,6 +224,7 @@ def run_asyncps(
     pipeline: bool,
     net_args: dict,
     out: Path,
+    prefetch: int = 1,
 ) -> dict:
     shosts = [f"server-{i}" for i in range(servers)]
     whosts = [f"worker-{r}" for r in range(spec.workers)]
@@ -276,6 +289,7 @@ def run_asyncps(
                         "--compression",
                         compression,
                         "--pipeline" if pipeline else "--no-pipeline",
+                        *(["--prefetch", str(prefetch)] if pipeline else []),
                         "--log-level",
                         "WARNING",
                         *_training_argv(spec, variant),
@@ -330,10 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--steps needs one count per model ({len(a.models)}), got {len(a.steps)}")
     if a.pipeline and a.staleness < 1:
         p.error("--pipeline needs --staleness of at least 1")
+    if a.pipeline and a.prefetch > a.staleness:
+        p.error(f"--prefetch {a.prefetch} needs --staleness of at least {a.prefetch}")
     if any(s < 1 for s in a.servers + a.compressed_servers):
         p.error("server counts must be at least 1")
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    net_args = {"rate_mbit": a.link_gbit * 1000, "delay_ms": a.delay_ms}
+    net_args = {"rate_mbit": a.link_gbit * 1000, "delay_ms": a.delay_ms, "queue_ms": a.queue_ms}
     variant = Variant(a.staleness, True)
     work = Path(tempfile.mkdtemp(prefix="asyncps-network-"))
     result = {
@@ -363,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
                 if system == "ddp-gloo":
                     m = run_ddp(spec, steps, a.warmup_steps, comp, net_args, out)
                 else:
-                    m = run_asyncps(spec, steps, a.warmup_steps, servers, comp, variant, a.pipeline, net_args, out)
+                    m = run_asyncps(
+                        spec, steps, a.warmup_steps, servers, comp, variant, a.pipeline, net_args, out, a.prefetch
+                    )
             except (RunFailed, shaped.NetError) as exc:
                 log.error("%s %s S=%d %s run %d failed: %s", model, system, servers, comp, run, exc)
                 m = {"failed": str(exc)[-2000:]}
@@ -374,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
                 "servers": servers or None,
                 "link_gbit": a.link_gbit,
                 "compression": comp,
+                **(
+                    {}
+                    if system == "ddp-gloo"
+                    else {"staleness": a.staleness, "pipeline": a.pipeline, "prefetch": a.prefetch}
+                ),
                 "run": run,
                 "steps": steps,
                 "params": MODELS[model].params,

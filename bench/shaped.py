@@ -308,6 +308,57 @@ def tcp_rate_mbit(net: ShapedNet, src: str, dst: str, seconds: float = 1.5) -> f
     return float(out.split()[-1])
 
 
+def exchange_rate_mbit(net: ShapedNet, left: Sequence[str], right: Sequence[str], nbytes: int) -> float:
+    """Raw TCP goodput of the busiest link, per direction (Mbit/s), of an all-to-all exchange
+    both ways at once: every host of `left` sends `nbytes` to every host of `right` and every
+    host of `right` to every one of `left`, all flows started together (one process per host,
+    a thread per flow). Divides the bytes the busiest host sends (max(len(left), len(right))
+    flows) by the time the last flow took: what a pipelined parameter server's clock moves
+    (workers `left` pushing to and pulling from servers `right`), where a single long flow
+    (`tcp_rate_mbit`) is the best case.
+    """
+    import sys
+
+    port = 5203
+    boost = ["nice", "-n", "-10"] if os.geteuid() == 0 else []
+    hosts = [*left, *right]
+    peers = {h: right if h in left else left for h in hosts}
+    procs = {
+        h: net.popen(
+            h,
+            [*boost, sys.executable, "-c", _EXCHANGE, net.address(h), str(port), str(nbytes)]
+            + [net.address(x) for x in peers[h]],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for h in hosts
+    }
+    try:
+        for h, pr in procs.items():
+            if pr.stdout.readline().strip() != "ready":
+                raise NetError(f"exchange helper on {h} did not start: {pr.stderr.read()[-500:]}")
+        start = time.time() + 1.0 + 0.05 * len(hosts)  # every helper connected by then
+        for pr in procs.values():
+            pr.stdin.write(f"{start}\n")
+            pr.stdin.flush()
+        took = []
+        for h, pr in procs.items():
+            out, err = pr.communicate(timeout=60 + nbytes * len(peers[h]) * 8 / (net.rate_mbit * 1e6) * 4)
+            if pr.returncode:
+                raise NetError(f"exchange helper on {h} failed: {err[-500:]}")
+            took.append(float(out.split()[-1]))
+    except subprocess.TimeoutExpired:
+        raise NetError("exchange measurement timed out") from None
+    finally:
+        for pr in procs.values():
+            if pr.poll() is None:
+                pr.kill()
+                pr.wait()
+    return nbytes * max(len(left), len(right)) * 8 / max(took) / 1e6
+
+
 def tcp_rtt_ms(net: ShapedNet, src: str, dst: str, rounds: int = 200) -> float:
     """Median round trip (ms) of a 1-byte TCP ping-pong from `src` to `dst` (no Nagle delay)."""
     import sys
@@ -378,4 +429,36 @@ c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
 buf = bytes(1 << 20); end = time.perf_counter() + 0.3 + float(sys.argv[3])
 while time.perf_counter() < end: c.sendall(buf)
 c.close()
+"""
+# One host of exchange_rate_mbit: serve (read every connection to its end, then close it),
+# print "ready", take the start time from stdin, connect to every peer, send each nbytes from
+# its own thread at the start time, print how long until every peer had taken all of it, and
+# leave once every peer's flow to it has been read in full.
+_EXCHANGE = """
+import socket, sys, threading, time
+me, port, n, peers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((me, port)); s.listen(64)
+drained = threading.Semaphore(0)
+def drain(c):
+    buf = bytearray(1 << 20)
+    while c.recv_into(buf): pass
+    c.close(); drained.release()
+def serve():
+    while True:
+        c, _ = s.accept(); threading.Thread(target=drain, args=(c,), daemon=True).start()
+threading.Thread(target=serve, daemon=True).start()
+print("ready", flush=True)
+start = float(sys.stdin.readline())
+conns = [socket.create_connection((p, port), timeout=30) for p in peers]
+data = bytes(n)
+def send(c):
+    c.sendall(data); c.shutdown(socket.SHUT_WR); c.recv(1)
+time.sleep(max(0.0, start - time.time()))
+t0 = time.perf_counter()
+ts = [threading.Thread(target=send, args=(c,)) for c in conns]
+for t in ts: t.start()
+for t in ts: t.join()
+print(time.perf_counter() - t0, flush=True)
+for _ in peers:  # every peer's flow to us taken in full before leaving
+    drained.acquire(timeout=120)
 """

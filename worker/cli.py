@@ -90,6 +90,15 @@ TRAINING_FLAGS: list[tuple[str, Callable[[str], Any], object, str]] = [
             "outer optimizer (--outer-*); --steps counts batches"
         ),
     ),
+    (
+        "prefetch",
+        positive(int),
+        1,
+        (
+            "with --pipeline: pulls of the next N clocks in flight at once, so a "
+            "link never idles between two pulls (needs --staleness of at least N)"
+        ),
+    ),
     ("outer-optimizer", str, None, f"with --local-steps: {', '.join(OUTER)} (default sgd)"),
     (
         "outer-lr",
@@ -202,6 +211,10 @@ def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
         p.error(str(exc))
     if args.pipeline and args.staleness < 1:
         p.error("--pipeline needs --staleness of at least 1")
+    if args.prefetch > 1 and not args.pipeline:
+        p.error("--prefetch is for --pipeline")
+    if args.pipeline and args.prefetch > args.staleness:
+        p.error(f"--prefetch {args.prefetch} needs --staleness of at least {args.prefetch}")
     if args.data is not None and not os.path.exists(args.data):
         p.error(f"--data {args.data}: no such file or folder")
 
@@ -370,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_id=worker_id,
         staleness=args.staleness,
         pipeline=args.pipeline,
+        prefetch=args.prefetch,
         flush_denormal=args.flush_denormal,
         batch_size=args.batch_size,
         steps=args.steps,

@@ -20,7 +20,10 @@ at once (at most `max_inflight` pushes in flight; it blocks beyond that) and
 immediately asks for the next clock's weights, which the servers send as soon as the
 push is applied and the staleness bound allows. With `pipeline=True` (needs s >= 1)
 the next pull is asked for before the push, so it overlaps the whole computation; the
-weights then miss at most the worker's own latest gradient.
+weights then miss at most the worker's own latest gradient. `prefetch=k` (needs s >= k)
+keeps the pulls of the next k clocks in flight, each into its own buffer, so a link
+never idles between one pull's last bytes and the next pull's first (the weights then
+miss at most the worker's own k latest gradients).
 
 Thread-safety: `pull`, `push`, `wait` and `close` must be called from one thread (the
 training loop); they block that thread, never the I/O thread.
@@ -70,6 +73,7 @@ class PSClient(ShardExchange):
         worker_id: str | None = None,
         pipeline: bool = False,
         max_inflight: int = 2,
+        prefetch: int = 1,
         options: CallOptions = CallOptions(),
         heartbeat_interval: float | None = None,
         initialize: bool = True,
@@ -95,6 +99,8 @@ class PSClient(ShardExchange):
             security = security if security is not None else environment.security_from_env()
         if pipeline and staleness < 1:
             raise ValueError("pipeline=True needs a staleness bound of at least 1")
+        if prefetch < 1 or (pipeline and prefetch > staleness):
+            raise ValueError(f"prefetch={prefetch} needs 1 <= prefetch <= the staleness bound ({staleness:g})")
         if isinstance(optimizer, dict):
             optimizer = default_config(**optimizer)
         self.optimizer = optimizer or default_config()
@@ -108,6 +114,7 @@ class PSClient(ShardExchange):
             worker_id or os.environ.get("ASYNCPS_WORKER_ID", "").strip() or f"{socket.gethostname()}-{os.getpid()}"
         )
         self.pipeline = pipeline
+        self.prefetch = prefetch if pipeline else 1
         self.max_inflight = max(1, max_inflight)
         self.options = options
         self._hb_interval = heartbeat_interval
@@ -124,7 +131,10 @@ class PSClient(ShardExchange):
         if from_env and metrics is None:
             environment.serve_metrics_from_env(self.metrics.registry)
         pin = self.device.type == "cuda"
-        self._weights = torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin)
+        # pulls land here; clock c's in buffer c % prefetch (a pipelined worker has `prefetch` in flight)
+        self._pull_bufs = [
+            torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin) for _ in range(self.prefetch)
+        ]
         self._free_grads = [
             torch.empty(self.plan.numel, dtype=torch.float32, pin_memory=pin) for _ in range(self.max_inflight)
         ]
@@ -137,7 +147,8 @@ class PSClient(ShardExchange):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._inflight: list[PushTicket] = []
-        self._next_pull: tuple[int, concurrent.futures.Future] | None = None
+        self._pending_pulls: dict[int, concurrent.futures.Future] = {}  # clock -> its pull in flight
+        self._push_order: list[asyncio.Lock] = []
         self._failure: BaseException | None = None
         self._evicted = False
         self._heartbeat: concurrent.futures.Future | None = None
@@ -179,6 +190,7 @@ class PSClient(ShardExchange):
         # data_streams counts connections for the whole model: S shards already make S streams
         per_shard = dataclasses.replace(self.options, data_streams=-(-self.options.data_streams // len(self._servers)))
         self._shards = [ShardClient(a, i, per_shard, self.security) for i, a in enumerate(self._servers)]
+        self._push_order = [asyncio.Lock() for _ in self._shards]  # a shard takes this worker's pushes in clock order
         flat = self._flatten([p.detach() for p in self.params])
         statuses = await asyncio.gather(*(s.status() for s in self._shards))
 
@@ -308,11 +320,16 @@ class PSClient(ShardExchange):
         self.metrics.bound_wait_seconds.inc(waited)
         self.stats.versions = self._read_versions
         with torch.no_grad():
-            weights = self._weights.to(self.device, non_blocking=True)
+            weights = self.pull_buffer(self.clock).to(self.device, non_blocking=True)
             for p, (lo, hi) in zip(self.params, self._offsets):
                 p.copy_(weights[lo:hi].view_as(p))
+            if self.device.type == "cuda":  # the buffer is written again by a later pull: the copy must be done
+                torch.cuda.current_stream(self.device).synchronize()
         if self.pipeline:
-            self._next_pull = (self.clock + 1, self._submit(self._pull_all(self.clock + 1, own_lag=1)))
+            for ahead in range(1, self.prefetch + 1):
+                if self.clock + ahead not in self._pending_pulls:
+                    fut = self._submit(self._pull_all(self.clock + ahead, own_lag=ahead))
+                    self._pending_pulls[self.clock + ahead] = fut
         self.stats.pulls += 1
         self.stats.pull_wait_seconds += time.perf_counter() - t0
 
@@ -354,7 +371,7 @@ class PSClient(ShardExchange):
         ticket = PushTicket(clock, fut)
         self._inflight.append(ticket)
         if not self.pipeline:
-            self._next_pull = (self.clock, self._submit(self._pull_all(self.clock, own_lag=0)))
+            self._pending_pulls[self.clock] = self._submit(self._pull_all(self.clock, own_lag=0))
         self.stats.pushes += 1
         self.stats.push_wait_seconds += time.perf_counter() - t0
         return ticket
@@ -406,18 +423,25 @@ class PSClient(ShardExchange):
     def _submit(self, coro: Coroutine) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
 
+    def pull_buffer(self, clock: int) -> torch.Tensor:
+        """The flat buffer clock `clock`'s pull lands in."""
+        return self._pull_bufs[clock % len(self._pull_bufs)]
+
     def _take_pull(self, clock: int) -> concurrent.futures.Future:
-        pending, self._next_pull = self._next_pull, None
-        if pending and pending[0] == clock:
-            return pending[1]
-        if pending:
-            pending[1].cancel()
-        return self._submit(self._pull_all(clock, own_lag=0))
+        """The pull for `clock`: the one in flight, or a new one; pulls of earlier clocks are cancelled."""
+        fut = self._pending_pulls.pop(clock, None)
+        for c in [c for c in self._pending_pulls if c < clock]:
+            self._pending_pulls.pop(c).cancel()
+        return fut if fut is not None else self._submit(self._pull_all(clock, own_lag=0))
+
+    def _cancel_pulls(self) -> None:
+        """Cancel every pull in flight (safe from any thread: Future.cancel is)."""
+        pending, self._pending_pulls = self._pending_pulls, {}
+        for fut in pending.values():
+            fut.cancel()
 
     def _rejoin(self) -> None:
-        if self._next_pull:
-            self._next_pull[1].cancel()
-            self._next_pull = None
+        self._cancel_pulls()
         self._run(self._register())
         if self._feedback is not None:  # what was owed to the forgotten session is not pushed later
             self._feedback.reset()

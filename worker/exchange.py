@@ -32,12 +32,13 @@ class ShardExchange:
     metrics: WorkerMetrics
     stats: ClientStats
     compression: str
-    _weights: torch.Tensor
+    _pull_bufs: list[torch.Tensor]
     _free_grads: list[torch.Tensor]
     _shards: list[ShardClient]
     _sessions: list[int]
     _seen_versions: list[int]
-    _next_pull: tuple[int, concurrent.futures.Future] | None
+    _pending_pulls: dict[int, concurrent.futures.Future]
+    _push_order: list[asyncio.Lock]
     _failure: BaseException | None
     _evicted: bool
     _hb_interval: float | None
@@ -46,6 +47,7 @@ class ShardExchange:
         m = self.metrics
         pull_codec = self.compression if self.compression in ("bf16", "fp16") else ""
         itemsize = compress.pull_dtype(pull_codec).itemsize
+        into = self._pull_bufs[clock % len(self._pull_bufs)]
 
         async def one(shard: ShardClient, session: int) -> pb.PullHeader:
             spec = self.plan.shards[shard.index]
@@ -58,7 +60,7 @@ class ShardExchange:
                 compression=pull_codec,
             )
             t0 = time.perf_counter()
-            head = await shard.pull(req, self._weights[spec.lo : spec.hi])
+            head = await shard.pull(req, into[spec.lo : spec.hi])
             i = shard.index
             m.data_plane[i].set(shard.transport == "tcp")
             m.pulls[i].inc()
@@ -95,9 +97,15 @@ class ShardExchange:
                 compression="" if payloads is None else self.compression,
             )
             payload = None if payloads is None else payloads[shard.index]
-            t0 = time.perf_counter()
+            t0 = 0.0
             try:
-                resp = await shard.push(head, grad[spec.lo : spec.hi], payload)
+                # One push per shard at a time, in clock order (asyncio.Lock is FIFO and the pushes'
+                # coroutines start in the order push() submitted them): a later clock overtaking an
+                # earlier one on another connection would be applied first, and the earlier one then
+                # refused as already applied (ALREADY_EXISTS), its gradient lost.
+                async with self._push_order[shard.index]:
+                    t0 = time.perf_counter()
+                    resp = await shard.push(head, grad[spec.lo : spec.hi], payload)
             except RpcFailed as exc:
                 if exc.evicted:
                     self.stats.pushes_dropped += 1
@@ -106,9 +114,8 @@ class ShardExchange:
                     log.warning("push of clock %d to shard %d refused: %s", clock, shard.index, exc.details)
                     return None
                 self._failure = exc
-                pending = self._next_pull
-                if pending:  # that pull would wait for this push forever
-                    pending[1].cancel()
+                for fut in list(self._pending_pulls.values()):  # they would wait for this push forever
+                    fut.cancel()
                 raise
             i = shard.index
             m.pushes[i].inc()

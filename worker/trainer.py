@@ -46,6 +46,7 @@ class WorkerConfig:
     worker_id: str | None = None
     staleness: float = math.inf
     pipeline: bool = False
+    prefetch: int = 1  # with pipeline: pulls of that many future clocks in flight (needs staleness >= prefetch)
     flush_denormal: bool = True  # on the CPU: denormal floats become zero (process-wide while train runs)
     batch_size: int = 16
     steps: int = 100
@@ -162,6 +163,7 @@ def train(cfg: WorkerConfig) -> dict:
             staleness=cfg.staleness,
             worker_id=cfg.worker_id,
             pipeline=cfg.pipeline,
+            prefetch=cfg.prefetch,
             options=cfg.options,
             metrics=cfg.metrics,
             security=cfg.security,

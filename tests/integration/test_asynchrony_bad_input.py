@@ -37,6 +37,8 @@ CLI_BAD = {
     "unknown-rule": (["--update-rule", "brake"], "--update-rule"),
     "unknown-outer": (["--local-steps", "2", "--outer-optimizer", "adam"], "--outer-optimizer"),
     "period-without-delayed": (["--local-steps", "2", "--outer-period", "2"], "--outer-period"),
+    "prefetch-beyond-bound": (["--pipeline", "--staleness", "1", "--prefetch", "2"], "--prefetch 2"),
+    "prefetch-without-pipeline": (["--staleness", "2", "--prefetch", "2"], "--prefetch"),
 }
 
 

@@ -59,6 +59,8 @@ def test_tiny_grid_writes_rows_and_leaves_no_namespace(tmp_path):
             "1",
             "--link-gbit",
             "0.5",
+            "--staleness",
+            "2",
             "--results",
             str(tmp_path),
         ],
@@ -74,7 +76,9 @@ def test_tiny_grid_writes_rows_and_leaves_no_namespace(tmp_path):
     assert KEYS <= set(row), row
     assert (row["system"], row["model"], row["servers"], row["compression"]) == ("asyncps", "tiny", 1, "bf16")
     assert row["samples_per_second"] > 0 and row["heldout_loss"] > 0 and row["exposed_comm_seconds"] >= 0
-    assert (tmp_path / "network.md").exists() and (tmp_path / "network.png").exists()
+    assert (row["staleness"], row["pipeline"]) == (2.0, True)  # each row says the bound it ran at
+    assert "| tiny | asyncps | 1 | 2, 1 | bf16 |" in (tmp_path / "network.md").read_text()
+    assert (tmp_path / "network.png").exists()
     assert not [
         ns
         for ns in shaped.namespaces()
@@ -82,12 +86,17 @@ def test_tiny_grid_writes_rows_and_leaves_no_namespace(tmp_path):
     ]
 
 
-def test_bad_flag_is_one_line_and_exit_2(tmp_path):
+@pytest.mark.parametrize(
+    "flags,mention",
+    [(["--models", "huge"], "--models"), (["--staleness", "1", "--prefetch", "2"], "--prefetch 2")],
+)
+def test_bad_flag_is_one_line_and_exit_2(tmp_path, flags, mention):
     r = subprocess.run(
-        [sys.executable, "bench/network.py", "--json", str(tmp_path / "x.json"), "--models", "huge"],
+        [sys.executable, "bench/network.py", "--json", str(tmp_path / "x.json"), *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert r.returncode == 2 and "--models" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and mention in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "x.json").exists()

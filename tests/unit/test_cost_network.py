@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,15 @@ def test_asyncps_moves_m_each_way_per_worker_and_p_over_s_per_server():
     assert asyncps_comm(N, 4, 2, LINK) == pytest.approx(2 * M_OVER_B)  # a server's link: P/S models
     assert asyncps_comm(N, 4, 1, LINK) == pytest.approx(4 * M_OVER_B)
     assert asyncps_comm(N, 4, 8, LINK) == pytest.approx(M_OVER_B)  # then the worker's own link bounds it
+
+
+def test_pipelined_exchanges_move_at_the_measured_all_to_all_rate():
+    both = Link(gbit=1.0, efficiency=1.0, exchange_efficiency=0.8)  # both directions busy: 80 % each way
+    assert asyncps_comm(N, 4, 4, both) == pytest.approx(M_OVER_B / 0.8)
+    assert asyncps_comm(N, 4, 4, both, pipeline=False) == pytest.approx(2 * M_OVER_B)  # turns: one flow's rate
+    assert ddp_comm(N, 4, both) == pytest.approx(1.5 * M_OVER_B)
+    cal = {**_cal(), "link": {"gbit": 1.0, "latency_ms": 0.0, "efficiency": 1.0, "exchange_efficiency": 0.8}}
+    assert network.NetworkModel(cal).link == both
 
 
 def test_ring_all_reduce_and_the_bytesps_bound():
@@ -66,6 +76,11 @@ def test_predictions_and_comparison_against_rows():
     assert network.clock_seconds("asyncps", 1.0, 2.0, True, (2.0, 2.0)) == pytest.approx(2.5)
     assert network.clock_seconds("asyncps", 3.0, 1.0, True, (1.0, 1.0)) == pytest.approx(3.0)
     assert network.clock_seconds("asyncps", 1.0, 4.0, False) == pytest.approx(5.0)
+    # a bound s spreads one push -> pull -> compute chain over s + 1 clocks; one pull and one push at a time
+    assert network.clock_seconds("asyncps", 1.0, 2.0, True, (2.0, 2.0), staleness=2) == pytest.approx(2.0)
+    assert network.clock_seconds("asyncps", 1.0, 1.0, True, (2.0, 1.0), 0.6, staleness=2) == pytest.approx(2.0)
+    assert network.clock_seconds("asyncps", 0.5, 1.0, True, (1.0, 1.0), 1.0, staleness=2) == pytest.approx(3.5 / 3)
+    assert network.clock_seconds("asyncps", 0.5, 1.0, True, (1.0, 0.8), 9.0, math.inf) == pytest.approx(1.0)
     rows = [
         {"system": "asyncps", "model": "wide", "servers": 4, "compression": "none", "samples_per_second": v}
         for v in (sps * 0.9, sps, sps * 1.2)
@@ -73,7 +88,18 @@ def test_predictions_and_comparison_against_rows():
     result = {"link_gbit": 0.1, "workers": 4, "asyncps": {"pipeline": True}, "rows": rows}
     cmp = network.compare(_cal(), result)
     assert cmp["rows"][0]["runs"] == 3 and cmp["errors"]["median_abs"] == pytest.approx(0.0, abs=1e-3)
-    assert network.predicted_scaleout(_cal(), result) == {"wide": {4: round(sps, 2)}}
+    # rows of another bound are their own group, predicted with their own s
+    s2, _ = nm.samples_per_second("asyncps", "wide", 4, 4, "none", staleness=2)
+    assert s2 > sps
+    rows.append({**rows[0], "staleness": 2.0, "samples_per_second": s2 * 1.1})
+    groups = {r["staleness"]: r for r in network.compare(_cal(), result)["rows"]}
+    assert groups[1.0]["runs"] == 3 and groups[2.0]["runs"] == 1
+    assert groups[2.0]["predicted_samples_per_second"] == pytest.approx(s2, abs=1e-3)
+    # the scale-out line: the bound covering the most server counts, the larger on a tie
+    assert network.predicted_scaleout(_cal(), result) == {"wide": {4: round(s2, 2)}}
+    rows.append({**rows[0], "servers": 2})
+    s1_at_2, _ = nm.samples_per_second("asyncps", "wide", 4, 2, "none")
+    assert network.predicted_scaleout(_cal(), result) == {"wide": {2: round(s1_at_2, 2), 4: round(sps, 2)}}
     with pytest.raises(ValueError, match="not a network calibration"):
         network.NetworkModel({"format": "x"})
 

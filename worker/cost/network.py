@@ -17,16 +17,19 @@ efficiency) and one-way latency L to the switch; a model of n parameters:
   `protos.compress.push_bytes` (≈ n/8 + 4n/1024), pulls stay fp32. DDP with bf16 halves M.
 
 A clock (`clock_seconds`): compute + T_comm for DDP (its one bucket is reduced after the
-backward pass) and unpipelined asyncps; pipelined asyncps overlaps the wire with compute,
-max(C, U, D, (C + U + D)/2) with U, D the push and pull. Samples/s = P × batch / clock. Immutable and thread-safe.
+backward pass) and unpipelined asyncps; pipelined asyncps with bound s overlaps the wire with
+compute, max(C, U, D, (C + U + A + D)/(s + 1)) with U, D the push and pull (reached in practice
+with `--prefetch s`: one pull in flight leaves the links idle between pulls). Samples/s = P × batch
+/ clock. Immutable and thread-safe.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from protos import compress
@@ -40,10 +43,17 @@ class Link:
     gbit: float  # the link's rate
     latency_s: float = 0.0  # one way, host to switch
     efficiency: float = 0.95  # TCP payload / link rate (measured: raw TCP over the shaped link)
+    # the same with both directions of every link busy with several flows, as a pipelined
+    # clock's pushes and pulls keep them (measured: an all-to-all both ways); None: `efficiency`
+    exchange_efficiency: float | None = None
 
     @property
     def bytes_per_second(self) -> float:
         return self.gbit * 1e9 / 8 * self.efficiency
+
+    @property
+    def exchange_bytes_per_second(self) -> float:
+        return self.gbit * 1e9 / 8 * (self.exchange_efficiency or self.efficiency)
 
 
 def wire_bytes(params: int, compression: str) -> tuple[int, int]:
@@ -53,12 +63,15 @@ def wire_bytes(params: int, compression: str) -> tuple[int, int]:
 
 
 def asyncps_parts(
-    params: int, workers: int, servers: int, link: Link, compression: str = "none"
+    params: int, workers: int, servers: int, link: Link, compression: str = "none", pipeline: bool = True
 ) -> tuple[float, float]:
-    """(push, pull) seconds of one asyncps clock on the busiest link of each direction, a round trip each."""
+    """(push, pull) seconds of one asyncps clock on the busiest link of each direction, a round
+    trip each. Pipelined, pushes and pulls share the links' two directions at once (the
+    exchange efficiency); without, they take turns (the single-flow one)."""
     push, pull = wire_bytes(params, compression)
     fan_in = max(1.0, workers / servers)  # the busiest link: a worker's own, or a server's share of P
-    b, rtt = link.bytes_per_second, 4 * link.latency_s  # host -> switch -> host and back
+    b = link.exchange_bytes_per_second if pipeline else link.bytes_per_second
+    rtt = 4 * link.latency_s  # host -> switch -> host and back
     return fan_in * push / b + rtt, fan_in * pull / b + rtt
 
 
@@ -66,7 +79,7 @@ def asyncps_comm(
     params: int, workers: int, servers: int, link: Link, compression: str = "none", pipeline: bool = True
 ) -> float:
     """Seconds of communication of one asyncps clock (see the module docstring)."""
-    up, down = asyncps_parts(params, workers, servers, link, compression)
+    up, down = asyncps_parts(params, workers, servers, link, compression, pipeline)
     return max(up, down) if pipeline else up + down
 
 
@@ -85,19 +98,23 @@ def clock_seconds(
     pipeline: bool = True,
     parts: tuple[float, float] | None = None,
     apply: float = 0.0,
+    staleness: float = 1.0,
 ) -> float:
     """One iteration of every worker. DDP: compute, then the all-reduce (a model under DDP's
     25 MB bucket is one bucket, reduced after the backward pass: nothing overlaps). asyncps
-    without --pipeline: compute + push + pull. Pipelined, with push U and pull D: the pull of
-    clock c+1 starts once clock c-1's pushes are in, and a clock ends when it has arrived,
-    so the period T solves T = D + max(0, C + U + A - T): T = max(C, U, D, (C + U + A + D) / 2),
-    A the servers' work between the last push of a clock and the first pull it frees."""
+    without --pipeline: compute + push + pull. Pipelined with bound s, push U and pull D: the
+    pull of clock c+1 is asked for when clock c's arrives and is answered once clock c-s's
+    pushes are in, so one chain push -> apply -> pull -> compute spans s + 1 clocks, one pull
+    and one push are on the wire at a time: T = max(C, U, D, (C + U + A + D) / (s + 1)),
+    A the servers' work between the last push of a clock and the first pull it frees
+    (s = 1: T = D + max(0, C + U + A - T); s = inf: max(C, U, D))."""
     if system == "ddp-gloo":
         return compute + comm
     if not pipeline:
         return compute + comm + apply
     up, down = parts if parts is not None else (comm, comm)
-    return max(compute, up, down, (compute + up + apply + down) / 2)
+    chain = 0.0 if math.isinf(staleness) else (compute + up + apply + down) / (max(1.0, staleness) + 1)
+    return max(compute, up, down, chain)
 
 
 class NetworkModel:
@@ -107,7 +124,12 @@ class NetworkModel:
         if cal.get("format") != FORMAT:
             raise ValueError(f"not a network calibration (format {FORMAT})")
         self.cal = cal
-        self.link = Link(cal["link"]["gbit"], cal["link"]["latency_ms"] / 1e3, cal["link"]["efficiency"])
+        self.link = Link(
+            cal["link"]["gbit"],
+            cal["link"]["latency_ms"] / 1e3,
+            cal["link"]["efficiency"],
+            cal["link"].get("exchange_efficiency"),
+        )
         self.compute = {r["model"]: r for r in cal.get("compute", [])}
 
     def with_rate(self, gbit: float) -> NetworkModel:
@@ -117,22 +139,50 @@ class NetworkModel:
         return NetworkModel(cal)
 
     def comm(
-        self, system: str, params: int, workers: int, servers: int, compression: str, pipeline: bool = True
+        self,
+        system: str,
+        params: int,
+        workers: int,
+        servers: int,
+        compression: str,
+        pipeline: bool = True,
+        link: Link | None = None,
     ) -> float:
+        """Seconds of communication per clock on `link` (default: the calibrated link)."""
+        link = link or self.link
         if system == "ddp-gloo":
-            return ddp_comm(params, workers, self.link, compression)
-        return asyncps_comm(params, workers, servers, self.link, compression, pipeline)
+            return ddp_comm(params, workers, link, compression)
+        return asyncps_comm(params, workers, servers, link, compression, pipeline)
+
+    def link_for(self, compute: dict | None, servers: int) -> Link:
+        """The link as a calibrated model's flows meet it with this many servers: its exchange
+        efficiency measured for that server count (or the nearest measured), else the link's."""
+        measured = {int(k): v for k, v in (compute or {}).get("exchange_efficiency", {}).items()}
+        if not measured:
+            return self.link
+        nearest = min(measured, key=lambda s: (abs(s - servers), s))
+        return replace(self.link, exchange_efficiency=measured[nearest])
 
     def samples_per_second(
-        self, system: str, model: str, workers: int, servers: int, compression: str, pipeline: bool = True
+        self,
+        system: str,
+        model: str,
+        workers: int,
+        servers: int,
+        compression: str,
+        pipeline: bool = True,
+        staleness: float = 1.0,
     ) -> tuple[float, float]:
         """(samples/s, T_comm per clock) of a run of the calibrated `model` on these links."""
         c = self.compute[model]
-        comm = self.comm(system, c["params"], workers, servers, compression, pipeline)
-        parts = asyncps_parts(c["params"], workers, servers, self.link, compression) if system == "asyncps" else None
+        link = self.link_for(c, servers)
+        comm = self.comm(system, c["params"], workers, servers, compression, pipeline, link)
+        parts = (
+            asyncps_parts(c["params"], workers, servers, link, compression, pipeline) if system == "asyncps" else None
+        )
         apply = self.apply_seconds(c["params"], workers, servers) if system == "asyncps" else 0.0
         return workers * c["batch_size"] / clock_seconds(
-            system, c["compute_seconds"], comm, pipeline, parts, apply
+            system, c["compute_seconds"], comm, pipeline, parts, apply, staleness
         ), comm
 
     def apply_seconds(self, params: int, workers: int, servers: int) -> float:
@@ -141,8 +191,10 @@ class NetworkModel:
         return self.cal.get("server_seconds_per_param", 0.0) * params / servers * workers
 
 
-def measure_link(gbit: float, delay_ms: float) -> dict:
-    """Raw TCP goodput and round trip over a two-host shaped network of this rate (needs root)."""
+def measure_link(gbit: float, delay_ms: float, workers: int = 0) -> dict:
+    """Raw TCP goodput and round trip over a two-host shaped network of this rate (needs root);
+    with `workers` P > 0 also the exchange efficiency: the goodput per link and direction of an
+    all-to-all both ways between P and P hosts, each flow about 2 s at the rate."""
     import sys
 
     bench = Path(__file__).resolve().parents[2] / "bench"
@@ -151,9 +203,9 @@ def measure_link(gbit: float, delay_ms: float) -> dict:
     import shaped
 
     with shaped.ShapedNet(["a", "b"], rate_mbit=gbit * 1000, delay_ms=delay_ms) as net:
-        goodput = statistics.median(shaped.tcp_rate_mbit(net, "a", "b", seconds=1.0) for _ in range(2))
+        goodput = statistics.median(shaped.tcp_rate_mbit(net, "a", "b", seconds=1.5) for _ in range(3))
         rtt = shaped.tcp_rtt_ms(net, "a", "b")
-        return {
+        link = {
             "gbit": gbit,
             "efficiency": round(goodput / (gbit * 1000), 4),
             "latency_ms": round(rtt / 4, 4),
@@ -161,19 +213,59 @@ def measure_link(gbit: float, delay_ms: float) -> dict:
             "delay_applied": net.delay_applied,
             "measured": True,
         }
+    if workers > 0:
+        flow = int(gbit * 1e9 / 8 * 2 / workers)  # each flow 2 s at the rate
+        link["exchange_efficiency"] = measure_exchange(gbit, delay_ms, workers, [(workers, flow)])[0]
+        link["exchange_hosts"] = f"{workers} x {workers}, both ways, flows of 2 s"
+    return link
+
+
+def measure_exchange(gbit: float, delay_ms: float, workers: int, cases: list[tuple[int, int]]) -> list[float]:
+    """The exchange efficiency of each (servers S, bytes per flow) case: an all-to-all both ways
+    between P worker hosts and S server hosts, the busiest link's goodput per direction over
+    the rate (median of three; needs root). Short flows lose more to TCP's start and to the
+    slowest flow's tail than long ones, and the pattern matters: S = P is a P x P all-to-all,
+    S = 1 funnels every flow through one link."""
+    import sys
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    import shaped
+
+    left = [f"w{i}" for i in range(workers)]
+    right = [f"s{i}" for i in range(max(s for s, _ in cases))]
+    out = []
+    with shaped.ShapedNet(left + right, rate_mbit=gbit * 1000, delay_ms=delay_ms) as net:
+        for servers, nbytes in cases:
+            rates = [shaped.exchange_rate_mbit(net, left, right[:servers], nbytes) for _ in range(3)]
+            out.append(round(statistics.median(rates) / (gbit * 1000), 4))
+    return out
+
+
+def scaleout_staleness(result: dict, model: str) -> float | None:
+    """The staleness bound of `model`'s scale-out series in bench/network.py's rows: the bound
+    whose uncompressed asyncps rows cover the most server counts (the larger on a tie)."""
+    cover: dict[float, set] = {}
+    for r in result["rows"]:
+        if r["model"] == model and r["system"] == "asyncps" and r["compression"] == "none":
+            cover.setdefault(row_staleness(r, result) or 1.0, set()).add(r["servers"])
+    return max(cover, key=lambda s: (len(cover[s]), s)) if cover else None
 
 
 def predicted_scaleout(cal: dict, result: dict) -> dict:
-    """{model: {S: samples/s}} for bench/network.py's asyncps rows (no compression), at its link rate."""
+    """{model: {S: samples/s}} for bench/network.py's asyncps rows (no compression, each model's
+    scale-out bound), at its link rate."""
     nm = NetworkModel(cal).with_rate(result["link_gbit"])
     servers = sorted({r["servers"] for r in result["rows"] if r["system"] == "asyncps" and r["servers"]})
     out = {}
     for model in sorted({r["model"] for r in result["rows"]}):
-        if model in nm.compute:
+        staleness = scaleout_staleness(result, model)
+        if model in nm.compute and staleness is not None:
             out[model] = {
                 s: round(
                     nm.samples_per_second(
-                        "asyncps", model, result["workers"], s, "none", result["asyncps"]["pipeline"]
+                        "asyncps", model, result["workers"], s, "none", result["asyncps"]["pipeline"], staleness
                     )[0],
                     2,
                 )
@@ -188,14 +280,13 @@ def compare(cal: dict, result: dict) -> dict:
     groups: dict[tuple, list[float]] = {}
     for r in result["rows"]:
         if "samples_per_second" in r and r["model"] in nm.compute:
-            groups.setdefault((r["model"], r["system"], r["servers"] or 0, r["compression"]), []).append(
-                r["samples_per_second"]
-            )
+            key = (r["model"], r["system"], r["servers"] or 0, r["compression"], row_staleness(r, result))
+            groups.setdefault(key, []).append(r["samples_per_second"])
     rows = []
-    for (model, system, servers, comp), values in groups.items():
+    for (model, system, servers, comp, staleness), values in groups.items():
         measured = statistics.median(values)
         pred, comm = nm.samples_per_second(
-            system, model, result["workers"], servers, comp, result["asyncps"]["pipeline"]
+            system, model, result["workers"], servers, comp, result["asyncps"]["pipeline"], staleness or 1.0
         )
         rows.append(
             {
@@ -203,6 +294,7 @@ def compare(cal: dict, result: dict) -> dict:
                 "system": system,
                 "servers": servers or None,
                 "compression": comp,
+                "staleness": staleness,
                 "measured_samples_per_second": round(measured, 3),
                 "predicted_samples_per_second": round(pred, 3),
                 "predicted_comm_seconds": round(comm, 4),
@@ -213,6 +305,14 @@ def compare(cal: dict, result: dict) -> dict:
     errs = [abs(r["error"]) for r in rows]
     summary = {"median_abs": round(statistics.median(errs), 4), "max_abs": round(max(errs), 4)} if errs else {}
     return {"rows": rows, "errors": summary, "link_gbit": result["link_gbit"]}
+
+
+def row_staleness(row: dict, result: dict) -> float | None:
+    """An asyncps row's staleness bound (rows from before it was recorded per row: the grid's);
+    None for DDP."""
+    if row["system"] == "ddp-gloo":
+        return None
+    return row.get("staleness", result["asyncps"].get("staleness", 1.0))
 
 
 def compute_from_runs(models: list, result: dict) -> list[dict]:
@@ -258,7 +358,7 @@ def calibrate_network(
     from worker.cost.calibrate import ProbePool, Settings, machine, probe_compute
 
     if latency_ms is None:
-        link = measure_link(gbit, delay_ms)
+        link = measure_link(gbit, delay_ms, workers)
     else:
         link = {"gbit": gbit, "efficiency": efficiency, "latency_ms": latency_ms, "measured": False}
     log.info("link: %s", link)
@@ -284,6 +384,12 @@ def calibrate_network(
             }
             for m, r in zip(models, rows)
         ]
+    if link.get("measured"):  # each model's own flows, 1/S of it between each worker and each of S servers
+        counts = sorted({*(1 << k for k in range(workers.bit_length()) if 1 << k <= workers), workers})
+        cases = [(s, 4 * c["params"] // s) for c in compute for s in counts]
+        effs = iter(measure_exchange(gbit, delay_ms, workers, cases))
+        for c in compute:
+            c["exchange_efficiency"] = {str(s): next(effs) for s in counts}  # JSON keys: server counts
     return {
         "format": FORMAT,
         "machine": machine(),

@@ -82,8 +82,9 @@ def cmd_calibrate(p: FlagParser, a: argparse.Namespace, default_out: str) -> int
     link = cal["link"]
     sys.stdout.write(
         f"network calibration written to {out}: {link['gbit']:g} Gbit/s links, TCP efficiency "
-        f"{link['efficiency']:.3f}, one-way latency {link['latency_ms']:.3f} ms "
-        f"({'measured' if link['measured'] else 'given'})\n"
+        f"{link['efficiency']:.3f}"
+        + (f" (an all-to-all both ways: {link['exchange_efficiency']:.3f})" if "exchange_efficiency" in link else "")
+        + f", one-way latency {link['latency_ms']:.3f} ms ({'measured' if link['measured'] else 'given'})\n"
     )
     return 0
 
@@ -128,10 +129,14 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace, params: int, batch: int) -
         for system, s in cases:
             if system == "ddp-gloo" and comp not in ("none", "bf16"):
                 continue
-            comm = nm.comm(system, params, w, s, comp, a.pipeline)
-            parts = network.asyncps_parts(params, w, s, nm.link, comp) if system == "asyncps" else None
+            link = nm.link_for(compute, s)
+            comm = nm.comm(system, params, w, s, comp, a.pipeline, link)
+            parts = network.asyncps_parts(params, w, s, link, comp, a.pipeline) if system == "asyncps" else None
+            apply = nm.apply_seconds(params, w, s) if system == "asyncps" else 0.0
             clock = (
-                network.clock_seconds(system, compute["compute_seconds"], comm, a.pipeline, parts) if compute else None
+                network.clock_seconds(system, compute["compute_seconds"], comm, a.pipeline, parts, apply, a.staleness)
+                if compute
+                else None
             )
             sps = w * batch / clock if clock else None
             rows.append(
