@@ -124,7 +124,8 @@ class Children:
         child.proc = _spawn(child.args, child.log, child.env, command=child.command, wrap=child.wrap)
 
     def stop(self, children: list[Child], grace: float) -> None:
-        """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left (whole process groups)."""
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left (whole process groups:
+        returns once no live process is left in any child's group, not only its leader)."""
         for c in children:
             if c.proc.poll() is None:
                 _kill_group(c.proc, signal.SIGTERM)
@@ -137,6 +138,10 @@ class Children:
             if c.proc.poll() is None:
                 _kill_group(c.proc, signal.SIGKILL)
                 c.proc.wait()
+            while _group_members(c.proc.pid) and time.monotonic() < end:  # what the leader left behind
+                time.sleep(0.02)
+            if _group_members(c.proc.pid):
+                _kill_group(c.proc, signal.SIGKILL)
 
     def stop_all(self, grace: float = 10.0) -> None:
         self.stop(self.items, grace)
@@ -154,6 +159,19 @@ def _spawn(
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group `pgid`, from /proc (empty where there is none)."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # after "(comm)": state, ppid, pgrp
+            members.append(int(entry.name))
+    return members
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:

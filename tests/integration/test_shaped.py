@@ -34,6 +34,19 @@ def test_raw_tcp_between_two_hosts_moves_the_set_rate(shaped_net, rate):
     assert abs(got[-1] / rate - 1) <= 0.10, f"raw TCP moved {got} Mbit/s over a {rate:.0f} Mbit/s link"
 
 
+def test_an_all_to_all_both_ways_moves_at_most_the_rate_and_less_than_one_flow(shaped_net):
+    """What the cost model calls the exchange efficiency: 2 workers and 2 servers, every pair
+    moving 1 MB each way at once over 200 Mbit/s links (the busiest link's goodput)."""
+    net = shaped_net(["w0", "w1", "s0", "s1"], rate_mbit=200.0)
+    left, right = ["w0", "w1"], ["s0", "s1"]
+    rates = [shaped.exchange_rate_mbit(net, left, right, 1 << 20) for _ in range(2)]
+    assert all(0 < r <= 200 * 1.10 for r in rates), rates  # never above the link, whatever the CPU does
+    assert max(rates) >= 200 * 0.3, rates  # the flows did move at a link's pace, not a stall's
+    # one server: both workers' flows share its link; the busiest link's bytes are counted
+    funnel = shaped.exchange_rate_mbit(net, left, right[:1], 1 << 20)
+    assert 0 < funnel <= 200 * 1.10, funnel
+
+
 def test_nothing_is_left_behind_when_the_body_raises():
     links_before = _links()
     with pytest.raises(RuntimeError, match="the body failed"):
