@@ -47,6 +47,15 @@ def test_an_all_to_all_both_ways_moves_at_most_the_rate_and_less_than_one_flow(s
     assert 0 < funnel <= 200 * 1.10, funnel
 
 
+def test_the_cost_model_measures_the_exchange_efficiency_per_server_count():
+    from worker.cost import network
+
+    before = set(shaped.namespaces())
+    effs = network.measure_exchange(0.2, 0.0, 2, [(1, 4 << 20), (2, 2 << 20)])  # 2 workers, S = 1 and 2
+    assert len(effs) == 2 and all(0.2 <= e <= 1.10 for e in effs), effs
+    assert set(shaped.namespaces()) <= before  # its network is gone
+
+
 def test_nothing_is_left_behind_when_the_body_raises():
     links_before = _links()
     with pytest.raises(RuntimeError, match="the body failed"):

@@ -191,10 +191,8 @@ class NetworkModel:
         return self.cal.get("server_seconds_per_param", 0.0) * params / servers * workers
 
 
-def measure_link(gbit: float, delay_ms: float, workers: int = 0) -> dict:
-    """Raw TCP goodput and round trip over a two-host shaped network of this rate (needs root);
-    with `workers` P > 0 also the exchange efficiency: the goodput per link and direction of an
-    all-to-all both ways between P and P hosts, each flow about 2 s at the rate."""
+def _shaped():
+    """bench/shaped.py, the multi-host harness (it lives with the benchmarks, beside this package)."""
     import sys
 
     bench = Path(__file__).resolve().parents[2] / "bench"
@@ -202,6 +200,14 @@ def measure_link(gbit: float, delay_ms: float, workers: int = 0) -> dict:
         sys.path.insert(0, str(bench))
     import shaped
 
+    return shaped
+
+
+def measure_link(gbit: float, delay_ms: float, workers: int = 0) -> dict:
+    """Raw TCP goodput and round trip over a two-host shaped network of this rate (needs root);
+    with `workers` P > 0 also the exchange efficiency: the goodput per link and direction of an
+    all-to-all both ways between P and P hosts, each flow about 2 s at the rate."""
+    shaped = _shaped()
     with shaped.ShapedNet(["a", "b"], rate_mbit=gbit * 1000, delay_ms=delay_ms) as net:
         goodput = statistics.median(shaped.tcp_rate_mbit(net, "a", "b", seconds=1.5) for _ in range(3))
         rtt = shaped.tcp_rtt_ms(net, "a", "b")
@@ -226,13 +232,7 @@ def measure_exchange(gbit: float, delay_ms: float, workers: int, cases: list[tup
     the rate (median of three; needs root). Short flows lose more to TCP's start and to the
     slowest flow's tail than long ones, and the pattern matters: S = P is a P x P all-to-all,
     S = 1 funnels every flow through one link."""
-    import sys
-
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
-    import shaped
-
+    shaped = _shaped()
     left = [f"w{i}" for i in range(workers)]
     right = [f"s{i}" for i in range(max(s for s, _ in cases))]
     out = []
@@ -352,7 +352,9 @@ def calibrate_network(
     """A network calibration: the link (measured on the shaped harness, or `latency_ms` and
     `efficiency` taken as given) and each model's compute per iteration with `workers`
     processes computing at once (bench/network.py's threads: one each on a small machine):
-    probed here, or taken from bench/network.py's DDP runs (`compute_from`, its result)."""
+    probed here, or taken from bench/network.py's DDP runs (`compute_from`, its result).
+    With a measured link, also each model's exchange efficiency for S = 1, 2, 4, ..., P servers
+    (`measure_exchange` with its own flows: 1/S of the model per worker and server)."""
     import os
 
     from worker.cost.calibrate import ProbePool, Settings, machine, probe_compute
