@@ -12,18 +12,22 @@ Any other command (`start_command`, a user's training script) is run the same wa
 `python -m worker.procs PARENT --exec CMD...`, which arms the signal and then exec()s
 CMD (the signal survives exec). Output goes to one log file per child. `restart` runs a failed child again in place
 (same name, log appended, the arguments it is given), which is how `ps-cluster`'s
-restart policy works. Not thread-safe; used from the launcher's main thread.
+restart policy works. A Ctrl-C (SIGINT) that arrives while a child is being spawned is
+held until the child is registered, so that `stop` knows every process it must stop
+(without that, an interrupt inside `Popen` left a just-forked child unknown to the
+launcher). Not thread-safe; used from the launcher's main thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import ctypes.util
 import os
 import runpy
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +49,7 @@ def _guarded(args: list[str], command: bool = False) -> list[str]:
 
 def _arm(parent: int, what: str) -> None:
     """In the child: SIGTERM when `parent` dies; exit at once if it already has."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the running program's own libc (find_library forks ldconfig)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the launcher died before the signal was armed
         sys.exit(f"{what}: the launcher (pid {parent}) is gone; not starting")
@@ -103,15 +107,17 @@ class Children:
         keeping its pid, e.g. `ip netns exec NS`: the parent-death signal still reaches it)."""
         log = self.log_dir / f"{name}.log"
         args = [sys.executable, "-m", module, *argv]
-        child = Child(name, args, log, _spawn(args, log, env, wrap=wrap), env, wrap=tuple(wrap))
-        self.items.append(child)
+        with _interrupts_held():
+            child = Child(name, args, log, _spawn(args, log, env, wrap=wrap), env, wrap=tuple(wrap))
+            self.items.append(child)
         return child
 
     def start_command(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Child:
         """Start any command (e.g. `python train.py ...`) as a child, tied to the launcher like the others."""
         log = self.log_dir / f"{name}.log"
-        child = Child(name, list(command), log, _spawn(command, log, env, command=True), env, command=True)
-        self.items.append(child)
+        with _interrupts_held():
+            child = Child(name, list(command), log, _spawn(command, log, env, command=True), env, command=True)
+            self.items.append(child)
         return child
 
     def restart(self, child: Child, args: list[str] | None = None) -> None:
@@ -121,7 +127,8 @@ class Children:
         child.args = args or child.args
         with open(child.log, "ab") as out:
             out.write(f"--- restarted at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(child.args[1:])}\n".encode())
-        child.proc = _spawn(child.args, child.log, child.env, command=child.command, wrap=child.wrap)
+        with _interrupts_held():
+            child.proc = _spawn(child.args, child.log, child.env, command=child.command, wrap=child.wrap)
 
     def stop(self, children: list[Child], grace: float) -> None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left (whole process groups:
@@ -142,9 +149,31 @@ class Children:
                 time.sleep(0.02)
             if _group_members(c.proc.pid):
                 _kill_group(c.proc, signal.SIGKILL)
+                gone = time.monotonic() + 5
+                while _group_members(c.proc.pid) and time.monotonic() < gone:
+                    time.sleep(0.02)
 
     def stop_all(self, grace: float = 10.0) -> None:
         self.stop(self.items, grace)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold a SIGINT that arrives inside the block and deliver it (KeyboardInterrupt, or
+    whatever handler was set) once the block is done; a no-op off the main thread or where
+    SIGINT's handler was not set from Python."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _spawn(

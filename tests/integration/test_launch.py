@@ -153,7 +153,11 @@ def test_a_copy_that_fails_for_good_stops_everything_with_its_log_tail(tmp_path)
     assert not processes_mentioning(str(out))
 
 
-def test_ctrl_c_stops_every_process(tmp_path, procs):
+@pytest.mark.parametrize("started", [2, 5], ids=["while-starting", "once-running"])
+def test_ctrl_c_stops_every_process(tmp_path, procs, started):
+    """Ctrl-C once `started` processes are up (2: the launcher and a server still starting;
+    5: the launcher, 2 servers and 2 copies); an interrupt inside a spawn must not leave the
+    just-forked child unknown to the launcher (seen: one left running after exit 130)."""
     out = tmp_path / "run"
     code = "import time; time.sleep(120)"
     launcher = procs.popen(
@@ -162,7 +166,7 @@ def test_ctrl_c_stops_every_process(tmp_path, procs):
         stderr=subprocess.PIPE,
         text=True,
     )
-    poll(lambda: len(processes_mentioning(str(out))) >= 5, 120, "the launcher, 2 servers and 2 copies")
+    poll(lambda: len(processes_mentioning(str(out))) >= started, 120, f"{started} processes of the run")
     launcher.send_signal(signal.SIGINT)
     _, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 130 and "interrupted" in err
