@@ -20,7 +20,7 @@ same number of workers in every system, each for `--budget` seconds of wall time
                    --balance-batches, each worker's batch by its speed (bench/peers_asyncps.py);
                    asyncps-dc-s2 (s = 2, --update-rule dc); asyncps-local-s0 (--local-steps
                    H, s = 0, averaging: synchronous DiLoCo), asyncps-local-s2 (H, s = 2, no
-                   averaging, each push at 1/P), asyncps-local-s2-dyn (+ --dynamic-local-steps).
+                   averaging, each push at 0.6/P), asyncps-local-s2-dyn (+ --dynamic-local-steps).
 
 Scenarios: `uniform`, and `straggler` — the last worker sleeps (F-1) x its measured
 compute time after each forward+backward (F = --slowdown, 3), the same mechanism as
@@ -98,7 +98,7 @@ def build_parser() -> FlagParser:
     p.env_flag(
         "outer-lr",
         type=positive(float),
-        help="outer lr of diloco-gloo and asyncps-local-* (default: asyncps's, 1 with averaging, 1/P without)",
+        help="outer lr of diloco-gloo and asyncps-local-* (default: asyncps's, 1 with averaging, 0.6/P without)",
     )
     p.env_flag(
         "outer-momentum",

@@ -56,7 +56,7 @@ class RunSpec:
     jitter_probability: float = 0.1  # jitter scenario: each step pauses with this probability
     jitter_factor: float = 4.0  # ... for this many times its compute time
     local_steps: int = 4  # diloco-gloo and asyncps's local-steps rows: H
-    outer_lr: float | None = None  # their outer lr (None: asyncps's default, 1 with averaging, 1/P without)
+    outer_lr: float | None = None  # their outer lr (None: asyncps's default, 1 with averaging, 0.6/P without)
     outer_momentum: float = 0.0  # > 0: outer SGD with Nesterov momentum
 
     def slowdown_of(self, rank: int) -> float:

@@ -27,6 +27,14 @@ from worker.rpc import DATA_STREAMS, TRANSPORTS, CallOptions
 from worker.task import TaskConfig
 from worker.trainer import WorkerConfig, pick_device, train
 
+# Without averaging each push's change enters at ASYNC_OUTER_LR / P as it arrives. 1/P (the mean
+# of the workers' changes, had they arrived together) is too much: the other workers' pushes that
+# land between a pull and its push act as momentum (Mitliagkas et al. 2016), and damping it learns
+# more per sample. bench/staleness.py, delay 2: held-out 2.049 at 1/P, 1.921 at 0.8/P, 1.894 at
+# 0.6/P, 1.926 at 0.5/P; the system (2 workers, s = 2, H = 4): 1.312 at 0.6/P against 1.373 at 1/P
+# and the synchronous default's 1.369 (docs/asynchrony.md).
+ASYNC_OUTER_LR = 0.6
+
 
 def compression_flag(text: str) -> str:
     try:
@@ -104,7 +112,10 @@ TRAINING_FLAGS: list[tuple[str, Callable[[str], Any], object, str]] = [
         "outer-lr",
         positive(float),
         None,
-        ("with --local-steps: outer lr (default 1 with --average-gradients, else 1/--world: each push applied at 1/P)"),
+        (
+            "with --local-steps: outer lr (default 1 with --average-gradients, else 0.6/--world: each "
+            "push applied at 0.6/P: it learned more per sample than 1/P, see docs/asynchrony.md)"
+        ),
     ),
     (
         "outer-momentum",
@@ -236,6 +247,11 @@ def inner_config(args: argparse.Namespace):
     )
 
 
+def outer_lr(given: float | None, average_gradients: bool, world: int) -> float:
+    """The outer lr of local steps: `given`, else 1 with averaging, else ASYNC_OUTER_LR / world."""
+    return given or (1.0 if average_gradients else ASYNC_OUTER_LR / max(1, world))
+
+
 def optimizer_config(args: argparse.Namespace):
     """The servers' OptimizerConfig: the training flags' optimizer, or with --local-steps the outer one."""
     if not args.local_steps:
@@ -244,7 +260,7 @@ def optimizer_config(args: argparse.Namespace):
         cfg.dc_lambda = args.dc_lambda if args.update_rule == "dc" else 0.0
         return cfg
     kind = args.outer_optimizer or "sgd"
-    lr = args.outer_lr or (1.0 if args.average_gradients else 1.0 / max(1, getattr(args, "world", 1)))
+    lr = outer_lr(args.outer_lr, args.average_gradients, getattr(args, "world", 1))
     momentum = args.outer_momentum if args.outer_momentum is not None else (0.0 if kind == "sgd" else 0.9)
     return default_config(
         "sgd",

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from asyncps_common.security import NONE, Security
 from protos.asyncps.v1 import ps_pb2 as pb
+from worker.cli import outer_lr
 from worker.data import Corpus, default_corpus_path, heldout_loss
 from worker.export import pull_into
 from worker.task import ByteGPT, TaskConfig, save_model
@@ -107,6 +108,7 @@ def final_report(
         "update_rule": args.update_rule,
         "local_steps": args.local_steps,
         "outer_optimizer": (args.outer_optimizer or "sgd") if args.local_steps else None,
+        "outer_lr": outer_lr(args.outer_lr, args.average_gradients, args.workers) if args.local_steps else None,
         "average_gradients": args.average_gradients,
         "lr": args.lr,
         "batch_size": args.batch_size,

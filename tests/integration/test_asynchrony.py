@@ -269,7 +269,7 @@ def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs, corp
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 160 and summary["local_steps"] == 4 and summary["staleness"] == 2
     assert summary["update_rule"] == "plain" and summary["outer_optimizer"] == "sgd"
-    assert summary["average_gradients"] is False
+    assert summary["average_gradients"] is False and summary["outer_lr"] == pytest.approx(0.6 / 2)
     assert summary["heldout_loss"] < 5.0
     for rank in range(2):  # each push took the share of H the servers gave it, summing to 8 once both are measured
         lines = [json.loads(x) for x in (out / "logs" / f"worker-{rank}.jsonl").read_text().splitlines()]

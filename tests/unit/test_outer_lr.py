@@ -1,0 +1,35 @@
+"""The outer lr of local steps, as ps-worker's flags give it to the servers' OptimizerConfig:
+`--outer-lr` when given, else 1 with averaging (the mean of the P changes, synchronous DiLoCo),
+else 0.6/P (each push's change as it arrives; measured to learn more per sample than 1/P)."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.cli import ASYNC_OUTER_LR, build_parser, optimizer_config
+
+
+def config(*flags: str):
+    return optimizer_config(build_parser().parse_args(["--servers", "127.0.0.1:1", *flags]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_without_averaging_each_push_enters_at_0_6_over_p(world: int) -> None:
+    cfg = config("--local-steps", "4", "--staleness", "2", "--no-average-gradients", "--world", str(world))
+    assert ASYNC_OUTER_LR == 0.6
+    assert cfg.lr == pytest.approx(0.6 / world) and cfg.momentum == 0.0 and cfg.local_steps == 4
+
+
+def test_with_averaging_the_mean_enters_whole() -> None:
+    cfg = config("--local-steps", "4", "--staleness", "0", "--average-gradients", "--world", "2")
+    assert cfg.lr == pytest.approx(1.0)
+
+
+def test_a_given_outer_lr_wins() -> None:
+    cfg = config("--local-steps", "4", "--no-average-gradients", "--world", "2", "--outer-lr", "0.45")
+    assert cfg.lr == pytest.approx(0.45)
+
+
+def test_without_local_steps_the_lr_is_the_optimizers() -> None:
+    cfg = config("--lr", "0.002", "--world", "2", "--no-average-gradients")
+    assert cfg.lr == pytest.approx(0.002) and cfg.local_steps == 0
