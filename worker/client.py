@@ -423,10 +423,6 @@ class PSClient(ShardExchange):
     def _submit(self, coro: Coroutine) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
 
-    def pull_buffer(self, clock: int) -> torch.Tensor:
-        """The flat buffer clock `clock`'s pull lands in."""
-        return self._pull_bufs[clock % len(self._pull_bufs)]
-
     def _take_pull(self, clock: int) -> concurrent.futures.Future:
         """The pull for `clock`: the one in flight, or a new one; pulls of earlier clocks are cancelled."""
         fut = self._pending_pulls.pop(clock, None)

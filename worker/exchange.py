@@ -43,11 +43,15 @@ class ShardExchange:
     _evicted: bool
     _hb_interval: float | None
 
+    def pull_buffer(self, clock: int) -> torch.Tensor:
+        """The flat buffer clock `clock`'s pull lands in (one of `prefetch`, in turn)."""
+        return self._pull_bufs[clock % len(self._pull_bufs)]
+
     async def _pull_all(self, clock: int, own_lag: int) -> list[pb.PullHeader]:
         m = self.metrics
         pull_codec = self.compression if self.compression in ("bf16", "fp16") else ""
         itemsize = compress.pull_dtype(pull_codec).itemsize
-        into = self._pull_bufs[clock % len(self._pull_bufs)]
+        into = self.pull_buffer(clock)
 
         async def one(shard: ShardClient, session: int) -> pb.PullHeader:
             spec = self.plan.shards[shard.index]
