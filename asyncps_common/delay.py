@@ -13,6 +13,13 @@ A shard applies every push with the optimizer of its `OptimizerConfig`. The conf
   finite bound s, `history_versions` if set (it must be at least s + 1), and
   `UNBOUNDED_HISTORY` with s = inf. A push older than every kept version is compensated
   against the oldest one (a partial correction) and counted (`History.missed`).
+- `elastic` (local steps only): elastic averaging, the center update of EASGD (Zhang et al.
+  2015) with the worker re-synced by its next pull. A pseudo-gradient Δ = w_r − w_local read
+  at version r and applied at version v moves the shard toward the worker's weights,
+  w ← w_v + lr·(w_local − w_v), i.e. the outer step on Δ + (w_v − w_r): a push takes back
+  lr of the other pushes it did not see, where plain local steps add its change on top of
+  them. It keeps the same history as `dc` (`History`, and the same cap with s = inf); a
+  push older than every kept version is pulled toward the oldest one.
 - `delayed-nesterov` (local steps only): the outer optimizer of asynchronous
   Local-SGD after Liu et al. 2024. Every push is applied as a plain step of the outer lr;
   the pushes are also summed, and once every `outer_period` pushes their mean enters the
@@ -23,7 +30,7 @@ With `local_steps` H > 0 every push is a pseudo-gradient (weights pulled − wei
 the worker's H inner steps, worker/local_steps.py) and the shard's optimizer is the outer
 one: `sgd` (optionally with Nesterov momentum, DiLoCo's outer step) or `delayed-nesterov`.
 `dc` needs plain gradients (its curvature term is the gradient's), so it refuses local
-steps; `delayed-nesterov` refuses plain gradients. Not thread-safe: the store serializes.
+steps; `delayed-nesterov` and `elastic` refuse plain gradients. Not thread-safe: the store serializes.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import math
 
 import torch
 
-RULES = ("plain", "dc", "delayed-nesterov")
+RULES = ("plain", "dc", "elastic", "delayed-nesterov")
+HISTORY_RULES = ("dc", "elastic")  # the rules that need the weights each push read
 DC_DECAY = 0.95  # DC-ASGD-a's running mean of g*g
 DC_EPS = 1e-7
 DEFAULT_DC_LAMBDA = 2.0  # DC-ASGD-a's λ0
@@ -52,6 +60,8 @@ def validate(cfg, staleness: float | None = None) -> None:
         raise ValueError("update rule dc needs plain gradients: it cannot be used with local steps")
     if rule == "delayed-nesterov" and not cfg.local_steps:
         raise ValueError("the outer optimizer delayed-nesterov needs local steps (--local-steps H)")
+    if rule == "elastic" and not cfg.local_steps:
+        raise ValueError("update rule elastic averages weights: it needs local steps (--local-steps H)")
     if rule == "delayed-nesterov" and (cfg.name != "sgd" or cfg.momentum <= 0 or cfg.nesterov):
         raise ValueError("delayed-nesterov is an outer sgd with momentum > 0 and without --nesterov")
     if cfg.outer_period and rule != "delayed-nesterov":
@@ -62,10 +72,10 @@ def validate(cfg, staleness: float | None = None) -> None:
         raise ValueError("staleness-aware lr is for plain gradients, not local steps")
     if cfg.dc_lambda < 0 or not math.isfinite(cfg.dc_lambda):
         raise ValueError(f"dc_lambda must be finite and >= 0, got {cfg.dc_lambda}")
-    if cfg.history_versions and rule != "dc":
-        raise ValueError("history_versions is for the dc update rule only")
+    if cfg.history_versions and rule not in HISTORY_RULES:
+        raise ValueError("history_versions is for the dc and elastic update rules only")
     if (
-        rule == "dc"
+        rule in HISTORY_RULES
         and staleness is not None
         and math.isfinite(staleness)
         and cfg.history_versions
@@ -78,8 +88,8 @@ def validate(cfg, staleness: float | None = None) -> None:
 
 
 def history_size(cfg, staleness: float) -> int:
-    """Versions a shard with `cfg` keeps for delay compensation (0: the rule needs none)."""
-    if rule_of(cfg) != "dc":
+    """Versions a shard with `cfg` keeps for its update rule (0: the rule needs none)."""
+    if rule_of(cfg) not in HISTORY_RULES:
         return 0
     if cfg.history_versions:
         return int(cfg.history_versions)
@@ -139,6 +149,17 @@ class DelayCompensation:
     def load_state_dict(self, state: dict) -> None:
         ms = state.get("mean_square")
         self.mean_square = None if ms is None else ms.clone()
+
+
+def elastic(delta: torch.Tensor, w_now: torch.Tensor, w_read: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """The `elastic` rule's outer gradient Δ + (w_now − w_read), and the size of the added
+    term against Δ (0 when nothing landed since the read)."""
+    if w_read is None or w_read is w_now:
+        return delta, 0.0
+    drift = w_now - w_read
+    norm = float(delta.norm())
+    size = float(drift.norm()) / norm if norm > 0 else 0.0
+    return drift.add_(delta), size
 
 
 class DelayedNesterov(torch.optim.Optimizer):

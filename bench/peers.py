@@ -20,7 +20,8 @@ same number of workers in every system, each for `--budget` seconds of wall time
                    --balance-batches, each worker's batch by its speed (bench/peers_asyncps.py);
                    asyncps-dc-s2 (s = 2, --update-rule dc); asyncps-local-s0 (--local-steps
                    H, s = 0, averaging: synchronous DiLoCo), asyncps-local-s2 (H, s = 2, no
-                   averaging, each push at 0.6/P), asyncps-local-s2-dyn (+ --dynamic-local-steps).
+                   averaging, each push at 0.6/P), asyncps-local-s2-dyn (+ --dynamic-local-steps);
+                   asyncps-elastic-s2 and -s2-dyn (the same with --update-rule elastic).
 
 Scenarios: `uniform`, and `straggler` — the last worker sleeps (F-1) x its measured
 compute time after each forward+backward (F = --slowdown, 3), the same mechanism as

@@ -12,8 +12,9 @@ processes `ps-cluster` starts, then watches them from this process while they tr
   --balance-batches too: each clock's batches sum to the workers' combined batch). With
   local steps (a clock is a push of H batches) the workers' progress lines count them.
 * the local-steps rows (`asyncps-local-*`) run `--local-steps H` (RunSpec.local_steps)
-  with asyncps's outer optimizer defaults (sgd, lr 1 with averaging, 1/P without);
-  `-dyn` adds `--dynamic-local-steps`; `asyncps-dc-s2` pushes gradients with
+  with asyncps's outer optimizer defaults (sgd, lr 1 with averaging, 0.6/P without);
+  `-dyn` adds `--dynamic-local-steps`; `asyncps-elastic-*` are the same with
+  `--update-rule elastic` (outer lr 1/P); `asyncps-dc-s2` pushes gradients with
   `--update-rule dc`. In the jitter scenario every worker runs `--jitter P,F`.
 * held-out snapshots: worker 0 saves the weights it has just pulled every
   `snapshot_every` seconds (`ps-worker --snapshot-dir`, one safetensors file each, no
@@ -68,6 +69,8 @@ VARIANTS = {
     "asyncps-local-s0": Variant(0, True, local_steps=1),
     "asyncps-local-s2": Variant(2, False, local_steps=1),
     "asyncps-local-s2-dyn": Variant(2, False, local_steps=1, dynamic=True),
+    "asyncps-elastic-s2": Variant(2, False, local_steps=1, update_rule="elastic"),
+    "asyncps-elastic-s2-dyn": Variant(2, False, local_steps=1, dynamic=True, update_rule="elastic"),
 }
 
 

@@ -29,6 +29,8 @@ SYSTEM_ORDER = [
     "asyncps-local-s0",
     "asyncps-local-s2",
     "asyncps-local-s2-dyn",
+    "asyncps-elastic-s2",
+    "asyncps-elastic-s2-dyn",
 ]
 SCENARIOS = ("uniform", "straggler", "jitter")
 TITLES = {

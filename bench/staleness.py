@@ -14,7 +14,7 @@ it separates what staleness costs the algorithm from what any system costs. Ever
 layer, the largest attention logit and the mean attention entropy on one fixed batch.
 `--rules` runs the servers' update rules on a real shard store (bench/staleness_rules.py:
 delay compensation, momentum shrinking, staleness-scaled lr, asynchronous local steps
-with their outer optimizers); `--random` adds delays drawn from 0..4.
+with their outer optimizers and elastic averaging); `--random` adds delays drawn from 0..4.
 Blocks; one process, `--threads` torch threads; denormals flushed as ps-worker does.
 """
 

@@ -22,6 +22,12 @@ so far, so a gradient against the velocity brakes it harder and one along it add
 asynchronous workers add an implicit momentum of about 1 - 1/P, so the outer Nesterov
 momentum is max(0, 0.9 - (1 - 1/P)) (lr 1/P): 0.9 with one worker, 0.23 with three.
 
+`local4-elastic` (and `local{H}-{c}elastic`, outer lr c/P) is the servers' `elastic` rule: the
+shard moves toward each pushing worker's weights. Bench-only tries beside it:
+`local4-1.5pull-{m}` adds m (w_now − w_pulled) to each pseudo-gradient (m = 1 is the elastic
+rule: how much of the others' drift a push takes back), and the `-ws` rules give each of
+the P workers warmup / P inner warm-up steps (the single worker's warm-up in samples).
+
 `VARIANTS` names each rule's settings; the bench's table reports them side by side.
 """
 
@@ -46,6 +52,10 @@ class Variant:
     synchronous: bool = False  # local steps: all workers start from the same weights, deltas averaged
     braking: float = 0.0  # gradients: Adaptive Braking's rho (0: off)
     momentum_shrink: bool = False  # local steps: outer Nesterov momentum 0.9 - (1 - 1/P)
+    pullback: float = 0.0  # local steps: w - lr (delta + m (w - w_read)); m = 1 is the elastic rule
+    shared_warmup: bool = (
+        False  # local steps: each worker warms up over warmup / P inner steps (the baseline's samples)
+    )
 
 
 VARIANTS: dict[str, Variant] = {
@@ -71,19 +81,31 @@ VARIANTS: dict[str, Variant] = {
     "local8-avg": Variant(8, {"lr": 1.0}, True),
     "local16-avg": Variant(16, {"lr": 1.0}, True),
     "local4-sync": Variant(4, {"lr": 1.0}, synchronous=True),
+    "local4-sync-ws": Variant(4, {"lr": 1.0}, synchronous=True, shared_warmup=True),
+    "local4-0.6avg-ws": Variant(4, {"lr": 0.6}, True, shared_warmup=True),
+    "local4-elastic": Variant(4, {"lr": 1.0, "update_rule": "elastic"}, True),
+    "local4-0.7elastic": Variant(4, {"lr": 0.7, "update_rule": "elastic"}, True),
+    "local4-1.5elastic": Variant(4, {"lr": 1.5, "update_rule": "elastic"}, True),
+    "local4-2elastic": Variant(4, {"lr": 2.0, "update_rule": "elastic"}, True),
+    "local4-2.5elastic": Variant(4, {"lr": 2.5, "update_rule": "elastic"}, True),
+    "local8-elastic": Variant(8, {"lr": 1.0, "update_rule": "elastic"}, True),
+    "local4-pull-1": Variant(4, {"lr": 1.0}, True, pullback=1.0),  # the elastic rule, done by the bench
+    "local4-1.5pull-0.5": Variant(4, {"lr": 1.5}, True, pullback=0.5),
+    "local4-1.5pull-1.5": Variant(4, {"lr": 1.5}, True, pullback=1.5),
     "ab": Variant(braking=1.0),
     "local4-mshrink": Variant(4, {"lr": 1.0}, True, momentum_shrink=True),
 }
 
 
-def inner_config(spec: RunSpec):
+def inner_config(spec: RunSpec, workers: int = 1):
+    """The workers' AdamW; `workers` > 1 splits the warm-up's inner steps among them."""
     return default_config(
         "adamw",
         lr=spec.lr,
         beta1=spec.beta1,
         beta2=spec.beta2,
         weight_decay=spec.weight_decay,
-        warmup_updates=spec.warmup,
+        warmup_updates=max(1, spec.warmup // workers) if spec.warmup else 0,
     )
 
 
@@ -92,8 +114,13 @@ def flat_of(model: torch.nn.Module) -> torch.Tensor:
 
 
 def load_flat(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Copy `flat` into the model's parameters. (Not vector_to_parameters: that makes them views of
+    `flat`, so two workers loaded from one tensor shared their weights and trained each other's.)"""
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(flat, model.parameters())
+        offset = 0
+        for p in model.parameters():
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
 
 
 def grads_of(model: torch.nn.Module) -> torch.Tensor:
@@ -140,7 +167,8 @@ class Runner:
         self.batches = 0
         self.velocity = torch.zeros_like(flat0)  # Adaptive Braking: the running mean of pushed gradients
         if self.v.local_steps:
-            self.locals = [LocalSteps(t.model, inner_config(spec), self.v.local_steps) for t in self.tasks]
+            inner = inner_config(spec, self.workers if self.v.shared_warmup else 1)
+            self.locals = [LocalSteps(t.model, inner, self.v.local_steps) for t in self.tasks]
             self.read = [0] * self.workers
             for t in self.tasks:
                 load_flat(t.model, flat0)
@@ -215,7 +243,10 @@ class Runner:
             task.model.loss(x, y).backward()
             local.step()
         local.finish()
-        self.store.apply(grads_of(task.model), self.read[k])
+        push = grads_of(task.model)
+        if self.v.pullback:  # m (w_now - w_pulled): m = 1 is what the elastic rule adds on the server
+            push += (self.weights() - torch.cat([w.reshape(-1) for w in local._pulled])) * self.v.pullback
+        self.store.apply(push, self.read[k])
         task.model.zero_grad(set_to_none=True)
         load_flat(task.model, self.weights())  # the worker's next pull
         self.read[k] = self.store.version

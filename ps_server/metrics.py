@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 # overshoots a small bound (the alert compares it with one), then wider.
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64, 128)
 # Delay compensation relative to the gradient (asyncps_common/delay.py): 0 when fresh; the correction
-# is a few percent of the gradient at the delays SSP allows, more only when staleness runs away.
+# is a few percent of the gradient at the delays SSP allows, more only when staleness runs away. With
+# the elastic rule it is the other pushes' drift against the push's own change: about 1/P per push missed.
 COMPENSATION_BUCKETS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 # A checkpoint write (torch.save + fsync): milliseconds for the built-in model, seconds for GBs.
 CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -101,8 +102,8 @@ class ServerMetrics:
         )
         self.compensation = histogram(
             "asyncps_server_compensation_ratio",
-            "Size of each update's delay compensation (update rule dc): "
-            "||correction|| / ||gradient||; 0 for a gradient read at the current version.",
+            "Size of each update's delay compensation (update rule dc: ||correction|| / ||gradient||; "
+            "elastic: ||w_now - w_read|| / ||pseudo-gradient||); 0 for a push read at the current version.",
             COMPENSATION_BUCKETS,
         )
         self.evictions = counter("asyncps_server_evictions_total", "Workers evicted after the heartbeat timeout.")

@@ -14,8 +14,9 @@ pull path's form of it: the weights of one version already encoded as wire frame
 made with one copy and shared by every pull of that version; while an update is being
 applied, the previous version's frames are answered without waiting for the lock.
 An update is applied whole or not at all: gradients are validated before the step starts.
-With the `dc` update rule (asyncps_common/delay.py) the store also keeps the weights of its last
-`history` versions and corrects each gradient for the updates since the version it read.
+With the `dc` and `elastic` update rules (asyncps_common/delay.py) the store also keeps the weights
+of its last `history` versions: `dc` corrects each gradient for the updates since the version it
+read, `elastic` moves the weights toward the pushing worker's.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class ShardStore:
         self._dc = (
             delay.DelayCompensation(cfg.dc_lambda or delay.DEFAULT_DC_LAMBDA) if delay.rule_of(cfg) == "dc" else None
         )
-        self._history = delay.History(history or 1) if self._dc is not None else None
+        self._elastic = delay.rule_of(cfg) == "elastic"
+        self._history = delay.History(history or 1) if self._dc is not None or self._elastic else None
         if self._history is not None:
             self._history.add(version, self._flat.detach())
         self.observe_compensation = None  # called with each update's compensation size (metrics)
@@ -100,12 +102,14 @@ class ShardStore:
         with self._lock:
             self._before_write()
             staleness = max(0, self._version - read_version)
-            if self._dc is not None:
-                w_now = self._flat.detach()
-                read = self._history.get(read_version) if staleness and self._history is not None else None
-                grad = self._dc(grad, w_now, read)
+            if self._history is not None:  # dc or elastic: from the weights the push read
+                read = self._history.get(read_version) if staleness else None
+                if self._dc is not None:
+                    grad, size = self._dc(grad, self._flat.detach(), read), self._dc.last
+                else:
+                    grad, size = delay.elastic(grad, self._flat.detach(), read)
                 if self.observe_compensation is not None:
-                    self.observe_compensation(self._dc.last)
+                    self.observe_compensation(size)
             self._stepper.step(grad, self.lr_scale(staleness))
             self._version += 1
             if self._history is not None:

@@ -34,6 +34,11 @@ from worker.trainer import WorkerConfig, pick_device, train
 # 0.6/P, 1.926 at 0.5/P; the system (2 workers, s = 2, H = 4): 1.312 at 0.6/P against 1.373 at 1/P
 # and the synchronous default's 1.369 (docs/asynchrony.md).
 ASYNC_OUTER_LR = 0.6
+# With --update-rule elastic a push moves the weights toward the worker's, lr (w_local - w_now), so
+# 1/P makes the servers' weights a running average of the P workers' latest models (EASGD's centre).
+# bench/staleness.py, held-out at 1000 batches: 1.761 / 1.888 / 2.107 at delays 1 / 2 / 4 (plain at 0.6/P:
+# 1.765 / 1.895 / 2.129); at delay 2 1.888 at 1.5/P too, 1.907 at 2/P, 1.921 at 0.7/P (docs/asynchrony.md).
+ELASTIC_OUTER_LR = 1.0
 
 
 def compression_flag(text: str) -> str:
@@ -74,8 +79,9 @@ TRAINING_FLAGS: list[tuple[str, Callable[[str], Any], object, str]] = [
         str,
         "plain",
         (
-            f"how the servers apply a stale gradient: {', '.join(RULES[:2])} (delay "
-            "compensation with the weights each gradient read; docs/asynchrony.md)"
+            f"how the servers apply a stale push: {', '.join(RULES[:3])} (dc: delay "
+            "compensation with the weights each gradient read; elastic, with --local-steps: "
+            "move the weights toward the pushing worker's; docs/asynchrony.md)"
         ),
     ),
     ("dc-lambda", non_negative(float), DEFAULT_DC_LAMBDA, "update rule dc: the adaptive lambda"),
@@ -84,7 +90,7 @@ TRAINING_FLAGS: list[tuple[str, Callable[[str], Any], object, str]] = [
         non_negative(int),
         0,
         (
-            "update rule dc: versions of the weights each shard keeps "
+            "update rules dc and elastic: versions of the weights each shard keeps "
             f"(0: s + 1, or {UNBOUNDED_HISTORY} with s = inf); at least s + 1"
         ),
     ),
@@ -114,7 +120,8 @@ TRAINING_FLAGS: list[tuple[str, Callable[[str], Any], object, str]] = [
         None,
         (
             "with --local-steps: outer lr (default 1 with --average-gradients, else 0.6/--world: each "
-            "push applied at 0.6/P: it learned more per sample than 1/P, see docs/asynchrony.md)"
+            "push applied at 0.6/P: it learned more per sample than 1/P, see docs/asynchrony.md; "
+            "1/--world with --update-rule elastic)"
         ),
     ),
     (
@@ -203,13 +210,17 @@ def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
         p.error("--dynamic-local-steps needs --local-steps H")
     if args.outer_optimizer is not None and args.outer_optimizer not in OUTER:
         p.error(f"--outer-optimizer {args.outer_optimizer!r}: choose one of {', '.join(OUTER)}")
-    if args.update_rule not in RULES[:2]:
+    if args.update_rule not in RULES[:3]:
         p.error(
-            f"--update-rule {args.update_rule!r}: choose one of {', '.join(RULES[:2])}"
+            f"--update-rule {args.update_rule!r}: choose one of {', '.join(RULES[:3])}"
             " (delayed-nesterov is an --outer-optimizer)"
         )
     if args.local_steps and args.update_rule == "dc":
         p.error("--update-rule dc needs plain gradients: it cannot be used with --local-steps")
+    if args.update_rule == "elastic" and args.outer_optimizer == "delayed-nesterov":
+        p.error("--update-rule elastic is an outer rule of its own: it cannot go with delayed-nesterov")
+    if not args.local_steps and args.update_rule == "elastic":
+        p.error("--update-rule elastic averages the workers' weights: it needs --local-steps H")
     if args.outer_period is not None and args.outer_optimizer != "delayed-nesterov":
         p.error("--outer-period is for --outer-optimizer delayed-nesterov")
     try:
@@ -247,9 +258,12 @@ def inner_config(args: argparse.Namespace):
     )
 
 
-def outer_lr(given: float | None, average_gradients: bool, world: int) -> float:
-    """The outer lr of local steps: `given`, else 1 with averaging, else ASYNC_OUTER_LR / world."""
-    return given or (1.0 if average_gradients else ASYNC_OUTER_LR / max(1, world))
+def outer_lr(given: float | None, average_gradients: bool, world: int, rule: str = "plain") -> float:
+    """The outer lr of local steps: `given`, else 1 with averaging, else ASYNC_OUTER_LR / world
+    (ELASTIC_OUTER_LR / world with the elastic rule)."""
+    if given or average_gradients:
+        return given or 1.0
+    return (ELASTIC_OUTER_LR if rule == "elastic" else ASYNC_OUTER_LR) / max(1, world)
 
 
 def optimizer_config(args: argparse.Namespace):
@@ -260,7 +274,7 @@ def optimizer_config(args: argparse.Namespace):
         cfg.dc_lambda = args.dc_lambda if args.update_rule == "dc" else 0.0
         return cfg
     kind = args.outer_optimizer or "sgd"
-    lr = outer_lr(args.outer_lr, args.average_gradients, getattr(args, "world", 1))
+    lr = outer_lr(args.outer_lr, args.average_gradients, getattr(args, "world", 1), args.update_rule)
     momentum = args.outer_momentum if args.outer_momentum is not None else (0.0 if kind == "sgd" else 0.9)
     return default_config(
         "sgd",
@@ -270,6 +284,7 @@ def optimizer_config(args: argparse.Namespace):
         update_rule=kind if kind == "delayed-nesterov" else args.update_rule,
         outer_period=(args.outer_period or max(1, getattr(args, "world", 1))) if kind == "delayed-nesterov" else 0,
         local_steps=args.local_steps,
+        history_versions=args.dc_history,
         average_gradients=args.average_gradients,
         balance_batches=args.dynamic_local_steps,
         staleness_aware_lr=args.staleness_aware_lr,

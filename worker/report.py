@@ -108,7 +108,11 @@ def final_report(
         "update_rule": args.update_rule,
         "local_steps": args.local_steps,
         "outer_optimizer": (args.outer_optimizer or "sgd") if args.local_steps else None,
-        "outer_lr": outer_lr(args.outer_lr, args.average_gradients, args.workers) if args.local_steps else None,
+        "outer_lr": (
+            outer_lr(args.outer_lr, args.average_gradients, args.workers, args.update_rule)
+            if args.local_steps
+            else None
+        ),
         "average_gradients": args.average_gradients,
         "lr": args.lr,
         "batch_size": args.batch_size,

@@ -6,7 +6,8 @@ delays deterministically: it pulls every step, but computes on the weights it pu
 pull waits for the worker's own previous push, so the shards' versions, and with them
 each push's staleness, are exactly those of the in-process reference written here
 (independently of asyncps_common/delay.py): delay compensation (DC-ASGD-a) on AdamW, and
-local steps (inner AdamW on the worker) under outer SGD, Nesterov and Delayed Nesterov.
+local steps (inner AdamW on the worker) under outer SGD, Nesterov, Delayed Nesterov and
+elastic averaging.
 Two workers with s = 0 and averaging run synchronous local steps: DiLoCo.
 """
 
@@ -110,7 +111,7 @@ def outer_reference(kind: str, lr: float, beta: float, period: int):
             state["pending"] = [torch.zeros_like(g) for g in grads]
         for p, g, m, pend in zip(params, grads, state["m"], state["pending"]):
             with torch.no_grad():
-                if kind == "sgd":
+                if kind in ("sgd", "elastic"):
                     p -= lr * g
                 elif kind == "nesterov":
                     m.mul_(beta).add_(g)
@@ -130,6 +131,7 @@ OUTER = {
     "sgd": {"lr": 0.5},
     "nesterov": {"lr": 0.7, "momentum": 0.9, "nesterov": True},
     "delayed-nesterov": {"lr": 0.5, "momentum": 0.9, "update_rule": "delayed-nesterov", "outer_period": 2},
+    "elastic": {"lr": 0.5, "update_rule": "elastic", "history_versions": DELAY + 1},
 }
 
 
@@ -153,7 +155,10 @@ def test_local_steps_with_delay_equals_reference(start_server, kind):
             inner.zero_grad()
             loss_of(inner_model, x, y).backward()
             inner.step()
-        outer(list(ref.parameters()), [w - p.detach() for w, p in zip(start_w, inner_model.parameters())])
+        delta = [w - p.detach() for w, p in zip(start_w, inner_model.parameters())]
+        if kind == "elastic":  # toward the worker's weights: w_now + lr (w_local - w_now)
+            delta = [d + r.detach() - w for d, r, w in zip(delta, ref.parameters(), start_w)]
+        outer(list(ref.parameters()), delta)
         history.append([p.detach().clone() for p in ref.parameters()])
     start = [p.detach().clone() for p in model.parameters()]
 

@@ -1,6 +1,6 @@
 """Incompatible asynchrony choices: one line and exit 2 on the CLI, INVALID_ARGUMENT at Init.
 
-Local steps with a rule that needs plain gradients (dc), an outer optimizer without local
+Local steps with a rule that needs plain gradients (dc), elastic or an outer optimizer without local
 steps, a dc history below s + 1: `ps-worker` and `ps-cluster` refuse them before starting
 anything; a hand-made Init carrying them is refused by a real server, which stays
 uninitialized; the same Init made compatible is accepted, so the cases fail for the
@@ -35,6 +35,15 @@ CLI_BAD = {
     "dynamic-without-local-steps": (["--dynamic-local-steps"], "--dynamic-local-steps"),
     "dc-history-below-bound": (["--update-rule", "dc", "--dc-history", "2", "--staleness", "2"], "s + 1"),
     "unknown-rule": (["--update-rule", "brake"], "--update-rule"),
+    "elastic-without-local-steps": (["--update-rule", "elastic"], "--update-rule elastic"),
+    "elastic-with-delayed-nesterov": (
+        ["--local-steps", "2", "--update-rule", "elastic", "--outer-optimizer", "delayed-nesterov"],
+        "delayed-nesterov",
+    ),
+    "elastic-history-below-bound": (
+        ["--local-steps", "2", "--update-rule", "elastic", "--dc-history", "2", "--staleness", "2"],
+        "s + 1",
+    ),
     "unknown-outer": (["--local-steps", "2", "--outer-optimizer", "adam"], "--outer-optimizer"),
     "period-without-delayed": (["--local-steps", "2", "--outer-period", "2"], "--outer-period"),
     "prefetch-beyond-bound": (["--pipeline", "--staleness", "1", "--prefetch", "2"], "--prefetch 2"),
@@ -95,6 +104,7 @@ INIT_BAD = {
     "history-below-bound": (default_config("adamw", lr=1e-3, update_rule="dc", history_versions=2), 3.0, "s + 1"),
     "local-steps-adam-outer": (default_config("adamw", lr=1e-3, local_steps=2), None, "must be sgd"),
     "unknown-rule": (default_config("sgd", lr=0.1, update_rule="brake"), None, "unknown update rule"),
+    "elastic-without-local-steps": (default_config("adamw", lr=1e-3, update_rule="elastic"), None, "needs local steps"),
 }
 
 

@@ -113,3 +113,34 @@ def test_staleness_bench_braking_and_momentum_shrinking(tmp_path):
     assert set(final) == {"plain", "ab", "local4-avg", "local4-mshrink"}
     assert all(math.isfinite(v) and 0 < v < 6 for v in final.values())
     assert final["ab"] != final["plain"] and final["local4-mshrink"] != final["local4-avg"]
+
+
+def test_staleness_bench_elastic_rule_is_the_benchs_pullback(tmp_path):
+    """The servers' elastic rule (shard store, version history) trains exactly as the bench's own
+    w_now - w_pulled added to each push (pullback 1), and differs from plain local steps."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py"]:
+        (corpus / name).write_bytes((stdlib / name).read_bytes())
+    out = tmp_path / "elastic.json"
+    tiny = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "4"]
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "staleness.py"),
+            "--data",
+            str(corpus),
+            *tiny,
+            *["--warmup", "2", "--lr", "1e-2", "--threads", "1", "--eval-windows", "8", "--qk-norm", "off"],
+            *["--rules", "local4-avg", "local4-elastic", "local4-pull-1", "--delays", "2", "--updates", "24"],
+            *["--every", "24", "--json", str(out)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    final = {x["rule"]: x["final_heldout"] for x in json.loads(out.read_text())["runs"]}
+    assert final["local4-elastic"] == pytest.approx(final["local4-pull-1"], abs=2e-4)
+    assert abs(final["local4-elastic"] - final["local4-avg"]) > 1e-3

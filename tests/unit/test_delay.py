@@ -53,8 +53,9 @@ def test_delayed_nesterov_momentum_only_every_period():
     [
         default_config("sgd", lr=0.5, momentum=0.9, update_rule="delayed-nesterov", local_steps=4, outer_period=2),
         default_config("adamw", lr=1e-2, update_rule="dc"),
+        default_config("sgd", lr=0.5, local_steps=4, update_rule="elastic"),
     ],
-    ids=["delayed-nesterov", "dc"],
+    ids=["delayed-nesterov", "dc", "elastic"],
 )
 def test_checkpoint_keeps_the_outer_and_compensation_state(cfg):
     gs = grads(8)
@@ -89,12 +90,29 @@ def test_dc_store_compensates_and_reports_its_size():
     assert not torch.equal(store.state_dict()["weights"], plain.state_dict()["weights"])
 
 
+def test_elastic_moves_the_weights_toward_the_workers():
+    """w <- w_now + lr (w_local - w_now): a push read at version r carries w_local = w_r - delta."""
+    seen = []
+    w0 = torch.randn(N, generator=torch.Generator().manual_seed(3))
+    store = ShardStore("p", w0, default_config("sgd", lr=0.4, local_steps=4, update_rule="elastic"), history=3)
+    store.observe_compensation = seen.append
+    kept, want = [w0.clone()], w0.clone()
+    for i, g in enumerate(grads(5)):
+        read = max(0, i - 2)
+        store.apply(g.clone(), read)
+        want = want + 0.4 * ((kept[read] - g) - want)
+        kept.append(want.clone())
+    assert torch.allclose(store.state_dict()["weights"], want, rtol=1e-6, atol=1e-6)
+    assert seen[0] == 0.0 and all(x > 0 for x in seen[2:])
+
+
 def test_history_sizes():
     dc = default_config("adamw", lr=1e-3, update_rule="dc")
     assert delay.history_size(dc, 2.0) == 3
     assert delay.history_size(dc, math.inf) == delay.UNBOUNDED_HISTORY
     assert delay.history_size(default_config("adamw", lr=1e-3, update_rule="dc", history_versions=5), math.inf) == 5
     assert delay.history_size(default_config("adamw", lr=1e-3), 2.0) == 0
+    assert delay.history_size(default_config("sgd", lr=1, local_steps=4, update_rule="elastic"), 1.0) == 2
 
 
 @pytest.mark.parametrize(
@@ -105,7 +123,9 @@ def test_history_sizes():
         (default_config("adamw", lr=1e-3, update_rule="dc", history_versions=2), 2.0, "s + 1"),
         (default_config("sgd", lr=1, outer_period=2), None, "delayed-nesterov"),
         (default_config("adamw", lr=1e-3, local_steps=2), None, "must be sgd"),
-        (default_config("sgd", lr=1, history_versions=3), None, "dc update rule only"),
+        (default_config("sgd", lr=1, history_versions=3), None, "dc and elastic update rules only"),
+        (default_config("adamw", lr=1e-3, update_rule="elastic"), None, "needs local steps"),
+        (default_config("sgd", lr=1, local_steps=2, update_rule="elastic", history_versions=1), 1.0, "s + 1"),
     ],
 )
 def test_validate_refuses_incompatible_choices(cfg, staleness, mention):

@@ -1,12 +1,13 @@
 """The outer lr of local steps, as ps-worker's flags give it to the servers' OptimizerConfig:
 `--outer-lr` when given, else 1 with averaging (the mean of the P changes, synchronous DiLoCo),
-else 0.6/P (each push's change as it arrives; measured to learn more per sample than 1/P)."""
+else 0.6/P (each push's change as it arrives; measured to learn more per sample than 1/P),
+and 1/P with the elastic rule (a running average of the workers' models)."""
 
 from __future__ import annotations
 
 import pytest
 
-from worker.cli import ASYNC_OUTER_LR, build_parser, optimizer_config
+from worker.cli import ASYNC_OUTER_LR, ELASTIC_OUTER_LR, build_parser, optimizer_config
 
 
 def config(*flags: str):
@@ -18,6 +19,16 @@ def test_without_averaging_each_push_enters_at_0_6_over_p(world: int) -> None:
     cfg = config("--local-steps", "4", "--staleness", "2", "--no-average-gradients", "--world", str(world))
     assert ASYNC_OUTER_LR == 0.6
     assert cfg.lr == pytest.approx(0.6 / world) and cfg.momentum == 0.0 and cfg.local_steps == 4
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_elastic_averages_the_workers_models_at_1_over_p(world: int) -> None:
+    cfg = config(
+        "--local-steps", "4", "--staleness", "2", "--no-average-gradients", "--update-rule", "elastic",
+        "--world", str(world),
+    )  # fmt: skip
+    assert ELASTIC_OUTER_LR == 1.0
+    assert cfg.lr == pytest.approx(1.0 / world) and cfg.update_rule == "elastic"
 
 
 def test_with_averaging_the_mean_enters_whole() -> None:
