@@ -16,12 +16,18 @@ pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the qui
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_staleness_bench_tiny(tmp_path):
+def tiny_corpus(tmp_path: Path) -> Path:
+    """A few of this Python's standard library files: a corpus that needs no download."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py"]:
         (corpus / name).write_bytes((stdlib / name).read_bytes())
+    return corpus
+
+
+def test_staleness_bench_tiny(tmp_path):
+    corpus = tiny_corpus(tmp_path)
     out = tmp_path / "staleness.json"
     r = subprocess.run(
         [
@@ -84,13 +90,9 @@ def test_staleness_bench_bad_flags_exit_2(tmp_path):
     assert r.returncode == 2 and "--delays" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_staleness_bench_braking_and_momentum_shrinking(tmp_path):
-    """The two bench-only tries run, and each changes the training (differs from its base rule)."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py"]:
-        (corpus / name).write_bytes((stdlib / name).read_bytes())
+def final_losses(tmp_path, rules: list[str], updates: int) -> dict[str, float]:
+    """bench/staleness.py on the tiny model at delay 2: each rule's held-out loss after `updates`."""
+    corpus = tiny_corpus(tmp_path)
     out = tmp_path / "rules.json"
     tiny = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "4"]
     r = subprocess.run(
@@ -101,15 +103,20 @@ def test_staleness_bench_braking_and_momentum_shrinking(tmp_path):
             str(corpus),
             *tiny,
             *["--warmup", "2", "--lr", "1e-2", "--threads", "1", "--eval-windows", "8", "--qk-norm", "off"],
-            *["--rules", "plain", "ab", "local4-avg", "local4-mshrink", "--delays", "2", "--updates", "8"],
-            *["--every", "8", "--json", str(out)],
+            *["--rules", *rules, "--delays", "2", "--updates", str(updates)],
+            *["--every", str(updates), "--json", str(out)],
         ],
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert r.returncode == 0, r.stderr
-    final = {x["rule"]: x["final_heldout"] for x in json.loads(out.read_text())["runs"]}
+    return {x["rule"]: x["final_heldout"] for x in json.loads(out.read_text())["runs"]}
+
+
+def test_staleness_bench_braking_and_momentum_shrinking(tmp_path):
+    """The two bench-only tries run, and each changes the training (differs from its base rule)."""
+    final = final_losses(tmp_path, ["plain", "ab", "local4-avg", "local4-mshrink"], 8)
     assert set(final) == {"plain", "ab", "local4-avg", "local4-mshrink"}
     assert all(math.isfinite(v) and 0 < v < 6 for v in final.values())
     assert final["ab"] != final["plain"] and final["local4-mshrink"] != final["local4-avg"]
@@ -118,29 +125,6 @@ def test_staleness_bench_braking_and_momentum_shrinking(tmp_path):
 def test_staleness_bench_elastic_rule_is_the_benchs_pullback(tmp_path):
     """The servers' elastic rule (shard store, version history) trains exactly as the bench's own
     w_now - w_pulled added to each push (pullback 1), and differs from plain local steps."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["argparse.py", "dataclasses.py", "functools.py", "textwrap.py"]:
-        (corpus / name).write_bytes((stdlib / name).read_bytes())
-    out = tmp_path / "elastic.json"
-    tiny = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32", "--batch-size", "4"]
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "staleness.py"),
-            "--data",
-            str(corpus),
-            *tiny,
-            *["--warmup", "2", "--lr", "1e-2", "--threads", "1", "--eval-windows", "8", "--qk-norm", "off"],
-            *["--rules", "local4-avg", "local4-elastic", "local4-pull-1", "--delays", "2", "--updates", "24"],
-            *["--every", "24", "--json", str(out)],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert r.returncode == 0, r.stderr
-    final = {x["rule"]: x["final_heldout"] for x in json.loads(out.read_text())["runs"]}
+    final = final_losses(tmp_path, ["local4-avg", "local4-elastic", "local4-pull-1"], 24)
     assert final["local4-elastic"] == pytest.approx(final["local4-pull-1"], abs=2e-4)
     assert abs(final["local4-elastic"] - final["local4-avg"]) > 1e-3
