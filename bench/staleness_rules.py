@@ -53,9 +53,7 @@ class Variant:
     braking: float = 0.0  # gradients: Adaptive Braking's rho (0: off)
     momentum_shrink: bool = False  # local steps: outer Nesterov momentum 0.9 - (1 - 1/P)
     pullback: float = 0.0  # local steps: w - lr (delta + m (w - w_read)); m = 1 is the elastic rule
-    shared_warmup: bool = (
-        False  # local steps: each worker warms up over warmup / P inner steps (the baseline's samples)
-    )
+    shared_warmup: bool = False  # local steps: warm-up over warmup / P inner steps per worker
 
 
 VARIANTS: dict[str, Variant] = {
@@ -81,7 +79,6 @@ VARIANTS: dict[str, Variant] = {
     "local8-avg": Variant(8, {"lr": 1.0}, True),
     "local16-avg": Variant(16, {"lr": 1.0}, True),
     "local4-sync": Variant(4, {"lr": 1.0}, synchronous=True),
-    "local4-sync-ws": Variant(4, {"lr": 1.0}, synchronous=True, shared_warmup=True),
     "local4-0.6avg-ws": Variant(4, {"lr": 0.6}, True, shared_warmup=True),
     "local4-elastic": Variant(4, {"lr": 1.0, "update_rule": "elastic"}, True),
     "local4-0.7elastic": Variant(4, {"lr": 0.7, "update_rule": "elastic"}, True),

@@ -65,8 +65,8 @@ class ShardStore:
         self._dc = (
             delay.DelayCompensation(cfg.dc_lambda or delay.DEFAULT_DC_LAMBDA) if delay.rule_of(cfg) == "dc" else None
         )
-        self._elastic = delay.rule_of(cfg) == "elastic"
-        self._history = delay.History(history or 1) if self._dc is not None or self._elastic else None
+        keeps_history = delay.rule_of(cfg) in delay.HISTORY_RULES  # dc, elastic: the weights each push read
+        self._history = delay.History(history or 1) if keeps_history else None
         if self._history is not None:
             self._history.add(version, self._flat.detach())
         self.observe_compensation = None  # called with each update's compensation size (metrics)

@@ -219,6 +219,8 @@ def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
         p.error("--update-rule dc needs plain gradients: it cannot be used with --local-steps")
     if args.update_rule == "elastic" and args.outer_optimizer == "delayed-nesterov":
         p.error("--update-rule elastic is an outer rule of its own: it cannot go with delayed-nesterov")
+    if args.dc_history and args.update_rule not in ("dc", "elastic"):
+        p.error("--dc-history is for --update-rule dc or elastic (the rules that keep old versions)")
     if not args.local_steps and args.update_rule == "elastic":
         p.error("--update-rule elastic averages the workers' weights: it needs --local-steps H")
     if args.outer_period is not None and args.outer_optimizer != "delayed-nesterov":

@@ -40,6 +40,7 @@ CLI_BAD = {
         ["--local-steps", "2", "--update-rule", "elastic", "--outer-optimizer", "delayed-nesterov"],
         "delayed-nesterov",
     ),
+    "dc-history-without-its-rule": (["--local-steps", "2", "--dc-history", "3"], "--dc-history"),
     "elastic-history-below-bound": (
         ["--local-steps", "2", "--update-rule", "elastic", "--dc-history", "2", "--staleness", "2"],
         "s + 1",
