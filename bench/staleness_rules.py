@@ -26,7 +26,9 @@ momentum is max(0, 0.9 - (1 - 1/P)) (lr 1/P): 0.9 with one worker, 0.23 with thr
 shard moves toward each pushing worker's weights. Bench-only tries beside it:
 `local4-1.5pull-{m}` adds m (w_now − w_pulled) to each pseudo-gradient (m = 1 is the elastic
 rule: how much of the others' drift a push takes back), and the `-ws` rules give each of
-the P workers warmup / P inner warm-up steps (the single worker's warm-up in samples).
+the P workers warmup / P inner warm-up steps (the single worker's warm-up in samples);
+`local4-easgd-{α}` adds EASGD's worker side: a pull moves the worker's weights only α of the way
+to the shard's (the push is still pulled − local, so the servers' elastic rule is unchanged).
 
 `VARIANTS` names each rule's settings; the bench's table reports them side by side.
 """
@@ -54,6 +56,7 @@ class Variant:
     momentum_shrink: bool = False  # local steps: outer Nesterov momentum 0.9 - (1 - 1/P)
     pullback: float = 0.0  # local steps: w - lr (delta + m (w - w_read)); m = 1 is the elastic rule
     shared_warmup: bool = False  # local steps: warm-up over warmup / P inner steps per worker
+    resync: float = 1.0  # local steps: a pull moves the worker's weights this far toward the shard's (EASGD's α)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -86,6 +89,8 @@ VARIANTS: dict[str, Variant] = {
     "local4-2elastic": Variant(4, {"lr": 2.0, "update_rule": "elastic"}, True),
     "local4-2.5elastic": Variant(4, {"lr": 2.5, "update_rule": "elastic"}, True),
     "local8-elastic": Variant(8, {"lr": 1.0, "update_rule": "elastic"}, True),
+    "local4-easgd-0.5": Variant(4, {"lr": 1.0, "update_rule": "elastic"}, True, resync=0.5),
+    "local4-easgd-0.3": Variant(4, {"lr": 1.0, "update_rule": "elastic"}, True, resync=0.3),
     "local4-pull-1": Variant(4, {"lr": 1.0}, True, pullback=1.0),  # the elastic rule, done by the bench
     "local4-1.5pull-0.5": Variant(4, {"lr": 1.5}, True, pullback=0.5),
     "local4-1.5pull-1.5": Variant(4, {"lr": 1.5}, True, pullback=1.5),
@@ -167,6 +172,7 @@ class Runner:
             inner = inner_config(spec, self.workers if self.v.shared_warmup else 1)
             self.locals = [LocalSteps(t.model, inner, self.v.local_steps) for t in self.tasks]
             self.read = [0] * self.workers
+            self.centre = [flat0.clone() for _ in range(self.workers)]  # the shard's weights each worker last pulled
             for t in self.tasks:
                 load_flat(t.model, flat0)
             self.turn = 0
@@ -241,11 +247,17 @@ class Runner:
             local.step()
         local.finish()
         push = grads_of(task.model)
+        if self.v.resync < 1:  # the worker started from a blend: push what the servers' rule expects, pulled − local
+            push += self.centre[k] - torch.cat([w.reshape(-1) for w in local._pulled])
         if self.v.pullback:  # m (w_now - w_pulled): m = 1 is what the elastic rule adds on the server
             push += (self.weights() - torch.cat([w.reshape(-1) for w in local._pulled])) * self.v.pullback
         self.store.apply(push, self.read[k])
         task.model.zero_grad(set_to_none=True)
-        load_flat(task.model, self.weights())  # the worker's next pull
+        centre = self.weights()  # the worker's next pull
+        if self.v.resync < 1:  # EASGD's worker side: only α of the way to the shard's weights
+            self.centre[k] = centre
+            centre = flat_of(task.model).lerp_(centre, self.v.resync)
+        load_flat(task.model, centre)
         self.read[k] = self.store.version
         self.batches += local.steps
 
