@@ -26,12 +26,6 @@ A shard applies every push with the optimizer of its `OptimizerConfig`. The conf
   Nesterov momentum buffer m ← β·m + mean, and the weights take the momentum's step
   −lr·β·m. With period 1 it is exactly SGD with Nesterov momentum.
 
-With `weight_by_steps` (local steps without averaging; ps-worker sets it with dynamic
-local steps) a push of k inner steps enters at lr·k/H (`push_weight`): its share of the
-workers' combined H, as averaging weights each pseudo-gradient by its samples. With equal
-shares every push has weight 1; under dynamic local steps a fast worker's long push counts
-for more than a slow worker's short one.
-
 With `local_steps` H > 0 every push is a pseudo-gradient (weights pulled − weights after
 the worker's H inner steps, worker/local_steps.py) and the shard's optimizer is the outer
 one: `sgd` (optionally with Nesterov momentum, DiLoCo's outer step) or `delayed-nesterov`.
@@ -78,8 +72,6 @@ def validate(cfg, staleness: float | None = None) -> None:
         raise ValueError("staleness-aware lr is for plain gradients, not local steps")
     if cfg.dc_lambda < 0 or not math.isfinite(cfg.dc_lambda):
         raise ValueError(f"dc_lambda must be finite and >= 0, got {cfg.dc_lambda}")
-    if cfg.weight_by_steps and not (cfg.local_steps and not cfg.average_gradients):
-        raise ValueError("weight_by_steps is for local steps without averaging (averaging weights by samples itself)")
     if cfg.history_versions and rule not in HISTORY_RULES:
         raise ValueError("history_versions is for the dc and elastic update rules only")
     if (
@@ -93,14 +85,6 @@ def validate(cfg, staleness: float | None = None) -> None:
             f"history_versions {cfg.history_versions} is below s + 1 = {int(staleness) + 1}: "
             "a push the bound allows could find its weights gone"
         )
-
-
-def push_weight(cfg, steps: int) -> float:
-    """The factor on the outer lr for a push of `steps` inner steps: steps / H with
-    `weight_by_steps`, else 1 (and 1 when the push gave no count)."""
-    if not (cfg.weight_by_steps and cfg.local_steps and steps > 0):
-        return 1.0
-    return steps / cfg.local_steps
 
 
 def history_size(cfg, staleness: float) -> int:

@@ -13,8 +13,7 @@ processes `ps-cluster` starts, then watches them from this process while they tr
   local steps (a clock is a push of H batches) the workers' progress lines count them.
 * the local-steps rows (`asyncps-local-*`) run `--local-steps H` (RunSpec.local_steps)
   with asyncps's outer optimizer defaults (sgd, lr 1 with averaging, 0.6/P without);
-  `-dyn` adds `--dynamic-local-steps` (each push weighted by its inner steps; `-dyn-unw`
-  with `--no-weight-by-steps`, every push alike); `asyncps-elastic-*` are the same with
+  `-dyn` adds `--dynamic-local-steps`; `asyncps-elastic-*` are the same with
   `--update-rule elastic` (outer lr 1/P); `asyncps-dc-s2` pushes gradients with
   `--update-rule dc`. In the jitter scenario every worker runs `--jitter P,F`.
 * held-out snapshots: worker 0 saves the weights it has just pulled every
@@ -58,7 +57,6 @@ class Variant:
     local_steps: int = 0  # > 0: --local-steps H (RunSpec.local_steps)
     dynamic: bool = False  # --dynamic-local-steps
     update_rule: str = "plain"
-    weight_by_steps: bool = True  # with dynamic: --weight-by-steps (False: --no-weight-by-steps)
 
 
 VARIANTS = {
@@ -71,7 +69,6 @@ VARIANTS = {
     "asyncps-local-s0": Variant(0, True, local_steps=1),
     "asyncps-local-s2": Variant(2, False, local_steps=1),
     "asyncps-local-s2-dyn": Variant(2, False, local_steps=1, dynamic=True),
-    "asyncps-local-s2-dyn-unw": Variant(2, False, local_steps=1, dynamic=True, weight_by_steps=False),
     "asyncps-elastic-s2": Variant(2, False, local_steps=1, update_rule="elastic"),
     "asyncps-elastic-s2-dyn": Variant(2, False, local_steps=1, dynamic=True, update_rule="elastic"),
 }
@@ -124,11 +121,7 @@ def _training_argv(spec: RunSpec, v: Variant) -> list[str]:
     ]
     if v.local_steps:
         argv += ["--local-steps", str(spec.local_steps)]
-        argv += (
-            ["--dynamic-local-steps", "--weight-by-steps" if v.weight_by_steps else "--no-weight-by-steps"]
-            if v.dynamic
-            else []
-        )
+        argv += ["--dynamic-local-steps"] if v.dynamic else []
         argv += ["--outer-lr", str(spec.outer_lr)] if spec.outer_lr is not None else []
         if spec.outer_momentum > 0:
             argv += ["--outer-optimizer", "nesterov", "--outer-momentum", str(spec.outer_momentum)]

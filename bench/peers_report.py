@@ -29,7 +29,6 @@ SYSTEM_ORDER = [
     "asyncps-local-s0",
     "asyncps-local-s2",
     "asyncps-local-s2-dyn",
-    "asyncps-local-s2-dyn-unw",
     "asyncps-elastic-s2",
     "asyncps-elastic-s2-dyn",
 ]

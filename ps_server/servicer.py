@@ -356,7 +356,7 @@ class Servicer(Durability, Membership):
             m.push_bytes.inc(store.numel * 4)
             await self._apply_complete_buckets()
             return pb.PushResponse(version=store.version, staleness=0), adopted
-        version, staleness = await self._apply(store, grad, head.read_version, steps=head.samples)
+        version, staleness = await self._apply(store, grad, head.read_version)
         # Applied, so it stands even if the worker was evicted or re-registered meanwhile:
         # counted, and its current session moved past this clock (no retry applies it again).
         self.clocks.advance_contributor(head.worker_id, head.clock)

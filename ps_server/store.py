@@ -84,16 +84,13 @@ class ShardStore:
     def version(self) -> int:
         return self._version
 
-    def apply(
-        self, grad: torch.Tensor, read_version: int, divisor: int = 1, consume: bool = False, steps: int = 0
-    ) -> tuple[int, int]:
+    def apply(self, grad: torch.Tensor, read_version: int, divisor: int = 1, consume: bool = False) -> tuple[int, int]:
         """Apply one gradient atomically; returns (new version, update staleness).
 
         With averaging on, `grad` is a sum and is divided by `divisor` (contributors, or
         samples when weighted) first: in place when the caller gives `grad` up
         (`consume`, e.g. a spent averaging bucket), else into a new tensor (a shard-sized
         allocation: ~15 ms of page faults for 64 MB, against ~1.5 ms in place).
-        `steps`: a local-steps push's inner steps (`delay.push_weight` scales its lr).
 
         Blocks for the optimizer step. `grad` must be finite float32 of the shard's size
         (the caller validates; this checks again and raises ValueError, changing nothing).
@@ -113,7 +110,7 @@ class ShardStore:
                     grad, size = delay.elastic(grad, self._flat.detach(), read)
                 if self.observe_compensation is not None:
                     self.observe_compensation(size)
-            self._stepper.step(grad, self.lr_scale(staleness) * delay.push_weight(self.config, steps))
+            self._stepper.step(grad, self.lr_scale(staleness))
             self._version += 1
             if self._history is not None:
                 self._history.add(self._version, self._flat.detach())

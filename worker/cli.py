@@ -162,14 +162,6 @@ SWITCHES: list[tuple[str, bool, str]] = [
             "to their measured speed, so a slow worker pushes on time"
         ),
     ),
-    (
-        "weight-by-steps",
-        True,
-        (
-            "with --dynamic-local-steps and no averaging: each push enters at the outer lr x its "
-            "inner steps / H, its share of the combined H (--no-weight-by-steps: every push alike)"
-        ),
-    ),
     ("pipeline", False, "request the next pull before computing (needs s >= 1)"),
     (
         "qk-norm",
@@ -297,7 +289,6 @@ def optimizer_config(args: argparse.Namespace):
         history_versions=args.dc_history,
         average_gradients=args.average_gradients,
         balance_batches=args.dynamic_local_steps,
-        weight_by_steps=args.weight_by_steps and args.dynamic_local_steps and not args.average_gradients,
         staleness_aware_lr=args.staleness_aware_lr,
     )
 

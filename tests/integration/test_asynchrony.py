@@ -303,33 +303,3 @@ def test_dynamic_local_steps_split_h_by_measured_speed(start_server):
         a.pull()
         b.pull()
         assert (a.batch_size, b.batch_size) == (6, 2)
-
-
-def test_dynamic_local_steps_weight_each_push_by_its_steps(start_server):
-    """With weight_by_steps (ps-worker's default under --dynamic-local-steps) a push of k inner
-    steps enters at the outer lr x k / H: once the split is 6 and 2 of the combined 8, the fast
-    worker's change counts 1.5x and the slow one's 0.5x (without it, both 1x)."""
-    server = start_server(staleness=8)
-    cfg = default_config("sgd", lr=0.5, local_steps=4, balance_batches=True, weight_by_steps=True)
-    fast, slow, w0 = mlp(), mlp(), [p.detach().clone() for p in mlp().parameters()]
-    changes = [[torch.randn_like(p) for p in w0] for _ in range(2)]
-    opts = dict(optimizer=cfg, staleness=8, options=FAST_FAIL, batch_size=4)
-    with (
-        PSClient([server.address], fast, worker_id="fast", **opts) as a,
-        PSClient([server.address], slow, worker_id="slow", **opts) as b,
-    ):
-        for _ in range(3):  # zero changes while the shard measures their speeds
-            for ps, seconds in ((a, 0.1), (b, 0.3)):
-                ps.pull()
-                ps.push(samples=ps.batch_size, busy_seconds=seconds * ps.batch_size / 4).wait()
-        for ps, model, change in ((a, fast, changes[0]), (b, slow, changes[1])):
-            ps.pull()
-            for p, g in zip(model.parameters(), change):
-                p.grad = g.clone()
-            ps.push(samples=ps.batch_size, busy_seconds=0.1).wait()
-        assert (a.batch_size, b.batch_size) == (6, 2)
-    probe = mlp(seed=9)
-    with PSClient([server.address], probe, worker_id="probe", **opts) as c:
-        c.pull()
-    want = [w - 0.5 * 1.5 * ga - 0.5 * 0.5 * gb for w, ga, gb in zip(w0, *changes)]
-    assert max(rel_err(p.detach(), w) for p, w in zip(probe.parameters(), want)) < 1e-5

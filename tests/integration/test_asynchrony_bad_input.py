@@ -1,7 +1,7 @@
 """Incompatible asynchrony choices: one line and exit 2 on the CLI, INVALID_ARGUMENT at Init.
 
 Local steps with a rule that needs plain gradients (dc), elastic or an outer optimizer without local
-steps, a dc history below s + 1, pushes weighted by their steps without local steps or with averaging: `ps-worker` and `ps-cluster` refuse them before starting
+steps, a dc history below s + 1: `ps-worker` and `ps-cluster` refuse them before starting
 anything; a hand-made Init carrying them is refused by a real server, which stays
 uninitialized; the same Init made compatible is accepted, so the cases fail for the
 reason they name.
@@ -106,16 +106,6 @@ INIT_BAD = {
     "local-steps-adam-outer": (default_config("adamw", lr=1e-3, local_steps=2), None, "must be sgd"),
     "unknown-rule": (default_config("sgd", lr=0.1, update_rule="brake"), None, "unknown update rule"),
     "elastic-without-local-steps": (default_config("adamw", lr=1e-3, update_rule="elastic"), None, "needs local steps"),
-    "weight-by-steps-without-local-steps": (
-        default_config("adamw", lr=1e-3, weight_by_steps=True),
-        None,
-        "weight_by_steps is for local steps",
-    ),
-    "weight-by-steps-with-averaging": (
-        default_config("sgd", lr=1.0, local_steps=2, average_gradients=True, weight_by_steps=True),
-        None,
-        "averaging weights by samples",
-    ),
 }
 
 

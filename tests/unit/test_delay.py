@@ -106,22 +106,6 @@ def test_elastic_moves_the_weights_toward_the_workers():
     assert seen[0] == 0.0 and all(x > 0 for x in seen[2:])
 
 
-def test_weight_by_steps_scales_each_push_by_its_share_of_h():
-    """A push of k inner steps enters at lr k / H; without the field, or with no count, at lr."""
-    w0 = torch.randn(N, generator=torch.Generator().manual_seed(5))
-    cfg = default_config("sgd", lr=0.5, local_steps=4, weight_by_steps=True)
-    store, plain = ShardStore("p", w0, cfg), ShardStore("p", w0, default_config("sgd", lr=0.5, local_steps=4))
-    want = w0.clone()
-    for steps, g in zip([6, 2, 4, 0], grads(4)):
-        store.apply(g.clone(), store.version, steps=steps)
-        plain.apply(g.clone(), plain.version, steps=steps)
-        want -= 0.5 * (steps / 4 if steps else 1.0) * g
-    assert torch.allclose(store.state_dict()["weights"], want, rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(plain.state_dict()["weights"], want, rtol=1e-3, atol=1e-3)
-    assert delay.push_weight(cfg, 6) == 1.5 and delay.push_weight(cfg, 0) == 1.0
-    assert delay.push_weight(default_config("sgd", lr=0.5, local_steps=4), 6) == 1.0
-
-
 def test_history_sizes():
     dc = default_config("adamw", lr=1e-3, update_rule="dc")
     assert delay.history_size(dc, 2.0) == 3
@@ -142,8 +126,6 @@ def test_history_sizes():
         (default_config("sgd", lr=1, history_versions=3), None, "dc and elastic update rules only"),
         (default_config("adamw", lr=1e-3, update_rule="elastic"), None, "needs local steps"),
         (default_config("sgd", lr=1, local_steps=2, update_rule="elastic", history_versions=1), 1.0, "s + 1"),
-        (default_config("adamw", lr=1e-3, weight_by_steps=True), None, "weight_by_steps is for local steps"),
-        (default_config("sgd", lr=1, local_steps=2, average_gradients=True, weight_by_steps=True), None, "averaging"),
     ],
 )
 def test_validate_refuses_incompatible_choices(cfg, staleness, mention):

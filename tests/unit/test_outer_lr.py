@@ -44,17 +44,3 @@ def test_a_given_outer_lr_wins() -> None:
 def test_without_local_steps_the_lr_is_the_optimizers() -> None:
     cfg = config("--lr", "0.002", "--world", "2", "--no-average-gradients")
     assert cfg.lr == pytest.approx(0.002) and cfg.local_steps == 0
-
-
-@pytest.mark.parametrize(
-    "flags,weighted",
-    [
-        (("--dynamic-local-steps",), True),  # on by default with dynamic local steps
-        (("--dynamic-local-steps", "--no-weight-by-steps"), False),
-        ((), False),  # fixed H: every push is H steps, nothing to weight
-        (("--dynamic-local-steps", "--average-gradients", "--staleness", "0"), False),  # averaging weights itself
-    ],
-)
-def test_dynamic_local_steps_weight_each_push_by_its_steps(flags, weighted) -> None:
-    cfg = config("--local-steps", "4", "--staleness", "2", "--no-average-gradients", "--world", "2", *flags)
-    assert cfg.weight_by_steps is weighted
