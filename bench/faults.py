@@ -151,20 +151,20 @@ def main() -> int:
             str(a.checkpoint_interval),
         ]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait(lambda: step(out, "worker-0") >= 60)
+        wait(lambda out=out: step(out, "worker-0") >= 60)
         serving = None
         if kind == "server":
             address = f"127.0.0.1:{int((out / 'logs' / 'server-0.port').read_text())}"
             os.kill(pid_of(out, "server-0.port"), signal.SIGKILL)
             killed = time.monotonic()
-            wait(lambda: not _listening(address), 10)  # the killed process's port is closed
+            wait(lambda address=address: not _listening(address), 10)  # the killed process's port is closed
             wait_serving(address, timeout=120)
             serving = time.monotonic() - killed
         else:
             os.kill(pid_of(out, "--worker-id worker-1 "), signal.SIGKILL)
             killed = time.monotonic()
         before = step(out, "worker-0")
-        wait(lambda: step(out, "worker-0") >= before + 3)
+        wait(lambda out=out, before=before: step(out, "worker-0") >= before + 3)
         resumed = time.monotonic() - killed
         _, err = proc.communicate(timeout=600)
         if proc.returncode != 0:

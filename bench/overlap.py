@@ -33,8 +33,8 @@ import os
 import queue
 import resource
 import socket
-import struct
 import statistics
+import struct
 import sys
 import threading
 import time
@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/overlap.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-from protos import wire  # noqa: E402
 from asyncps_common import optimizer  # noqa: E402
+from protos import wire  # noqa: E402
 
 MODES = ("transfer", "whole", "inline", "thread")
 LR = 1e-3

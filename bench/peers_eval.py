@@ -15,11 +15,10 @@ import math
 from pathlib import Path
 
 import torch
-
 from peers_common import RunSpec, merge_traces, samples_per_second
+
 from worker.data import Corpus, heldout_loss
 from worker.task import ByteGPT
-
 
 OTHER_LEVELS = (3.0, 2.5, 2.2, 2.0, 1.8)  # time to each of these too, for reading the curves at other targets
 

@@ -133,7 +133,7 @@ def plot(rows: list[dict], scenario: str, path: Path, target: float) -> None:
         ax.plot(t, loss, label=label, linestyle=style, linewidth=1.6)
     ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
     ax.text(0, target, f" target {target:g}", va="bottom", color="grey", fontsize=8)
-    finite = [l for r in rows if r["scenario"] == scenario for _, l in r["curve"][1:]]
+    finite = [loss for r in rows if r["scenario"] == scenario for _, loss in r["curve"][1:]]
     if finite:
         ax.set_ylim(min(min(finite), target) - 0.1, min(max(finite) + 0.2, 4.0))
     ax.set_xlabel("wall time since the first step (s)")

@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, set_lr
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peers_common import RunSpec, Task
+
 from asyncps_common.optimizer import default_config
 from ps_server.store import ShardStore
 from worker.local_steps import LocalSteps

@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-import shaped
+import shaped  # noqa: E402  (bench/ is put on sys.path just above)
 
 
 @pytest.fixture

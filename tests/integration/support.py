@@ -17,10 +17,10 @@ from typing import TypeVar
 import grpc
 import torch
 
+from asyncps_common.security import NONE, Security
 from protos import service, wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.dataplane import DataPlane
-from asyncps_common.security import NONE, Security
 from ps_server.server import build_server
 from ps_server.servicer import ServerConfig, Servicer
 from worker import CallOptions

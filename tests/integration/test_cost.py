@@ -1,4 +1,5 @@
-"""`ps-cost` end to end: a real (tiny) calibration, a prediction from it, and a tiny `validate` grid of real ps-cluster runs."""
+"""`ps-cost` end to end: a real (tiny) calibration, a prediction from it, and a tiny `validate`
+grid of real ps-cluster runs."""
 
 from __future__ import annotations
 

@@ -26,11 +26,11 @@ import grpc
 import pytest
 import torch
 
+from asyncps_common.optimizer import default_config
+from asyncps_common.security import NONE, Security
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import DataConn, DataError
-from asyncps_common.optimizer import default_config
-from asyncps_common.security import NONE, Security
 from ps_server.servicer import ServerConfig
 from worker import CallOptions, PSClient, RpcFailed
 from worker.dataplane import DataChannel

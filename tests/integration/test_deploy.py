@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ps_server import cli as server_cli
 from asyncps_common.flags import ENV_PREFIX
+from ps_server import cli as server_cli
 from worker import cli as worker_cli
 
 ROOT = Path(__file__).resolve().parents[2]

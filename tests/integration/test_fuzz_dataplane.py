@@ -22,7 +22,7 @@ from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import DataConn, DataError
 
-from .test_fuzz import EXAMPLES, FUZZ, N, PLAN, TIMEOUT, Code, Live, gradient, live  # noqa: F401 (a fixture)
+from .test_fuzz import EXAMPLES, FUZZ, PLAN, TIMEOUT, Code, Live, N, gradient, live  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 

@@ -16,9 +16,9 @@ import grpc
 import pytest
 import torch
 
+from asyncps_common.optimizer import default_config
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from asyncps_common.optimizer import default_config
 from worker import PSClient, RpcFailed
 from worker.export import pull_into
 from worker.task import ByteGPT, TaskConfig

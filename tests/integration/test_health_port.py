@@ -13,9 +13,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from asyncps_common.security import Security
 from protos import service
 from protos.asyncps.v1 import ps_pb2 as pb
-from asyncps_common.security import Security
 
 from .certs import make_pki
 from .support import RPC_TIMEOUT

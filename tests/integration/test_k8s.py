@@ -97,7 +97,7 @@ def test_every_object_passes_kubernetes_validate_strict(rendered):
         "ConfigMap/asyncps-dashboard",
         "ConfigMap/asyncps-prometheus",
     }
-    for key, obj in objs.items():
+    for obj in objs.values():
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # a CRD: no schema in kubernetes-validate; see test_prometheus_finds_every_pod
         kubernetes_validate.validate(obj, version, strict=True)

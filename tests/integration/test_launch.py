@@ -36,7 +36,8 @@ ENV_SCRIPT = """
 import json, os, sys
 env = {k: v for k, v in os.environ.items() if k.startswith("ASYNCPS_") or k == "OMP_NUM_THREADS"}
 rank, life = env["ASYNCPS_RANK"], env["ASYNCPS_RESTART"]
-open(os.path.join(env["ASYNCPS_RUN_DIR"], f"env-{rank}-{life}.json"), "w").write(json.dumps({"env": env, "argv": sys.argv}))
+with open(os.path.join(env["ASYNCPS_RUN_DIR"], f"env-{rank}-{life}.json"), "w") as f:
+    f.write(json.dumps({"env": env, "argv": sys.argv}))
 from worker import PSClient
 import torch
 with PSClient(torch.nn.Linear(4, 2), optimizer={"name": "sgd", "lr": 0.1}) as ps:

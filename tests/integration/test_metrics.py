@@ -12,7 +12,6 @@ is evaluated without error, and that each operand of its condition returns data
 from __future__ import annotations
 
 import functools
-
 import json
 import re
 import shutil
@@ -319,10 +318,12 @@ def test_worker_down_alert_spares_a_worker_that_finished_and_names_one_that_was_
         return int(path.read_text()) if path.exists() else None
 
     targets = {
-        "server-0": f"http://127.0.0.1:{poll(lambda: port_of(tmp_path / 'server.mport', server.proc), 30, 'server metrics port')}/metrics"
+        "server-0": "http://127.0.0.1:{}/metrics".format(
+            poll(lambda: port_of(tmp_path / "server.mport", server.proc), 30, "server metrics port")
+        )
     }
     for i, name in enumerate(workers):
-        port = poll(lambda: port_of(ports[name], workers[name]), 60, f"{name}'s metrics port")
+        port = poll(lambda name=name: port_of(ports[name], workers[name]), 60, f"{name}'s metrics port")
         targets[f"worker-{i}"] = f"http://127.0.0.1:{port}/metrics"
     base = start_prometheus(tmp_path, procs, prometheus_binary, targets)
     instance = {name: urllib.parse.urlparse(targets[f"worker-{i}"]).netloc for i, name in enumerate(workers)}

@@ -16,8 +16,8 @@ was lost.
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import subprocess
 import time
 

@@ -14,10 +14,11 @@ import grpc
 import pytest
 import torch
 
+from asyncps_common.optimizer import default_config
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from asyncps_common.optimizer import default_config
 from ps_server.servicer import ServerConfig
+
 from .support import RPC_TIMEOUT, InProcessServer, clock_of, poll, stub
 
 N = 1000

@@ -25,15 +25,15 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import service, wire
-from protos.asyncps.v1 import ps_pb2 as pb
 from asyncps_common.optimizer import default_config
 from asyncps_common.security import NONE, Security
+from protos import service, wire
+from protos.asyncps.v1 import ps_pb2 as pb
 from worker import CallOptions, PSClient, RpcFailed
 
 from .certs import make_pki
-from .test_cluster import cluster_cmd, corpus  # noqa: F401 (a fixture)
 from .support import RPC_TIMEOUT, batches, call, clock_of, mlp, status, stub
+from .test_cluster import cluster_cmd, corpus  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow  # real clusters or long runs: left out of the quick loop (-m "not slow")
 

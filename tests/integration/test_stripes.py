@@ -52,7 +52,6 @@ from .test_dataplane import (
     pull_request,
     push_header,
     ready,  # noqa: F401
-    shard,
     state,
 )
 from .test_wire_path import OddModel, push_exact, raw

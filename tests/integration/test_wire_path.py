@@ -23,9 +23,9 @@ import time
 import pytest
 import torch
 
+from asyncps_common.optimizer import default_config
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
-from asyncps_common.optimizer import default_config
 from ps_server.servicer import ServerConfig
 from worker import CallOptions, PSClient
 from worker.dataplane import Abort, DataChannel

@@ -19,8 +19,8 @@ import argparse
 import json
 import math
 import sys
-import zlib
 import time
+import zlib
 from pathlib import Path
 
 import torch

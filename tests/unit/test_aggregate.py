@@ -121,8 +121,8 @@ def test_a_shard_reuses_one_gradient_buffer_per_worker_pushing_at_once():
     and every clock applies the mean."""
     import asyncio
 
-    from protos.asyncps.v1 import ps_pb2 as pb
     from asyncps_common import optimizer as optim
+    from protos.asyncps.v1 import ps_pb2 as pb
     from ps_server.servicer import ServerConfig, Servicer
     from ps_server.store import ShardStore
 

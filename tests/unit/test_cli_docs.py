@@ -1,4 +1,5 @@
-"""docs/cli.md is what scripts/gen_cli_docs.py makes from the parsers: it fails when a flag changes and the docs do not."""
+"""docs/cli.md is what scripts/gen_cli_docs.py makes from the parsers: it fails when a flag changes
+and the docs do not."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from ps_server import checkpoint
 from asyncps_common.flags import parse_staleness
+from ps_server import checkpoint
 from ps_server.clock import ClockTable, DuplicatePush, UnknownWorker
 
 

@@ -16,12 +16,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from test_wire import DTYPES, ODD_SHAPES, random_tensor
 
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
 from protos.datasock import DataConn, DataError, Truncated, split_host, status_code
-
-from test_wire import DTYPES, ODD_SHAPES, random_tensor
 
 Code = grpc.StatusCode
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ps_server import cli
 from asyncps_common.flags import FlagParser, non_negative, parse_bool, positive
+from ps_server import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 

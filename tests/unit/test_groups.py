@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protos.asyncps.v1 import ps_pb2 as pb
 from asyncps_common.optimizer import default_config
+from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server.store import ShardStore
 from worker import groups as pg
 from worker.plan import make_plan, param_specs

@@ -58,4 +58,3 @@ def test_bad_jitter_is_one_line_exit_2(capsys, text: str) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--jitter" in err[0] and "Traceback" not in err[0]
-

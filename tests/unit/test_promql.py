@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.promql import operands, split_top, _CMP
+from tests.integration.promql import _CMP, operands, split_top
 
 
 @pytest.mark.parametrize(

@@ -286,7 +286,7 @@ def test_the_replica_and_arbiter_tables_follow_the_proto_too(name) -> None:
     generic = service.method_handlers(SimpleNamespace(**{m: object() for m in rpcs}), name)
     channel = FakeChannel()
     stub = service.Stub(channel, name=name)
-    for method, (cstream, req, sstream, resp) in rpcs.items():
+    for method, (cstream, req, sstream, _resp) in rpcs.items():
         h = generic.service(SimpleNamespace(method=f"/{full}/{method}", invocation_metadata=()))
         assert h is not None and (h.request_streaming, h.response_streaming) == (cstream, sstream), method
         kind = ("stream" if cstream else "unary") + "_" + ("stream" if sstream else "unary")

@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
+from asyncps_common import optimizer as optim
 from protos.asyncps.v1 import ps_pb2 as pb
 from ps_server import checkpoint
-from asyncps_common import optimizer as optim
 from ps_server.clock import ClockTable
 from ps_server.store import ShardStore
 

@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 
 from protos import wire
 from protos.asyncps.v1 import ps_pb2 as pb
+from protos.datasock import DataConn, DataError
 from ps_server import stripes as stripes_mod
 from ps_server.stripes import Assembly, StripeError, Stripes
-from protos.datasock import DataConn, DataError
 from worker.dataplane import Abort, DataChannel
 
 Code = grpc.StatusCode
@@ -73,7 +73,7 @@ def test_stripes_are_contiguous_in_order_cover_everything_and_balanced(numel, co
     parts = wire.stripes(numel, count)
     assert len(parts) == count
     assert parts[0][0] == 0 and parts[-1][1] == numel
-    for (lo, hi), (nlo, _) in zip(parts, parts[1:]):
+    for (_, hi), (nlo, _) in zip(parts, parts[1:]):
         assert nlo == hi  # no gap, no overlap, in order
     sizes = [hi - lo for lo, hi in parts]
     assert all(s >= 0 for s in sizes) and sum(sizes) == numel
