@@ -52,6 +52,7 @@ from .test_dataplane import (
     pull_request,
     push_header,
     ready,  # noqa: F401
+    shard,  # noqa: F401  (a fixture)
     state,
 )
 from .test_wire_path import OddModel, push_exact, raw
