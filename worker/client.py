@@ -328,8 +328,7 @@ class PSClient(ShardExchange):
         if self.pipeline:
             for ahead in range(1, self.prefetch + 1):
                 if self.clock + ahead not in self._pending_pulls:
-                    fut = self._submit(self._pull_all(self.clock + ahead, own_lag=ahead))
-                    self._pending_pulls[self.clock + ahead] = fut
+                    self._start_pull(self.clock + ahead, own_lag=ahead)
         self.stats.pulls += 1
         self.stats.pull_wait_seconds += time.perf_counter() - t0
 
@@ -371,7 +370,7 @@ class PSClient(ShardExchange):
         ticket = PushTicket(clock, fut)
         self._inflight.append(ticket)
         if not self.pipeline:
-            self._pending_pulls[self.clock] = self._submit(self._pull_all(self.clock, own_lag=0))
+            self._start_pull(self.clock, own_lag=0)
         self.stats.pushes += 1
         self.stats.push_wait_seconds += time.perf_counter() - t0
         return ticket
@@ -425,10 +424,22 @@ class PSClient(ShardExchange):
 
     def _take_pull(self, clock: int) -> concurrent.futures.Future:
         """The pull for `clock`: the one in flight, or a new one; pulls of earlier clocks are cancelled."""
-        fut = self._pending_pulls.pop(clock, None)
+        if clock not in self._pending_pulls:
+            self._start_pull(clock, own_lag=0)
         for c in [c for c in self._pending_pulls if c < clock]:
             self._pending_pulls.pop(c).cancel()
-        return fut if fut is not None else self._submit(self._pull_all(clock, own_lag=0))
+        return self._pending_pulls.pop(clock)
+
+    def _start_pull(self, clock: int, own_lag: int) -> None:
+        """Put the pull for `clock` in flight. An older pull still in flight into the same buffer
+        (`pull_buffer`: pushes without a pull between them) is cancelled first: both writing one
+        buffer, the older one's late chunks would overwrite the newer weights. Its cancellation
+        reaches the I/O loop before the new pull starts (both go through the loop's FIFO), and
+        a cancelled data-plane pull waits for its thread (ShardClient._on_data)."""
+        same = self.pull_buffer(clock)
+        for c in [c for c in self._pending_pulls if c < clock and self.pull_buffer(c) is same]:
+            self._pending_pulls.pop(c).cancel()
+        self._pending_pulls[clock] = self._submit(self._pull_all(clock, own_lag=own_lag))
 
     def _cancel_pulls(self) -> None:
         """Cancel every pull in flight (safe from any thread: Future.cancel is)."""
