@@ -46,11 +46,10 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
 
 import network_report
 import shaped
+from asyncps_common.flags import FlagParser, non_negative, positive
 from peers_asyncps import Variant, _training_argv
 from peers_common import RunSpec
 from peers_report import machine
-
-from asyncps_common.flags import FlagParser, non_negative, positive
 from worker.cost.calibrate import PRESETS
 from worker.procs import Children
 from worker.task import TaskConfig

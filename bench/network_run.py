@@ -31,8 +31,8 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from peers_common import RunSpec, Task, lr_at, make_optimizer, set_lr
 
+from peers_common import RunSpec, Task, lr_at, make_optimizer, set_lr
 from worker.data import Corpus, default_corpus_path, heldout_loss
 from worker.task import ByteGPT, TaskConfig
 

@@ -58,18 +58,18 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
     if p not in sys.path:  # `python bench/peers.py` from anywhere
         sys.path.insert(0, p)
 
+import torch  # noqa: E402
+
 import peers_asyncps  # noqa: E402
 import peers_ddp  # noqa: E402
 import peers_diloco  # noqa: E402
 import peers_rpc  # noqa: E402
 import peers_single  # noqa: E402
-import torch  # noqa: E402
+from asyncps_common.flags import FlagParser, non_negative, positive  # noqa: E402
+from asyncps_common.jitter import parse_jitter  # noqa: E402
 from peers_common import RunSpec, free_port  # noqa: E402
 from peers_eval import Evaluator, evaluate  # noqa: E402
 from peers_report import SCENARIOS, SYSTEM_ORDER, _median, machine, plot, table  # noqa: E402
-
-from asyncps_common.flags import FlagParser, non_negative, positive  # noqa: E402
-from asyncps_common.jitter import parse_jitter  # noqa: E402
 from worker.data import Corpus, default_corpus_path  # noqa: E402
 from worker.task import TaskConfig  # noqa: E402
 

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import grpc
 import torch
-from peers_common import RunSpec
 from safetensors import safe_open
 
+from peers_common import RunSpec
 from protos import service
 from protos.asyncps.v1 import ps_pb2 as pb
 from worker.procs import Children

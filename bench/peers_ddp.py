@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, run_in_gloo_group, set_lr, straggle
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, run_in_gloo_group, set_lr, straggle
 
 
 def run(spec: RunSpec, rank: int, port: int) -> None:

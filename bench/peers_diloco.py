@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, run_in_gloo_group, set_lr, straggle
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, run_in_gloo_group, set_lr, straggle
 
 
 def run(spec: RunSpec, rank: int, port: int) -> None:

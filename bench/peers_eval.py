@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 
 import torch
-from peers_common import RunSpec, merge_traces, samples_per_second
 
+from peers_common import RunSpec, merge_traces, samples_per_second
 from worker.data import Corpus, heldout_loss
 from worker.task import ByteGPT
 

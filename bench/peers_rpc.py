@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.rpc as rpc
+
 from peers_common import Recorder, RunSpec, Task, lr_at, make_optimizer, set_lr, straggle
 
 

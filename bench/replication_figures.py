@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from faults import ROOT, pid_of, step, wait
 
 RESULTS = ROOT / "bench" / "results" / "faults-replication.json"

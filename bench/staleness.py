@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from peers_common import RunSpec, Task  # noqa: E402
 from peers_eval import Evaluator  # noqa: E402
 from staleness_rules import VARIANTS, Runner, eval_model  # noqa: E402
-
 from worker.data import Corpus, default_corpus_path  # noqa: E402
 from worker.task import ByteGPT, TaskConfig  # noqa: E402
 

@@ -40,9 +40,9 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-from peers_common import RunSpec, Task
 
 from asyncps_common.optimizer import default_config
+from peers_common import RunSpec, Task
 from ps_server.store import ShardStore
 from worker.local_steps import LocalSteps
 

@@ -80,7 +80,6 @@ def summary(samples: list[float]) -> dict:
 
 from wire_raw import bench_grpc_raw, bench_tcp  # noqa: E402  (bench/, the script's own folder)
 from wire_tp import bench_tensorpipe  # noqa: E402  (bench/ too)
-
 from worker.cost.servers import FlatModel as Model  # noqa: E402
 from worker.cost.servers import apply_rates, start_servers, stop_servers  # noqa: E402
 from worker.rpc import DATA_STREAMS  # noqa: E402

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from asyncps_common import security
-from asyncps_common.delay import DEFAULT_DC_LAMBDA, RULES, UNBOUNDED_HISTORY
+from asyncps_common.delay import DEFAULT_DC_LAMBDA, HISTORY_RULES, RULES, UNBOUNDED_HISTORY
 from asyncps_common.flags import FlagParser, int_range, non_negative, positive, staleness_flag
 from asyncps_common.jitter import parse_jitter
 from asyncps_common.metrics_http import OFF, add_metrics_flags, metrics_tls, serve_metrics
@@ -219,8 +219,8 @@ def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
         p.error("--update-rule dc needs plain gradients: it cannot be used with --local-steps")
     if args.update_rule == "elastic" and args.outer_optimizer == "delayed-nesterov":
         p.error("--update-rule elastic is an outer rule of its own: it cannot go with delayed-nesterov")
-    if args.dc_history and args.update_rule not in ("dc", "elastic"):
-        p.error("--dc-history is for --update-rule dc or elastic (the rules that keep old versions)")
+    if args.dc_history and args.update_rule not in HISTORY_RULES:
+        p.error(f"--dc-history is for --update-rule {' or '.join(HISTORY_RULES)} (the rules that keep old versions)")
     if not args.local_steps and args.update_rule == "elastic":
         p.error("--update-rule elastic averages the workers' weights: it needs --local-steps H")
     if args.outer_period is not None and args.outer_optimizer != "delayed-nesterov":
