@@ -21,7 +21,9 @@ same number of workers in every system, each for `--budget` seconds of wall time
                    asyncps-dc-s2 (s = 2, --update-rule dc); asyncps-local-s0 (--local-steps
                    H, s = 0, averaging: synchronous DiLoCo), asyncps-local-s2 (H, s = 2, no
                    averaging, each push at 0.6/P), asyncps-local-s2-dyn (+ --dynamic-local-steps);
-                   asyncps-elastic-s2 and -s2-dyn (the same with --update-rule elastic).
+                   asyncps-elastic-s2 and -s2-dyn (the same with --update-rule elastic);
+                   -la adds the workers' look-ahead (--lookahead 0.5): asyncps-local-s2-dyn-la,
+                   asyncps-elastic-s2-la, asyncps-elastic-s2-dyn-la.
 
 Scenarios: `uniform`, and `straggler` — the last worker sleeps (F-1) x its measured
 compute time after each forward+backward (F = --slowdown, 3), the same mechanism as
@@ -106,6 +108,12 @@ def build_parser() -> FlagParser:
         type=non_negative(float),
         default=0.0,
         help="> 0: their outer optimizer is SGD with this Nesterov momentum",
+    )
+    p.env_flag(
+        "lookahead",
+        type=non_negative(float),
+        default=0.0,
+        help="asyncps-local-* and asyncps-elastic-* without averaging: ps-worker --lookahead",
     )
     p.env_flag("repeats", type=positive(int), default=1, help="runs of each row; the median is reported")
     p.env_flag(
@@ -299,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         local_steps=args.local_steps,
         outer_lr=args.outer_lr,
         outer_momentum=args.outer_momentum,
+        lookahead=args.lookahead,
     )
     ev = Evaluator(base, corpus, args.eval_windows)
     repeat_only = {s.strip() for s in args.repeat_only.split(",") if s.strip()}

@@ -14,7 +14,8 @@ processes `ps-cluster` starts, then watches them from this process while they tr
 * the local-steps rows (`asyncps-local-*`) run `--local-steps H` (RunSpec.local_steps)
   with asyncps's outer optimizer defaults (sgd, lr 1 with averaging, 0.6/P without);
   `-dyn` adds `--dynamic-local-steps`; `asyncps-elastic-*` are the same with
-  `--update-rule elastic` (outer lr 1/P); `asyncps-dc-s2` pushes gradients with
+  `--update-rule elastic` (outer lr 1/P); `-la` adds `--lookahead 0.5`, and bench/peers.py's
+  `--lookahead` gives it to every other one without averaging; `asyncps-dc-s2` pushes gradients with
   `--update-rule dc`. In the jitter scenario every worker runs `--jitter P,F`.
 * held-out snapshots: worker 0 saves the weights it has just pulled every
   `snapshot_every` seconds (`ps-worker --snapshot-dir`, one safetensors file each, no
@@ -57,6 +58,7 @@ class Variant:
     local_steps: int = 0  # > 0: --local-steps H (RunSpec.local_steps)
     dynamic: bool = False  # --dynamic-local-steps
     update_rule: str = "plain"
+    lookahead: float | None = None  # --lookahead β (None: bench/peers.py's --lookahead)
 
 
 VARIANTS = {
@@ -71,6 +73,9 @@ VARIANTS = {
     "asyncps-local-s2-dyn": Variant(2, False, local_steps=1, dynamic=True),
     "asyncps-elastic-s2": Variant(2, False, local_steps=1, update_rule="elastic"),
     "asyncps-elastic-s2-dyn": Variant(2, False, local_steps=1, dynamic=True, update_rule="elastic"),
+    "asyncps-local-s2-dyn-la": Variant(2, False, local_steps=1, dynamic=True, lookahead=0.5),
+    "asyncps-elastic-s2-la": Variant(2, False, local_steps=1, update_rule="elastic", lookahead=0.5),
+    "asyncps-elastic-s2-dyn-la": Variant(2, False, local_steps=1, dynamic=True, update_rule="elastic", lookahead=0.5),
 }
 
 
@@ -123,6 +128,8 @@ def _training_argv(spec: RunSpec, v: Variant) -> list[str]:
         argv += ["--local-steps", str(spec.local_steps)]
         argv += ["--dynamic-local-steps"] if v.dynamic else []
         argv += ["--outer-lr", str(spec.outer_lr)] if spec.outer_lr is not None else []
+        lookahead = spec.lookahead if v.lookahead is None else v.lookahead
+        argv += ["--lookahead", str(lookahead)] if lookahead and not v.average else []
         if spec.outer_momentum > 0:
             argv += ["--outer-optimizer", "nesterov", "--outer-momentum", str(spec.outer_momentum)]
     return argv + (["--data", spec.data] if spec.data else [])

@@ -58,6 +58,7 @@ class RunSpec:
     local_steps: int = 4  # diloco-gloo and asyncps's local-steps rows: H
     outer_lr: float | None = None  # their outer lr (None: asyncps's default, 1 with averaging, 0.6/P without)
     outer_momentum: float = 0.0  # > 0: outer SGD with Nesterov momentum
+    lookahead: float = 0.0  # asyncps's asynchronous local-steps rows: ps-worker --lookahead
 
     def slowdown_of(self, rank: int) -> float:
         """The last worker is the straggler; everyone else runs at full speed."""

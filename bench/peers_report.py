@@ -29,8 +29,11 @@ SYSTEM_ORDER = [
     "asyncps-local-s0",
     "asyncps-local-s2",
     "asyncps-local-s2-dyn",
+    "asyncps-local-s2-dyn-la",
     "asyncps-elastic-s2",
+    "asyncps-elastic-s2-la",
     "asyncps-elastic-s2-dyn",
+    "asyncps-elastic-s2-dyn-la",
 ]
 SCENARIOS = ("uniform", "straggler", "jitter")
 TITLES = {

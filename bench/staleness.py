@@ -77,7 +77,7 @@ def run(delay: int | str, qk_norm: bool, args: argparse.Namespace, corpus: Corpu
         data=args.data,
         seed=args.seed,
     )
-    runner = Runner(rule, delay, spec, corpus, seed=args.seed)
+    runner = Runner(rule, delay, spec, corpus, seed=args.seed, budget=args.updates)
     ev = Evaluator(spec, corpus, args.eval_windows)
     torch.set_num_threads(args.threads)  # Evaluator sets 1
     fixed = Task(spec, rank=1, world=2, corpus=corpus).batch()[0]

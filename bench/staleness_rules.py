@@ -29,6 +29,9 @@ rule: how much of the others' drift a push takes back), and the `-ws` rules give
 the P workers warmup / P inner warm-up steps (the single worker's warm-up in samples);
 `local4-easgd-{α}` adds EASGD's worker side: a pull moves the worker's weights only α of the way
 to the shard's (the push is still pulled − local, so the servers' elastic rule is unchanged).
+`-la{β}` is the workers' look-ahead (worker/local_steps.py, `ps-worker --lookahead β`): each
+worker starts its H steps β(P − 1)/P of its last round's drift ahead of the pull. `-cos{f}`
+(bench only, tried and worse) decays the outer lr along a cosine from 1 to f over the run's pushes.
 
 `VARIANTS` names each rule's settings; the bench's table reports them side by side.
 """
@@ -36,6 +39,7 @@ to the shard's (the push is still pulled − local, so the servers' elastic rule
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -58,6 +62,8 @@ class Variant:
     pullback: float = 0.0  # local steps: w - lr (delta + m (w - w_read)); m = 1 is the elastic rule
     shared_warmup: bool = False  # local steps: warm-up over warmup / P inner steps per worker
     resync: float = 1.0  # local steps: a pull moves the worker's weights this far toward the shard's (EASGD's α)
+    lookahead: float = 0.0  # local steps: start from the pull + this × the drift the others will add (DANA-like)
+    decay: float = 1.0  # local steps: the outer lr follows a cosine from 1 to this fraction over the run's pushes
 
 
 VARIANTS: dict[str, Variant] = {
@@ -95,6 +101,13 @@ VARIANTS: dict[str, Variant] = {
     "local4-pull-1": Variant(4, {"lr": 1.0}, True, pullback=1.0),  # the elastic rule, done by the bench
     "local4-1.5pull-0.5": Variant(4, {"lr": 1.5}, True, pullback=0.5),
     "local4-1.5pull-1.5": Variant(4, {"lr": 1.5}, True, pullback=1.5),
+    "local4-0.6avg-cos0.1": Variant(4, {"lr": 0.6}, True, decay=0.1),
+    "local4-elastic-cos0.5": Variant(4, {"lr": 1.0, "update_rule": "elastic"}, True, decay=0.5),
+    "local4-elastic-la0.5": Variant(4, {"lr": 1.0, "update_rule": "elastic"}, True, lookahead=0.5),
+    "local4-elastic-la0.25": Variant(4, {"lr": 1.0, "update_rule": "elastic"}, True, lookahead=0.25),
+    "local4-elastic-la0.75": Variant(4, {"lr": 1.0, "update_rule": "elastic"}, True, lookahead=0.75),
+    "local4-elastic-la1": Variant(4, {"lr": 1.0, "update_rule": "elastic"}, True, lookahead=1.0),
+    "local4-0.6avg-la0.5": Variant(4, {"lr": 0.6}, True, lookahead=0.5),
     "ab": Variant(braking=1.0),
     "local4-mshrink": Variant(4, {"lr": 1.0}, True, momentum_shrink=True),
 }
@@ -133,7 +146,7 @@ def grads_of(model: torch.nn.Module) -> torch.Tensor:
 class Runner:
     """One rule at one delay: `step()` spends one push; `weights()` is the shard's model now."""
 
-    def __init__(self, name: str, delay: int | str, spec: RunSpec, corpus, seed: int = 0):
+    def __init__(self, name: str, delay: int | str, spec: RunSpec, corpus, seed: int = 0, budget: int = 1000):
         self.v = VARIANTS[name]
         self.delay, self.spec = delay, spec
         self.rng = random.Random(seed)
@@ -166,12 +179,25 @@ class Runner:
             cfg = default_config("adamw", **{**base, **fields})
         history = 5 if rand else int(delay) + 1
         self.store = ShardStore("bench", flat0, cfg, history=history)
+        if self.v.decay < 1:  # cosine from 1 to `decay` over the run's pushes (synchronous: rounds)
+            pushes = budget / (self.v.local_steps * (self.workers if self.v.synchronous else 1))
+            base, lo = self.store.lr_scale, self.v.decay
+
+            def decayed(staleness: int) -> float:
+                frac = min(1.0, self.store.version / pushes)
+                return base(staleness) * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+            self.store.lr_scale = decayed
         self.history = [flat0.clone()]  # gradient rules: the weights of the last versions
         self.batches = 0
         self.velocity = torch.zeros_like(flat0)  # Adaptive Braking: the running mean of pushed gradients
         if self.v.local_steps:
             inner = inner_config(spec, self.workers if self.v.shared_warmup else 1)
-            self.locals = [LocalSteps(t.model, inner, self.v.local_steps) for t in self.tasks]
+            elastic = self.v.outer.get("update_rule") == "elastic"
+            self.locals = [
+                LocalSteps(t.model, inner, self.v.local_steps, 0, self.v.lookahead, self.workers, elastic)
+                for t in self.tasks
+            ]
             self.read = [0] * self.workers
             self.centre = [flat0.clone() for _ in range(self.workers)]  # the shard's weights each worker last pulled
             for t in self.tasks:

@@ -113,6 +113,17 @@ TRAINING_FLAGS: list[tuple[str, Callable[[str], Any], object, str]] = [
             "link never idles between two pulls (needs --staleness of at least N)"
         ),
     ),
+    (
+        "lookahead",
+        non_negative(float),
+        0.0,
+        (
+            "with --local-steps and --no-average-gradients: start each worker's inner steps ahead of "
+            "its pull by this times (P-1)/P of the change between its last two pulls, the drift the "
+            "others' pushes add meanwhile (0: off; 0.5 with --update-rule elastic learned the most, "
+            "docs/asynchrony.md)"
+        ),
+    ),
     ("outer-optimizer", str, None, f"with --local-steps: {', '.join(OUTER)} (default sgd)"),
     (
         "outer-lr",
@@ -223,6 +234,11 @@ def check_training_args(p: FlagParser, args: argparse.Namespace) -> None:
         p.error(f"--dc-history is for --update-rule {' or '.join(HISTORY_RULES)} (the rules that keep old versions)")
     if not args.local_steps and args.update_rule == "elastic":
         p.error("--update-rule elastic averages the workers' weights: it needs --local-steps H")
+    if args.lookahead and (not args.local_steps or args.average_gradients):
+        p.error(
+            "--lookahead moves a worker ahead of the others' pushes: it needs --local-steps H "
+            "and --no-average-gradients (with averaging nothing lands between a pull and its push)"
+        )
     if args.outer_period is not None and args.outer_optimizer != "delayed-nesterov":
         p.error("--outer-period is for --outer-optimizer delayed-nesterov")
     try:
@@ -409,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer=optimizer_config(args),
         local_steps=args.local_steps,
         inner=inner_config(args) if args.local_steps else None,
+        lookahead=args.lookahead,
         task=task_config(args),
         data=args.data,
         rank=args.rank,

@@ -150,6 +150,12 @@ class WorkerMetrics:
             "Inner-optimizer steps in this worker's latest "
             "push (--local-steps; the servers' choice with dynamic local steps; 0: gradients).",
         )
+        self.lookahead_ratio = one(
+            Gauge,
+            "asyncps_worker_lookahead_ratio",
+            "With --lookahead: how far the latest push's inner steps started ahead of its pull, "
+            "relative to the push (|w_start - w_pull| / |pseudo-gradient|; 0: off or the first push).",
+        )
         self.loss = one(
             Gauge, "asyncps_worker_loss", "Training loss of the latest iteration (nats per byte for the built-in task)."
         )

@@ -107,6 +107,7 @@ def final_report(
         "optimizer": args.optimizer,
         "update_rule": args.update_rule,
         "local_steps": args.local_steps,
+        "lookahead": args.lookahead if args.local_steps else None,
         "outer_optimizer": (args.outer_optimizer or "sgd") if args.local_steps else None,
         "outer_lr": (
             outer_lr(args.outer_lr, args.average_gradients, args.workers, args.update_rule)

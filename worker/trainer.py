@@ -67,6 +67,7 @@ class WorkerConfig:
     compression: str = "none"  # bytes on the wire: none, bf16, fp16, onebit (protos/compress.py)
     local_steps: int = 0  # > 0: inner-optimizer steps per push (worker/local_steps.py); `optimizer` is then
     inner: pb.OptimizerConfig | None = None  # the servers' outer one and this the worker's own
+    lookahead: float = 0.0  # local steps: start ahead of each pull (worker/local_steps.py)
 
 
 def model_params(model: torch.nn.Module, weight_decay: float, decay_all: bool = True):
@@ -153,7 +154,17 @@ def train(cfg: WorkerConfig) -> dict:
     flushing = device.type == "cpu" and cfg.flush_denormal and torch.set_flush_denormal(True)
     try:
         local = (
-            LocalSteps(model, cfg.inner or cfg.optimizer, cfg.local_steps, cfg.first_step) if cfg.local_steps else None
+            LocalSteps(
+                model,
+                cfg.inner or cfg.optimizer,
+                cfg.local_steps,
+                cfg.first_step,
+                lookahead=cfg.lookahead,
+                workers=cfg.world,
+                push_from_pull=cfg.optimizer.update_rule == "elastic",
+            )
+            if cfg.local_steps
+            else None
         )
         params = model_params(model, cfg.optimizer.weight_decay, cfg.decay_all)
         with PSClient(
@@ -200,6 +211,7 @@ def train(cfg: WorkerConfig) -> dict:
                     done = min(ps.batch_size, cfg.steps - step)
                     loss_value = local.run(model, stream, batch, device, done)
                     metrics.local_steps.set(done)
+                    metrics.lookahead_ratio.set(local.lookahead_ratio)
                     weight = done
                 t2 = time.perf_counter()
                 if cfg.slowdown > 1:

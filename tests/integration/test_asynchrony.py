@@ -7,7 +7,7 @@ pull waits for the worker's own previous push, so the shards' versions, and with
 each push's staleness, are exactly those of the in-process reference written here
 (independently of asyncps_common/delay.py): delay compensation (DC-ASGD-a) on AdamW, and
 local steps (inner AdamW on the worker) under outer SGD, Nesterov, Delayed Nesterov and
-elastic averaging.
+elastic averaging, and with the worker's look-ahead under SGD and elastic averaging.
 Two workers with s = 0 and averaging run synchronous local steps: DiLoCo.
 """
 
@@ -33,6 +33,10 @@ INNER = default_config("adamw", lr=1e-2, weight_decay=0.01)
 
 def loss_of(model, x, y):
     return torch.nn.functional.mse_loss(model(x), y)
+
+
+def flat_norm(tensors) -> float:
+    return float(torch.cat([t.reshape(-1) for t in tensors]).norm())
 
 
 def set_params(model, values):
@@ -133,29 +137,41 @@ OUTER = {
     "delayed-nesterov": {"lr": 0.5, "momentum": 0.9, "update_rule": "delayed-nesterov", "outer_period": 2},
     "elastic": {"lr": 0.5, "update_rule": "elastic", "history_versions": DELAY + 1},
 }
+LOOKAHEAD, LOOKAHEAD_P = 0.5, 3  # the worker starts 0.5 x 2/3 of the drift between its last two pulls ahead
 
 
-@pytest.mark.parametrize("kind", list(OUTER))
-def test_local_steps_with_delay_equals_reference(start_server, kind):
+CASES = [(kind, 0.0) for kind in OUTER] + [("sgd", LOOKAHEAD), ("elastic", LOOKAHEAD)]
+
+
+@pytest.mark.parametrize(("kind", "lookahead"), CASES, ids=[k + ("-lookahead" if a else "") for k, a in CASES])
+def test_local_steps_with_delay_equals_reference(start_server, kind, lookahead):
     servers = start_server.shards(2, staleness=0)
-    pushes = 6
+    pushes = 8
+    ahead = lookahead * (LOOKAHEAD_P - 1) / LOOKAHEAD_P
     data = batches(pushes * H)
     model = mlp()
     fields = OUTER[kind]
     # reference: one worker, its own AdamW kept across pushes, starting each push from the
-    # weights of the pull DELAY pushes earlier; the servers' outer step on the pseudo-gradient
+    # weights of the pull DELAY pushes earlier (with look-ahead: moved ahead of it by `ahead` times
+    # its change since the previous pull); the servers' outer step on the pseudo-gradient
     ref, inner_model = copy.deepcopy(model), copy.deepcopy(model)
     inner = torch.optim.AdamW(inner_model.parameters(), lr=1e-2, weight_decay=0.01)
     outer = outer_reference(kind, fields["lr"], fields.get("momentum", 0.0), fields.get("outer_period", 1))
     history = [[p.detach().clone() for p in ref.parameters()]]
     for k in range(pushes):
         start_w = history[max(0, k - DELAY)]
-        set_params(inner_model, start_w)
+        begin = start_w
+        if ahead and k > 0:  # the worker's first pull has no previous one
+            previous = history[max(0, k - 1 - DELAY)]
+            begin = [w + ahead * (w - q) for w, q in zip(start_w, previous)]
+        set_params(inner_model, begin)
         for x, y in data[k * H : (k + 1) * H]:
             inner.zero_grad()
             loss_of(inner_model, x, y).backward()
             inner.step()
-        delta = [w - p.detach() for w, p in zip(start_w, inner_model.parameters())]
+        base = start_w if kind == "elastic" else begin  # elastic: toward the worker's weights, from the pull
+        delta = [w - p.detach() for w, p in zip(base, inner_model.parameters())]
+        ratio = flat_norm([b - w for b, w in zip(begin, start_w)]) / flat_norm(delta)  # the metric's value
         if kind == "elastic":  # toward the worker's weights: w_now + lr (w_local - w_now)
             delta = [d + r.detach() - w for d, r, w in zip(delta, ref.parameters(), start_w)]
         outer(list(ref.parameters()), delta)
@@ -163,7 +179,7 @@ def test_local_steps_with_delay_equals_reference(start_server, kind):
     start = [p.detach().clone() for p in model.parameters()]
 
     cfg = default_config("sgd", local_steps=H, **fields)
-    local = LocalSteps(model, INNER, H)
+    local = LocalSteps(model, INNER, H, lookahead=lookahead, workers=LOOKAHEAD_P, push_from_pull=kind == "elastic")
     pulled = []
     with PSClient(
         [s.address for s in servers], model, optimizer=cfg, staleness=0, worker_id="solo", options=FAST_FAIL
@@ -183,6 +199,7 @@ def test_local_steps_with_delay_equals_reference(start_server, kind):
     for got, w, s0 in zip(model.parameters(), ref.parameters(), start):
         assert rel_err(w, s0) > 1e-3
         assert rel_err(got, w) < 1e-5, kind
+    assert local.lookahead_ratio == pytest.approx(ratio, rel=1e-4) and (ratio > 0.01) == bool(lookahead)
 
 
 def test_synchronous_local_steps_two_workers_equal_diloco(start_server):
@@ -257,7 +274,8 @@ def test_synchronous_local_steps_two_workers_equal_diloco(start_server):
 @pytest.mark.slow
 def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs, corpus):
     """ps-cluster end to end with asynchronous local steps: iterations count batches, summary.json
-    names the mode, and with --dynamic-local-steps the slowed worker is given the smaller H."""
+    names the mode (with the workers' look-ahead), and with --dynamic-local-steps the slowed worker
+    is given the smaller H."""
     import json
     import subprocess
     import sys
@@ -267,6 +285,7 @@ def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs, corp
         *[sys.executable, "-m", "worker.cluster", "--servers", "2", "--workers", "2", "--steps", "160"],
         *["--data", str(corpus), "--out", str(out), *SMALL, "--heartbeat-timeout", "10", "--no-metrics"],
         *["--staleness", "2", "--no-average-gradients", "--local-steps", "4", "--dynamic-local-steps"],
+        *["--lookahead", "0.5"],
     ]
     proc = procs.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, stderr = proc.communicate(timeout=300)
@@ -275,6 +294,7 @@ def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs, corp
     assert summary["iterations"] == 160 and summary["local_steps"] == 4 and summary["staleness"] == 2
     assert summary["update_rule"] == "plain" and summary["outer_optimizer"] == "sgd"
     assert summary["average_gradients"] is False and summary["outer_lr"] == pytest.approx(0.6 / 2)
+    assert summary["lookahead"] == 0.5
     assert summary["heldout_loss"] < 5.0
     for rank in range(2):  # each push took the share of H the servers gave it, summing to 8 once both are measured
         lines = [json.loads(x) for x in (out / "logs" / f"worker-{rank}.jsonl").read_text().splitlines()]

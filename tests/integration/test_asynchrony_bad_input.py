@@ -1,10 +1,10 @@
 """Incompatible asynchrony choices: one line and exit 2 on the CLI, INVALID_ARGUMENT at Init.
 
 Local steps with a rule that needs plain gradients (dc), elastic or an outer optimizer without local
-steps, a dc history below s + 1: `ps-worker` and `ps-cluster` refuse them before starting
-anything; a hand-made Init carrying them is refused by a real server, which stays
-uninitialized; the same Init made compatible is accepted, so the cases fail for the
-reason they name.
+steps, a dc history below s + 1, a worker look-ahead without local steps or with averaging:
+`ps-worker` and `ps-cluster` refuse them before starting anything; a hand-made Init carrying
+them is refused by a real server, which stays uninitialized; the same Init made compatible is
+accepted, so the cases fail for the reason they name.
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ CLI_BAD = {
     "period-without-delayed": (["--local-steps", "2", "--outer-period", "2"], "--outer-period"),
     "prefetch-beyond-bound": (["--pipeline", "--staleness", "1", "--prefetch", "2"], "--prefetch 2"),
     "prefetch-without-pipeline": (["--staleness", "2", "--prefetch", "2"], "--prefetch"),
+    "lookahead-without-local-steps": (["--no-average-gradients", "--lookahead", "0.5"], "--lookahead"),
+    "lookahead-with-averaging": (["--local-steps", "4", "--lookahead", "0.5"], "--no-average-gradients"),
+    "negative-lookahead": (["--local-steps", "4", "--no-average-gradients", "--lookahead", "-1"], "--lookahead"),
 }
 
 
