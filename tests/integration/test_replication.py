@@ -58,6 +58,12 @@ def _step(out: Path, name: str) -> int:
     return step
 
 
+def _stalled(out: Path) -> str:
+    """What a timed-out wait reports: the step reached and the end of every process's log."""
+    tails = [f"{p.name}: ...{p.read_text(errors='replace')[-600:]}" for p in sorted((out / "logs").glob("*.log"))]
+    return f"40 % of the run (worker-0 at step {_step(out, 'worker-0')} of {STEPS}); logs:\n" + "\n".join(tails)
+
+
 def _pid(out: Path, token: str) -> int:
     pids = [
         p
@@ -114,7 +120,7 @@ def _corpus_dir(root: Path) -> Path:
 def test_killed_replica_loses_nothing_and_the_model_is_bit_identical(tmp_path, procs, reference, replica):
     out = tmp_path / "run"
     proc = procs.popen(_run(out, _corpus_dir(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    poll(lambda: _step(out, "worker-0") >= 0.4 * STEPS, 120, "40 % of the run")
+    poll(lambda: _step(out, "worker-0") >= 0.4 * STEPS, 120, lambda: _stalled(out))
     os.kill(_pid(out, f"server-0-{replica}.port"), signal.SIGKILL)
     killed = time.monotonic()
     summary = _finish(proc, out)
@@ -134,7 +140,7 @@ def test_three_replicas_the_first_follower_takes_over_keeping_the_other(tmp_path
     race between followers, no re-join), and the model is the same as unkilled R = 2's."""
     out = tmp_path / "run"
     proc = procs.popen(_run(out, _corpus_dir(tmp_path), replicas=3), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    poll(lambda: _step(out, "worker-0") >= 0.4 * STEPS, 120, "40 % of the run")
+    poll(lambda: _step(out, "worker-0") >= 0.4 * STEPS, 120, lambda: _stalled(out))
     os.kill(_pid(out, "server-0-0.port"), signal.SIGKILL)
     summary = _finish(proc, out)
     assert summary["lost_updates"] == 0 and summary["iterations"] == STEPS
