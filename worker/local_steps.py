@@ -99,13 +99,15 @@ class LocalSteps:
             if self._previous is None:
                 self._previous = [keep.clone() for keep in self._pulled]
                 return
+            norms = []  # on the device: one sync per push for the metric, not one per parameter
             for prev, keep, p in zip(self._previous, self._pulled, self.params):
                 prev.neg_().add_(keep)  # the drift since the previous pull, in place (no allocation)
                 p.add_(prev, alpha=self.ahead)
-                self._ahead_sq += float(torch.linalg.vector_norm(prev)) ** 2 * self.ahead**2
+                norms.append(torch.linalg.vector_norm(prev))
                 prev.copy_(keep)
                 if not self.push_from_pull:
                     keep.copy_(p)  # the plain rule adds the worker's own change: from where it started
+            self._ahead_sq = float(torch.stack(norms).square().sum()) * self.ahead**2
 
     def step(self) -> None:
         """One inner step on the gradients in the model (from the caller's backward)."""
@@ -118,12 +120,13 @@ class LocalSteps:
     def finish(self) -> None:
         """Put the pseudo-gradient w_pulled − w_local in each parameter's .grad, for the push."""
         with torch.no_grad():
-            push = 0.0
+            norms = []
             for keep, p in zip(self._pulled, self.params):
                 p.grad = grad = keep - p.detach()
                 if self.ahead:
-                    push += float(torch.linalg.vector_norm(grad)) ** 2
-            if self.ahead:
+                    norms.append(torch.linalg.vector_norm(grad))
+            if norms:
+                push = float(torch.stack(norms).square().sum())
                 self.lookahead_ratio = (self._ahead_sq / push) ** 0.5 if push > 0 else 0.0
 
     def run(self, model: Any, stream, batch: int, device: torch.device, steps: int) -> float:
