@@ -194,7 +194,9 @@ class ShardClient:
 
         If the data port refuses connections while the gRPC port answers, the shard has
         moved its data port (a restart: follow it) or it is out of reach from here
-        (transport "auto": use gRPC for this shard until it registers again).
+        (transport "auto": use gRPC for this shard until it registers again). An attempt
+        whose channel another call closed meanwhile, on finding the port moved, is retried
+        on the new channel (UNAVAILABLE), not failed.
         """
         if self._probe_data:  # the head changed: its data port, from Status (gRPC errors: retried by call)
             st = await self.stub.Status(pb.StatusRequest(), timeout=self.opts.timeout)
@@ -202,9 +204,14 @@ class ShardClient:
             self._use_data_port(st.data_port)
         if self.data is None:
             return await grpc_fn()
+        used = self.data
         try:
             return await data_fn()
         except DataError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self.data is not None and self.data is not used:
+                raise DataError(
+                    grpc.StatusCode.UNAVAILABLE, f"the data port moved to {self.data.peer} during the {method}"
+                ) from None
             if exc.reason != CONNECT_FAILED:
                 raise
             port = self.data.port

@@ -337,6 +337,31 @@ def test_psclient_follows_a_moved_data_port(start_server):
         assert on_data_plane(ps) == 1.0
 
 
+def test_a_pull_whose_channel_is_replaced_meanwhile_is_retried_on_the_new_one(start_server, monkeypatch):
+    """Another call finds the data port moved and closes the channel a pull is about to use (a
+    server restart, both of a worker's calls in flight): the pull goes on over the new channel
+    instead of failing the worker with CANCELLED."""
+    server = start_server(heartbeat_timeout=3600)
+    model = mlp()
+    with PSClient([server.address], model, optimizer={"name": "sgd", "lr": 0.01}, options=FAST_FAIL) as ps:
+        shard = ps._shards[0]
+        old = shard.data
+        take = type(old)._take
+        replaced = []
+
+        def take_after_a_move(chan, deadline):
+            if chan is old and not replaced:  # what the other call's `_use_data_port` does, meanwhile
+                replaced.append(True)
+                shard.data = DataChannel(old.host, old.port, old.security)
+                old.close()
+            return take(chan, deadline)
+
+        monkeypatch.setattr(type(old), "_take", take_after_a_move)
+        _train(ps, model, 2)
+        assert replaced and shard.data is not old and shard.transport == "tcp"
+        assert ps.status()[0].version == 2
+
+
 @pytest.mark.parametrize("transport", ["auto", "tcp"])
 def test_unreachable_data_port_falls_back_to_grpc_only_under_auto(transport):
     srv = InProcessServer(ServerConfig(heartbeat_timeout=600))  # gRPC only: no data plane listens
