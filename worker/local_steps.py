@@ -23,7 +23,9 @@ their apply. With the elastic rule the push stays w_pulled − w_local (the serv
 worker's weights, which include the look-ahead); with the plain rule it is w_start − w_local
 (the worker's own change). bench/staleness.py, delay 2, elastic at 1/P: held-out 1.851–1.866
 with β = 0.5 against 1.878–1.888 without (three seeds; docs/asynchrony.md). The first pull
-after a start or restart has no previous pull, so its steps start at the pull.
+after a start or restart has no previous pull, so its steps start at the pull; so does the first
+after the worker registers again (`forget_pulls`): a restarted server may have rolled its
+weights back to a checkpoint, and that change is no drift to follow.
 Not thread-safe: one per training loop.
 """
 
@@ -108,6 +110,10 @@ class LocalSteps:
                 if not self.push_from_pull:
                     keep.copy_(p)  # the plain rule adds the worker's own change: from where it started
             self._ahead_sq = float(torch.stack(norms).square().sum()) * self.ahead**2
+
+    def forget_pulls(self) -> None:
+        """Drop the previous pull (the worker registered again): the next push starts at its pull."""
+        self._previous = None
 
     def step(self) -> None:
         """One inner step on the gradients in the model (from the caller's backward)."""
