@@ -26,6 +26,13 @@ A shard applies every push with the optimizer of its `OptimizerConfig`. The conf
   Nesterov momentum buffer m ← β·m + mean, and the weights take the momentum's step
   −lr·β·m. With period 1 it is exactly SGD with Nesterov momentum.
 
+With `lr_follows_split` (dynamic local steps without averaging; ps-worker's default there) every
+push's lr is multiplied by the spread of the split its clock was given (ps_server/balance.py
+`Balancer.spread`: the largest H over the mean H, 1 when the workers are equal): the slower
+the slowest worker, the larger every push enters. Measured (docs/asynchrony.md): the best outer
+lr was 0.6/P with equal workers and 1/P with a 3x straggler, whose split of 8 steps is 6 + 2
+(spread 1.5: 0.6/P x 1.5 = 0.45 with P = 2, as good there as 0.5).
+
 With `local_steps` H > 0 every push is a pseudo-gradient (weights pulled − weights after
 the worker's H inner steps, worker/local_steps.py) and the shard's optimizer is the outer
 one: `sgd` (optionally with Nesterov momentum, DiLoCo's outer step) or `delayed-nesterov`.
@@ -72,6 +79,11 @@ def validate(cfg, staleness: float | None = None) -> None:
         raise ValueError("staleness-aware lr is for plain gradients, not local steps")
     if cfg.dc_lambda < 0 or not math.isfinite(cfg.dc_lambda):
         raise ValueError(f"dc_lambda must be finite and >= 0, got {cfg.dc_lambda}")
+    if cfg.lr_follows_split and not (cfg.local_steps and cfg.balance_batches and not cfg.average_gradients):
+        raise ValueError(
+            "lr_follows_split is for dynamic local steps without averaging "
+            "(--local-steps H --dynamic-local-steps --no-average-gradients)"
+        )
     if cfg.history_versions and rule not in HISTORY_RULES:
         raise ValueError("history_versions is for the dc and elastic update rules only")
     if (

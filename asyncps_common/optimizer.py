@@ -31,6 +31,7 @@ SHARD_WIDE = (
     "history_versions",
     "local_steps",
     "outer_period",
+    "lr_follows_split",
 )
 
 

@@ -13,7 +13,8 @@ processes `ps-cluster` starts, then watches them from this process while they tr
   local steps (a clock is a push of H batches) the workers' progress lines count them.
 * the local-steps rows (`asyncps-local-*`) run `--local-steps H` (RunSpec.local_steps)
   with asyncps's outer optimizer defaults (sgd, lr 1 with averaging, 0.6/P without);
-  `-dyn` adds `--dynamic-local-steps`; `asyncps-elastic-*` are the same with
+  `-dyn` adds `--dynamic-local-steps` (its outer lr following the split, the default;
+  `-dyn-fixed` with `--no-outer-lr-follows-split`); `asyncps-elastic-*` are the same with
   `--update-rule elastic` (outer lr 1/P); `-la` adds `--lookahead 0.5`, and bench/peers.py's
   `--lookahead` gives it to every other one without averaging; `asyncps-dc-s2` pushes gradients with
   `--update-rule dc`. In the jitter scenario every worker runs `--jitter P,F`.
@@ -59,6 +60,7 @@ class Variant:
     dynamic: bool = False  # --dynamic-local-steps
     update_rule: str = "plain"
     lookahead: float | None = None  # --lookahead β (None: bench/peers.py's --lookahead)
+    follow_split: bool = True  # with dynamic: False adds --no-outer-lr-follows-split
 
 
 VARIANTS = {
@@ -71,6 +73,7 @@ VARIANTS = {
     "asyncps-local-s0": Variant(0, True, local_steps=1),
     "asyncps-local-s2": Variant(2, False, local_steps=1),
     "asyncps-local-s2-dyn": Variant(2, False, local_steps=1, dynamic=True),
+    "asyncps-local-s2-dyn-fixed": Variant(2, False, local_steps=1, dynamic=True, follow_split=False),
     "asyncps-elastic-s2": Variant(2, False, local_steps=1, update_rule="elastic"),
     "asyncps-elastic-s2-dyn": Variant(2, False, local_steps=1, dynamic=True, update_rule="elastic"),
     "asyncps-local-s2-dyn-la": Variant(2, False, local_steps=1, dynamic=True, lookahead=0.5),
@@ -127,6 +130,7 @@ def _training_argv(spec: RunSpec, v: Variant) -> list[str]:
     if v.local_steps:
         argv += ["--local-steps", str(spec.local_steps)]
         argv += ["--dynamic-local-steps"] if v.dynamic else []
+        argv += ["--no-outer-lr-follows-split"] if v.dynamic and not v.follow_split else []
         argv += ["--outer-lr", str(spec.outer_lr)] if spec.outer_lr is not None else []
         lookahead = spec.lookahead if v.lookahead is None else v.lookahead
         argv += ["--lookahead", str(lookahead)] if lookahead and not v.average else []

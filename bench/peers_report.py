@@ -29,6 +29,7 @@ SYSTEM_ORDER = [
     "asyncps-local-s0",
     "asyncps-local-s2",
     "asyncps-local-s2-dyn",
+    "asyncps-local-s2-dyn-fixed",
     "asyncps-local-s2-dyn-la",
     "asyncps-elastic-s2",
     "asyncps-elastic-s2-la",

@@ -130,6 +130,17 @@ class Balancer:
             return 0
         return self._splits.get(clock, {}).get(worker_id, 0)
 
+    def spread(self, clock: int) -> float:
+        """The largest share of `clock`'s split over the mean share (1: equal shares, or no split kept).
+
+        The factor on a push's lr under `lr_follows_split` (asyncps_common/delay.py). A replicated
+        shard's followers adopt the head's splits, so they compute the same factor.
+        """
+        split = self._splits.get(clock)
+        if not split or len(split) < 2:
+            return 1.0
+        return max(split.values()) * len(split) / sum(split.values())
+
     def _split(self, members: set[str]) -> dict[str, int]:
         out = {w: self._batch[w] for w in members if w not in self._speed}
         total = sum(self._batch[w] for w in members) - sum(out.values())

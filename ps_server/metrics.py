@@ -191,6 +191,12 @@ class _ShardState:
             update_staleness_bound(clocks.staleness, live, averaging),
         )
         yield gauge(
+            "asyncps_server_outer_lr_factor",
+            "The latest update's lr factor: with dynamic local steps (lr_follows_split) the spread of its "
+            "clock's split, largest H / mean H; 1 otherwise.",
+            store.last_lr_factor if store else 1.0,
+        )
+        yield gauge(
             "asyncps_server_compensation_history_misses",
             "Pushes (update rule dc) older than every kept version of the weights, compensated against the oldest one.",
             store.history_missed if store else 0,

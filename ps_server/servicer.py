@@ -356,7 +356,8 @@ class Servicer(Durability, Membership):
             m.push_bytes.inc(store.numel * 4)
             await self._apply_complete_buckets()
             return pb.PushResponse(version=store.version, staleness=0), adopted
-        version, staleness = await self._apply(store, grad, head.read_version)
+        factor = self._balancer.spread(head.clock) if store.config.lr_follows_split else 1.0
+        version, staleness = await self._apply(store, grad, head.read_version, lr_factor=factor)
         # Applied, so it stands even if the worker was evicted or re-registered meanwhile:
         # counted, and its current session moved past this clock (no retry applies it again).
         self.clocks.advance_contributor(head.worker_id, head.clock)

@@ -62,6 +62,7 @@ class ShardStore:
         self._stepper = optim.FlatOptimizer(cfg, self._flat, self.groups)
         self._opt = self._stepper.torch
         self._version = version
+        self.last_lr_factor = 1.0  # the latest update's lr factor (`apply`'s lr_factor)
         self._dc = (
             delay.DelayCompensation(cfg.dc_lambda or delay.DEFAULT_DC_LAMBDA) if delay.rule_of(cfg) == "dc" else None
         )
@@ -84,13 +85,16 @@ class ShardStore:
     def version(self) -> int:
         return self._version
 
-    def apply(self, grad: torch.Tensor, read_version: int, divisor: int = 1, consume: bool = False) -> tuple[int, int]:
+    def apply(
+        self, grad: torch.Tensor, read_version: int, divisor: int = 1, consume: bool = False, lr_factor: float = 1.0
+    ) -> tuple[int, int]:
         """Apply one gradient atomically; returns (new version, update staleness).
 
         With averaging on, `grad` is a sum and is divided by `divisor` (contributors, or
         samples when weighted) first: in place when the caller gives `grad` up
         (`consume`, e.g. a spent averaging bucket), else into a new tensor (a shard-sized
         allocation: ~15 ms of page faults for 64 MB, against ~1.5 ms in place).
+        `lr_factor` multiplies the update's lr (`lr_follows_split`: the spread of the push's split).
 
         Blocks for the optimizer step. `grad` must be finite float32 of the shard's size
         (the caller validates; this checks again and raises ValueError, changing nothing).
@@ -110,7 +114,8 @@ class ShardStore:
                     grad, size = delay.elastic(grad, self._flat.detach(), read)
                 if self.observe_compensation is not None:
                     self.observe_compensation(size)
-            self._stepper.step(grad, self.lr_scale(staleness))
+            self._stepper.step(grad, self.lr_scale(staleness) * lr_factor)
+            self.last_lr_factor = lr_factor
             self._version += 1
             if self._history is not None:
                 self._history.add(self._version, self._flat.detach())

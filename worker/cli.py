@@ -173,6 +173,16 @@ SWITCHES: list[tuple[str, bool, str]] = [
             "to their measured speed, so a slow worker pushes on time"
         ),
     ),
+    (
+        "outer-lr-follows-split",
+        True,
+        (
+            "with --dynamic-local-steps and no averaging: every push's outer lr times the spread "
+            "of the workers' split (largest H / mean H: 1 when they are equal, 1.5 for a 3x "
+            "straggler's 6 + 2), so pushes enter larger while a worker is slow; "
+            "--no-outer-lr-follows-split: the outer lr alone"
+        ),
+    ),
     ("pipeline", False, "request the next pull before computing (needs s >= 1)"),
     (
         "qk-norm",
@@ -305,6 +315,7 @@ def optimizer_config(args: argparse.Namespace):
         history_versions=args.dc_history,
         average_gradients=args.average_gradients,
         balance_batches=args.dynamic_local_steps,
+        lr_follows_split=args.dynamic_local_steps and args.outer_lr_follows_split and not args.average_gradients,
         staleness_aware_lr=args.staleness_aware_lr,
     )
 

@@ -114,6 +114,9 @@ def final_report(
             if args.local_steps
             else None
         ),
+        "outer_lr_follows_split": bool(
+            args.local_steps and args.dynamic_local_steps and args.outer_lr_follows_split and not args.average_gradients
+        ),
         "average_gradients": args.average_gradients,
         "lr": args.lr,
         "batch_size": args.batch_size,

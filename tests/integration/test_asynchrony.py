@@ -294,7 +294,7 @@ def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs, corp
     assert summary["iterations"] == 160 and summary["local_steps"] == 4 and summary["staleness"] == 2
     assert summary["update_rule"] == "plain" and summary["outer_optimizer"] == "sgd"
     assert summary["average_gradients"] is False and summary["outer_lr"] == pytest.approx(0.6 / 2)
-    assert summary["lookahead"] == 0.5
+    assert summary["lookahead"] == 0.5 and summary["outer_lr_follows_split"] is True  # the default with dynamic H
     assert summary["heldout_loss"] < 5.0
     for rank in range(2):  # each push took the share of H the servers gave it, summing to 8 once both are measured
         lines = [json.loads(x) for x in (out / "logs" / f"worker-{rank}.jsonl").read_text().splitlines()]
@@ -323,3 +323,49 @@ def test_dynamic_local_steps_split_h_by_measured_speed(start_server):
         a.pull()
         b.pull()
         assert (a.batch_size, b.batch_size) == (6, 2)
+
+
+@pytest.mark.parametrize("follows", [True, False], ids=["follows-split", "fixed"])
+def test_outer_lr_follows_the_split_of_the_push_clock(start_server, follows):
+    """With lr_follows_split every push enters at the outer lr times its clock's split spread
+    (largest H / mean H): 1 while the workers are equal, 6 / 4 = 1.5 once a 3x slower worker gets
+    2 of the 8 steps. Without it every push enters at the outer lr alone."""
+    server = start_server(staleness=8)
+    cfg = default_config("sgd", lr=0.5, local_steps=4, balance_batches=True, lr_follows_split=follows)
+    fast, slow = mlp(), mlp()
+    g = 0.01
+
+    def flat(model) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+
+    def factor(before: torch.Tensor, after: torch.Tensor) -> float:
+        """The lr factor an SGD step of lr 0.5 on the pseudo-gradient g everywhere took."""
+        ratio = (before - after) / (0.5 * g)
+        assert float(ratio.max() - ratio.min()) < 1e-3  # one factor for the whole shard
+        return float(ratio.mean())
+
+    with (
+        PSClient(
+            [server.address], fast, optimizer=cfg, staleness=8, worker_id="fast", options=FAST_FAIL, batch_size=4
+        ) as a,
+        PSClient(
+            [server.address], slow, optimizer=cfg, staleness=8, worker_id="slow", options=FAST_FAIL, batch_size=4
+        ) as b,
+    ):
+        factors, before, fast_h = [], flat(fast), 0
+        for i in range(4):
+            for ps, seconds in ((a, 0.1), (b, 0.3)):  # the same steps, the slow one 3x the compute time
+                ps.pull()
+                if ps is a and i in (1, 3):  # the known push of round 0 or 2 is in these weights
+                    factors.append(factor(before, flat(fast)))
+                if ps is a and i in (0, 2):
+                    fast_h = a.batch_size  # the split of the clock this push is for
+                    before = flat(fast)
+                    for p in fast.parameters():
+                        p.grad = torch.full_like(p, g)
+                # the other pushes carry no gradient: nothing else moves the weights
+                ps.push(samples=ps.batch_size, busy_seconds=seconds * ps.batch_size / 4).wait()
+            if i == 2:
+                assert (fast_h, b.batch_size) == (6, 2)
+        assert factors[0] == pytest.approx(1.0, rel=1e-4)  # round 0: no speed measured, equal shares
+        assert factors[1] == pytest.approx(1.5 if follows else 1.0, rel=1e-4)

@@ -109,6 +109,11 @@ INIT_BAD = {
     "local-steps-adam-outer": (default_config("adamw", lr=1e-3, local_steps=2), None, "must be sgd"),
     "unknown-rule": (default_config("sgd", lr=0.1, update_rule="brake"), None, "unknown update rule"),
     "elastic-without-local-steps": (default_config("adamw", lr=1e-3, update_rule="elastic"), None, "needs local steps"),
+    "lr-follows-split-without-dynamic-steps": (
+        default_config("sgd", lr=0.5, local_steps=4, lr_follows_split=True),
+        None,
+        "dynamic local steps",
+    ),
 }
 
 

@@ -139,3 +139,18 @@ def test_a_worker_that_left_is_forgotten():
     b.forget("b")
     assert b.batch_for("b", 0, "ab") == 0  # no batch size any more: not balanced
     assert b.batch_for("a", 0, "ab") == 16  # and it no longer counts in a's split
+
+
+def test_the_spread_of_a_clocks_split_is_its_largest_share_over_the_mean():
+    b = Balancer(smoothing=1.0)
+    assert b.spread(0) == 1.0  # no split kept
+    for w in "ab":
+        b.register(w, 4)
+    assert b.batch_for("a", 0, "ab") == 4 and b.spread(0) == 1.0  # no speed yet: equal shares
+    b.observe("a", 4, 0.1)
+    b.observe("b", 4, 0.3)  # 3x slower
+    assert b.batch_for("a", 1, "ab") == 6 and b.batch_for("b", 1, "ab") == 2
+    assert b.spread(1) == pytest.approx(6 / 4)
+    assert b.spread(0) == 1.0  # each clock keeps its own split
+    b.forget("b")
+    assert b.batch_for("a", 2, "a") == 4 and b.spread(2) == 1.0  # one worker: nothing to spread

@@ -126,6 +126,19 @@ def test_history_sizes():
         (default_config("sgd", lr=1, history_versions=3), None, "dc and elastic update rules only"),
         (default_config("adamw", lr=1e-3, update_rule="elastic"), None, "needs local steps"),
         (default_config("sgd", lr=1, local_steps=2, update_rule="elastic", history_versions=1), 1.0, "s + 1"),
+        (default_config("sgd", lr=1, local_steps=2, lr_follows_split=True), None, "dynamic local steps"),
+        (
+            default_config(
+                "sgd", lr=1, local_steps=2, balance_batches=True, average_gradients=True, lr_follows_split=True
+            ),
+            None,
+            "without averaging",
+        ),
+        (
+            default_config("adamw", lr=1e-3, balance_batches=True, average_gradients=True, lr_follows_split=True),
+            None,
+            "dynamic",
+        ),
     ],
 )
 def test_validate_refuses_incompatible_choices(cfg, staleness, mention):

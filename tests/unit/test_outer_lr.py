@@ -44,3 +44,18 @@ def test_a_given_outer_lr_wins() -> None:
 def test_without_local_steps_the_lr_is_the_optimizers() -> None:
     cfg = config("--lr", "0.002", "--world", "2", "--no-average-gradients")
     assert cfg.lr == pytest.approx(0.002) and cfg.local_steps == 0
+
+
+@pytest.mark.parametrize(
+    "flags,follows",
+    [
+        (["--dynamic-local-steps", "--no-average-gradients"], True),  # the default with dynamic H
+        (["--dynamic-local-steps", "--no-average-gradients", "--no-outer-lr-follows-split"], False),
+        (["--no-average-gradients"], False),  # fixed H: no split to follow
+        (["--dynamic-local-steps", "--average-gradients", "--staleness", "0"], False),  # one averaged step per round
+    ],
+)
+def test_the_outer_lr_follows_the_split_only_with_dynamic_local_steps_without_averaging(flags, follows) -> None:
+    cfg = config("--local-steps", "4", "--world", "2", *flags)
+    assert cfg.lr_follows_split is follows
+    assert cfg.lr == pytest.approx(0.6 / 2 if "--no-average-gradients" in flags else 1.0)  # the base lr is unchanged

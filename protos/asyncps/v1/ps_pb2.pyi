@@ -33,7 +33,7 @@ UINT8: DType
 BOOL: DType
 
 class OptimizerConfig(_message.Message):
-    __slots__ = ("name", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "staleness_aware_lr", "average_gradients", "warmup_updates", "balance_batches", "update_rule", "dc_lambda", "history_versions", "local_steps", "outer_period")
+    __slots__ = ("name", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "staleness_aware_lr", "average_gradients", "warmup_updates", "balance_batches", "update_rule", "dc_lambda", "history_versions", "local_steps", "outer_period", "lr_follows_split")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class OptimizerConfig(_message.Message):
     HISTORY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     OUTER_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    LR_FOLLOWS_SPLIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     momentum: float
@@ -70,7 +71,8 @@ class OptimizerConfig(_message.Message):
     history_versions: int
     local_steps: int
     outer_period: int
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., staleness_aware_lr: _Optional[bool] = ..., average_gradients: _Optional[bool] = ..., warmup_updates: _Optional[int] = ..., balance_batches: _Optional[bool] = ..., update_rule: _Optional[str] = ..., dc_lambda: _Optional[float] = ..., history_versions: _Optional[int] = ..., local_steps: _Optional[int] = ..., outer_period: _Optional[int] = ...) -> None: ...
+    lr_follows_split: bool
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., staleness_aware_lr: _Optional[bool] = ..., average_gradients: _Optional[bool] = ..., warmup_updates: _Optional[int] = ..., balance_batches: _Optional[bool] = ..., update_rule: _Optional[str] = ..., dc_lambda: _Optional[float] = ..., history_versions: _Optional[int] = ..., local_steps: _Optional[int] = ..., outer_period: _Optional[int] = ..., lr_follows_split: _Optional[bool] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("offset", "dtype", "shape")
