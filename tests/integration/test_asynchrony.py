@@ -13,6 +13,7 @@ Two workers with s = 0 and averaging run synchronous local steps: DiLoCo.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import threading
@@ -302,20 +303,25 @@ def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs, corp
         assert steps[-1] == 80 and all(b > a for a, b in itertools.pairwise(steps))
 
 
+@contextlib.contextmanager
+def fast_and_slow(server, cfg, fast: torch.nn.Module, slow: torch.nn.Module):
+    """Two clients of `server` with H = 4 each, "fast" training `fast` and "slow" training `slow`."""
+    with contextlib.ExitStack() as stack:
+        yield tuple(
+            stack.enter_context(
+                PSClient([server.address], m, optimizer=cfg, staleness=8, worker_id=w, options=FAST_FAIL, batch_size=4)
+            )
+            for w, m in (("fast", fast), ("slow", slow))
+        )
+
+
 def test_dynamic_local_steps_split_h_by_measured_speed(start_server):
     """Without averaging, the shards still measure each worker's inner steps per second from its
     pushes and hand each its share of the combined H with the pull: the slower one gets fewer."""
     server = start_server(staleness=8)
     cfg = default_config("sgd", lr=0.5, local_steps=4, balance_batches=True)
     fast, slow = mlp(), mlp()
-    with (
-        PSClient(
-            [server.address], fast, optimizer=cfg, staleness=8, worker_id="fast", options=FAST_FAIL, batch_size=4
-        ) as a,
-        PSClient(
-            [server.address], slow, optimizer=cfg, staleness=8, worker_id="slow", options=FAST_FAIL, batch_size=4
-        ) as b,
-    ):
+    with fast_and_slow(server, cfg, fast, slow) as (a, b):
         for _ in range(3):
             for ps, seconds in ((a, 0.1), (b, 0.3)):  # the same steps, the slow one 3x the compute time
                 ps.pull()
@@ -344,14 +350,7 @@ def test_outer_lr_follows_the_split_of_the_push_clock(start_server, follows):
         assert float(ratio.max() - ratio.min()) < 1e-3  # one factor for the whole shard
         return float(ratio.mean())
 
-    with (
-        PSClient(
-            [server.address], fast, optimizer=cfg, staleness=8, worker_id="fast", options=FAST_FAIL, batch_size=4
-        ) as a,
-        PSClient(
-            [server.address], slow, optimizer=cfg, staleness=8, worker_id="slow", options=FAST_FAIL, batch_size=4
-        ) as b,
-    ):
+    with fast_and_slow(server, cfg, fast, slow) as (a, b):
         factors, before, fast_h = [], flat(fast), 0
         for i in range(4):
             for ps, seconds in ((a, 0.1), (b, 0.3)):  # the same steps, the slow one 3x the compute time
