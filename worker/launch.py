@@ -167,7 +167,7 @@ class ScriptCluster(Cluster):
             with self.security.channel(address) as channel:
                 stub = service.Stub(channel, metadata=self.security.metadata)
                 statuses.append(stub.Status(pb.StatusRequest(), timeout=10))
-        self.children.stop_all(grace=30)  # servers write their final checkpoint on SIGTERM
+        self.stop(grace=30)  # servers write their final checkpoint on SIGTERM
         summary = {
             "command": self.command,
             "servers": self.args.servers,
@@ -220,6 +220,6 @@ def main(argv: list[str], command: list[str]) -> int:
         sys.stderr.write(f"\nps-cluster: {exc}\n")
         return 1
     finally:
-        cluster.children.stop_all()
+        cluster.stop()
     sys.stdout.write(summary_text(summary))
     return 0
