@@ -294,6 +294,14 @@ def outer_lr(given: float | None, average_gradients: bool, world: int, rule: str
     return (ELASTIC_OUTER_LR if rule == "elastic" else ASYNC_OUTER_LR) / max(1, world)
 
 
+def follows_split(args: argparse.Namespace) -> bool:
+    """Whether each push's outer lr follows the split of H: dynamic local steps without averaging,
+    unless --no-outer-lr-follows-split (OptimizerConfig.lr_follows_split)."""
+    return bool(
+        args.local_steps and args.dynamic_local_steps and args.outer_lr_follows_split and not args.average_gradients
+    )
+
+
 def optimizer_config(args: argparse.Namespace):
     """The servers' OptimizerConfig: the training flags' optimizer, or with --local-steps the outer one."""
     if not args.local_steps:
@@ -315,7 +323,7 @@ def optimizer_config(args: argparse.Namespace):
         history_versions=args.dc_history,
         average_gradients=args.average_gradients,
         balance_batches=args.dynamic_local_steps,
-        lr_follows_split=args.dynamic_local_steps and args.outer_lr_follows_split and not args.average_gradients,
+        lr_follows_split=follows_split(args),
         staleness_aware_lr=args.staleness_aware_lr,
     )
 

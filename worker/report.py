@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from asyncps_common.security import NONE, Security
 from protos.asyncps.v1 import ps_pb2 as pb
-from worker.cli import outer_lr
+from worker.cli import follows_split, outer_lr
 from worker.data import Corpus, default_corpus_path, heldout_loss
 from worker.export import pull_into
 from worker.task import ByteGPT, TaskConfig, save_model
@@ -114,9 +114,7 @@ def final_report(
             if args.local_steps
             else None
         ),
-        "outer_lr_follows_split": bool(
-            args.local_steps and args.dynamic_local_steps and args.outer_lr_follows_split and not args.average_gradients
-        ),
+        "outer_lr_follows_split": follows_split(args),
         "average_gradients": args.average_gradients,
         "lr": args.lr,
         "batch_size": args.batch_size,
