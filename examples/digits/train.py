@@ -54,16 +54,18 @@ def main() -> None:
     with PSClient(groups, optimizer={"name": "adamw", "lr": args.lr}, staleness=args.staleness) as ps:
         mine = torch.arange(ps.rank, len(train_y), ps.world)  # this copy's slice of the training images
         gen = torch.Generator().manual_seed(ps.rank)
+        steps = 0  # this copy's updates (its clock may be one more: a copy that registers after another
+        # has pushed starts at the slowest live worker's clock)
         for _ in range(args.epochs):
             for batch in mine[torch.randperm(len(mine), generator=gen)].split(args.batch_size):
                 ps.pull()
                 loss = torch.nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
                 loss.backward()
                 ps.push(samples=len(batch))
+                steps += 1
         ps.pull()  # the servers' weights after this copy's last update
         with torch.no_grad():
             accuracy = float((model(test_x).argmax(1) == test_y).float().mean())
-        steps = ps.clock
     print(f"worker {ps.rank} of {ps.world}: {steps} steps, held-out accuracy {accuracy:.3f}", flush=True)
     if ps.rank == 0 and os.environ.get("ASYNCPS_RUN_DIR"):
         out = Path(os.environ["ASYNCPS_RUN_DIR"]) / "digits.json"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,8 +76,13 @@ def test_digits_example_trains_far_above_chance_under_the_launcher(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["restarts"] == {"server-0": 0, "server-1": 0, "worker-0": 0, "worker-1": 0}
     assert set(summary["metrics"]) == {"server-0", "server-1", "worker-0", "worker-1"}
-    # each shard applied every push of both copies (s = 1, no averaging)
-    assert list(summary["versions"].values()) == [2 * result["steps"]] * 2
+    # each shard applied every push of both copies (s = 1, no averaging), as each copy counted them
+    pushes = [
+        int(re.search(r"worker \d of 2: (\d+) steps", (out / "logs" / f"worker-{r}.log").read_text()).group(1))
+        for r in range(2)
+    ]
+    assert pushes[0] == result["steps"]
+    assert list(summary["versions"].values()) == [sum(pushes)] * 2
     for name in ("server-0", "server-1", "worker-0", "worker-1"):
         assert (out / "logs" / f"{name}.log").stat().st_size > 0
     assert "held-out accuracy" in (out / "logs" / "worker-1.log").read_text()
