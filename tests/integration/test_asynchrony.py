@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import threading
 
@@ -25,6 +26,7 @@ from asyncps_common.optimizer import default_config
 from worker import PSClient
 from worker.local_steps import LocalSteps
 
+from .chains import start_chain, try_status
 from .support import FAST_FAIL, batches, mlp, rel_err, status
 from .test_cluster import SMALL, corpus  # noqa: F401  (corpus is a fixture)
 
@@ -304,12 +306,13 @@ def test_cluster_with_dynamic_local_steps_records_its_mode(tmp_path, procs, corp
 
 
 @contextlib.contextmanager
-def fast_and_slow(server, cfg, fast: torch.nn.Module, slow: torch.nn.Module):
-    """Two clients of `server` with H = 4 each, "fast" training `fast` and "slow" training `slow`."""
+def fast_and_slow(address: str, cfg, fast: torch.nn.Module, slow: torch.nn.Module, options=FAST_FAIL):
+    """Two clients of the shard at `address` (replicas joined by "|") with H = 4 each, "fast"
+    training `fast` and "slow" training `slow`."""
     with contextlib.ExitStack() as stack:
         yield tuple(
             stack.enter_context(
-                PSClient([server.address], m, optimizer=cfg, staleness=8, worker_id=w, options=FAST_FAIL, batch_size=4)
+                PSClient([address], m, optimizer=cfg, staleness=8, worker_id=w, options=options, batch_size=4)
             )
             for w, m in (("fast", fast), ("slow", slow))
         )
@@ -321,7 +324,7 @@ def test_dynamic_local_steps_split_h_by_measured_speed(start_server):
     server = start_server(staleness=8)
     cfg = default_config("sgd", lr=0.5, local_steps=4, balance_batches=True)
     fast, slow = mlp(), mlp()
-    with fast_and_slow(server, cfg, fast, slow) as (a, b):
+    with fast_and_slow(server.address, cfg, fast, slow) as (a, b):
         for _ in range(3):
             for ps, seconds in ((a, 0.1), (b, 0.3)):  # the same steps, the slow one 3x the compute time
                 ps.pull()
@@ -331,12 +334,17 @@ def test_dynamic_local_steps_split_h_by_measured_speed(start_server):
         assert (a.batch_size, b.batch_size) == (6, 2)
 
 
-@pytest.mark.parametrize("follows", [True, False], ids=["follows-split", "fixed"])
-def test_outer_lr_follows_the_split_of_the_push_clock(start_server, follows):
+@pytest.mark.parametrize(
+    "follows, failover", [(True, False), (False, False), (True, True)], ids=["follows-split", "fixed", "new-head"]
+)
+def test_outer_lr_follows_the_split_of_the_push_clock(start_server, procs, tmp_path, follows, failover):
     """With lr_follows_split every push enters at the outer lr times its clock's split spread
     (largest H / mean H): 1 while the workers are equal, 6 / 4 = 1.5 once a 3x slower worker gets
-    2 of the 8 steps. Without it every push enters at the outer lr alone."""
-    server = start_server(staleness=8)
+    2 of the 8 steps. Without it every push enters at the outer lr alone. A replicated shard
+    (new-head): the head is killed after the fast worker pulled its 6 steps and before it pushed;
+    the follower, now head, applies that push at 1.5 too, from the split the old head made."""
+    chain = start_chain(start_server, procs, tmp_path, staleness=8, heartbeat_timeout=3) if failover else None
+    address = chain.servers_flag if chain else start_server(staleness=8).address
     cfg = default_config("sgd", lr=0.5, local_steps=4, balance_batches=True, lr_follows_split=follows)
     fast, slow = mlp(), mlp()
     g = 0.01
@@ -350,7 +358,7 @@ def test_outer_lr_follows_the_split_of_the_push_clock(start_server, follows):
         assert float(ratio.max() - ratio.min()) < 1e-3  # one factor for the whole shard
         return float(ratio.mean())
 
-    with fast_and_slow(server, cfg, fast, slow) as (a, b):
+    with fast_and_slow(address, cfg, fast, slow, options=dataclasses.replace(FAST_FAIL, retry_seconds=60)) as (a, b):
         factors, before, fast_h = [], flat(fast), 0
         for i in range(4):
             for ps, seconds in ((a, 0.1), (b, 0.3)):  # the same steps, the slow one 3x the compute time
@@ -362,9 +370,13 @@ def test_outer_lr_follows_the_split_of_the_push_clock(start_server, follows):
                     before = flat(fast)
                     for p in fast.parameters():
                         p.grad = torch.full_like(p, g)
+                    if chain and i == 2:
+                        chain.servers[0].proc.kill()
                 # the other pushes carry no gradient: nothing else moves the weights
                 ps.push(samples=ps.batch_size, busy_seconds=seconds * ps.batch_size / 4).wait()
             if i == 2:
                 assert (fast_h, b.batch_size) == (6, 2)
         assert factors[0] == pytest.approx(1.0, rel=1e-4)  # round 0: no speed measured, equal shares
         assert factors[1] == pytest.approx(1.5 if follows else 1.0, rel=1e-4)
+    if chain:  # the push of round 2 reached the old follower as its new head
+        assert status(chain.addresses[1]).role == "head" and try_status(chain.addresses[0]) is None

@@ -50,6 +50,8 @@ def test_calibrate_predict_validate_end_to_end(tmp_path, corpus):
         "1",
         "--startup",
         "1:1",
+        "--startup-local-steps",
+        "2",
         "--iters",
         "3",
         "--clocks",
@@ -66,7 +68,9 @@ def test_calibrate_predict_validate_end_to_end(tmp_path, corpus):
     assert {(r["workers"], r["servers"]) for r in cal["comm"]} == {(1, 1), (2, 1)}
     assert all(r["lockstep_seconds"] >= r["mean_seconds"] > 0 for r in cal["compute"])
     assert all(r["clock_seconds"] > 0 for r in cal["comm"])
-    assert [(r["workers"], r["servers"]) for r in cal["startup"]] == [(1, 1)] and cal["startup"][0]["wall_seconds"] > 1
+    assert [(r["workers"], r["servers"], r["local_steps"]) for r in cal["startup"]] == [(1, 1, 0), (1, 1, 2)]
+    assert all(r["wall_seconds"] > 1 for r in cal["startup"])
+    assert all(r["inner_step_seconds"] > 0 for r in cal["compute"])
 
     pred_path = tmp_path / "pred.json"
     done = ps_cost(
@@ -133,6 +137,22 @@ def test_calibrate_predict_validate_end_to_end(tmp_path, corpus):
     assert set(result["errors"]) == {"seed", "refined"}
     assert out_png.read_bytes()[:8] == PNG_MAGIC and out_png.stat().st_size > 10_000
     assert "refined model" in done.stdout and "tiny" in done.stdout
+
+    # the same grid with asynchronous local steps: the flags reach ps-cluster, and the prediction counts pushes
+    out_json = tmp_path / "v-local.json"
+    done = ps_cost(
+        *("validate", "--calibration", str(cal_path), "--models", "tiny", "--steps", "8", "--workers", "2"),
+        *("--servers", "1", "--data", str(corpus), "--json", str(out_json), "--png", str(tmp_path / "v-local.png")),
+        *("--out", str(tmp_path / "runs-local"), "--staleness", "1", "--no-average-gradients", "--local-steps", "2"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ps-cluster mode: --staleness 1 --no-average-gradients --local-steps 2" in done.stdout
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["mode"] == "--staleness 1 --no-average-gradients --local-steps 2"
+    assert row["predicted"]["clocks"] == 2  # 4 iterations per worker, 2 per push
+    summary = json.loads((tmp_path / "runs-local" / "tiny-P2-S1" / "summary.json").read_text())
+    assert (summary["local_steps"], summary["staleness"], summary["average_gradients"]) == (2, 1.0, False)
+    assert summary["iterations"] == 8
 
 
 def test_validate_without_matplotlib_says_how_to_get_plots_in_one_line(tmp_path, corpus):

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from worker.cost import cli
-from worker.cost.calibrate import FORMAT, lockstep, machine
+from worker.cost.calibrate import FORMAT, PRESETS, lockstep, machine
 from worker.cost.model import CostModel, Job, Prediction, line, recommend, seed_formula
-from worker.cost.validate import error_summary, write_json
+from worker.cost.validate import Mode, error_summary, job_for, write_json
 
 # One model of 1000 parameters (4000 bytes), 10 tokens per iteration, on 2 cores.
 # Compute: P=1 100 ms; P=2 120 ms lockstep (100 mean); P=4 250 ms lockstep (200 mean).
@@ -104,6 +104,62 @@ def test_staleness_averaging_and_pipeline():
     assert gpu.clock(piped, 1, 1)[0] == pytest.approx(0.1)  # compute on the GPU hides the 10 ms pull
 
 
+def test_local_steps_exchange_once_per_h_iterations():
+    cost = CostModel(CAL)
+    step = 4000 / 2e9  # one step of the worker's own AdamW at the measured apply rate
+    sync = Job(params=1000, tokens=10, steps=100, local_steps=4)
+    p = cost.predict(sync, 2, 1)
+    # 50 iterations per worker are 13 pushes; each clock H = 4 iterations at the lockstep, then one exchange
+    assert p.clocks == 13
+    assert (p.compute_seconds, p.comm_seconds) == pytest.approx((4 * (0.12 + step), 0.02))
+    assert p.startup_seconds == pytest.approx(10.5)  # the start-up probes ran one default iteration, whatever the job
+    assert p.refined_seconds == pytest.approx(10.5 + 13 * (4 * (0.12 + step) + 0.02))
+    # the seed formula counts one exchange per H iterations: T = M/P T_task + M/(P H) t_comm
+    assert p.seed_formula_seconds == pytest.approx(50 * (0.1 + step) + 100 / 8 * 0.01)
+    assert seed_formula(100, 2, 0.1, 0.01, every=4) == pytest.approx(5.125)
+    asyn = Job(params=1000, tokens=10, steps=100, staleness=2, average_gradients=False, local_steps=4)
+    _, compute, comm = cost.clock(asyn, 2, 1)
+    assert compute == pytest.approx(4 * (0.1 + 0.02 / 3 + step))  # the straggler term shrinks with s as before
+    assert comm == pytest.approx(0.02 + 4000 / 2e9)  # two updates per clock, one exchange per H iterations
+    # a run with local steps is predicted faster than one exchanging every iteration, by the exchanges it saves
+    plain = cost.predict(Job(params=1000, tokens=10, steps=100), 2, 1)
+    assert plain.refined_seconds - p.refined_seconds == pytest.approx(50 * 0.14 - 13 * (0.48 + 0.02), abs=0.01)
+
+
+def test_inner_step_comes_from_the_compute_probes_when_measured():
+    rows = [{**r, "inner_step_seconds": 0.001 * r["workers"]} for r in CAL["compute"]]  # 1, 2, 4 ms
+    cost = CostModel({**CAL, "compute": rows})
+    job = Job(params=1000, tokens=10, steps=100, local_steps=4)
+    assert cost.inner_step(job, 2) == pytest.approx(0.002)
+    assert cost.inner_step(job, 3) == pytest.approx(0.003)  # between the probed 2 and 4
+    assert cost.inner_step(job, 8) == pytest.approx(0.008)  # twice the threads per core of 4
+    assert cost.inner_step(Job(params=2000, tokens=10, steps=100, local_steps=4), 1) == pytest.approx(0.002)
+    assert cost.inner_step(JOB, 2) == 0.0  # no local steps: the servers step, not the worker
+    assert cost.clock(job, 2, 1)[1] == pytest.approx(4 * (0.12 + 0.002))
+
+
+def test_local_steps_take_the_start_up_probes_run_with_local_steps():
+    step = 4000 / 2e9
+    local_rows = [  # one second slower to start than the default probes, plus their one clock
+        {"params": 1000, "tokens": 10, "workers": 1, "servers": 1, "local_steps": 4, "wall_seconds": 11 + 0.11 + step},
+        {"params": 1000, "tokens": 10, "workers": 4, "servers": 2, "local_steps": 4, "wall_seconds": 13 + 0.29 + step},
+    ]
+    cost = CostModel({**CAL, "startup": CAL["startup"] + local_rows})
+    local = Job(params=1000, tokens=10, steps=100, local_steps=4)
+    assert cost.startup(local, 2, 1) == pytest.approx(11.5)
+    assert cost.startup(JOB, 2, 1) == pytest.approx(10.5)  # the default mode keeps the default probes
+    assert CostModel(CAL).startup(local, 2, 1) == pytest.approx(10.5)  # none with local steps: the default ones
+
+
+def test_validate_mode_flags_match_the_predicted_job():
+    assert Mode().flags() == [] and Mode().name() == "default"
+    mode = Mode(staleness=2, average_gradients=False, local_steps=4)
+    assert mode.flags() == ["--staleness", "2", "--no-average-gradients", "--local-steps", "4"]
+    assert Mode(staleness=math.inf).flags() == ["--staleness", "inf"]
+    job = job_for(PRESETS["small"], 100, mode)
+    assert (job.params, job.staleness, job.average_gradients, job.local_steps) == (PRESETS["small"].params, 2, False, 4)
+
+
 def test_recommend_prefers_fewer_processes_within_tolerance():
     def pred(p, s, t):
         return Prediction(p, s, 100, 0.0, t, 0.0, 0.0, 0.0, 0.0, 1)
@@ -187,6 +243,9 @@ def test_predict_cli_writes_rows(tmp_path, capsys):
         (["predict", "--calibration", "{incomplete}"], "is incomplete"),
         (["predict", "--workers", "0,2"], "expected positive whole numbers"),
         (["predict", "--staleness", "0", "--pipeline"], "--pipeline needs --staleness"),
+        (["predict", "--local-steps", "-1"], "--local-steps"),
+        (["predict", "--local-steps", "4", "--link-gbit", "1"], "not modelled by the network model"),
+        (["validate", "--json", "x.json", "--local-steps", "two"], "--local-steps"),
         (["predict", "--calibration", "{good}", "--d-model", "10", "--n-head", "4"], "not divisible"),
         (["calibrate", "--models", "huge"], "unknown model 'huge'"),
         (["calibrate", "--startup", "1-1"], "expected P:S pairs"),

@@ -5,12 +5,14 @@ Probes, each small and each run with what the main job runs:
 * compute: P worker processes at once (P = 1, 2, 4; each with ps-cluster's cores/P torch
   threads) run forward + backward of the built-in model; a barrier starts every iteration
   together, as one averaged clock does, so both the lockstep (slowest worker) and the
-  mean time of an iteration are measured, cores or a GPU shared included;
+  mean time of an iteration are measured, cores or a GPU shared included; after each, one
+  step of the worker's own AdamW, what a `--local-steps` worker adds per iteration;
 * comm: the same processes as clients of S real `ps-server` shards (S = 1, 2), pulling and
   pushing a model of the probed sizes through the real `PSClient` with nothing computed,
   s = 0 and one averaged AdamW update per clock: seconds per clock against bytes, S and P;
 * apply: the shard store's optimizer step in this process (GB/s);
-* startup: real `ps-cluster` runs of one iteration per worker, timed from launch to exit.
+* startup: real `ps-cluster` runs of one iteration per worker, timed from launch to exit,
+  in the default mode and with `--local-steps`.
 
 The probe processes are spawned once and reused (`ProbePool`); everything blocks the
 caller, nothing is thread-safe. `calibrate()` returns the calibration dict; `machine()`
@@ -93,6 +95,7 @@ class Settings:
     workers: list[int] = field(default_factory=lambda: [1, 2, 4])
     servers: list[int] = field(default_factory=lambda: [1, 2])
     startup: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1), (4, 2)])
+    startup_local_steps: int = 4  # the start-up probes again with --local-steps H (0: not)
     iters: int = 12  # timed iterations per compute probe (after 3 warm-up ones)
     clocks: int = 12  # timed clocks per comm probe (after 3 warm-up ones)
     rounds: int = 2  # compute probes repeated, apart in time; the faster counts
@@ -127,7 +130,11 @@ def machine() -> dict:
 # -- probe processes ----------------------------------------------------------------------
 
 
-def _compute_probe(rank: int, barrier, task: dict, batch: int, threads: int, iters: int, device: str) -> list[float]:
+def _compute_probe(rank: int, barrier, task: dict, batch: int, threads: int, iters: int, device: str) -> dict:
+    """Times of forward + backward per iteration ("iter"), and of one step of the inner optimizer
+    a `--local-steps` worker runs after each ("inner", timed apart, outside the barrier's lockstep)."""
+    from asyncps_common.optimizer import default_config
+    from worker.local_steps import inner_optimizer
     from worker.task import ByteGPT, TaskConfig
 
     torch.set_num_threads(threads)
@@ -137,7 +144,8 @@ def _compute_probe(rank: int, barrier, task: dict, batch: int, threads: int, ite
     model = ByteGPT(cfg).to(dev)
     x = torch.randint(0, cfg.vocab, (batch, cfg.context), device=dev)
     y = torch.randint(0, cfg.vocab, (batch, cfg.context), device=dev)
-    times = []
+    inner = inner_optimizer(default_config("adamw"), model.parameters())  # ps-cluster's training optimizer
+    times, steps = [], []
     for i in range(3 + iters):
         if barrier is not None:
             barrier.wait(timeout=300)
@@ -146,11 +154,17 @@ def _compute_probe(rank: int, barrier, task: dict, batch: int, threads: int, ite
         loss.backward()
         float(loss.detach())  # synchronizes the device, as the worker's loop does
         dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        inner.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        step = time.perf_counter() - t1
         for p in model.parameters():
             p.grad = None  # the client's push() leaves the gradients None
         if i >= 3:
             times.append(dt)
-    return times
+            steps.append(step)
+    return {"iter": times, "inner": steps}
 
 
 def _comm_probe(
@@ -210,7 +224,7 @@ class ProbePool:
             self.conns.append(parent)
             self.procs.append(proc)
 
-    def run(self, kind: str, parties: int, **kwargs) -> list[list[float]]:
+    def run(self, kind: str, parties: int, **kwargs) -> list:
         for b in self.barriers.values():
             b.reset()
         for c in self.conns[:parties]:
@@ -251,11 +265,11 @@ def probe_compute(pool: ProbePool, s: Settings, cores: int) -> list[dict]:
 
     A calibration describes the machine, not a burst of someone else's load during one probe.
     """
-    best: dict[tuple[str, int], tuple[float, float]] = {}
+    best: dict[tuple[str, int], tuple[float, float, float]] = {}
     for _ in range(s.rounds):
         for m in s.models:
             for p in s.workers:
-                times = pool.run(
+                runs = pool.run(
                     "compute",
                     p,
                     task=m.task(),
@@ -264,10 +278,14 @@ def probe_compute(pool: ProbePool, s: Settings, cores: int) -> list[dict]:
                     iters=s.iters,
                     device=s.device,
                 )
-                lock, mean = lockstep(times)
-                log.info("compute %s P=%d: lockstep %.1f ms, mean %.1f ms", m.name, p, lock * 1e3, mean * 1e3)
+                lock, mean = lockstep([r["iter"] for r in runs])
+                inner = statistics.median(x for r in runs for x in r["inner"])
+                log.info(
+                    "compute %s P=%d: lockstep %.1f ms, mean %.1f ms, inner step %.2f ms",
+                    *(m.name, p, lock * 1e3, mean * 1e3, inner * 1e3),
+                )
                 old = best.get((m.name, p))
-                best[(m.name, p)] = (lock, mean) if old is None or lock < old[0] else old
+                best[(m.name, p)] = (lock, mean, inner) if old is None or lock < old[0] else old
     return [
         {
             "model": m.name,
@@ -277,6 +295,7 @@ def probe_compute(pool: ProbePool, s: Settings, cores: int) -> list[dict]:
             "threads": threads_for(p, cores),
             "lockstep_seconds": best[(m.name, p)][0],
             "mean_seconds": best[(m.name, p)][1],
+            "inner_step_seconds": best[(m.name, p)][2],
         }
         for m in s.models
         for p in s.workers
@@ -358,23 +377,32 @@ def run_cluster(
 
 
 def probe_startup(s: Settings, workdir: Path) -> list[dict]:
+    """One-step ps-cluster runs at each P:S of `s.startup`, in the default mode and (unless
+    `s.startup_local_steps` is 0) with --local-steps: a local-steps worker builds its own
+    optimizer, which costs each worker process a second or more of CPU (torch.optim imports
+    torch._dynamo on first use), so that mode starts up slower."""
     rows = []
+    modes = [0] + ([s.startup_local_steps] if s.startup_local_steps else [])
     for m in s.models:
-        for p, n in s.startup:
-            wall, summary = run_cluster(workdir / f"startup-{m.name}-{p}-{n}", m, p, n, p, s.data, s.cluster_flags)
-            rows.append(
-                {
-                    "model": m.name,
-                    "params": m.params,
-                    "tokens": m.tokens,
-                    "workers": p,
-                    "servers": n,
-                    "steps": p,
-                    "wall_seconds": wall,
-                    "summary_wall_seconds": summary["wall_seconds"],
-                }
-            )
-            log.info("startup %s P=%d S=%d: %.1f s", m.name, p, n, wall)
+        for h in modes:
+            for p, n in s.startup:
+                name = f"startup-{m.name}-{p}-{n}" + (f"-local{h}" if h else "")
+                extra = [*s.cluster_flags, *(["--local-steps", str(h)] if h else [])]
+                wall, summary = run_cluster(workdir / name, m, p, n, p, s.data, extra)
+                rows.append(
+                    {
+                        "model": m.name,
+                        "params": m.params,
+                        "tokens": m.tokens,
+                        "workers": p,
+                        "servers": n,
+                        "steps": p,
+                        "local_steps": h,
+                        "wall_seconds": wall,
+                        "summary_wall_seconds": summary["wall_seconds"],
+                    }
+                )
+                log.info("startup %s P=%d S=%d local steps %d: %.1f s", m.name, p, n, h, wall)
     return rows
 
 
@@ -391,6 +419,8 @@ def from_summaries(paths: list[str]) -> dict:
     rows: dict[str, list[dict]] = {"compute": [], "comm": [], "startup": []}
     for path in paths:
         s = json.loads(Path(path).read_text())
+        if s.get("local_steps"):  # T_task would include the inner steps, T_comm a share of each exchange
+            raise ValueError(f"{path} is a run with --local-steps: calibrate from runs without it")
         task = s.get("task", {})
         tokens = int(s["batch_size"]) * int(task.get("context", 128))
         p, n, params = int(s["workers"]), int(s["servers"]), int(s["parameters"])

@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from asyncps_common.flags import FlagParser, positive, staleness_flag
+from asyncps_common.flags import FlagParser, non_negative, positive, staleness_flag
 from worker.cost import network_cli
 from worker.cost.calibrate import FORMAT, PRESETS, ModelSpec, Settings, calibrate, from_summaries
 from worker.cost.model import CostModel, Job, recommend
-from worker.cost.validate import PLOTS_HINT, plot, plots_available, table, validate, write_json
+from worker.cost.validate import PLOTS_HINT, Mode, plot, plots_available, table, validate, write_json
 
 DEFAULT_CALIBRATION = "runs/cost/calibration.json"
 
@@ -56,6 +56,18 @@ def pairs(text: str) -> list[tuple[int, int]]:
     return out  # type: ignore[return-value]
 
 
+def add_mode_flags(p: FlagParser) -> None:
+    """The training mode a prediction or a validation grid describes: ps-cluster's flags of the same names."""
+    p.env_flag("staleness", type=staleness_flag, default=0.0, help="staleness bound s (inf: asynchronous)")
+    p.env_switch("average-gradients", default=True, help="one averaged update per clock (ps-cluster's default)")
+    p.env_flag(
+        "local-steps",
+        type=non_negative(int),
+        default=0,
+        help="H iterations of each worker's own optimizer per exchange (ps-cluster --local-steps); 0: none",
+    )
+
+
 def build_parser() -> FlagParser:
     p = FlagParser(
         prog="ps-cost", description="Predict how long a ps-cluster run takes, and how many workers and servers to use."
@@ -69,6 +81,12 @@ def build_parser() -> FlagParser:
     c.env_flag("workers", type=int_list, default="1,2,4", help="worker counts P to probe")
     c.env_flag("servers", type=int_list, default="1,2", help="server counts S to probe")
     c.env_flag("startup", type=pairs, default="1:1,4:2", help="P:S of the one-step ps-cluster start-up probes")
+    c.env_flag(
+        "startup-local-steps",
+        type=non_negative(int),
+        default=4,
+        help="run the start-up probes again with this --local-steps (0: not)",
+    )
     c.env_flag("iters", type=positive(int), default=12, help="timed iterations per compute probe")
     c.env_flag("clocks", type=positive(int), default=12, help="timed clocks per communication probe")
     c.env_flag("rounds", type=positive(int), default=2, help="rounds of compute probes (the faster round counts)")
@@ -93,8 +111,7 @@ def build_parser() -> FlagParser:
     q.env_flag("n-head", type=positive(int), default=4, help="attention heads")
     q.env_flag("context", type=positive(int), default=128, help="bytes of context")
     q.env_flag("batch-size", type=positive(int), default=16, help="sequences per iteration per worker")
-    q.env_flag("staleness", type=staleness_flag, default=0.0, help="staleness bound s (inf: asynchronous)")
-    q.env_switch("average-gradients", default=True, help="one averaged update per clock (ps-cluster's default)")
+    add_mode_flags(q)
     q.env_switch("pipeline", default=False, help="the next pull overlaps compute")
     q.env_flag("tolerance", type=float, default=0.05, help="prefer fewer processes within this fraction of the fastest")
 
@@ -108,6 +125,7 @@ def build_parser() -> FlagParser:
     v.env_flag("servers", type=int_list, default="1,2", help="server counts S")
     v.env_flag("out", default=None, help="folder for the runs' outputs (default: a folder next to --json)")
     v.env_flag("data", default=None, help="ps-cluster --data (default: the standard library)")
+    add_mode_flags(v)
     network_cli.add_flags(c, q, v)
     return p
 
@@ -151,6 +169,7 @@ def cmd_calibrate(p: FlagParser, a: argparse.Namespace) -> int:
         workers=sorted(set(a.workers)),
         servers=sorted(set(a.servers)),
         startup=a.startup,
+        startup_local_steps=a.startup_local_steps,
         iters=a.iters,
         clocks=a.clocks,
         rounds=a.rounds,
@@ -181,6 +200,7 @@ def job_from(a: argparse.Namespace, cal: dict) -> Job:
         staleness=a.staleness,
         average_gradients=a.average_gradients,
         pipeline=a.pipeline,
+        local_steps=a.local_steps,
     )
 
 
@@ -188,6 +208,8 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace) -> int:
     if a.pipeline and a.staleness < 1:
         p.error("--pipeline needs --staleness of at least 1")
     if network_cli.wants_network(a):
+        if a.local_steps:
+            p.error("--local-steps is not modelled by the network model: leave out --link-gbit/--network-calibration")
         job = job_from(a, {})
         return network_cli.cmd_predict(p, a, job.params, a.batch_size)
     cal = load_calibration(p, a.calibration)
@@ -202,7 +224,8 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace) -> int:
     gap = "inf" if math.isinf(job.staleness) else f"{job.staleness:g}"
     out = [
         f"{job.steps} iterations of a {job.params / 1e6:.2f} M-parameter model, batch × context {job.tokens}, s={gap}"
-        f"{', averaged' if job.average_gradients else ''}{', pipelined' if job.pipeline else ''}; "
+        f"{', averaged' if job.average_gradients else ''}{', pipelined' if job.pipeline else ''}"
+        f"{f', {job.local_steps} local steps per exchange' if job.local_steps else ''}; "
         f"calibrated on {m['hostname']} ({m['cpus']} cores"
         f"{', ' + m['gpu'] if m.get('gpu') else ''}, {m['date']})",
         f"{'P':>3} {'S':>3} {'seed formula':>13} {'refined':>9} "
@@ -248,7 +271,8 @@ def cmd_validate(p: FlagParser, a: argparse.Namespace) -> int:
     if not draw:  # said before the runs, so a user who wants the plot need not wait for them
         sys.stderr.write(PLOTS_HINT + "\n")
     out = Path(a.out) if a.out else js.parent / f"{js.stem}-runs-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = validate(cal, a.models, a.steps, sorted(set(a.workers)), sorted(set(a.servers)), out, a.data)
+    mode = Mode(a.staleness, a.average_gradients, a.local_steps)
+    result = validate(cal, a.models, a.steps, sorted(set(a.workers)), sorted(set(a.servers)), out, a.data, mode=mode)
     write_json(result, js)
     if draw:
         plot(result, png)

@@ -22,7 +22,13 @@ Refined model, what the measurements show matters:
   P workers share are in it; linear in bytes between probed sizes, linear in P beyond;
   without averaging each shard applies P updates instead of one (apply rate);
 * `--pipeline`: the next pull overlaps compute only on cores the computation leaves
-  idle (none on a CPU machine whose workers use every core; all with a GPU).
+  idle (none on a CPU machine whose workers use every core; all with a GPU);
+* `--local-steps H`: a clock is one push of every worker, H iterations each; so
+  ceil(ceil(M/P)/H) clocks (ps-cluster's --steps counts batches, not pushes), each of H
+  iterations' compute plus H steps of the worker's own AdamW (measured by the compute
+  probes, P processes at once), and one exchange. Where every clock waits for the slowest
+  worker, H times the per-iteration lockstep: an upper bound, as a worker that is slow in one
+  iteration may catch up in the next before the exchange.
 """
 
 from __future__ import annotations
@@ -42,6 +48,12 @@ class Job:
     staleness: float = 0.0
     average_gradients: bool = True
     pipeline: bool = False
+    local_steps: int = 0  # > 0: H iterations of the worker's own optimizer per push (one exchange per H)
+
+    @property
+    def every(self) -> int:
+        """Iterations per exchange: H with local steps, else 1."""
+        return max(1, self.local_steps)
 
     @property
     def bytes(self) -> int:
@@ -69,9 +81,10 @@ class Prediction:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def seed_formula(steps: int, workers: int, t_task: float, t_comm: float) -> float:
-    """T = M/P · T_task + T_comm, T_comm = M/P · t_comm (per-iteration times of one worker)."""
-    return steps / workers * t_task + steps / workers * t_comm
+def seed_formula(steps: int, workers: int, t_task: float, t_comm: float, every: int = 1) -> float:
+    """T = M/P · T_task + T_comm, T_comm = M/(P·every) · t_comm: one worker's compute of one
+    iteration and its communication of one exchange (every iteration, or every H with local steps)."""
+    return steps / workers * t_task + steps / (workers * every) * t_comm
 
 
 def line(x: float, points: Sequence[tuple[float, float]]) -> float:
@@ -122,25 +135,27 @@ class CostModel:
     # -- parts --------------------------------------------------------------------------
     def _compute_at(self, job: Job, workers: int, key: str) -> float:
         rows = [r for r in self.cal["compute"] if r["workers"] == workers]
+        if key == "inner_step_seconds":  # an optimizer step scales with the parameters, not the tokens
+            return line(job.params, [(r["params"], r[key]) for r in rows])
         return line(job.work, [(r["params"] * r["tokens"], r[key]) for r in rows])
+
+    def _shared(self, job: Job, workers: int, key: str) -> float:
+        """Seconds of the compute row `key` with `workers` processes sharing the machine."""
+        probed = sorted({r["workers"] for r in self.cal["compute"]})
+        if workers in probed:
+            return self._compute_at(job, workers, key)
+        if workers > probed[-1]:  # more processes than probed: time grows with threads per core
+            top = probed[-1]
+            if self.gpu:  # one GPU shared by every worker on the host
+                scale = workers / top
+            else:
+                scale = oversubscription(workers, self.cores) / oversubscription(top, self.cores)
+            return self._compute_at(job, top, key) * scale
+        return line(workers, [(p, self._compute_at(job, p, key)) for p in probed])
 
     def compute(self, job: Job, workers: int) -> tuple[float, float]:
         """(lockstep, mean) seconds of one iteration's compute with `workers` processes sharing the machine."""
-        probed = sorted({r["workers"] for r in self.cal["compute"]})
-        out = []
-        for key in ("lockstep_seconds", "mean_seconds"):
-            if workers in probed:
-                out.append(self._compute_at(job, workers, key))
-            elif workers > probed[-1]:  # more processes than probed: time grows with threads per core
-                top = probed[-1]
-                if self.gpu:  # one GPU shared by every worker on the host
-                    scale = workers / top
-                else:
-                    scale = oversubscription(workers, self.cores) / oversubscription(top, self.cores)
-                out.append(self._compute_at(job, top, key) * scale)
-            else:
-                out.append(line(workers, [(p, self._compute_at(job, p, key)) for p in probed]))
-        return out[0], out[1]
+        return self._shared(job, workers, "lockstep_seconds"), self._shared(job, workers, "mean_seconds")
 
     def comm(self, job: Job, workers: int, servers: int) -> float:
         """Seconds of one clock's pulls, pushes and update (nothing computed), `workers` at once through `servers`."""
@@ -157,10 +172,15 @@ class CostModel:
         return t
 
     def startup(self, job: Job, workers: int, servers: int) -> float:
-        """Fixed cost of one ps-cluster run: the one-step probes' wall time less their one clock."""
+        """Fixed cost of one ps-cluster run: the one-step probes' wall time less their one clock.
+
+        A job with local steps takes the probes run with local steps where the calibration has them."""
+        local = [r for r in self.cal["startup"] if r.get("local_steps")]
+        rows = local if job.local_steps and local else [r for r in self.cal["startup"] if not r.get("local_steps")]
         per_model: dict[int, list[tuple[float, float]]] = {}
-        for r in self.cal["startup"]:
-            clock = self.clock(job_like(job, r["params"], r["tokens"]), r["workers"], r["servers"])[0]
+        for r in rows:
+            probe = probe_job(r["params"], r["tokens"], bool(r.get("local_steps")))
+            clock = self.clock(probe, r["workers"], r["servers"])[0]
             per_model.setdefault(r["params"], []).append((r["workers"] + r["servers"], r["wall_seconds"] - clock))
         n = workers + servers
         pts = [(params, _flat_line(n, pts)) for params, pts in per_model.items()]
@@ -168,9 +188,21 @@ class CostModel:
             return max(0.0, pts[0][1])
         return line(job.params, pts)
 
+    def inner_step(self, job: Job, workers: int) -> float:
+        """Seconds of one step of a worker's own AdamW (local steps only) with `workers` processes
+        sharing the machine, as the compute probes measured it; a calibration without that
+        measurement (older, or from summaries) falls back to the shards' AdamW apply rate."""
+        if not job.local_steps:
+            return 0.0
+        if all("inner_step_seconds" in r for r in self.cal["compute"]):
+            return self._shared(job, workers, "inner_step_seconds")
+        return job.bytes / (self.cal.get("apply", {}).get("adamw_gbps", 2.0) * 1e9)
+
     def clock(self, job: Job, workers: int, servers: int) -> tuple[float, float, float]:
-        """(clock, compute, comm) seconds: one iteration of every worker."""
+        """(clock, compute, comm) seconds: one exchange of every worker (one iteration, or H with local steps)."""
         lock, mean = self.compute(job, workers)
+        step = self.inner_step(job, workers)
+        lock, mean = job.every * (lock + step), job.every * (mean + step)
         comm = self.comm(job, workers, servers)
         if job.average_gradients or job.staleness == 0 or workers == 1:
             compute = lock  # one update per clock: everyone waits for the slowest worker
@@ -186,20 +218,20 @@ class CostModel:
         return total, compute, comm
 
     def seed_parts(self, job: Job) -> tuple[float, float]:
-        """(T_task, T_comm) per iteration with one worker and one server, as ps-cluster reports them."""
-        return self.compute(job, 1)[1], self.comm(job, 1, 1)
+        """(T_task per iteration, T_comm per exchange) with one worker and one server."""
+        return self.compute(job, 1)[1] + self.inner_step(job, 1), self.comm(job, 1, 1)
 
     # -- whole runs -----------------------------------------------------------------------
     def predict(self, job: Job, workers: int, servers: int) -> Prediction:
         t_task, t_comm = self.seed_parts(job)
         clock, compute, comm = self.clock(job, workers, servers)
-        clocks = math.ceil(job.steps / workers)
+        clocks = math.ceil(math.ceil(job.steps / workers) / job.every)
         startup = self.startup(job, workers, servers)
         return Prediction(
             workers,
             servers,
             job.steps,
-            seed_formula(job.steps, workers, t_task, t_comm),
+            seed_formula(job.steps, workers, t_task, t_comm, job.every),
             startup + clocks * clock,
             startup,
             clock,
@@ -219,15 +251,10 @@ def _flat_line(x: float, pts: list[tuple[float, float]]) -> float:
     return line(x, pts)
 
 
-def job_like(job: Job, params: int, tokens: int) -> Job:
-    return Job(
-        params=params,
-        tokens=tokens,
-        steps=job.steps,
-        staleness=job.staleness,
-        average_gradients=job.average_gradients,
-        pipeline=job.pipeline,
-    )
+def probe_job(params: int, tokens: int, local: bool = False) -> Job:
+    """What a start-up probe ran: one iteration per worker, s = 0 with averaged gradients;
+    `local`: with --local-steps, which makes that iteration's clock one inner step and one exchange."""
+    return Job(params=params, tokens=tokens, steps=1, local_steps=1 if local else 0)
 
 
 def recommend(preds: list[Prediction], cores: int, tolerance: float = 0.05) -> tuple[Prediction, str]:

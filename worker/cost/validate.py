@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from worker.cost.calibrate import ModelSpec, run_cluster
@@ -23,9 +24,36 @@ from worker.cost.model import CostModel, Job
 log = logging.getLogger(__name__)
 
 
-def job_for(m: ModelSpec, steps: int, staleness: float = 0.0, average: bool = True, pipeline: bool = False) -> Job:
+@dataclass(frozen=True)
+class Mode:
+    """The training mode of the validated runs: the same flags go to ps-cluster and into the predicted Job."""
+
+    staleness: float = 0.0
+    average_gradients: bool = True
+    local_steps: int = 0
+
+    def flags(self) -> list[str]:
+        """ps-cluster flags for this mode (none for ps-cluster's default)."""
+        out = (
+            []
+            if self.staleness == 0
+            else ["--staleness", "inf" if math.isinf(self.staleness) else f"{self.staleness:g}"]
+        )
+        out += [] if self.average_gradients else ["--no-average-gradients"]
+        return out + (["--local-steps", str(self.local_steps)] if self.local_steps else [])
+
+    def name(self) -> str:
+        return " ".join(self.flags()) or "default"
+
+
+def job_for(m: ModelSpec, steps: int, mode: Mode = Mode()) -> Job:
     return Job(
-        params=m.params, tokens=m.tokens, steps=steps, staleness=staleness, average_gradients=average, pipeline=pipeline
+        params=m.params,
+        tokens=m.tokens,
+        steps=steps,
+        staleness=mode.staleness,
+        average_gradients=mode.average_gradients,
+        local_steps=mode.local_steps,
     )
 
 
@@ -38,24 +66,27 @@ def validate(
     out: Path,
     data: str | None = None,
     extra: list[str] | None = None,
+    mode: Mode = Mode(),
 ) -> dict:
     cost = CostModel(cal)
     rows = []
+    extra = [*mode.flags(), *(extra or [])]
     for m, m_steps in zip(models, steps):
-        job = job_for(m, m_steps)
+        job = job_for(m, m_steps, mode)
         for p in workers:
             for s in servers:
                 load = os.getloadavg()[0]
                 try:
-                    wall, summary = run_cluster(out / f"{m.name}-P{p}-S{s}", m, p, s, m_steps, data, extra or [])
+                    wall, summary = run_cluster(out / f"{m.name}-P{p}-S{s}", m, p, s, m_steps, data, extra)
                     retried = False
                 except RuntimeError as exc:  # one failed run should not cost the whole grid; twice is an error
                     log.warning("run failed, trying it once more: %s", exc)
-                    wall, summary = run_cluster(out / f"{m.name}-P{p}-S{s}-retry", m, p, s, m_steps, data, extra or [])
+                    wall, summary = run_cluster(out / f"{m.name}-P{p}-S{s}-retry", m, p, s, m_steps, data, extra)
                     retried = True
                 pred = cost.predict(job, p, s)
                 row = {
                     "model": m.name,
+                    "mode": mode.name(),
                     "params": m.params,
                     "workers": p,
                     "servers": s,
@@ -90,7 +121,7 @@ def validate(
                     pred.seed_formula_seconds,
                     pred.refined_seconds,
                 )
-    return {"calibration_machine": cal["machine"], "rows": rows, "errors": error_summary(rows)}
+    return {"calibration_machine": cal["machine"], "mode": mode.name(), "rows": rows, "errors": error_summary(rows)}
 
 
 def error_summary(rows: list[dict]) -> dict:
@@ -103,8 +134,9 @@ def error_summary(rows: list[dict]) -> dict:
 
 def table(result: dict) -> str:
     lines = [
+        f"ps-cluster mode: {result.get('mode', 'default')}",
         f"{'model':<8} {'P':>2} {'S':>2} {'steps':>6} {'measured':>9} "
-        f"{'seed':>8} {'err':>6} {'refined':>8} {'err':>6} {'load':>5}"
+        f"{'seed':>8} {'err':>6} {'refined':>8} {'err':>6} {'load':>5}",
     ]
     for r in result["rows"]:
         lines.append(
@@ -184,7 +216,7 @@ def plot(result: dict, path: Path) -> None:
     e = result["errors"]
     m = result.get("calibration_machine", {})
     ax.set_title(
-        f"ps-cost validate: {len(rows)} runs, {m.get('cpus', '?')} cores"
+        f"ps-cost validate: {len(rows)} runs, {m.get('cpus', '?')} cores; ps-cluster {result.get('mode', 'default')}"
         f"\nmedian/worst |error|: refined {100 * e['refined']['median_abs']:.0f}%/{100 * e['refined']['max_abs']:.0f}%,"
         f" seed {100 * e['seed']['median_abs']:.0f}%/{100 * e['seed']['max_abs']:.0f}%",
         fontsize=10,
