@@ -86,6 +86,7 @@ class LocalSteps:
         self._previous: list[torch.Tensor] | None = None  # the weights of the previous pull (look-ahead)
         self._ahead_sq = 0.0  # ‖w_start − w_pull‖² of the push in progress
         self.lookahead_ratio = 0.0  # ‖w_start − w_pull‖ / ‖pseudo-gradient‖ of the latest push (metrics)
+        self._registrations = 0  # the client's re-registrations seen at the previous pull
 
     def lr(self) -> float:
         """The inner lr: warmed up linearly over the first `warmup_updates` inner steps (as the servers do)."""
@@ -94,8 +95,14 @@ class LocalSteps:
             lr *= min(1.0, (self.inner_steps + 1) / self.inner.warmup_updates)
         return lr
 
-    def begin(self) -> None:
-        """Remember the weights just pulled; with look-ahead, move the model ahead of them."""
+    def begin(self, registrations: int = 0) -> None:
+        """Remember the weights just pulled; with look-ahead, move the model ahead of them.
+
+        `registrations`: how often the client has registered again so far (`ps.stats.reregistrations`);
+        when it changed since the previous pull, that pull is forgotten (`forget_pulls`)."""
+        if registrations != self._registrations:
+            self._registrations = registrations
+            self.forget_pulls()
         with torch.no_grad():
             if len(self._pulled) != len(self.params):
                 self._pulled = [p.detach().clone() for p in self.params]
@@ -142,9 +149,9 @@ class LocalSteps:
                 push = float(torch.stack(norms).square().sum())
                 self.lookahead_ratio = (self._ahead_sq / push) ** 0.5 if push > 0 else 0.0
 
-    def run(self, model: Any, stream, batch: int, device: torch.device, steps: int) -> float:
-        """`begin`, `steps` inner steps on batches of `stream`, `finish`; returns the mean training loss."""
-        self.begin()
+    def run(self, model: Any, stream, batch: int, device: torch.device, steps: int, registrations: int = 0) -> float:
+        """`begin(registrations)`, `steps` inner steps on batches of `stream`, `finish`; the mean training loss."""
+        self.begin(registrations)
         total = 0.0
         for _ in range(steps):
             x, y = stream.next(batch)

@@ -195,7 +195,6 @@ def train(cfg: WorkerConfig) -> dict:
             snapshots = _Snapshots(cfg.snapshot_dir, cfg.snapshot_every, cfg.rank)
             jitter = Jitter(*cfg.jitter, seed=cfg.seed, rank=cfg.rank)
             step = cfg.first_step
-            rejoined = 0  # the client's re-registrations seen: look-ahead forgets the pulls before one
             while step < cfg.steps:
                 t0 = time.perf_counter()
                 ps.pull()
@@ -210,10 +209,7 @@ def train(cfg: WorkerConfig) -> dict:
                 else:  # H inner steps (the servers' share of H with dynamic local steps), then the pseudo-gradient
                     batch = cfg.batch_size
                     done = min(ps.batch_size, cfg.steps - step)
-                    if ps.stats.reregistrations != rejoined:
-                        rejoined = ps.stats.reregistrations
-                        local.forget_pulls()
-                    loss_value = local.run(model, stream, batch, device, done)
+                    loss_value = local.run(model, stream, batch, device, done, ps.stats.reregistrations)
                     metrics.local_steps.set(done)
                     metrics.lookahead_ratio.set(local.lookahead_ratio)
                     weight = done

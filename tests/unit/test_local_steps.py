@@ -38,6 +38,16 @@ def test_start_ahead_of_each_pull_and_forget_the_pulls_before_a_new_registration
     pulled(model, 2.0)
     local.begin()
     assert weights(model) == [3.0, 3.0, 3.0]
+    # the trainer passes the client's re-registration count with each pull: a change forgets too
+    pulled(model, 4.0)
+    local.begin(registrations=0)  # unchanged: ahead by 0.5 of 4 - 2
+    assert weights(model) == [5.0, 5.0, 5.0]
+    pulled(model, 0.0)
+    local.begin(registrations=1)
+    assert weights(model) == [0.0, 0.0, 0.0]
+    pulled(model, 2.0)
+    local.begin(registrations=1)
+    assert weights(model) == [3.0, 3.0, 3.0]
 
 
 def test_the_plain_rule_pushes_the_workers_own_change_from_where_it_started() -> None:
