@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from asyncps_common.security import NONE, Security
 from protos.asyncps.v1 import ps_pb2 as pb
-from worker.cli import follows_split, outer_lr
 from worker.data import Corpus, default_corpus_path, heldout_loss
 from worker.export import pull_into
+from worker.optim_config import follows_split, outer_lr
 from worker.task import ByteGPT, TaskConfig, save_model
 from worker.trainer import model_params
 

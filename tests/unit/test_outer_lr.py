@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.cli import ASYNC_OUTER_LR, ELASTIC_OUTER_LR, build_parser, optimizer_config
+from worker.cli import build_parser
+from worker.optim_config import ASYNC_OUTER_LR, ELASTIC_OUTER_LR, optimizer_config
 
 
 def config(*flags: str):
