@@ -46,6 +46,8 @@ import math
 
 import torch
 
+from asyncps_common.fused import GroupOptimizer
+
 RULES = ("plain", "dc", "elastic", "delayed-nesterov")
 HISTORY_RULES = ("dc", "elastic")  # the rules that need the weights each push read
 DC_DECAY = 0.95  # DC-ASGD-a's running mean of g*g
@@ -174,7 +176,7 @@ def elastic(delta: torch.Tensor, w_now: torch.Tensor, w_read: torch.Tensor | Non
     return drift.add_(delta), size
 
 
-class DelayedNesterov(torch.optim.Optimizer):
+class DelayedNesterov(GroupOptimizer):
     """Outer optimizer: a plain step per push, Nesterov momentum once every `period` pushes."""
 
     def __init__(self, params, lr: float, momentum: float, period: int):

@@ -1,11 +1,13 @@
-"""Server-side optimizers: `torch.optim` run on a shard's flat fp32 vector.
+"""Server-side optimizers: torch.optim's fused kernels run on a shard's flat fp32 vector.
 
 SGD (momentum, dampening, Nesterov, weight decay), Adam and AdamW are element-wise,
 so running them on the concatenation of a shard's pieces gives exactly the weights
 `torch.optim` gives on the model's own tensors. Parameter groups (`pb.ParamGroup`,
 torch.optim's param_groups) cut the flat vector into contiguous ranges, each its own
-torch param group over a view of the vector, with its own lr, weight decay, momentum
-and betas. Not thread-safe: the shard store serializes every step.
+param group over a view of the vector, with its own lr, weight decay, momentum and
+betas. The steps are `asyncps_common/fused.py`'s (bit-identical to torch.optim's fused
+optimizers, without the 1.3 s `torch._dynamo` import torch.optim costs a server at its
+first Init). Not thread-safe: the shard store serializes every step.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from asyncps_common import delay
+from asyncps_common.fused import FusedOptimizer, GroupOptimizer
 from protos.asyncps.v1 import ps_pb2 as pb
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -95,15 +98,12 @@ def validate_groups(cfg: pb.OptimizerConfig, groups: Sequence[pb.ParamGroup], nu
         raise ValueError(f"parameter groups cover {end} of the shard's {numel} elements")
 
 
-def _torch_optimizer(cfg: pb.OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def _optimizer(cfg: pb.OptimizerConfig, groups: list[dict]) -> GroupOptimizer:
     # fused: one vectorized pass over the shard, 2-6x the apply rate of the default
     # per-op implementation on CPU (bench/wire.py), same results to fp32 round-off.
     if delay.rule_of(cfg) == "delayed-nesterov":
         return delay.DelayedNesterov(groups, lr=cfg.lr, momentum=cfg.momentum, period=cfg.outer_period or 1)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, fused=True)
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(groups, lr=cfg.lr, fused=True)
+    return FusedOptimizer(cfg.name, groups, lr=cfg.lr)
 
 
 def _group(cfg: pb.OptimizerConfig, param: torch.Tensor) -> dict:
@@ -120,19 +120,19 @@ def _group(cfg: pb.OptimizerConfig, param: torch.Tensor) -> dict:
 
 
 class FlatOptimizer:
-    """The torch optimizer of one shard's flat vector `flat`, cut into `groups` (none: one group)."""
+    """The optimizer of one shard's flat vector `flat`, cut into `groups` (none: one group)."""
 
     def __init__(self, cfg: pb.OptimizerConfig, flat: torch.nn.Parameter, groups: Sequence[pb.ParamGroup] = ()):
         validate(cfg)
         validate_groups(cfg, groups, flat.numel())
         self.flat, self.ranges = flat, [(int(g.start), int(g.stop)) for g in groups]
         configs = [g.optimizer for g in groups] or [cfg]
-        if groups:  # leaf views of the flat vector: torch.optim steps them in place
+        if groups:  # leaf views of the flat vector: the optimizer steps them in place
             self.parts = [torch.nn.Parameter(flat.data[a:b], requires_grad=False) for a, b in self.ranges]
         else:
             self.parts = [flat]
         self.base_lrs = [c.lr for c in configs]
-        self.torch = _torch_optimizer(cfg, [_group(c, p) for c, p in zip(configs, self.parts)])
+        self.opt = _optimizer(cfg, [_group(c, p) for c, p in zip(configs, self.parts)])
 
     def rebind(self) -> None:
         """After `flat.data` moved to another buffer: point every group's view at it."""
@@ -141,7 +141,7 @@ class FlatOptimizer:
 
     def step(self, grad: torch.Tensor, lr_scale: float) -> None:
         """One update of the whole vector by `grad`, every group's lr times `lr_scale`."""
-        for group, lr in zip(self.torch.param_groups, self.base_lrs):
+        for group, lr in zip(self.opt.param_groups, self.base_lrs):
             group["lr"] = lr * lr_scale
         if self.ranges:
             for part, (a, b) in zip(self.parts, self.ranges):
@@ -149,17 +149,17 @@ class FlatOptimizer:
         else:
             self.flat.grad = grad
         with torch.no_grad():
-            self.torch.step()
+            self.opt.step()
         for part in self.parts:
             part.grad = None
 
     def state_dict(self) -> dict:
-        return self.torch.state_dict()
+        return self.opt.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.torch.load_state_dict(state)
+        self.opt.load_state_dict(state)
 
 
-def build(cfg: pb.OptimizerConfig, flat: torch.nn.Parameter) -> torch.optim.Optimizer:
-    """The torch optimizer `cfg` describes, over the single flat parameter `flat`."""
-    return FlatOptimizer(cfg, flat).torch
+def build(cfg: pb.OptimizerConfig, flat: torch.nn.Parameter) -> GroupOptimizer:
+    """The optimizer `cfg` describes, over the single flat parameter `flat` (step it after setting flat.grad)."""
+    return FlatOptimizer(cfg, flat).opt

@@ -60,7 +60,7 @@ class ShardStore:
         self._flat = torch.nn.Parameter(weights.clone(), requires_grad=False)
         self.groups = list(groups)  # parameter groups cutting the shard (empty: `cfg` for all of it)
         self._stepper = optim.FlatOptimizer(cfg, self._flat, self.groups)
-        self._opt = self._stepper.torch
+        self._opt = self._stepper.opt
         self._version = version
         self.last_lr_factor = 1.0  # the latest update's lr factor (`apply`'s lr_factor)
         self._dc = (

@@ -1,7 +1,7 @@
 """Asynchronous local steps: H steps of the worker's own inner optimizer per push.
 
 With `--local-steps H` a worker pulls the weights, runs H steps of its inner optimizer
-(torch.optim AdamW/Adam/SGD with the training flags' settings, its state kept across
+(AdamW/Adam/SGD with the training flags' settings, its state kept across
 pushes and lost when the worker restarts) on H batches, and pushes the pseudo-gradient
 w_pulled − w_local; the servers apply their outer optimizer to it (asyncps_common/delay.py).
 Communication drops H-fold. The staleness bound counts pushes, so s = 0 with averaging
@@ -35,25 +35,29 @@ from typing import Any
 
 import torch
 
+from asyncps_common import fused
 from protos.asyncps.v1 import ps_pb2 as pb
 
 
-def inner_optimizer(cfg: pb.OptimizerConfig, params) -> torch.optim.Optimizer:
+def inner_optimizer(cfg: pb.OptimizerConfig, params) -> torch.optim.Optimizer | fused.FusedOptimizer:
     """The worker's inner optimizer (the training flags' optimizer, run locally).
 
     Fused (one vectorized pass over each parameter, as the servers' optimizers) on CPU and
     CUDA: an AdamW step of the main job's model took 1.3 ms per-op and 0.35 ms fused on one
     core of the 2-core VM, of `ps-cost`'s `wide` model 10.8 and 2.0 ms; the same results to
-    fp32 round-off. Other devices get torch's default implementation.
+    fp32 round-off. There it is `asyncps_common/fused.py`'s, the same kernels as torch.optim's
+    without the `torch._dynamo` import torch.optim's first use costs a process (1.3 s of CPU).
+    Other devices get torch.optim's default implementation.
     """
     params = list(params)
-    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {}
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fused
-        )
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, **fused)
+        settings: dict = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    else:
+        settings = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if fused.supported(params):
+        return fused.FusedOptimizer(cfg.name, params, **settings)
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}.get(cfg.name, torch.optim.AdamW)
+    return cls(params, **settings)
 
 
 class LocalSteps:

@@ -379,8 +379,9 @@ def run_cluster(
 def probe_startup(s: Settings, workdir: Path) -> list[dict]:
     """One-step ps-cluster runs at each P:S of `s.startup`, in the default mode and (unless
     `s.startup_local_steps` is 0) with --local-steps: a local-steps worker builds its own
-    optimizer, which costs each worker process a second or more of CPU (torch.optim imports
-    torch._dynamo on first use), so that mode starts up slower."""
+    optimizer, which made that mode start up 2.2-3.7 s slower while it was torch.optim's (its
+    first use imports torch._dynamo); with asyncps_common/fused.py both start alike, and the
+    probes keep measuring rather than assuming it."""
     rows = []
     modes = [0] + ([s.startup_local_steps] if s.startup_local_steps else [])
     for m in s.models:
