@@ -19,6 +19,7 @@ thread-safe: one caller steps an optimizer at a time.
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -58,7 +59,7 @@ def supported(params: Iterable[torch.Tensor]) -> bool:
     return all(p.device.type in ("cpu", "cuda") for p in params)
 
 
-class GroupOptimizer:
+class GroupOptimizer(ABC):
     """param_groups and per-parameter state as torch.optim keeps them; subclasses define `step`."""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]):
@@ -110,8 +111,9 @@ class GroupOptimizer:
         for g, own in zip(groups, self.param_groups):
             own.update({k: v for k, v in g.items() if k != "params"})
 
+    @abstractmethod
     def step(self) -> None:
-        raise NotImplementedError
+        """One step of every parameter that has a gradient."""
 
 
 def _cast(key: str, value: Any, p: torch.Tensor) -> Any:
