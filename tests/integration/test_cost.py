@@ -102,6 +102,7 @@ def test_calibrate_predict_validate_end_to_end(tmp_path, corpus):
     assert [(r["workers"], r["servers"]) for r in pred["rows"]] == [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2)]
     assert all(r["refined_seconds"] > r["startup_seconds"] > 0 and r["seed_formula_seconds"] > 0 for r in pred["rows"])
     assert pred["recommended"]["reason"].startswith(f"P={pred['recommended']['workers']}, S=")
+    assert pred["compute_drift"] > 0  # the calibration's one-process probe, rerun now on the same host
 
     out_json, out_png = tmp_path / "v.json", tmp_path / "v.png"
     done = ps_cost(
@@ -134,6 +135,7 @@ def test_calibrate_predict_validate_end_to_end(tmp_path, corpus):
         assert r["refined_error"] == pytest.approx(r["refined_seconds"] / r["measured_seconds"] - 1, abs=1e-3)
         summary = json.loads((tmp_path / "runs" / f"tiny-P{r['workers']}-S1" / "summary.json").read_text())
         assert summary["iterations"] == 6 and summary["workers"] == r["workers"]
+        assert r["compute_drift"] > 0  # calibrated on this host: the one-process probe was rerun before the run
     assert set(result["errors"]) == {"seed", "refined"}
     assert out_png.read_bytes()[:8] == PNG_MAGIC and out_png.stat().st_size > 10_000
     assert "refined model" in done.stdout and "tiny" in done.stdout

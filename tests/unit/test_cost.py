@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+from pathlib import Path
 
 import pytest
+import torch
 
-from worker.cost import cli
+from worker.cost import cli, drift
 from worker.cost.calibrate import FORMAT, PRESETS, lockstep, machine
 from worker.cost.model import CostModel, Job, Prediction, line, recommend, seed_formula
 from worker.cost.validate import Mode, error_summary, job_for, write_json
@@ -37,6 +40,7 @@ CAL = {
     "apply": {"adamw_gbps": 2.0},
 }
 JOB = Job(params=1000, tokens=10, steps=100)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_seed_formula_by_hand():
@@ -274,3 +278,63 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert message in err
+
+
+# -- drift: does the machine still compute as fast as when it was calibrated? -----------------
+
+
+def _on_this_host(**models_and_rows) -> dict:
+    """A calibration made on this host with one-process compute probes of the given models (name: seconds)."""
+    specs = [{**PRESETS[name].__dict__, "params": PRESETS[name].params} for name in models_and_rows]
+    rows = [{"model": name, "workers": 1, "threads": 1, "mean_seconds": sec} for name, sec in models_and_rows.items()]
+    return {**CAL, "machine": {**CAL["machine"], "hostname": socket.gethostname()}, "models": specs, "compute": rows}
+
+
+def test_drift_reruns_the_one_process_probe_of_the_nearest_calibrated_model():
+    cal = _on_this_host(tiny=1e-6, small=1e-6)
+    d = drift.measure(cal, params=PRESETS["tiny"].params + 10)
+    assert d is not None and d.model == "tiny"  # nearest by parameters: the small probe is not run
+    assert d.calibrated_seconds == 1e-6 and 0 < d.now_seconds < 5
+    assert d.ratio > 1 and d.large() and "slower than when calibrated" in d.describe()
+
+
+def test_drift_is_skipped_where_it_would_not_compare_like_with_like():
+    assert drift.measure(CAL) is None  # calibrated on host "test"
+    assert drift.measure({**_on_this_host(tiny=0.01), "compute": []}) is None  # --from-summary: no probes
+    cuda = {**_on_this_host(tiny=0.01), "settings": {"device": "cuda"}}
+    if not torch.cuda.is_available():
+        assert drift.measure(cuda) is None
+
+
+def test_drift_describes_both_ways_and_warns_past_ten_percent():
+    assert drift.Drift("small", 0.1, 0.13).describe().startswith("this machine computes 30% slower")
+    assert "20% faster" in drift.Drift("small", 0.1, 0.08).describe()
+    assert not drift.Drift("small", 0.1, 0.109).large() and drift.Drift("small", 0.1, 0.089).large()
+
+
+def test_predict_warns_when_the_machine_drifted_from_its_calibration(tmp_path, caplog):
+    cal = json.loads((ROOT / "bench" / "results" / "cost-12-07b-calibration.json").read_text())
+    cal["machine"]["hostname"] = socket.gethostname()
+    for row in cal["compute"]:
+        if row["model"] == "small" and row["workers"] == 1:
+            row["mean_seconds"] = row["lockstep_seconds"] = 1e-4  # no machine computes this fast
+    path = tmp_path / "cal.json"
+    write_json(cal, path)
+    argv = [
+        "predict",
+        "--calibration",
+        str(path),
+        "--workers",
+        "1",
+        "--servers",
+        "1",
+        "--json",
+        str(tmp_path / "p.json"),
+    ]
+    assert cli.main(argv) == 0
+    assert "slower than when calibrated" in caplog.text and "recalibrate" in caplog.text
+    assert json.loads((tmp_path / "p.json").read_text())["compute_drift"] > 10
+    caplog.clear()
+    assert cli.main([*argv, "--no-drift-check"]) == 0
+    assert "calibrated" not in caplog.text
+    assert json.loads((tmp_path / "p.json").read_text())["compute_drift"] is None

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from asyncps_common.flags import FlagParser, non_negative, positive, staleness_flag
-from worker.cost import network_cli
+from worker.cost import drift, network_cli
 from worker.cost.calibrate import FORMAT, PRESETS, ModelSpec, Settings, calibrate, from_summaries
 from worker.cost.model import CostModel, Job, recommend
 from worker.cost.validate import PLOTS_HINT, Mode, plot, plots_available, table, validate, write_json
@@ -114,6 +114,12 @@ def build_parser() -> FlagParser:
     add_mode_flags(q)
     q.env_switch("pipeline", default=False, help="the next pull overlaps compute")
     q.env_flag("tolerance", type=float, default=0.05, help="prefer fewer processes within this fraction of the fastest")
+    q.env_switch(
+        "drift-check",
+        default=True,
+        help="rerun the calibration's one-process compute probe (1-3 s) and warn if this machine now computes "
+        f"more than {drift.WARN_RATIO:.0%} faster or slower",
+    )
 
     v = sub.add_parser("validate", help="real ps-cluster runs against the predictions, with a plot")
     v.env_flag("json", required=True, help="write the rows here")
@@ -218,6 +224,12 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace) -> int:
     except ValueError as exc:
         p.error(str(exc))
     cost = CostModel(cal)
+    now = drift.measure(cal, job.params) if a.drift_check else None
+    if now is not None and now.large():
+        logging.getLogger("ps-cost").warning(
+            "%s: the predictions assume the calibrated speed; recalibrate (ps-cost calibrate) for ones that hold",
+            now.describe(),
+        )
     preds = cost.table(job, sorted(set(a.workers)), sorted(set(a.servers)))
     pick, reason = recommend(preds, cost.cores, a.tolerance)
     m = cal["machine"]
@@ -246,6 +258,7 @@ def cmd_predict(p: FlagParser, a: argparse.Namespace) -> int:
                 "machine": m,
                 "job": job.__dict__,
                 "rows": [r.row() for r in preds],
+                "compute_drift": None if now is None else round(now.ratio, 3),
                 "recommended": {"workers": pick.workers, "servers": pick.servers, "reason": reason},
             },
             Path(a.json),

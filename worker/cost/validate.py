@@ -4,6 +4,8 @@ For every model size, worker count P and server count S of the grid, runs `ps-cl
 (one run at a time, each timed from launch to exit as `time ps-cluster` would) and
 predicts the same run from a calibration with the seed formula and the refined model.
 A run that fails is tried once more (its row says `retried`); a second failure stops the grid.
+Before each run the calibration's one-process compute probe is rerun (worker/cost/drift.py),
+so each row says how much faster or slower the machine computed than when it was calibrated.
 Writes the rows as JSON and a predicted-vs-measured plot (matplotlib, Agg backend).
 Blocks for the whole grid; not thread-safe.
 """
@@ -18,6 +20,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.cost import drift
 from worker.cost.calibrate import ModelSpec, run_cluster
 from worker.cost.model import CostModel, Job
 
@@ -76,6 +79,7 @@ def validate(
         for p in workers:
             for s in servers:
                 load = os.getloadavg()[0]
+                now = drift.measure(cal, m.params)
                 try:
                     wall, summary = run_cluster(out / f"{m.name}-P{p}-S{s}", m, p, s, m_steps, data, extra)
                     retried = False
@@ -93,6 +97,7 @@ def validate(
                     "steps": m_steps,
                     "measured_seconds": round(wall, 3),
                     "load_average_before": round(load, 2),
+                    "compute_drift": None if now is None else round(now.ratio, 3),
                     "retried": retried,
                     "seed_formula_seconds": round(pred.seed_formula_seconds, 3),
                     "refined_seconds": round(pred.refined_seconds, 3),
@@ -136,14 +141,14 @@ def table(result: dict) -> str:
     lines = [
         f"ps-cluster mode: {result.get('mode', 'default')}",
         f"{'model':<8} {'P':>2} {'S':>2} {'steps':>6} {'measured':>9} "
-        f"{'seed':>8} {'err':>6} {'refined':>8} {'err':>6} {'load':>5}",
+        f"{'seed':>8} {'err':>6} {'refined':>8} {'err':>6} {'load':>5} {'drift':>6}",
     ]
     for r in result["rows"]:
         lines.append(
             f"{r['model']:<8} {r['workers']:>2} {r['servers']:>2} {r['steps']:>6} {r['measured_seconds']:>8.1f}s "
             f"{r['seed_formula_seconds']:>7.1f}s {100 * r['seed_error']:>+5.0f}% "
             f"{r['refined_seconds']:>7.1f}s {100 * r['refined_error']:>+5.0f}% "
-            f"{r.get('load_average_before', math.nan):>5.1f}"
+            f"{r.get('load_average_before', math.nan):>5.1f} {_drift(r.get('compute_drift')):>6}"
         )
     e = result["errors"]
     lines.append(
@@ -152,6 +157,11 @@ def table(result: dict) -> str:
         f"{100 * e['refined']['max_abs']:.0f}%"
     )
     return "\n".join(lines) + "\n"
+
+
+def _drift(ratio: float | None) -> str:
+    """A row's compute drift as a signed percentage (`-`: not measured)."""
+    return "-" if ratio is None else f"{100 * (ratio - 1):+.0f}%"
 
 
 PLOTS_HINT = (
