@@ -51,12 +51,18 @@ def _grads(ours, gen, n: int):
     ]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_steps_are_bit_identical_to_torch_optim_fused(case: str) -> None:
+def _trained(case: str, steps: int):
+    """`_pair(case)` after `steps` equal steps of both optimizers."""
     ours, opt, theirs, ref, gen = _pair(case)
-    grads = _grads(ours, gen, 6)
+    grads = _grads(ours, gen, steps)
     _steps(ours, opt, grads)
     _steps(theirs, ref, grads)
+    return ours, opt, theirs, ref, gen
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_steps_are_bit_identical_to_torch_optim_fused(case: str) -> None:
+    ours, _, theirs, _, _ = _trained(case, 6)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
     assert not torch.equal(ours[0], _pair(case)[0][0])  # it moved
@@ -64,10 +70,7 @@ def test_steps_are_bit_identical_to_torch_optim_fused(case: str) -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_state_dict_has_torch_optims_layout(case: str) -> None:
-    ours, opt, theirs, ref, gen = _pair(case)
-    grads = _grads(ours, gen, 3)
-    _steps(ours, opt, grads)
-    _steps(theirs, ref, grads)
+    _, opt, _, ref, _ = _trained(case, 3)
     mine, torch_sd = opt.state_dict(), ref.state_dict()
     assert mine["param_groups"] == torch_sd["param_groups"]
     assert mine["state"].keys() == torch_sd["state"].keys()
@@ -81,10 +84,8 @@ def test_state_dict_has_torch_optims_layout(case: str) -> None:
 @pytest.mark.parametrize("direction", ["torch-to-ours", "ours-to-torch"])
 def test_checkpoints_load_across_and_training_continues_identically(case: str, direction: str) -> None:
     """A checkpoint written by torch.optim (asyncps before fused.py) loads into ours, and back."""
-    ours, opt, theirs, ref, gen = _pair(case)
-    first, then = _grads(ours, gen, 3), _grads(ours, gen, 3)
-    _steps(ours, opt, first)
-    _steps(theirs, ref, first)
+    ours, opt, theirs, ref, gen = _trained(case, 3)
+    then = _grads(ours, gen, 3)
     kind, cls, kw = CASES[case]
     fresh = [torch.nn.Parameter(p.detach().clone()) for p in (theirs if direction == "torch-to-ours" else ours)]
     groups = [{"params": fresh[:2]}, {"params": fresh[2:], "lr": 1.0}]  # lr 1.0: the checkpoint's lrs win
