@@ -301,6 +301,9 @@ def test_drift_reruns_the_one_process_probe_of_the_nearest_calibrated_model():
 def test_drift_is_skipped_where_it_would_not_compare_like_with_like():
     assert drift.measure(CAL) is None  # calibrated on host "test"
     assert drift.measure({**_on_this_host(tiny=0.01), "compute": []}) is None  # --from-summary: no probes
+    odd = _on_this_host(tiny=0.01)
+    odd["models"][0]["vocab_size"] = 512  # a model entry this version does not know
+    assert drift.measure(odd) is None
     cuda = {**_on_this_host(tiny=0.01), "settings": {"device": "cuda"}}
     if not torch.cuda.is_available():
         assert drift.measure(cuda) is None

@@ -10,7 +10,8 @@ two rounds of median iteration times, as `ps-cost calibrate` takes it (1–3 s o
 `ps-cost predict` warns past `WARN_RATIO`; `ps-cost validate` records it beside every run.
 
 It is skipped (None) where it would not compare like with like: a calibration made on another
-host or on a device this machine lacks, or one without a one-process compute probe (`--from-summary`).
+host or on a device this machine lacks, one without a one-process compute probe (`--from-summary`),
+or one whose model entries this version does not know.
 Blocks for the probe; not thread-safe (it sets torch's thread count, and restores it).
 """
 
@@ -60,13 +61,20 @@ def measure(cal: dict, params: int | None = None) -> Drift | None:
     device = cal.get("settings", {}).get("device", "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         return None
-    rows = {r.get("model"): r for r in cal.get("compute", []) if r.get("workers") == 1 and r.get("threads")}
-    specs = [m for m in cal.get("models", []) if m.get("name") in rows]
+    rows = {
+        r.get("model"): r
+        for r in cal.get("compute", [])
+        if r.get("workers") == 1 and r.get("threads") and r.get("mean_seconds")
+    }
+    specs = [m for m in cal.get("models", []) if m.get("name") in rows and m.get("params")]
     if not specs:
         return None
     spec = min(specs, key=lambda m: abs(m["params"] - params)) if params else specs[0]
     row = rows[spec["name"]]
-    model = ModelSpec(**{k: v for k, v in spec.items() if k != "params"})
+    try:
+        model = ModelSpec(**{k: v for k, v in spec.items() if k != "params"})
+    except TypeError:  # a calibration whose model entries this version does not know: nothing to compare
+        return None
     before = torch.get_num_threads()
     try:
         now = min(
