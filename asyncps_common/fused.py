@@ -94,8 +94,9 @@ class GroupOptimizer(ABC):
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        """Take `saved` (this class's or torch.optim's `state_dict()`); tensors are copied onto each
-        parameter's device, `step` as float32 (fused), the rest in the parameter's dtype."""
+        """Take `saved` (this class's or torch.optim's `state_dict()`). Its tensors become the state,
+        as torch.optim takes them: moved only where a parameter's device or dtype differs (`step`
+        as float32, for the fused kernels), so restoring a shard costs no copy of its optimizer state."""
         groups = saved["param_groups"]
         if len(groups) != len(self.param_groups) or any(
             len(g["params"]) != len(own["params"]) for g, own in zip(groups, self.param_groups)
@@ -120,8 +121,8 @@ def _cast(key: str, value: Any, p: torch.Tensor) -> Any:
     if not torch.is_tensor(value):
         return value
     if key == "step":
-        return value.to(dtype=torch.float32, device=p.device, copy=True)
-    return value.to(dtype=p.dtype, device=p.device, copy=True)
+        return value.to(dtype=torch.float32, device=p.device)
+    return value.to(dtype=p.dtype, device=p.device)
 
 
 class FusedOptimizer(GroupOptimizer):
