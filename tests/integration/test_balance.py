@@ -9,8 +9,11 @@ their pushes, and every clock's update is the sample-weighted mean of both gradi
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +71,36 @@ def worker(procs, servers: list[str], tmp_path: Path, corpus: Path, rank: int, s
     return proc, report, log
 
 
+def started(report: Path) -> bool:
+    """Whether the worker wrote its "start" line: registered with every shard, its first step next."""
+    return report.exists() and any(
+        line.endswith("}") and json.loads(line)["event"] == "start" for line in report.read_text().splitlines()
+    )
+
+
+def start_together(workers: list[tuple], timeout: float = 120) -> None:
+    """Hold each worker that has started (SIGSTOP) until every one has, then let them all go.
+
+    Nothing in asyncps waits for the other workers before the first clock: a worker that
+    registers first trains alone meanwhile (a clock waits only for the live workers). Process
+    start-up varies by a second or more on a loaded 2-core machine, dozens of this test's
+    clocks, and the test needs both workers in the same clocks."""
+    held: set[int] = set()
+    end = time.monotonic() + timeout
+    try:
+        while len(held) < len(workers):
+            for i, (proc, report, log) in enumerate(workers):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                if i not in held and started(report):
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    held.add(i)
+            assert time.monotonic() < end, "the workers did not all start"
+            time.sleep(0.005)
+    finally:
+        for i in held:
+            os.kill(workers[i][0].pid, signal.SIGCONT)
+
+
 def batches_by_clock(report: Path) -> dict[int, int]:
     """clock -> batch of that clock (a progress line's clock is the one after its push)."""
     lines = [json.loads(x) for x in report.read_text().splitlines()]
@@ -81,6 +114,7 @@ def test_a_straggler_gets_a_smaller_batch_and_each_clock_keeps_the_combined_batc
     servers = [s.address for s in shards]
     fast = worker(procs, servers, tmp_path, corpus, 0, 1.0)
     slow = worker(procs, servers, tmp_path, corpus, 1, 4.0)
+    start_together([fast, slow])
     for proc, _, log in (fast, slow):
         assert wait_exit(proc, 240, log) == 0, log.read_text()[-3000:]
     a, b = batches_by_clock(fast[1]), batches_by_clock(slow[1])
